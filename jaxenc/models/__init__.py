@@ -1,0 +1,1 @@
+"""Backbones and segmentation models (issue 6)."""

@@ -1,0 +1,163 @@
+"""PyTorch ``state_dict`` -> Flax variables, for every jaxenc module that mirrors an upstream one.
+
+This is the single place that knows how torch names and layouts map to Flax:
+
+==========================  ===============================  ==========================================
+Flax leaf                   torch key                        layout change
+==========================  ===============================  ==========================================
+``params/<p>/kernel`` 2-D    ``<p>.weight`` (out, in)         transpose -> (in, out)
+``params/<p>/kernel`` n-D    ``<p>.weight`` (O, I/g, *k)      -> (*k, I/g, O)  (OIHW -> HWIO; groups kept)
+``params/<p>/bias``          ``<p>.bias``                     none
+``params/<p>/scale``         ``<p>.weight`` (BatchNorm, LN)   none
+``params/<p>/embedding``     ``<p>.weight``                   none
+``batch_stats/<p>/mean``     ``<p>.running_mean``             none
+``batch_stats/<p>/var``      ``<p>.running_var``              none (both store the unbiased variance)
+``params/<p>/<name>``        ``<p>.<name>``                   none (raw ``nn.Parameter`` kept in torch layout)
+==========================  ===============================  ==========================================
+
+Flax module names equal the torch attribute names (``nn.Sequential`` indices included: a Flax
+submodule may be named ``"1"``), so the key is the Flax path joined by dots. ``num_batches_tracked``
+buffers have no Flax counterpart and are dropped. Modules whose torch layout differs in more than the
+table above register a rule in :data:`_MODULE_RULES`.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+__all__ = ["torch_to_flax", "torch_key", "to_numpy"]
+
+_IGNORED_SUFFIXES = ("num_batches_tracked",)
+
+# (collection, leaf name) -> torch leaf name. Leaves not listed keep their own name.
+_LEAF_NAMES = {
+    ("params", "kernel"): "weight",
+    ("params", "scale"): "weight",
+    ("params", "embedding"): "weight",
+    ("params", "bias"): "bias",
+    ("batch_stats", "mean"): "running_mean",
+    ("batch_stats", "var"): "running_var",
+}
+
+# Module class -> rule(relative flax path, torch array, flax shape) -> flax array or None (None: use
+# the generic rule). Filled by later layer families whose torch layout needs a permutation.
+_MODULE_RULES: dict[type, Callable[[tuple[str, ...], np.ndarray, tuple[int, ...]], np.ndarray | None]] = {}
+
+
+def to_numpy(value: Any) -> np.ndarray:
+    """A torch tensor (any device or dtype, bfloat16 included) or array-like -> a numpy COPY.
+
+    A copy, because ``Tensor.numpy()`` shares memory and jax may alias numpy memory on CPU: an
+    in-place torch update (BatchNorm running statistics) would otherwise change converted variables.
+    """
+    if hasattr(value, "detach"):
+        value = value.detach().cpu()
+        if str(value.dtype) in ("torch.bfloat16", "torch.float16"):
+            value = value.float()
+        value = value.numpy()
+    return np.array(value, copy=True)
+
+
+def torch_key(collection: str, path: tuple[str, ...]) -> str:
+    """The torch state_dict key of the Flax leaf ``collection/path``."""
+    *modules, leaf = path
+    return ".".join([*modules, _LEAF_NAMES.get((collection, leaf), leaf)])
+
+
+def _torch_layout(collection: str, leaf: str, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape torch stores for a Flax leaf of ``flax_shape``."""
+    if collection == "params" and leaf == "kernel":
+        if len(flax_shape) == 2:
+            return (flax_shape[1], flax_shape[0])
+        if len(flax_shape) >= 3:
+            return (flax_shape[-1], flax_shape[-2], *flax_shape[:-2])
+    return tuple(flax_shape)
+
+
+def _to_flax_layout(collection: str, leaf: str, array: np.ndarray) -> np.ndarray:
+    if collection == "params" and leaf == "kernel":
+        if array.ndim == 2:
+            return array.T
+        if array.ndim >= 3:
+            return np.transpose(array, (*range(2, array.ndim), 1, 0))
+    return array
+
+
+def _module_types(module: nn.Module, init_fn: Callable[[], Any]) -> tuple[dict[tuple[str, ...], type], Any]:
+    """The class of every submodule (by path) and the variable shapes, from tracing ``init_fn``."""
+    types: dict[tuple[str, ...], type] = {}
+
+    def record(next_fun, args, kwargs, context):
+        types.setdefault(tuple(context.module.path), type(context.module))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        shapes = jax.eval_shape(init_fn)
+    return types, shapes
+
+
+def torch_to_flax(module: nn.Module, state_dict: Mapping[str, Any], *example_args, **example_kwargs) -> dict:
+    """Convert a torch ``state_dict`` into the Flax variables of ``module``.
+
+    Args:
+      module: a jaxenc (or any Flax) module whose submodule names follow the torch attribute names.
+      state_dict: torch tensors or numpy arrays keyed exactly as the upstream module names them.
+      *example_args, **example_kwargs: inputs with which ``module.init`` can be traced (only shapes
+        and dtypes are used; nothing is computed).
+
+    Returns:
+      ``{"params": ..., "batch_stats": ...}`` (the collections ``module.init`` creates), float arrays
+      in each leaf's parameter dtype.
+
+    Raises:
+      ValueError: a key the module needs is missing, a key is not used by the module, or a tensor's
+        shape differs from what the module expects. The message names every offending key.
+    """
+    rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+    types, shapes = _module_types(module, lambda: module.init(rngs, *example_args, **example_kwargs))
+    flat_shapes = flatten_dict(dict(shapes))
+    remaining = {k: v for k, v in state_dict.items() if not k.endswith(_IGNORED_SUFFIXES)}
+    where = f"torch_to_flax({type(module).__name__})"
+
+    missing, mismatched, out = [], [], {}
+    for flat_key, spec in flat_shapes.items():
+        collection, *path = flat_key
+        path = tuple(path)
+        key = torch_key(collection, path)
+        if key not in remaining:
+            missing.append(f"{key!r} (for Flax {'/'.join(flat_key)}, shape {tuple(spec.shape)})")
+            continue
+        array = to_numpy(remaining.pop(key))
+        flax_shape = tuple(spec.shape)
+        converted = None
+        for depth in range(len(path) - 1, -1, -1):
+            rule = _MODULE_RULES.get(types.get(path[:depth]))
+            if rule is not None:
+                converted = rule(path[depth:], array, flax_shape)
+                break
+        if converted is None:
+            expected = _torch_layout(collection, path[-1], flax_shape)
+            if tuple(array.shape) != expected:
+                mismatched.append(f"{key!r}: torch shape {tuple(array.shape)}, expected {expected}")
+                continue
+            converted = _to_flax_layout(collection, path[-1], array)
+        if tuple(converted.shape) != flax_shape:
+            mismatched.append(f"{key!r}: converted shape {tuple(converted.shape)}, expected {flax_shape}")
+            continue
+        out[flat_key] = jnp.asarray(converted, dtype=spec.dtype)
+
+    problems = []
+    if missing:
+        problems.append("missing keys: " + ", ".join(missing))
+    if remaining:
+        problems.append("unexpected keys: " + ", ".join(repr(k) for k in sorted(remaining)))
+    if mismatched:
+        problems.append("shape mismatch: " + "; ".join(mismatched))
+    if problems:
+        raise ValueError(f"{where}: " + " | ".join(problems))
+    return unflatten_dict(out)

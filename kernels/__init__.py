@@ -1,0 +1,1 @@
+"""Pallas kernels shipped as ``jaxenc.kernels`` (the fused Encoding op and involution; issue 5)."""

@@ -1,0 +1,43 @@
+"""Shared fixtures. Helpers live in importable modules beside this file:
+``torch_ref`` (upstream oracles), ``parity`` (value/gradient comparisons), ``multidevice``
+(N CPU devices in a subprocess)."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from torch_ref import holocron_functional, holocron_nn  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    """Every test starts from the same torch seed, so results do not depend on test order."""
+    torch.manual_seed(0)
+    np.random.seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def hnn():
+    """``holocron.nn`` from pylocron 0.3.0 (upstream oracle)."""
+    return holocron_nn()
+
+
+@pytest.fixture(scope="session")
+def hF():
+    """``holocron.nn.functional`` from pylocron 0.3.0 (upstream oracle)."""
+    return holocron_functional()
+
+
+@pytest.fixture
+def rng():
+    """A fixed jax PRNG key."""
+    return jax.random.key(0)

@@ -1,0 +1,51 @@
+"""Load upstream PyTorch implementations as parity oracles, bypassing their top-level ``__init__``.
+
+pylocron 0.3.0 and vit-pytorch 1.26.11 are installed with ``--no-deps``; their package
+``__init__`` imports torchvision, which is not installable here (spec/holocron_vit_syncbn.md §8).
+``holocron.nn`` and ``vit_pytorch/{cait,max_vit,xcit}.py`` only need torch, numpy and einops.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import sys
+import types
+
+
+def _package_dir(name: str) -> str:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            f"the parity oracle package {name!r} is not installed; run `bash .ci/setup` "
+            "(installs pylocron==0.3.0 and vit-pytorch==1.26.11 with --no-deps)"
+        )
+    return list(spec.submodule_search_locations)[0]
+
+
+@functools.cache
+def holocron_nn():
+    """``holocron.nn`` from pylocron 0.3.0, imported under a stub ``holocron`` package."""
+    if "holocron" not in sys.modules or not getattr(sys.modules["holocron"], "_jaxenc_stub", False):
+        stub = types.ModuleType("holocron")
+        stub.__path__ = [_package_dir("holocron")]
+        stub._jaxenc_stub = True
+        sys.modules["holocron"] = stub
+    return importlib.import_module("holocron.nn")
+
+
+@functools.cache
+def holocron_functional():
+    """``holocron.nn.functional`` (pylocron 0.3.0)."""
+    holocron_nn()
+    return importlib.import_module("holocron.nn.functional")
+
+
+@functools.cache
+def vit_module(name: str):
+    """``vit_pytorch/<name>.py`` (e.g. 'cait', 'xcit', 'max_vit') loaded directly from its file."""
+    base = _package_dir("vit_pytorch")
+    spec = importlib.util.spec_from_file_location(f"_vit_pytorch_{name}", f"{base}/{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
