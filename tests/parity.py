@@ -6,6 +6,7 @@ with one shared random cotangent, for the input and (through ``torch_to_flax``) 
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 import jax
@@ -86,10 +87,15 @@ def check_module_parity(
     params = variables["params"] if "params" in variables else {}
     rest = {k: v for k, v in variables.items() if k != "params"}
 
+    if "train" in inspect.signature(type(flax_module).__call__).parameters:
+        apply_kwargs["train"] = train
+    elif train:
+        raise TypeError(f"{type(flax_module).__name__}.__call__ takes no `train` argument; compare it with train=False")
+
     def forward(p, xx):
         if train:
-            return flax_module.apply({"params": p, **rest}, xx, train=True, mutable=["batch_stats"], **apply_kwargs)
-        return flax_module.apply({"params": p, **rest}, xx, train=False, **apply_kwargs), {}
+            return flax_module.apply({"params": p, **rest}, xx, mutable=["batch_stats"], **apply_kwargs)
+        return flax_module.apply({"params": p, **rest}, xx, **apply_kwargs), {}
 
     yj, vjp_fn, new_state = jax.vjp(forward, params, jnp.asarray(x), has_aux=True)
     g_params, g_x = vjp_fn(jnp.asarray(nhwc(cot)))

@@ -54,10 +54,16 @@ def batch_moments(
         weights = jnp.broadcast_to(mask, x.shape).astype(jnp.float32)
         count = total(weights)
     safe = jnp.maximum(count, 1.0)
-    mean = total(x if weights is None else x * weights) / safe
-    centred = x - jnp.expand_dims(mean, reduce_axes)
-    sq = centred * centred
-    var = total(sq if weights is None else sq * weights) / safe
+    # Shifted two-pass moments: a first (rounded) mean m0, then sums of x - m0, which are small.
+    # The correction d = E[x - m0] removes m0's rounding error and var = E[(x - m0)^2] - d^2 has no
+    # cancellation, so inputs with |mean| >> std keep float32 precision.
+    m0 = jax.lax.stop_gradient(total(x if weights is None else x * weights) / safe)
+    centred = x - jnp.expand_dims(m0, reduce_axes)
+    if weights is not None:
+        centred = centred * weights
+    d = total(centred) / safe
+    var = jnp.maximum(total(centred * centred) / safe - d * d, 0.0)
+    mean = m0 + d
     return mean, var, count
 
 

@@ -1,0 +1,1 @@
+"""jaxenc training entry points (run from the repository root)."""
