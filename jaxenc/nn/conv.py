@@ -1,0 +1,641 @@
+"""Convolution variants of holocron.nn (pylocron 0.3.0), NHWC: NormConv2d, Add2d, SlimConv2d, PyConv2d,
+Involution2d, and the functional ops ``norm_conv2d``, ``add2d``, ``involution``.
+
+Parameter names follow the torch modules, so :func:`jaxenc.port.torch_to_flax` maps an upstream
+``state_dict`` directly (``weight``/``bias`` of NormConv2d and Add2d are the Flax ``kernel``/``bias``;
+submodules carry the torch attribute names, PyConv2d's levels are ``"0"``, ``"1"``, ...).
+
+Deliberate differences from upstream (DESIGN.md, "Decisions on upstream bugs"):
+- NormConv2d / Add2d honour ``groups``: each group's window (C_in/groups * kh * kw values) is
+  normalised by its own statistics and compared with that group's filters. Upstream accepts
+  ``groups`` but ignores it and fails for groups > 1.
+- NormConv2d and Add2d(normalize_slices=True) are differentiable with respect to their input;
+  upstream normalises the unfolded windows in place, so autograd fails there whenever the input
+  requires a gradient (any layer but the first).
+- Invalid configurations that upstream turns into a shape error deep in the forward pass (or,
+  for PyConv2d, into silently fewer output channels) raise a ValueError naming the argument.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
+
+from jaxenc._checks import check_channels, check_divisible, check_positive_int, check_rank, to_pair
+from jaxenc.nn.norm import BatchNorm
+from jaxenc.nn.torch_compat import Conv2d, conv_output_size, pad_nhwc, torch_uniform_init
+
+__all__ = [
+    "Add2d",
+    "Involution2d",
+    "NormConv2d",
+    "PyConv2d",
+    "SlimConv2d",
+    "add2d",
+    "involution",
+    "norm_conv2d",
+]
+
+Dtype = Any
+
+
+# --------------------------------------------------------------------------------------------------
+# Sliding windows
+
+
+def _taps(x: jax.Array, kernel_size, stride, dilation, out_hw) -> list[jax.Array]:
+    """The kh*kw strided views of an already padded (B, Hp, Wp, C) tensor, row-major over (i, j).
+
+    Tap (i, j) holds, at output position (h, w), the input value x[h*s + i*d, w*s + j*d]: stacking
+    them gives torch's unfold without a gather, and a loop over them never needs the stack.
+    """
+    (kh, kw), (sh, sw), (dh, dw), (ho, wo) = kernel_size, stride, dilation, out_hw
+    b, _, _, c = x.shape
+    return [
+        jax.lax.slice(
+            x,
+            (0, i * dh, j * dw, 0),
+            (b, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, c),
+            (1, sh, sw, 1),
+        )
+        for i in range(kh)
+        for j in range(kw)
+    ]
+
+
+def _output_hw(shape, kernel_size, stride, padding, dilation, where: str) -> tuple[int, int]:
+    ho = conv_output_size(shape[1], kernel_size[0], stride[0], padding[0], dilation[0])
+    wo = conv_output_size(shape[2], kernel_size[1], stride[1], padding[1], dilation[1])
+    if ho < 1 or wo < 1:
+        raise ValueError(
+            f"{where}: the input (H, W)={tuple(shape[1:3])} is smaller than the dilated kernel "
+            f"(kernel_size={kernel_size}, dilation={dilation}, padding={padding}); the output would be {ho}x{wo}"
+        )
+    return ho, wo
+
+
+def _conv_args(kernel_size, stride, padding, dilation, where: str):
+    kernel_size = to_pair(kernel_size, "kernel_size", where)
+    stride = to_pair(stride, "stride", where)
+    padding = to_pair(padding, "padding", where)
+    dilation = to_pair(dilation, "dilation", where)
+    for name, pair in (("kernel_size", kernel_size), ("stride", stride), ("dilation", dilation)):
+        if min(pair) < 1:
+            raise ValueError(f"{where}: {name} must be positive, got {pair}")
+    if min(padding) < 0:
+        raise ValueError(f"{where}: padding must be >= 0, got {padding}")
+    return kernel_size, stride, padding, dilation
+
+
+def _check_window_op(x, weight, bias, stride, padding, dilation, groups, where):
+    """Validate the arguments of norm_conv2d / add2d; return (stride, padding, dilation, groups) as pairs/int."""
+    check_rank(x, 4, "N, H, W, C", where)
+    check_rank(weight, 4, "kh, kw, C_in/groups, C_out", where, name="weight")
+    kh, kw, cg, c_out = weight.shape
+    _, stride, padding, dilation = _conv_args((kh, kw), stride, padding, dilation, where)
+    groups = check_positive_int(groups, "groups", where)
+    c_in = x.shape[-1]
+    check_divisible(c_in, groups, "in_channels", "groups", where)
+    check_divisible(c_out, groups, "out_channels", "groups", where)
+    if cg * groups != c_in:
+        raise ValueError(
+            f"{where}: weight has {cg} input channels per group (shape {tuple(weight.shape)}), but the input has "
+            f"{c_in} channels and groups={groups}, i.e. {c_in // groups} per group"
+        )
+    if bias is not None and tuple(bias.shape) != (c_out,):
+        raise ValueError(f"{where}: bias must have shape ({c_out},), got {tuple(bias.shape)}")
+    _output_hw(x.shape, (kh, kw), stride, padding, dilation, where)
+    return stride, padding, dilation, groups
+
+
+def _normalise_windows(windows: jax.Array, eps: float) -> jax.Array:
+    """(v - mean(v)) / sqrt(var(v) + eps) per window v = axes (3, 5) of (B, H', W', kh*kw, G, C/G), float32.
+
+    Two passes (mean, then the mean of squared deviations), as torch computes it: a one-pass
+    E[v^2] - E[v]^2 loses the variance of windows whose mean is large against their spread.
+    """
+    v = windows.astype(jnp.float32)
+    mean = jnp.mean(v, axis=(3, 5), keepdims=True)
+    centred = v - mean
+    var = jnp.mean(centred * centred, axis=(3, 5), keepdims=True)
+    return centred * jax.lax.rsqrt(var + eps)
+
+
+# Compiled as one program even when called eagerly (arguments already validated).
+@functools.partial(jax.jit, static_argnames=("stride", "padding", "dilation", "groups", "adder", "normalize", "eps"))
+def _window_op(x, weight, bias, *, stride, padding, dilation, groups, adder, normalize, eps):
+    kh, kw, cg, c_out = weight.shape
+    out_dtype = jnp.result_type(x, weight)
+    out_hw = _output_hw(x.shape, (kh, kw), stride, padding, dilation, "window op")
+    taps = _taps(pad_nhwc(x, padding), (kh, kw), stride, dilation, out_hw)
+    # (B, H', W', kh*kw, G, C_in/G): torch's unfold, grouped; the same memory as upstream's unfold.
+    windows = jnp.stack(taps, axis=3).reshape(*x.shape[:1], *out_hw, kh * kw, groups, cg)
+    if normalize:
+        windows = _normalise_windows(windows, eps).astype(out_dtype)
+    filters = weight.astype(out_dtype).reshape(kh * kw, cg, groups, c_out // groups)
+    if adder:
+        # (B, H', W', K2, G, C/G, 1) against (K2, G, C/G, O/G): in the forward pass XLA fuses the
+        # difference into the reduction, so the window x filter space is not stored.
+        diff = windows.astype(jnp.float32)[..., None] - filters.transpose(0, 2, 1, 3).astype(jnp.float32)
+        y = -jnp.sum(jnp.abs(diff), axis=(3, 5))
+    else:
+        y = jnp.einsum("bhwkgc,kcgo->bhwgo", windows, filters, preferred_element_type=jnp.float32)
+    y = y.reshape(*y.shape[:3], c_out)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(out_dtype)
+
+
+def norm_conv2d(
+    x: jax.Array,
+    weight: jax.Array,
+    bias: jax.Array | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
+    eps: float = 1e-14,
+) -> jax.Array:
+    """Normalised convolution (holocron ``F.norm_conv2d``), with working ``groups``.
+
+    Kim et al., "Normalized Convolutional Neural Network", arXiv:2005.05274.
+
+    Every sliding window of a group (its C_in/groups * kh * kw values, zero padding included) is
+    normalised by its own mean and biased variance, then multiplied with that group's filters:
+    ``out = <(v - mean(v)) / sqrt(var(v) + eps), W_o> + bias_o``.
+
+    Shapes: x (N, H, W, C_in); weight (kh, kw, C_in/groups, C_out) (Flax HWIO, torch's
+    ``weight.permute(2, 3, 1, 0)``); bias (C_out,) -> (N, H', W', C_out), H' as torch's conv.
+    Statistics and the dot product accumulate in float32; the result has x's dtype (promoted with
+    the weight's).
+    """
+    args = _check_window_op(x, weight, bias, stride, padding, dilation, groups, "norm_conv2d")
+    stride, padding, dilation, groups = args
+    return _window_op(
+        x, weight, bias, stride=stride, padding=padding, dilation=dilation, groups=groups,
+        adder=False, normalize=True, eps=float(eps),
+    )
+
+
+def add2d(
+    x: jax.Array,
+    weight: jax.Array,
+    bias: jax.Array | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
+    normalize_slices: bool = False,
+    eps: float = 1e-14,
+) -> jax.Array:
+    """Adder "convolution" (holocron ``F.add2d``), with working ``groups``.
+
+    Chen et al., "AdderNet: Do We Really Need Multiplications in Deep Learning?", CVPR 2020.
+
+    ``out_o = -sum |v - W_o| + bias_o`` over each window v of a group (C_in/groups * kh * kw
+    values, zero padding included) and that group's filters W_o; with ``normalize_slices`` the
+    windows are first normalised as in :func:`norm_conv2d`.
+
+    Shapes: x (N, H, W, C_in); weight (kh, kw, C_in/groups, C_out); bias (C_out,) ->
+    (N, H', W', C_out). The L1 distance is reduced in float32; the result has x's dtype
+    (promoted with the weight's).
+    """
+    stride, padding, dilation, groups = _check_window_op(x, weight, bias, stride, padding, dilation, groups, "add2d")
+    return _window_op(
+        x, weight, bias, stride=stride, padding=padding, dilation=dilation, groups=groups,
+        adder=True, normalize=bool(normalize_slices), eps=float(eps),
+    )
+
+
+class _WindowConv(nn.Module):
+    """Shared parameters and padding of NormConv2d / Add2d (torch ``_ConvNd``: ``weight``, ``bias``)."""
+
+    in_channels: int
+    out_channels: int
+    kernel_size: int | tuple[int, int]
+    stride: int | tuple[int, int] = 1
+    padding: int | tuple[int, int] = 0
+    dilation: int | tuple[int, int] = 1
+    groups: int = 1
+    bias: bool = True
+    padding_mode: str = "zeros"
+
+    def _prepare(self, x):
+        where = type(self).__name__
+        check_rank(x, 4, "N, H, W, C", where)
+        check_channels(x, self.in_channels, where)
+        kernel_size, stride, padding, dilation = _conv_args(
+            self.kernel_size, self.stride, self.padding, self.dilation, where
+        )
+        groups = check_positive_int(self.groups, "groups", where)
+        check_positive_int(self.out_channels, "out_channels", where)
+        check_divisible(self.in_channels, groups, "in_channels", "groups", where)
+        check_divisible(self.out_channels, groups, "out_channels", "groups", where)
+        fan_in = self.in_channels // groups * kernel_size[0] * kernel_size[1]
+        shape = (*kernel_size, self.in_channels // groups, self.out_channels)
+        kernel = self.param("kernel", torch_uniform_init(fan_in), shape, self.param_dtype)
+        bias = None
+        if self.bias:
+            bias = self.param("bias", torch_uniform_init(fan_in), (self.out_channels,), self.param_dtype)
+        if self.padding_mode != "zeros":
+            x = pad_nhwc(x, padding, self.padding_mode, where)
+            padding = (0, 0)
+        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+        return x, kernel, bias, dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+
+
+class NormConv2d(_WindowConv):
+    """holocron.nn.NormConv2d: convolution over windows normalised by their own mean and variance.
+
+    Kim et al., "Normalized Convolutional Neural Network", arXiv:2005.05274. See :func:`norm_conv2d`.
+
+    Shapes: x (N, H, W, in_channels) -> (N, H', W', out_channels), H' as torch's Conv2d.
+    Parameters: ``kernel`` (kh, kw, in_channels/groups, out_channels) == torch ``weight``,
+    ``bias`` (out_channels). A non-'zeros' ``padding_mode`` pads first, as torch's conv does.
+    ``groups`` works (upstream ignores it and fails for groups > 1).
+    """
+
+    eps: float = 1e-14
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x, kernel, bias, args = self._prepare(x)
+        return norm_conv2d(x, kernel, bias, eps=self.eps, **args)
+
+
+class Add2d(_WindowConv):
+    """holocron.nn.Add2d: AdderNet layer, the negative L1 distance between windows and filters.
+
+    Chen et al., "AdderNet: Do We Really Need Multiplications in Deep Learning?", CVPR 2020. See
+    :func:`add2d`.
+
+    Shapes: x (N, H, W, in_channels) -> (N, H', W', out_channels). Parameters as
+    :class:`NormConv2d`; ``groups`` works.
+    """
+
+    normalize_slices: bool = False
+    eps: float = 1e-14
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x, kernel, bias, args = self._prepare(x)
+        return add2d(x, kernel, bias, normalize_slices=self.normalize_slices, eps=self.eps, **args)
+
+
+# --------------------------------------------------------------------------------------------------
+# SlimConv2d
+
+
+class SlimConv2d(nn.Module):
+    """holocron.nn.SlimConv2d: channel reweighting, weight flipping and two convolution pathways.
+
+    Qiu et al., "SlimConv: Reducing Channel Redundancy in Convolutional Neural Networks by Weights
+    Flipping", arXiv:2003.07469.
+
+    w = sigmoid(fc2(relu(bn(fc1(mean_HW(x)))))); the top path convolves the sum of the two channel
+    halves of x*w, the bottom path the same sum of x*flip(w) through a 1x1 then a kxk convolution.
+    Shapes: x (N, H, W, C) -> (N, H', W', C/2 + C/4), with C = in_channels (8 -> 6 channels).
+    Submodules ``fc1``, ``bn``, ``fc2``, ``conv_top``, ``conv_bot1``, ``conv_bot2`` as upstream;
+    ``train`` switches the BatchNorm between batch and running statistics (training needs N > 1).
+    """
+
+    in_channels: int
+    kernel_size: int | tuple[int, int]
+    stride: int | tuple[int, int] = 1
+    padding: int | tuple[int, int] = 0
+    dilation: int | tuple[int, int] = 1
+    groups: int = 1
+    bias: bool = True
+    padding_mode: str = "zeros"
+    r: int = 32
+    L: int = 2
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        where = "SlimConv2d"
+        check_rank(x, 4, "N, H, W, C", where)
+        c = check_channels(x, self.in_channels, where)
+        if c < 4 or c % 2:
+            raise ValueError(
+                f"{where}: in_channels must be even and >= 4 (the paths use C/2 and C/4 channels), got {c}"
+            )
+        _conv_args(self.kernel_size, self.stride, self.padding, self.dilation, where)
+        groups = check_positive_int(self.groups, "groups", where)
+        check_divisible(c // 2, groups, "in_channels // 2", "groups", where)
+        check_divisible(c // 4, groups, "in_channels // 4", "groups", where)
+        mid = max(c // check_positive_int(self.r, "r", where), check_positive_int(self.L, "L", where))
+        if train and x.shape[0] < 2:
+            raise ValueError(
+                f"{where}: training needs a batch of at least 2 samples (its BatchNorm normalises one value per "
+                f"sample and channel), got shape {tuple(x.shape)}"
+            )
+        common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        conv_args = dict(
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=groups,
+            bias=self.bias,
+            padding_mode=self.padding_mode,
+            **common,
+        )
+
+        z = jnp.mean(x, axis=(1, 2), keepdims=True, dtype=jnp.float32)
+        z = Conv2d(mid, 1, name="fc1", **common)(z)
+        z = BatchNorm(mid, name="bn", dtype=self.dtype)(z, train=train)
+        z = Conv2d(c, 1, name="fc2", **common)(jax.nn.relu(z))
+        w = jax.nn.sigmoid(z.astype(jnp.float32))
+
+        compute = self.dtype or jnp.result_type(x, self.param_dtype)
+        half = c // 2
+
+        def fold(weights):
+            xw = x.astype(jnp.float32) * weights
+            return (xw[..., :half] + xw[..., half:]).astype(compute)
+
+        top = Conv2d(half, self.kernel_size, name="conv_top", **conv_args)(fold(w))
+        bottom = Conv2d(c // 4, 1, name="conv_bot1", **common)(fold(w[..., ::-1]))
+        bottom = Conv2d(c // 4, self.kernel_size, name="conv_bot2", **conv_args)(bottom)
+        return jnp.concatenate([top, bottom], axis=-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# PyConv2d
+
+
+def _pyconv_levels(
+    out_channels: int, kernel_size: tuple[int, int], num_levels: int, padding: tuple[int, int], groups, where: str
+) -> list[tuple[int, tuple[int, int], tuple[int, int], int]]:
+    """(out_channels, kernel_size, padding, groups) of every pyramid level, upstream's split."""
+    if groups is not None:
+        if isinstance(groups, (str, bytes)) or not isinstance(groups, Sequence) or len(groups) != num_levels:
+            raise ValueError(
+                f"{where}: groups must be None or a list of num_levels={num_levels} ints (one per level), "
+                f"got {groups!r}"
+            )
+        groups = [check_positive_int(g, f"groups[{i}]", where) for i, g in enumerate(groups)]
+    if num_levels == 1:
+        return [(out_channels, kernel_size, padding, groups[0] if groups else 1)]
+    e = int(math.log2(num_levels))
+    rem = num_levels - 2**e
+    outs = [out_channels // 2 ** (e + 1)] * (2 * rem) + [out_channels // 2**e] * (num_levels - 2 * rem)
+    if sum(outs) != out_channels or min(outs) < 1:
+        raise ValueError(
+            f"{where}: out_channels={out_channels} cannot be split over num_levels={num_levels}: the pyramid gives "
+            f"levels {outs} (sum {sum(outs)}); use a multiple of {2 ** (e + 1) if rem else 2**e}"
+        )
+    if groups is None:
+        groups = [1] + [min(2 ** (i + 1), outs[i]) for i in range(1, num_levels)]
+    return [
+        (outs[i], (kernel_size[0] + 2 * i, kernel_size[1] + 2 * i), (padding[0] + i, padding[1] + i), groups[i])
+        for i in range(num_levels)
+    ]
+
+
+class PyConv2d(nn.Module):
+    """holocron.nn.PyConv2d: a pyramid of convolutions with growing kernels, concatenated on channels.
+
+    Duta et al., "Pyramidal Convolution: Rethinking Convolutional Neural Networks for Visual
+    Recognition", arXiv:2006.11538.
+
+    Level i uses kernel ``kernel_size + 2i``, padding ``padding + i`` and (by default) groups 1 for
+    level 0 and min(2^(i+1), out_i) after; out_channels is split as upstream (e.g. 4 levels: 4
+    equal parts; 3 levels: 1/4, 1/4, 1/2). ``stride``, ``dilation``, ``bias`` and ``padding_mode``
+    (upstream's ``**kwargs``) go to every level.
+    Shapes: x (N, H, W, in_channels) -> (N, H', W', out_channels). Levels are submodules "0", "1", ...
+    (torch keys ``0.weight``, ``1.bias``, ...).
+    """
+
+    in_channels: int
+    out_channels: int
+    kernel_size: int | tuple[int, int]
+    num_levels: int = 2
+    padding: int | tuple[int, int] = 0
+    groups: Sequence[int] | None = None
+    stride: int | tuple[int, int] = 1
+    dilation: int | tuple[int, int] = 1
+    bias: bool = True
+    padding_mode: str = "zeros"
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        where = "PyConv2d"
+        check_rank(x, 4, "N, H, W, C", where)
+        c = check_channels(x, self.in_channels, where)
+        kernel_size, stride, padding, dilation = _conv_args(
+            self.kernel_size, self.stride, self.padding, self.dilation, where
+        )
+        check_positive_int(self.out_channels, "out_channels", where)
+        levels = _pyconv_levels(
+            self.out_channels, kernel_size, check_positive_int(self.num_levels, "num_levels", where), padding,
+            self.groups, where,
+        )
+        sizes = [_output_hw(x.shape, k_i, stride, pad_i, dilation, where) for _, k_i, pad_i, _ in levels]
+        if len(set(sizes)) > 1:
+            # Level i grows the kernel by 2i and the padding by i, which keeps sizes equal only at dilation 1.
+            raise ValueError(
+                f"{where}: the pyramid levels give different output sizes {sizes} for input (H, W)="
+                f"{tuple(x.shape[1:3])} (kernel sizes {[lv[1] for lv in levels]}, paddings {[lv[2] for lv in levels]}, "
+                f"dilation={dilation}, stride={stride}); they cannot be concatenated"
+            )
+        outputs = []
+        for i, (out_i, k_i, pad_i, groups_i) in enumerate(levels):
+            for what, size in (("in_channels", c), ("out_channels", out_i)):
+                if size % groups_i:
+                    raise ValueError(
+                        f"{where}: level {i} has {what}={size}, not divisible by its groups={groups_i} "
+                        f"(levels as (out_channels, groups): {[(lv[0], lv[3]) for lv in levels]})"
+                    )
+            conv = Conv2d(
+                out_i, k_i, stride=self.stride, padding=pad_i, dilation=self.dilation, groups=groups_i,
+                bias=self.bias, padding_mode=self.padding_mode, dtype=self.dtype, param_dtype=self.param_dtype,
+                name=str(i),
+            )
+            outputs.append(conv(x))
+        return outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Involution
+
+
+def involution(
+    x: jax.Array,
+    weights: jax.Array,
+    *,
+    kernel_size: int,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+) -> jax.Array:
+    """Involution with given per-position kernels.
+
+    ``out[b, h, w, c] = sum_ij weights[b, h, w, g(c), i, j] * x[b, h*s + i*d - p, w*s + j*d - p, c]``
+    (zero outside x).
+
+    Li et al., "Involution: Inverting the Inherence of Convolution for Visual Recognition", CVPR 2021.
+
+    Shapes: x (B, H, W, C); weights (B, H', W', G, K, K) with G dividing C; output channel c uses
+    kernel group g(c) = c // (C / G). H', W' as torch's unfold (zero padding). -> (B, H', W', C).
+
+    The K*K offsets are accumulated one strided slice of the padded input at a time (XLA fuses
+    the loop), so the unfolded (B, C, K*K, H', W') tensor is never built, in the forward or the
+    backward pass (a custom VJP; reverse-mode only, like the Pallas kernel meant to be dispatched
+    behind this function). Products accumulate in float32; the result has the promoted dtype of x
+    and weights.
+    """
+    where = "involution"
+    check_rank(x, 4, "B, H, W, C", where)
+    check_rank(weights, 6, "B, H_out, W_out, G, K, K", where, name="weights")
+    k = check_positive_int(kernel_size, "kernel_size", where)
+    (_, _), stride, padding, dilation = _conv_args(k, stride, padding, dilation, where)
+    b, _, _, c = x.shape
+    g = weights.shape[3]
+    check_divisible(c, g, "channels", "weight groups (weights.shape[3])", where)
+    ho, wo = _output_hw(x.shape, (k, k), stride, padding, dilation, where)
+    if tuple(weights.shape) != (b, ho, wo, g, k, k):
+        raise ValueError(
+            f"{where}: weights must have shape (B, H_out, W_out, G, K, K) = {(b, ho, wo, g, k, k)} for x of shape "
+            f"{tuple(x.shape)}, kernel_size={k}, stride={stride}, padding={padding}, dilation={dilation}; "
+            f"got {tuple(weights.shape)}"
+        )
+    return _involution_jit(x, weights, k, stride, padding, dilation)
+
+
+# Reverse mode is written out (custom VJP) rather than derived: the derived backward reuses the K*K
+# forward slices of x for the kernel gradient, and XLA keeps them all alive at once, which is the
+# unfolded tensor again. Here the kernel gradient walks the offsets in a scan (one slice live at a
+# time) and the input gradient is a fused sum of padded products. Forward-mode (jvp) is therefore
+# not available, as for the Pallas kernel that will sit behind the same function.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _involution(x, weights, kernel_size, stride, padding, dilation):
+    k = kernel_size
+    b, _, _, c = x.shape
+    _, ho, wo, g = weights.shape[:4]
+    taps = _taps(pad_nhwc(x, padding), (k, k), stride, dilation, (ho, wo))
+    acc = jnp.zeros((b, ho, wo, g, c // g), jnp.float32)
+    for idx, tap in enumerate(taps):
+        kernel = weights[..., idx // k, idx % k].astype(jnp.float32)[..., None]
+        acc = acc + tap.reshape(b, ho, wo, g, c // g).astype(jnp.float32) * kernel
+    return acc.reshape(b, ho, wo, c).astype(jnp.result_type(x, weights))
+
+
+def _involution_fwd(x, weights, kernel_size, stride, padding, dilation):
+    return _involution(x, weights, kernel_size, stride, padding, dilation), (x, weights)
+
+
+def _involution_bwd(kernel_size, stride, padding, dilation, residuals, ct):
+    x, weights = residuals
+    k, (sh, sw), (dh, dw), (ph, pw) = kernel_size, stride, dilation, padding
+    b, h, w, c = x.shape
+    _, ho, wo, g = weights.shape[:4]
+    ct = ct.astype(jnp.float32).reshape(b, ho, wo, g, c // g)
+    xp = pad_nhwc(x, padding)
+    hp, wp = xp.shape[1:3]
+    span_h, span_w = (ho - 1) * sh + 1, (wo - 1) * sw + 1
+
+    def kernel_grad(_, offset):
+        i, j = offset // k, offset % k
+        window = jax.lax.dynamic_slice(xp, (0, i * dh, j * dw, 0), (b, span_h, span_w, c))
+        tap = window[:, ::sh, ::sw].reshape(b, ho, wo, g, c // g).astype(jnp.float32)
+        return None, jnp.sum(tap * ct, axis=-1)
+
+    _, g_weights = jax.lax.scan(kernel_grad, None, jnp.arange(k * k))
+    g_weights = jnp.moveaxis(g_weights, 0, -1).reshape(weights.shape)
+
+    g_xp = jnp.zeros(xp.shape, jnp.float32)
+    for idx in range(k * k):
+        i, j = divmod(idx, k)
+        contrib = (ct * weights[..., i, j].astype(jnp.float32)[..., None]).reshape(b, ho, wo, c)
+        # The transpose of the strided tap slice: dilate by the stride, shift to the tap's offset.
+        g_xp = g_xp + jax.lax.pad(
+            contrib,
+            jnp.float32(0),
+            [(0, 0, 0), (i * dh, hp - i * dh - span_h, sh - 1), (j * dw, wp - j * dw - span_w, sw - 1), (0, 0, 0)],
+        )
+    g_x = g_xp[:, ph : ph + h, pw : pw + w]
+    return g_x.astype(x.dtype), g_weights.astype(weights.dtype)
+
+
+_involution.defvjp(_involution_fwd, _involution_bwd)
+# Compiled as one program even when called eagerly (arguments already validated).
+_involution_jit = jax.jit(_involution, static_argnums=(2, 3, 4, 5))
+
+
+class Involution2d(nn.Module):
+    """holocron.nn.Involution2d: convolution with kernels generated from the input at each position.
+
+    Li et al., "Involution: Inverting the Inherence of Convolution for Visual Recognition", CVPR 2021.
+
+    The kernel source (x, average-pooled by ``stride`` when stride > 1) goes through ``reduce``
+    (1x1 conv, C -> C / reduction_ratio) and ``span`` (1x1 conv -> K*K*groups, channel g*K*K + i*K + j;
+    no BN or ReLU between them, as upstream), then :func:`involution` applies those kernels.
+    Shapes: x (N, H, W, C) -> (N, floor(H / stride), floor(W / stride), C); the padding must give the
+    involution that output size, as upstream requires (padding = dilation * (kernel_size - 1) // 2
+    for odd kernels and even sizes; upstream's other working combinations work too).
+    """
+
+    in_channels: int
+    kernel_size: int
+    padding: int | tuple[int, int] = 0
+    stride: int | tuple[int, int] = 1
+    groups: int = 1
+    dilation: int | tuple[int, int] = 1
+    reduction_ratio: float = 1
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        where = "Involution2d"
+        check_rank(x, 4, "N, H, W, C", where)
+        c = check_channels(x, self.in_channels, where)
+        k = check_positive_int(self.kernel_size, "kernel_size", where)
+        (_, _), stride, padding, dilation = _conv_args(k, self.stride, self.padding, self.dilation, where)
+        groups = check_positive_int(self.groups, "groups", where)
+        check_divisible(c, groups, "in_channels", "groups", where)
+        ratio = self.reduction_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio <= 0 or c % ratio:
+            raise ValueError(
+                f"{where}: reduction_ratio must be a positive number dividing in_channels={c}, got {ratio!r}"
+            )
+        n, h, w, _ = x.shape
+        # The kernels are generated on torch's AvgPool2d(stride, stride) grid (floor(H / stride)); the
+        # involution's own output grid must coincide with it.
+        pooled_hw = (h // stride[0], w // stride[1])
+        ho, wo = _output_hw(x.shape, (k, k), stride, padding, dilation, where)
+        if (ho, wo) != pooled_hw:
+            hint = tuple(d * (k - 1) // 2 for d in dilation)
+            raise ValueError(
+                f"{where}: with kernel_size={k}, padding={padding}, dilation={dilation}, stride={stride} the "
+                f"involution output is {ho}x{wo} but the kernels are generated at {pooled_hw[0]}x{pooled_hw[1]} "
+                f"(floor(H/stride) x floor(W/stride)) for input shape {tuple(x.shape)}; use "
+                f"padding={hint[0] if hint[0] == hint[1] else hint}"
+                + ("" if k % 2 else " with an odd kernel_size")
+            )
+
+        source = x
+        if stride != (1, 1):
+            cropped = x[:, : ho * stride[0], : wo * stride[1]].astype(jnp.float32)
+            source = cropped.reshape(n, ho, stride[0], wo, stride[1], c).mean(axis=(2, 4)).astype(x.dtype)
+        common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kernels = Conv2d(int(c // ratio), 1, name="reduce", **common)(source)
+        kernels = Conv2d(k * k * groups, 1, name="span", **common)(kernels)
+        kernels = kernels.reshape(n, ho, wo, groups, k, k)
+        compute = self.dtype or jnp.result_type(x, self.param_dtype)
+        return involution(
+            x.astype(compute), kernels, kernel_size=k, stride=stride, padding=padding, dilation=dilation
+        )
