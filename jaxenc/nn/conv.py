@@ -24,11 +24,10 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax.linen.dtypes import promote_dtype
 
-from jaxenc._checks import check_channels, check_divisible, check_positive_int, check_rank, to_pair
+from jaxenc._checks import check_channels, check_divisible, check_positive_int, check_rank
 from jaxenc.nn.norm import BatchNorm
-from jaxenc.nn.torch_compat import Conv2d, conv_output_size, pad_nhwc, torch_uniform_init
+from jaxenc.nn.torch_compat import Conv2d, conv_args, conv_output_size, pad_nhwc, torch_conv_inputs
 
 __all__ = [
     "Add2d",
@@ -79,25 +78,12 @@ def _output_hw(shape, kernel_size, stride, padding, dilation, where: str) -> tup
     return ho, wo
 
 
-def _conv_args(kernel_size, stride, padding, dilation, where: str):
-    kernel_size = to_pair(kernel_size, "kernel_size", where)
-    stride = to_pair(stride, "stride", where)
-    padding = to_pair(padding, "padding", where)
-    dilation = to_pair(dilation, "dilation", where)
-    for name, pair in (("kernel_size", kernel_size), ("stride", stride), ("dilation", dilation)):
-        if min(pair) < 1:
-            raise ValueError(f"{where}: {name} must be positive, got {pair}")
-    if min(padding) < 0:
-        raise ValueError(f"{where}: padding must be >= 0, got {padding}")
-    return kernel_size, stride, padding, dilation
-
-
 def _check_window_op(x, weight, bias, stride, padding, dilation, groups, where):
     """Validate the arguments of norm_conv2d / add2d; return (stride, padding, dilation, groups) as pairs/int."""
     check_rank(x, 4, "N, H, W, C", where)
     check_rank(weight, 4, "kh, kw, C_in/groups, C_out", where, name="weight")
     kh, kw, cg, c_out = weight.shape
-    _, stride, padding, dilation = _conv_args((kh, kw), stride, padding, dilation, where)
+    _, stride, padding, dilation = conv_args((kh, kw), stride, padding, dilation, where)
     groups = check_positive_int(groups, "groups", where)
     c_in = x.shape[-1]
     check_divisible(c_in, groups, "in_channels", "groups", where)
@@ -226,27 +212,7 @@ class _WindowConv(nn.Module):
     padding_mode: str = "zeros"
 
     def _prepare(self, x):
-        where = type(self).__name__
-        check_rank(x, 4, "N, H, W, C", where)
-        check_channels(x, self.in_channels, where)
-        kernel_size, stride, padding, dilation = _conv_args(
-            self.kernel_size, self.stride, self.padding, self.dilation, where
-        )
-        groups = check_positive_int(self.groups, "groups", where)
-        check_positive_int(self.out_channels, "out_channels", where)
-        check_divisible(self.in_channels, groups, "in_channels", "groups", where)
-        check_divisible(self.out_channels, groups, "out_channels", "groups", where)
-        fan_in = self.in_channels // groups * kernel_size[0] * kernel_size[1]
-        shape = (*kernel_size, self.in_channels // groups, self.out_channels)
-        kernel = self.param("kernel", torch_uniform_init(fan_in), shape, self.param_dtype)
-        bias = None
-        if self.bias:
-            bias = self.param("bias", torch_uniform_init(fan_in), (self.out_channels,), self.param_dtype)
-        if self.padding_mode != "zeros":
-            x = pad_nhwc(x, padding, self.padding_mode, where)
-            padding = (0, 0)
-        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
-        return x, kernel, bias, dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+        return torch_conv_inputs(self, x)
 
 
 class NormConv2d(_WindowConv):
@@ -330,7 +296,7 @@ class SlimConv2d(nn.Module):
             raise ValueError(
                 f"{where}: in_channels must be even and >= 4 (the paths use C/2 and C/4 channels), got {c}"
             )
-        _conv_args(self.kernel_size, self.stride, self.padding, self.dilation, where)
+        conv_args(self.kernel_size, self.stride, self.padding, self.dilation, where)
         groups = check_positive_int(self.groups, "groups", where)
         check_divisible(c // 2, groups, "in_channels // 2", "groups", where)
         check_divisible(c // 4, groups, "in_channels // 4", "groups", where)
@@ -341,7 +307,7 @@ class SlimConv2d(nn.Module):
                 f"sample and channel), got shape {tuple(x.shape)}"
             )
         common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        conv_args = dict(
+        conv_kwargs = dict(
             stride=self.stride,
             padding=self.padding,
             dilation=self.dilation,
@@ -364,9 +330,9 @@ class SlimConv2d(nn.Module):
             xw = x.astype(jnp.float32) * weights
             return (xw[..., :half] + xw[..., half:]).astype(compute)
 
-        top = Conv2d(half, self.kernel_size, name="conv_top", **conv_args)(fold(w))
+        top = Conv2d(half, self.kernel_size, name="conv_top", **conv_kwargs)(fold(w))
         bottom = Conv2d(c // 4, 1, name="conv_bot1", **common)(fold(w[..., ::-1]))
-        bottom = Conv2d(c // 4, self.kernel_size, name="conv_bot2", **conv_args)(bottom)
+        bottom = Conv2d(c // 4, self.kernel_size, name="conv_bot2", **conv_kwargs)(bottom)
         return jnp.concatenate([top, bottom], axis=-1)
 
 
@@ -435,7 +401,7 @@ class PyConv2d(nn.Module):
         where = "PyConv2d"
         check_rank(x, 4, "N, H, W, C", where)
         c = check_channels(x, self.in_channels, where)
-        kernel_size, stride, padding, dilation = _conv_args(
+        kernel_size, stride, padding, dilation = conv_args(
             self.kernel_size, self.stride, self.padding, self.dilation, where
         )
         check_positive_int(self.out_channels, "out_channels", where)
@@ -501,7 +467,7 @@ def involution(
     check_rank(x, 4, "B, H, W, C", where)
     check_rank(weights, 6, "B, H_out, W_out, G, K, K", where, name="weights")
     k = check_positive_int(kernel_size, "kernel_size", where)
-    (_, _), stride, padding, dilation = _conv_args(k, stride, padding, dilation, where)
+    (_, _), stride, padding, dilation = conv_args(k, stride, padding, dilation, where)
     b, _, _, c = x.shape
     g = weights.shape[3]
     check_divisible(c, g, "channels", "weight groups (weights.shape[3])", where)
@@ -604,7 +570,7 @@ class Involution2d(nn.Module):
         check_rank(x, 4, "N, H, W, C", where)
         c = check_channels(x, self.in_channels, where)
         k = check_positive_int(self.kernel_size, "kernel_size", where)
-        (_, _), stride, padding, dilation = _conv_args(k, self.stride, self.padding, self.dilation, where)
+        (_, _), stride, padding, dilation = conv_args(k, self.stride, self.padding, self.dilation, where)
         groups = check_positive_int(self.groups, "groups", where)
         check_divisible(c, groups, "in_channels", "groups", where)
         ratio = self.reduction_ratio

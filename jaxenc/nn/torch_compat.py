@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
-from jaxenc._checks import check_divisible, check_positive_int, check_rank, to_pair
+from jaxenc._checks import check_channels, check_divisible, check_positive_int, check_rank, to_pair
 
 Dtype = Any
 
@@ -54,6 +54,55 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
+def conv_args(kernel_size, stride, padding, dilation, where: str):
+    """Torch conv arguments (int or pair each) -> checked pairs (kernel, stride, padding, dilation)."""
+    kernel_size = to_pair(kernel_size, "kernel_size", where)
+    stride = to_pair(stride, "stride", where)
+    padding = to_pair(padding, "padding", where)
+    dilation = to_pair(dilation, "dilation", where)
+    for name, pair in (("kernel_size", kernel_size), ("stride", stride), ("dilation", dilation)):
+        if min(pair) < 1:
+            raise ValueError(f"{where}: {name} must be positive, got {pair}")
+    if min(padding) < 0:
+        raise ValueError(f"{where}: padding must be >= 0, got {padding}")
+    return kernel_size, stride, padding, dilation
+
+
+def torch_conv_inputs(module: nn.Module, x: jax.Array):
+    """Validate ``x`` against a module with torch ``_ConvNd`` fields and create its parameters.
+
+    ``module`` has ``in_channels`` (None: inferred), ``out_channels``, ``kernel_size``, ``stride``,
+    ``padding``, ``dilation``, ``groups``, ``bias``, ``padding_mode``, ``dtype``, ``param_dtype``;
+    call from its compact ``__call__``. Creates ``kernel`` (kh, kw, C_in/groups, out_channels) and
+    ``bias`` (out_channels) with torch's initialisation, applies a non-'zeros' padding mode, and
+    promotes to the compute dtype.
+
+    Returns:
+      (x, kernel, bias or None, dict(stride, padding, dilation, groups)) ready for the convolution;
+      ``padding`` is (0, 0) when the padding mode was applied here.
+    """
+    where = type(module).__name__
+    check_rank(x, 4, "N, H, W, C", where)
+    c_in = check_channels(x, module.in_channels, where)
+    (kh, kw), stride, padding, dilation = conv_args(module.kernel_size, module.stride, module.padding, module.dilation, where)
+    groups = check_positive_int(module.groups, "groups", where)
+    check_positive_int(module.out_channels, "out_channels", where)
+    check_divisible(c_in, groups, "in_channels", "groups", where)
+    check_divisible(module.out_channels, groups, "out_channels", "groups", where)
+    fan_in = (c_in // groups) * kh * kw
+    kernel = module.param(
+        "kernel", torch_uniform_init(fan_in), (kh, kw, c_in // groups, module.out_channels), module.param_dtype
+    )
+    bias = None
+    if module.bias:
+        bias = module.param("bias", torch_uniform_init(fan_in), (module.out_channels,), module.param_dtype)
+    if module.padding_mode != "zeros":
+        x = pad_nhwc(x, padding, module.padding_mode, where)
+        padding = (0, 0)
+    x, kernel, bias = promote_dtype(x, kernel, bias, dtype=module.dtype)
+    return x, kernel, bias, dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+
+
 class Conv2d(nn.Module):
     """``torch.nn.Conv2d`` in NHWC with the same arguments, defaults and initialisation.
 
@@ -76,38 +125,16 @@ class Conv2d(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        where = "Conv2d"
-        check_rank(x, 4, "N, H, W, C", where)
-        kh, kw = to_pair(self.kernel_size, "kernel_size", where)
-        stride = to_pair(self.stride, "stride", where)
-        padding = to_pair(self.padding, "padding", where)
-        dilation = to_pair(self.dilation, "dilation", where)
-        groups = check_positive_int(self.groups, "groups", where)
-        c_in = x.shape[-1]
-        if self.in_channels is not None and c_in != self.in_channels:
-            raise ValueError(
-                f"{where}: in_channels={self.in_channels} but the input has {c_in} channels on its last axis "
-                f"(shape {tuple(x.shape)}; jaxenc images are NHWC)"
-            )
-        check_divisible(c_in, groups, "in_channels", "groups", where)
-        check_divisible(self.out_channels, groups, "out_channels", "groups", where)
-        fan_in = (c_in // groups) * kh * kw
-        kernel = self.param(
-            "kernel", torch_uniform_init(fan_in), (kh, kw, c_in // groups, self.out_channels), self.param_dtype
-        )
-        bias = self.param("bias", torch_uniform_init(fan_in), (self.out_channels,), self.param_dtype) if self.bias else None
-        if self.padding_mode != "zeros":
-            x = pad_nhwc(x, padding, self.padding_mode, where)
-            padding = (0, 0)
-        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+        x, kernel, bias, args = torch_conv_inputs(self, x)
+        (ph, pw) = args["padding"]
         y = jax.lax.conv_general_dilated(
             x,
             kernel,
-            window_strides=stride,
-            padding=[(padding[0], padding[0]), (padding[1], padding[1])],
-            rhs_dilation=dilation,
+            window_strides=args["stride"],
+            padding=[(ph, ph), (pw, pw)],
+            rhs_dilation=args["dilation"],
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            feature_group_count=groups,
+            feature_group_count=args["groups"],
         )
         if bias is not None:
             y = y + bias
