@@ -18,7 +18,8 @@ Flax leaf                   torch key                        layout change
 Flax module names equal the torch attribute names (``nn.Sequential`` indices included: a Flax
 submodule may be named ``"1"``), so the key is the Flax path joined by dots. ``num_batches_tracked``
 buffers have no Flax counterpart and are dropped. Modules whose torch layout differs in more than the
-table above register a rule in :data:`_MODULE_RULES`.
+table above register a rule in :data:`_MODULE_RULES`; Flax state that upstream never saves is
+declared with :func:`register_absent_in_torch` and starts at zero.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-__all__ = ["torch_to_flax", "torch_key", "to_numpy"]
+__all__ = ["torch_to_flax", "torch_key", "to_numpy", "register_absent_in_torch"]
 
 _IGNORED_SUFFIXES = ("num_batches_tracked",)
 
@@ -47,6 +48,18 @@ _LEAF_NAMES = {
 # Module class -> rule(relative flax path, torch array, flax shape) -> flax array or None (None: use
 # the generic rule). Filled by later layer families whose torch layout needs a permutation.
 _MODULE_RULES: dict[type, Callable[[tuple[str, ...], np.ndarray, tuple[int, ...]], np.ndarray | None]] = {}
+
+
+# Module class -> names of its Flax leaves that upstream never writes to a state_dict (e.g.
+# PyTorch-Encoding's DropBlock2D disables saving its step counter). torch_to_flax fills them with
+# zeros, their initial value. Registered by the layer modules themselves.
+_ABSENT_IN_TORCH: dict[type, frozenset[str]] = {}
+
+
+def register_absent_in_torch(cls: type, *leaf_names: str) -> type:
+    """Declare that ``cls``'s leaves ``leaf_names`` have no torch state_dict entry (zero-initialised)."""
+    _ABSENT_IN_TORCH[cls] = frozenset(leaf_names)
+    return cls
 
 
 def to_numpy(value: Any) -> np.ndarray:
@@ -129,6 +142,9 @@ def torch_to_flax(module: nn.Module, state_dict: Mapping[str, Any], *example_arg
         collection, *path = flat_key
         path = tuple(path)
         key = torch_key(collection, path)
+        if path[-1] in _ABSENT_IN_TORCH.get(types.get(path[:-1]), ()):
+            out[flat_key] = jnp.zeros(spec.shape, spec.dtype)
+            continue
         if key not in remaining:
             missing.append(f"{key!r} (for Flax {'/'.join(flat_key)}, shape {tuple(spec.shape)})")
             continue

@@ -175,3 +175,19 @@ def torch_rng():
     import jax
 
     return jax.random.key(0)
+
+
+def test_state_absent_from_torch_is_zero_filled():
+    from jaxenc.port import register_absent_in_torch
+
+    class Counter(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            self.variable("batch_stats", "i", lambda: jnp.zeros((), jnp.int32))
+            return Conv2d(2, 1, name="conv")(x)
+
+    register_absent_in_torch(Counter, "i")
+    conv = torch.nn.Conv2d(3, 2, 1)
+    sd = {f"conv.{k}": v for k, v in conv.state_dict().items()}
+    v = torch_to_flax(Counter(), sd, np.zeros((1, 2, 2, 3), np.float32))
+    assert v["batch_stats"]["i"] == 0 and v["batch_stats"]["i"].dtype == jnp.int32
