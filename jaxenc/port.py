@@ -19,7 +19,10 @@ Flax module names equal the torch attribute names (``nn.Sequential`` indices inc
 submodule may be named ``"1"``), so the key is the Flax path joined by dots. ``num_batches_tracked``
 buffers have no Flax counterpart and are dropped. Modules whose torch layout differs in more than the
 table above register a rule in :data:`_MODULE_RULES`; Flax state that upstream never saves is
-declared with :func:`register_absent_in_torch` and starts at zero.
+declared with :func:`register_absent_in_torch` and starts at zero; submodules that upstream
+registers under two names are declared with :func:`register_torch_aliases`; a class whose leaf names clash with
+the generic rules (a raw parameter called ``scale``) declares its names with
+:func:`register_torch_leaf_names`.
 """
 from __future__ import annotations
 
@@ -31,7 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-__all__ = ["torch_to_flax", "torch_key", "to_numpy", "register_absent_in_torch"]
+__all__ = ["torch_to_flax", "torch_key", "to_numpy", "register_absent_in_torch", "register_torch_leaf_names",
+           "register_torch_aliases"]
 
 _IGNORED_SUFFIXES = ("num_batches_tracked",)
 
@@ -56,6 +60,29 @@ _MODULE_RULES: dict[type, Callable[[tuple[str, ...], np.ndarray, tuple[int, ...]
 _ABSENT_IN_TORCH: dict[type, frozenset[str]] = {}
 
 
+# Module class -> {Flax leaf name: torch leaf name} overriding _LEAF_NAMES for that class (e.g. the
+# Encoding layer's smoothing factors are a raw parameter named ``scale``, not a norm weight).
+_CLASS_LEAF_NAMES: dict[type, dict[str, str]] = {}
+
+
+def register_torch_leaf_names(cls: type, names: dict[str, str]) -> type:
+    """Declare torch names for some of ``cls``'s own leaves, overriding the generic rules."""
+    _CLASS_LEAF_NAMES[cls] = dict(names)
+    return cls
+
+
+# Module class -> {alias attribute: canonical attribute}: upstream registers one submodule under two
+# names (PyTorch-Encoding's ACFModule: ``self.conv_ks = self.conv_qs``), so its state_dict repeats
+# every tensor. torch_to_flax drops the alias keys after checking they equal the canonical ones.
+_ALIASES: dict[type, dict[str, str]] = {}
+
+
+def register_torch_aliases(cls: type, aliases: dict[str, str]) -> type:
+    """Declare submodule attributes that upstream registers twice (``{alias: canonical}``)."""
+    _ALIASES[cls] = dict(aliases)
+    return cls
+
+
 def register_absent_in_torch(cls: type, *leaf_names: str) -> type:
     """Declare that ``cls``'s leaves ``leaf_names`` have no torch state_dict entry (zero-initialised)."""
     _ABSENT_IN_TORCH[cls] = frozenset(leaf_names)
@@ -76,10 +103,12 @@ def to_numpy(value: Any) -> np.ndarray:
     return np.array(value, copy=True)
 
 
-def torch_key(collection: str, path: tuple[str, ...]) -> str:
-    """The torch state_dict key of the Flax leaf ``collection/path``."""
+def torch_key(collection: str, path: tuple[str, ...], owner: type | None = None) -> str:
+    """The torch state_dict key of the Flax leaf ``collection/path``; ``owner``: the leaf's module class."""
     *modules, leaf = path
-    return ".".join([*modules, _LEAF_NAMES.get((collection, leaf), leaf)])
+    overrides = _CLASS_LEAF_NAMES.get(owner, {})
+    name = overrides[leaf] if leaf in overrides else _LEAF_NAMES.get((collection, leaf), leaf)
+    return ".".join([*modules, name])
 
 
 def _torch_layout(collection: str, leaf: str, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -138,11 +167,22 @@ def torch_to_flax(module: nn.Module, state_dict: Mapping[str, Any], *example_arg
     where = f"torch_to_flax({type(module).__name__})"
 
     missing, mismatched, out = [], [], {}
+    for module_path, cls in types.items():
+        for alias, canonical in _ALIASES.get(cls, {}).items():
+            prefix = ".".join([*module_path, alias]) + "."
+            for k in [k for k in remaining if k.startswith(prefix)]:
+                canonical_key = ".".join([*module_path, canonical]) + "." + k[len(prefix):]
+                value = remaining.pop(k)
+                if canonical_key not in state_dict or not np.array_equal(
+                    to_numpy(value), to_numpy(state_dict[canonical_key])
+                ):
+                    mismatched.append(f"{k!r}: alias of {canonical_key!r} but not equal to it")
     for flat_key, spec in flat_shapes.items():
         collection, *path = flat_key
         path = tuple(path)
-        key = torch_key(collection, path)
-        if path[-1] in _ABSENT_IN_TORCH.get(types.get(path[:-1]), ()):
+        owner = types.get(path[:-1])
+        key = torch_key(collection, path, owner)
+        if path[-1] in _ABSENT_IN_TORCH.get(owner, ()):
             out[flat_key] = jnp.zeros(spec.shape, spec.dtype)
             continue
         if key not in remaining:
@@ -156,6 +196,8 @@ def torch_to_flax(module: nn.Module, state_dict: Mapping[str, Any], *example_arg
             if rule is not None:
                 converted = rule(path[depth:], array, flax_shape)
                 break
+        if converted is None and path[-1] in _CLASS_LEAF_NAMES.get(owner, {}):
+            converted = array  # a raw parameter kept in torch layout
         if converted is None:
             expected = _torch_layout(collection, path[-1], flax_shape)
             if tuple(array.shape) != expected:

@@ -1,40 +1,40 @@
 """Flax linen layers (NHWC images, (B, N, D) tokens) with torch-compatible numerics.
 
-One module per family: ``activation``, ``conv``, ``attention``, ``norm``, ``pooling``,
-``regularization``; ``torch_compat`` holds the torch-equivalent primitives they share.
+One module per family: ``activation``, ``attention``, ``conv``, ``customize``, ``encoding``,
+``norm``, ``pooling``, ``regularization``, ``resample``, ``transformer``; ``torch_compat`` holds the
+torch-equivalent primitives they share. Every public name of those modules (their ``__all__``) is
+available here.
 """
-from jaxenc.nn.activation import FReLU, HardMish, NLReLU, hard_mish, nl_relu
-from jaxenc.nn.attention import SAM, DimAttention, LambdaLayer, TripletAttention
-from jaxenc.nn.conv import Add2d, Involution2d, NormConv2d, PyConv2d, SlimConv2d, add2d, involution, norm_conv2d
-from jaxenc.nn.norm import BatchNorm, batch_moments
-from jaxenc.nn.pooling import (
-    SPP,
-    BlurPool2d,
-    ConcatDownsample2d,
-    GlobalAvgPool2d,
-    GlobalMaxPool2d,
-    ZPool,
-    binomial_taps,
-    concat_downsample2d,
-    z_pool,
-)
-from jaxenc.nn.regularization import DropBlock2d, drop_block2d, dropblock_seed_rate
-from jaxenc.nn.torch_compat import Conv2d, pad_nhwc
+from jaxenc.nn import activation as _activation
+from jaxenc.nn import attention as _attention
+from jaxenc.nn import conv as _conv
+from jaxenc.nn import customize as _customize
+from jaxenc.nn import encoding as _encoding
+from jaxenc.nn import norm as _norm
+from jaxenc.nn import pooling as _pooling
+from jaxenc.nn import regularization as _regularization
+from jaxenc.nn import resample as _resample
+from jaxenc.nn import torch_compat as _torch_compat
+from jaxenc.nn import transformer as _transformer
+from jaxenc.nn.activation import *  # noqa: F401,F403
+from jaxenc.nn.attention import *  # noqa: F401,F403
+from jaxenc.nn.conv import *  # noqa: F401,F403
+from jaxenc.nn.customize import *  # noqa: F401,F403
+from jaxenc.nn.encoding import *  # noqa: F401,F403
+from jaxenc.nn.norm import *  # noqa: F401,F403
+from jaxenc.nn.pooling import *  # noqa: F401,F403
+from jaxenc.nn.regularization import *  # noqa: F401,F403
+from jaxenc.nn.resample import *  # noqa: F401,F403
+from jaxenc.nn.torch_compat import *  # noqa: F401,F403
+from jaxenc.nn.transformer import *  # noqa: F401,F403
 
+# The functional Encoding op stays ``jaxenc.nn.encoding.encoding`` (not re-exported), so that
+# ``jaxenc.nn.encoding`` remains the family module.
 __all__ = [
-    # activation
-    "FReLU", "HardMish", "NLReLU", "hard_mish", "nl_relu",
-    # attention
-    "SAM", "DimAttention", "LambdaLayer", "TripletAttention",
-    # conv
-    "Add2d", "Involution2d", "NormConv2d", "PyConv2d", "SlimConv2d", "add2d", "involution", "norm_conv2d",
-    # norm
-    "BatchNorm", "batch_moments",
-    # pooling
-    "SPP", "BlurPool2d", "ConcatDownsample2d", "GlobalAvgPool2d", "GlobalMaxPool2d", "ZPool", "binomial_taps",
-    "concat_downsample2d", "z_pool",
-    # regularization
-    "DropBlock2d", "drop_block2d", "dropblock_seed_rate",
-    # torch_compat
-    "Conv2d", "pad_nhwc",
+    name
+    for family in (
+        _activation, _attention, _conv, _customize, _encoding, _norm, _pooling, _regularization, _resample,
+        _torch_compat, _transformer,
+    )
+    for name in family.__all__
 ]

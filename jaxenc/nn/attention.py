@@ -1,11 +1,12 @@
-"""Attention layers from holocron.nn (SAM, TripletAttention, LambdaLayer), NHWC.
+"""Attention layers from holocron.nn (SAM, TripletAttention, LambdaLayer), PyTorch-Encoding (ACFModule,
+MixtureOfSoftMaxACF) and DANet (PAM_Module, CAM_Module), NHWC.
 
 Parameter names and layouts follow pylocron 0.3.0 so that :func:`jaxenc.port.torch_to_flax` maps a
 torch ``state_dict`` onto them unchanged (spec/holocron_vit_syncbn.md §3.6).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -14,11 +15,17 @@ import jax.numpy as jnp
 from jaxenc._checks import check_channels, check_divisible, check_positive_int, check_rank
 from jaxenc.nn.norm import BatchNorm
 from jaxenc.nn.pooling import z_pool
+from jaxenc.nn.resample import avg_pool2d
 from jaxenc.nn.torch_compat import Conv2d
+from jaxenc.port import register_torch_aliases
 
 Dtype = Any
 
-__all__ = ["SAM", "DimAttention", "TripletAttention", "LambdaLayer"]
+__all__ = [
+    "SAM", "DimAttention", "TripletAttention", "LambdaLayer",
+    # PyTorch-Encoding / DANet
+    "ACFModule", "MixtureOfSoftMaxACF", "PAM_Module", "CAM_Module",
+]
 
 _NHWC = "N, H, W, C"
 
@@ -247,3 +254,279 @@ class LambdaLayer(nn.Module):
             y = y + _einsum("bmhk,bmkv->bmhv", q, lambda_p, dtype)
 
         return y.reshape(b, height, width, heads * v).astype(dtype)
+
+
+# --- PyTorch-Encoding / DANet attention: ACFModule, MixtureOfSoftMaxACF, PAM_Module, CAM_Module -----
+# spec/pytorch_encoding.md §1.9 and §1.10. Torch parameter names are kept (conv_qs, conv_vs,
+# attention.weight, conv, norm_layer; query_conv, key_conv, value_conv, gamma).
+
+_KQ_TRANSFORMS = ("conv", "ffn", "dffn")
+
+
+class _KQFeedForward(nn.Module):
+    """ACF's 'ffn'/'dffn' key-query transform: upstream's nn.Sequential(3x3 conv (no bias), norm, ReLU,
+    1x1 conv); children "0", "1", "3" as the Sequential indices (the ReLU, "2", has no state)."""
+
+    channels: int
+    d_k: int
+    dilation: int
+    norm_layer: Callable[..., nn.Module]
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        y = Conv2d(self.channels, 3, padding=self.dilation, dilation=self.dilation, bias=False, name="0", **kw)(x)
+        y = jax.nn.relu(self.norm_layer(self.channels, name="1", **kw)(y, train=train))
+        return Conv2d(self.channels, 1, kernel_init=nn.initializers.normal((1.0 / self.d_k) ** 0.5), name="3", **kw)(y)
+
+
+class MixtureOfSoftMaxACF(nn.Module):
+    """Mixture of softmaxes over scaled dot-product attention (the attention of ACF).
+
+    Zhang et al., "Co-occurrent Features in Semantic Segmentation", CVPR 2019; mixture of softmaxes
+    from Yang et al., "Breaking the Softmax Bottleneck", ICLR 2018.
+
+    The d_k query/key features are split into ``n_mix`` groups of d = d_k / n_mix; group j gives
+    ``attn_j = dropout(softmax_N2(q_j k_jᵀ / sqrt(d_k)))`` (the temperature uses the full d_k). With
+    n_mix > 1 the attention is ``sum_j pi_j attn_j``, ``pi = softmax_m(weight @ mean_N(q))``, where
+    ``weight`` (n_mix, d_k) starts U(±n_mix^-1/2) and is stored in torch's layout.
+
+    Token layout (jaxenc's (B, N, D); upstream takes (B, D, N)):
+      q (B, N, d_k), k (B, N2, d_k), v (B, N2, d_v) -> (output (B, N, d_v), attn (B, N, N2)).
+    ``__call__(q, k, v, train=False)``: attention dropout (rate ``attn_dropout``, ``dropout`` rng
+    stream) only when ``train``. Logits, softmax and mixture weights are computed in float32.
+    """
+
+    n_mix: int
+    d_k: int
+    attn_dropout: float = 0.1
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, qt: jax.Array, kt: jax.Array, vt: jax.Array, train: bool = False):
+        where = "MixtureOfSoftMaxACF"
+        m = check_positive_int(self.n_mix, "n_mix", where)
+        d_k = check_positive_int(self.d_k, "d_k", where)
+        check_divisible(d_k, m, "d_k", "n_mix", where)
+        p = self.attn_dropout
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+            raise ValueError(f"{where}: attn_dropout must be a probability in [0, 1], got {p!r}")
+        for name, t in (("q", qt), ("k", kt), ("v", vt)):
+            check_rank(t, 3, "B, N, D", where, name=name)
+        check_channels(qt, d_k, where, name="d_k")
+        check_channels(kt, d_k, where, name="d_k")
+        if not (qt.shape[0] == kt.shape[0] == vt.shape[0]) or kt.shape[1] != vt.shape[1]:
+            raise ValueError(
+                f"{where}: q (B, N, d_k), k (B, N2, d_k) and v (B, N2, d_v) must share B, and k and v N2; got "
+                f"q {tuple(qt.shape)}, k {tuple(kt.shape)}, v {tuple(vt.shape)}"
+            )
+        b, n, _ = qt.shape
+        n2 = kt.shape[1]
+        dtype = self.dtype or jnp.result_type(qt, kt, vt)
+        d = d_k // m
+
+        q = qt.reshape(b, n, m, d)
+        k = kt.reshape(b, n2, m, d)
+        logits = _einsum("bnmd,bkmd->bmnk", q, k, dtype) / (d_k**0.5)
+        attn = jax.nn.softmax(logits, axis=-1)
+        attn = nn.Dropout(rate=p)(attn, deterministic=not train)
+        if m > 1:
+            bound = m**-0.5
+            init = lambda key, shape, dt: jax.random.uniform(key, shape, dt, -bound, bound)  # noqa: E731
+            weight = self.param("weight", init, (m, d_k), self.param_dtype)
+            q_mean = jnp.mean(qt.astype(jnp.float32), axis=1)
+            pi = jax.nn.softmax(q_mean @ weight.astype(jnp.float32).T, axis=-1)  # (B, m)
+            attn = jnp.einsum("bmnk,bm->bnk", attn, pi)
+        else:
+            attn = attn[:, 0]
+        out = _einsum("bnk,bkv->bnv", attn, vt, dtype)
+        return out.astype(dtype), attn
+
+
+class ACFModule(nn.Module):
+    """Attentional class feature module of the ATTEN head: multi-head mixture-of-softmax attention over
+    (optionally 2x average-pooled) keys and values, a 1x1 projection, norm and residual.
+
+    Zhang et al., "Co-occurrent Features in Semantic Segmentation", CVPR 2019 (PyTorch-Encoding's
+    ``ACFModule``, spec/pytorch_encoding.md §1.9).
+
+    - Keys and queries share ONE transform ``conv_qs`` (upstream also registers it as ``conv_ks``):
+      'conv' = 1x1 conv d_model -> n_head·d_k (kernel N(0, 2/(d_model + d_k))); 'ffn' = 3x3 conv (no
+      bias) + norm + ReLU + 1x1 conv (kernel N(0, 1/d_k)); 'dffn' = the same with a dilation-4 3x3.
+    - Values: ``conv_vs``, 1x1 conv d_model -> n_head·d_v (kernel N(0, 2/(d_model + d_v))).
+    - ``pooling``: keys and values come from ``avg_pool2d(x, 3, 2, 1, count_include_pad=False)``;
+      queries from x. H and W must then be even (upstream reshapes to H·W/4 keys).
+    - Heads are folded into the batch; :class:`MixtureOfSoftMaxACF` (``attention``) attends; the heads
+      are concatenated (channel ``head·d_v + i``), projected by ``conv`` (1x1, no bias) to d_model and
+      normalised by ``norm_layer``; the result is added to x, or concatenated before x if ``concat``.
+
+    Shapes: x (N, H, W, d_model) -> (N, H, W, d_model), or (N, H, W, 2·d_model) with ``concat``.
+    ``__call__(x, train=False)``: norms use batch statistics and attention dropout (rate ``dropout``,
+    ``dropout`` rng stream) is applied when ``train``.
+
+    Args: upstream's. ``norm_layer(num_features, *, name, dtype, param_dtype)`` returns a module called
+    as ``norm(y, train=train)`` (default :class:`jaxenc.nn.BatchNorm`). ``dropout`` is the attention
+    dropout rate; upstream ignores this argument and always uses 0.1, its default.
+    """
+
+    n_head: int
+    n_mix: int
+    d_model: int
+    d_k: int
+    d_v: int
+    norm_layer: Callable[..., nn.Module] = BatchNorm
+    kq_transform: str = "conv"
+    value_transform: str = "conv"
+    pooling: bool = True
+    concat: bool = False
+    dropout: float = 0.1
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    def _check_args(self, where: str) -> None:
+        for name in ("n_head", "n_mix", "d_model", "d_k", "d_v"):
+            check_positive_int(getattr(self, name), name, where)
+        check_divisible(self.d_k, self.n_mix, "d_k", "n_mix", where)
+        if self.kq_transform not in _KQ_TRANSFORMS:
+            raise ValueError(f"{where}: kq_transform must be one of {_KQ_TRANSFORMS}, got {self.kq_transform!r}")
+        if self.value_transform != "conv":
+            raise ValueError(
+                f"{where}: value_transform must be 'conv' (the only one upstream has), got {self.value_transform!r}"
+            )
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        where = "ACFModule"
+        self._check_args(where)
+        check_rank(x, 4, _NHWC, where)
+        check_channels(x, self.d_model, where, name="d_model")
+        b, height, width, _ = x.shape
+        if self.pooling and (height % 2 or width % 2):
+            raise ValueError(
+                f"{where}: pooling=True halves H and W for the keys and values and needs both even, got input shape "
+                f"{tuple(x.shape)} (H={height}, W={width}); use pooling=False or crop/pad the input"
+            )
+        dtype = self.dtype or x.dtype
+        x = x.astype(dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h, d_k, d_v, d_model = self.n_head, self.d_k, self.d_v, self.d_model
+
+        if self.kq_transform == "conv":
+            conv_qs = Conv2d(h * d_k, 1, kernel_init=nn.initializers.normal((2.0 / (d_model + d_k)) ** 0.5), name="conv_qs", **kw)
+            kq = lambda t: conv_qs(t)  # noqa: E731
+        else:
+            ffn = _KQFeedForward(
+                h * d_k, d_k, dilation=1 if self.kq_transform == "ffn" else 4, norm_layer=self.norm_layer,
+                name="conv_qs", **kw,
+            )
+            kq = lambda t: ffn(t, train=train)  # noqa: E731
+        conv_vs = Conv2d(h * d_v, 1, kernel_init=nn.initializers.normal((2.0 / (d_model + d_v)) ** 0.5), name="conv_vs", **kw)
+
+        def split_heads(t, d):
+            # (B, h', w', heads * d) -> (B * heads, h' * w', d): batch index b * heads + head, like upstream.
+            bb, hh, ww, _ = t.shape
+            return t.reshape(bb, hh * ww, h, d).transpose(0, 2, 1, 3).reshape(bb * h, hh * ww, d)
+
+        if self.pooling:
+            q = split_heads(kq(x), d_k)
+            pooled = avg_pool2d(x, 3, 2, 1, count_include_pad=False)
+            k = split_heads(kq(pooled), d_k)
+            v = split_heads(conv_vs(pooled), d_v)
+        else:
+            k = split_heads(kq(x), d_k)
+            q = k
+            v = split_heads(conv_vs(x), d_v)
+
+        out, _ = MixtureOfSoftMaxACF(self.n_mix, d_k, attn_dropout=self.dropout, name="attention", **kw)(
+            q, k, v, train=train
+        )
+        out = out.reshape(b, h, height * width, d_v).transpose(0, 2, 1, 3).reshape(b, height, width, h * d_v)
+        out = Conv2d(d_model, 1, bias=False, name="conv", **kw)(out)
+        out = self.norm_layer(d_model, name="norm_layer", **kw)(out, train=train).astype(dtype)
+        if self.concat:
+            return jnp.concatenate([out, x], axis=-1)
+        return out + x
+
+
+def _gamma_residual(module: nn.Module, out: jax.Array, x: jax.Array, dtype) -> jax.Array:
+    """``gamma * out + x`` with DANet's scalar ``gamma`` (torch shape (1,), initialised to 0)."""
+    gamma = module.param("gamma", nn.initializers.zeros, (1,), module.param_dtype)
+    return (gamma.astype(jnp.float32) * out.astype(jnp.float32) + x.astype(jnp.float32)).astype(dtype)
+
+
+class PAM_Module(nn.Module):  # noqa: N801 (upstream name)
+    """Position attention module of DANet: every position attends over all H·W positions.
+
+    Fu et al., "Dual Attention Network for Scene Segmentation", CVPR 2019 (``junfu1115/DANet``,
+    ``encoding/nn/da_att.py``; spec/pytorch_encoding.md §1.10).
+
+    ``q, k = query_conv(x), key_conv(x)`` (1x1, in_dim -> in_dim // 8, with bias), ``v = value_conv(x)``
+    (1x1, in_dim -> in_dim); ``attn = softmax_j(q_i · k_j)`` (unscaled, N x N with N = H·W);
+    ``out_i = gamma · sum_j attn_ij v_j + x_i`` with the scalar ``gamma`` (shape (1,)) starting at 0,
+    so the module starts as the identity. Energies and softmax in float32.
+
+    Shapes: x (N, H, W, in_dim) -> (N, H, W, in_dim). in_dim >= 8.
+    """
+
+    in_dim: int
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        where = "PAM_Module"
+        check_positive_int(self.in_dim, "in_dim", where)
+        if self.in_dim < 8:
+            raise ValueError(
+                f"{where}: in_dim must be >= 8 (queries and keys have in_dim // 8 channels), got {self.in_dim}"
+            )
+        check_rank(x, 4, _NHWC, where)
+        c = check_channels(x, self.in_dim, where, name="in_dim")
+        b, height, width, _ = x.shape
+        dtype = self.dtype or x.dtype
+        kw = dict(in_channels=c, dtype=self.dtype, param_dtype=self.param_dtype)
+        q = Conv2d(c // 8, 1, name="query_conv", **kw)(x).reshape(b, height * width, c // 8)
+        k = Conv2d(c // 8, 1, name="key_conv", **kw)(x).reshape(b, height * width, c // 8)
+        v = Conv2d(c, 1, name="value_conv", **kw)(x).reshape(b, height * width, c)
+        attn = jax.nn.softmax(_einsum("bic,bjc->bij", q, k, dtype), axis=-1)
+        out = _einsum("bij,bjc->bic", attn, v, dtype).reshape(b, height, width, c)
+        return _gamma_residual(self, out, x, dtype)
+
+
+class CAM_Module(nn.Module):  # noqa: N801 (upstream name)
+    """Channel attention module of DANet: every channel attends over all channels.
+
+    Fu et al., "Dual Attention Network for Scene Segmentation", CVPR 2019 (``junfu1115/DANet``,
+    ``encoding/nn/da_att.py``; spec/pytorch_encoding.md §1.10).
+
+    With X the (C, N) features: ``E = X Xᵀ`` (C x C), ``attn = softmax_row(max_row(E) - E)``,
+    ``out = gamma · attn X + x``; the scalar ``gamma`` (shape (1,)) starts at 0. No other parameters.
+    Energies are unscaled (they grow with H·W) and computed, with the softmax, in float32.
+
+    Shapes: x (N, H, W, in_dim) -> (N, H, W, in_dim).
+    """
+
+    in_dim: int
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        where = "CAM_Module"
+        check_positive_int(self.in_dim, "in_dim", where)
+        check_rank(x, 4, _NHWC, where)
+        c = check_channels(x, self.in_dim, where, name="in_dim")
+        b, height, width, _ = x.shape
+        dtype = self.dtype or x.dtype
+        feats = x.reshape(b, height * width, c)
+        energy = _einsum("bnc,bnd->bcd", feats, feats, dtype)
+        attn = jax.nn.softmax(jnp.max(energy, axis=-1, keepdims=True) - energy, axis=-1)
+        out = _einsum("bcd,bnd->bnc", attn, feats, dtype).reshape(b, height, width, c)
+        return _gamma_residual(self, out, x, dtype)
+
+
+# Upstream registers the shared key/query transform twice (``self.conv_ks = self.conv_qs``).
+register_torch_aliases(ACFModule, {"conv_ks": "conv_qs"})

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 
 Dtype = Any
 
+__all__ = ["BatchNorm", "batch_moments", "normalize"]
+
 
 def batch_moments(
     x: jax.Array,

@@ -242,7 +242,7 @@ class SPP(nn.Module):
             feats.append(
                 jax.lax.reduce_window(
                     x,
-                    jnp.array(-jnp.inf, x.dtype),
+                    np.array(-np.inf, x.dtype),  # a numpy constant: a jnp one breaks jit(grad) linearisation
                     jax.lax.max,
                     (1, k, k, 1),
                     (1, 1, 1, 1),

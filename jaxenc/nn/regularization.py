@@ -21,10 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxenc._checks import check_positive_int, check_rank
+from jaxenc.port import register_absent_in_torch
 
 Dtype = Any
 
-__all__ = ["DropBlock2d", "drop_block2d", "dropblock_seed_rate"]
+__all__ = ["DropBlock2D", "DropBlock2d", "drop_block2d", "dropblock_seed_rate"]
 
 
 def _check_prob(drop_prob, name: str, where: str):
@@ -56,7 +57,13 @@ def dropblock_seed_rate(drop_prob, block_size: int):
 
 
 def drop_block2d(
-    x: jax.Array, rng: jax.Array, drop_prob, block_size: int, *, batch_shared: bool = False
+    x: jax.Array,
+    rng: jax.Array,
+    drop_prob,
+    block_size: int,
+    *,
+    batch_shared: bool = False,
+    per_channel: bool = False,
 ) -> jax.Array:
     """DropBlock in training mode: zero random block_size x block_size squares, then rescale.
 
@@ -71,6 +78,9 @@ def drop_block2d(
         larger than the image are clipped to it).
       batch_shared: False (holocron): one mask per sample, shared across channels, shape (N, H, W, 1).
         True (PyTorch-Encoding): one mask for the whole batch, shape (1, H, W, 1).
+      per_channel: False (default): the mask is shared by all channels (last mask axis 1). True: an
+        independent mask per channel, shape (N or 1, H, W, C) (PyTorch-Encoding's DropBlock2D without
+        ``share_channel``). Every channel still drops each position with probability p.
     Returns:
       (N, H, W, C): ``x * keep * (keep.size / keep.sum())``, with the mask and the scale computed in
       float32 (so bfloat16 inputs keep an exact mask); all zeros when every position is dropped.
@@ -82,18 +92,21 @@ def drop_block2d(
     p = _check_prob(drop_prob, "drop_prob", where)
     if isinstance(p, float) and p == 0.0:
         return x
-    n, h, w, _ = x.shape
+    n, h, w, c = x.shape
     gamma = dropblock_seed_rate(p, bs)
     # Seeds live on the image grid extended by bs - 1 rows/columns; the VALID bs x bs window max makes
     # image row i depend on seed rows i .. i + bs - 1: exactly bs per axis, also at the borders.
-    seed_shape = (1 if batch_shared else n, h + bs - 1, w + bs - 1)
+    channel_axis = (c,) if per_channel else ()
+    seed_shape = (1 if batch_shared else n, h + bs - 1, w + bs - 1, *channel_axis)
+    window = (1, bs, bs, *(1 for _ in channel_axis))
     seeds = jax.random.bernoulli(rng, gamma, seed_shape).astype(jnp.float32)
-    dropped = jax.lax.reduce_window(seeds, 0.0, jax.lax.max, (1, bs, bs), (1, 1, 1), "VALID")
+    dropped = jax.lax.reduce_window(seeds, 0.0, jax.lax.max, window, (1,) * len(window), "VALID")
     keep = 1.0 - dropped
     # Normalise by the kept fraction over the whole mask (holocron); a fully dropped mask stays zero.
     scale = keep.size / jnp.maximum(jnp.sum(keep), 1.0)
+    mask = keep * scale if per_channel else (keep * scale)[..., None]
     acc = jnp.promote_types(x.dtype, jnp.float32)
-    return (x.astype(acc) * (keep * scale)[..., None].astype(acc)).astype(x.dtype)
+    return (x.astype(acc) * mask.astype(acc)).astype(x.dtype)
 
 
 class DropBlock2d(nn.Module):
@@ -127,3 +140,122 @@ class DropBlock2d(nn.Module):
         if not train or (isinstance(p, float) and p == 0.0):
             return x
         return drop_block2d(x, self.make_rng("dropout"), p, self.block_size)
+
+
+def _check_step(value, name: str, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{where}: {name} must be a non-negative integer, got {value!r}")
+    return value
+
+
+class DropBlock2D(nn.Module):
+    """PyTorch-Encoding's ``DropBlock2D(drop_prob, block_size, share_channel=False)`` with a working schedule.
+
+    Ghiasi, Lin & Le, "DropBlock: A regularization method for convolutional networks", NeurIPS 2018.
+
+    Shapes: (N, H, W, C) -> (N, H, W, C). No parameters; ``batch_stats`` holds ``i`` (int32 scalar,
+    upstream's step-counter buffer): the number of training calls so far. ``__call__(x, train=False)``
+    is the identity in inference. In training it zeroes blocks with :func:`drop_block2d` (dropped
+    fraction exactly the current drop probability, ``dropout`` rng stream), rescales by
+    numel / kept, and advances ``i`` by one whenever ``batch_stats`` is mutable (never during init).
+
+    Mask: one per sample, per channel (N, H, W, C) as upstream's code draws it, or channel-shared
+    (N, H, W, 1) with ``share_channel``; ``batch_shared=True`` draws one mask for the whole batch
+    instead ((1, H, W, C) or (1, H, W, 1)).
+
+    Schedule (upstream's ``reset_steps`` / ``reset_dropblock`` as fields): with ``nr_steps > 0`` the
+    drop probability at step ``i`` is ``start_value`` until ``start_step``, rises linearly to
+    ``stop_value`` (default ``drop_prob``) at ``start_step + nr_steps`` and stays there; it is computed
+    from ``i`` inside the program, so it works under ``jit`` and a training loop that carries
+    ``batch_stats`` advances it. Without a schedule the probability is ``drop_prob``. A scheduled
+    module needs ``batch_stats`` mutable in training (a ValueError says so otherwise): a schedule that
+    silently does not advance is the upstream bug this class fixes.
+
+    Differences from PyTorch-Encoding, on purpose (DESIGN.md):
+    - The schedule advances. Upstream returns early while its drop_prob is 0 and only steps after
+      that, so the shipped recipes (start_value 0) never drop anything; here ``i`` counts every
+      training call. Upstream (had it stepped) would stop one step short of ``stop_value``
+      (start + step_size * (nr_steps - 1)); here ``stop_value`` is reached. No ``reset_steps`` call is
+      required before training (upstream asserts it).
+    - The dropped fraction equals the drop probability (exact seed rate on an extended grid; upstream
+      uses gamma = p / bs² * HW / ((H - bs + 1)(W - bs + 1)) with seeds over the whole image, which
+      does not give p) and even block sizes work (upstream's padded max-pool changes the shape).
+    - ``share_channel`` gives the intended per-sample channel-shared mask: upstream's branch samples
+      (N, H, W) and broadcasts it against the CHANNEL axis (wrong, or a crash, unless N == C).
+      (The jaxenc spec describes upstream's mask as batch-shared; upstream's code draws one per
+      sample, so that is the default here and ``batch_shared=True`` is the option.)
+    - Upstream keeps ``drop_prob`` as a buffer too; here it is a field. Upstream saves neither buffer, so
+      :func:`jaxenc.port.torch_to_flax` starts ``i`` at 0.
+    """
+
+    drop_prob: float
+    block_size: int
+    share_channel: bool = False
+    start_step: int = 0
+    nr_steps: int = 0
+    start_value: float = 0.0
+    stop_value: float | None = None
+    batch_shared: bool = False
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    def drop_prob_at(self, step) -> jax.Array | float:
+        """The drop probability used by the training call made when ``i == step`` (traceable).
+
+        Without a schedule: ``drop_prob`` as a Python float. With one: a float32 scalar, exactly
+        ``start_value`` up to ``start_step`` and exactly ``stop_value`` from ``start_step + nr_steps``.
+        """
+        where = "DropBlock2D"
+        p = _check_prob(self.drop_prob, "drop_prob", where)
+        nr_steps = _check_step(self.nr_steps, "nr_steps", where)
+        start_step = _check_step(self.start_step, "start_step", where)
+        if nr_steps == 0:
+            return p
+        start = _check_prob(self.start_value, "start_value", where)
+        stop = p if self.stop_value is None else _check_prob(self.stop_value, "stop_value", where)
+        progress = (jnp.asarray(step, jnp.float32) - start_step) / nr_steps
+        progress = jnp.clip(progress, 0.0, 1.0)
+        # start*(1 - t) + stop*t is exact at both ends (t = 0 and t = 1), unlike start + (stop - start)*t.
+        return jnp.float32(start) * (1.0 - progress) + jnp.float32(stop) * progress
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        where = "DropBlock2D"
+        x = jnp.asarray(x)
+        check_rank(x, 4, "N, H, W, C", where)
+        block_size = check_positive_int(self.block_size, "block_size", where)
+        scheduled = _check_step(self.nr_steps, "nr_steps", where) > 0
+        self.drop_prob_at(0)  # validates every schedule field, also in inference
+        if self.dtype is not None:
+            x = x.astype(self.dtype)
+        mutable = self.is_mutable_collection("batch_stats")
+        counter = None
+        if mutable or self.has_variable("batch_stats", "i"):
+            counter = self.variable("batch_stats", "i", lambda: jnp.zeros((), jnp.int32))
+        if not train:
+            return x
+        if scheduled and (counter is None or not mutable):
+            raise ValueError(
+                f"{where}: a drop-probability schedule (nr_steps={self.nr_steps}) needs its step counter "
+                "batch_stats/i, mutable in training: apply with the variables from init and "
+                "mutable=['batch_stats']"
+            )
+        if scheduled:
+            p = self.drop_prob_at(counter.value)
+        else:
+            p = _check_prob(self.drop_prob, "drop_prob", where)
+        if counter is not None and mutable and not self.is_initializing():
+            counter.value = counter.value + 1
+        if isinstance(p, float) and p == 0.0:
+            return x
+        return drop_block2d(
+            x,
+            self.make_rng("dropout"),
+            p,
+            block_size,
+            batch_shared=self.batch_shared,
+            per_channel=not self.share_channel,
+        )
+
+
+register_absent_in_torch(DropBlock2D, "i")

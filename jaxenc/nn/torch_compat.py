@@ -7,7 +7,7 @@ stay uniform; :mod:`jaxenc.port` relies on that.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -17,6 +17,8 @@ from flax.linen.dtypes import promote_dtype
 from jaxenc._checks import check_channels, check_divisible, check_positive_int, check_rank, to_pair
 
 Dtype = Any
+
+__all__ = ["Conv2d", "conv_args", "conv_output_size", "pad_nhwc", "torch_conv_inputs", "torch_uniform_init"]
 
 _PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
 
@@ -74,7 +76,8 @@ def torch_conv_inputs(module: nn.Module, x: jax.Array):
     ``module`` has ``in_channels`` (None: inferred), ``out_channels``, ``kernel_size``, ``stride``,
     ``padding``, ``dilation``, ``groups``, ``bias``, ``padding_mode``, ``dtype``, ``param_dtype``;
     call from its compact ``__call__``. Creates ``kernel`` (kh, kw, C_in/groups, out_channels) and
-    ``bias`` (out_channels) with torch's initialisation, applies a non-'zeros' padding mode, and
+    ``bias`` (out_channels) with torch's initialisation (or the module's ``kernel_init`` when it has
+    one and it is not None), applies a non-'zeros' padding mode, and
     promotes to the compute dtype.
 
     Returns:
@@ -90,9 +93,8 @@ def torch_conv_inputs(module: nn.Module, x: jax.Array):
     check_divisible(c_in, groups, "in_channels", "groups", where)
     check_divisible(module.out_channels, groups, "out_channels", "groups", where)
     fan_in = (c_in // groups) * kh * kw
-    kernel = module.param(
-        "kernel", torch_uniform_init(fan_in), (kh, kw, c_in // groups, module.out_channels), module.param_dtype
-    )
+    kernel_init = getattr(module, "kernel_init", None) or torch_uniform_init(fan_in)
+    kernel = module.param("kernel", kernel_init, (kh, kw, c_in // groups, module.out_channels), module.param_dtype)
     bias = None
     if module.bias:
         bias = module.param("bias", torch_uniform_init(fan_in), (module.out_channels,), module.param_dtype)
@@ -108,7 +110,9 @@ class Conv2d(nn.Module):
 
     Shapes: x (N, H, W, C_in) -> (N, H_out, W_out, out_channels), H_out as torch computes it.
     Parameters: ``kernel`` (kh, kw, C_in // groups, out_channels), ``bias`` (out_channels).
-    ``in_channels`` is inferred; when given it is checked against the input.
+    ``in_channels`` is inferred; when given it is checked against the input. ``kernel_init``
+    replaces torch's default U(±1/sqrt(fan_in)) kernel initialisation (for upstream modules that
+    re-initialise, e.g. with ``nn.init.normal_``); the bias keeps torch's default.
     """
 
     out_channels: int
@@ -120,6 +124,7 @@ class Conv2d(nn.Module):
     bias: bool = True
     padding_mode: str = "zeros"
     in_channels: int | None = None
+    kernel_init: Callable | None = None
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 

@@ -1,0 +1,287 @@
+"""Torch-compatible spatial resampling on NHWC tensors: bilinear interpolation, adaptive and fixed
+average pooling.
+
+This is the one place in jaxenc that reproduces ``torch.nn.functional.interpolate(mode='bilinear')``,
+``adaptive_avg_pool2d`` and ``avg_pool2d``. ``jax.image.resize`` uses half-pixel centres only and has
+no align_corners mode, and torch's adaptive pooling bins overlap for sizes that do not divide
+(spec/pytorch_encoding.md §9), so neither has a drop-in JAX equivalent.
+
+Every operation is separable over H and W. The per-axis weights are built in numpy from the static
+shapes (torch's index and weight formulas, float32 where torch computes in float32) and applied as
+two small matrix products, so there are no gathers and the backward pass is another pair of matrix
+products. Fixed-window average pooling is a windowed sum (``lax.reduce_window``) times a static
+divisor map: its windows are local, so a dense (H_out x H) matrix would waste work.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxenc._checks import check_rank, to_pair
+
+__all__ = ["interpolate_bilinear", "adaptive_avg_pool2d", "avg_pool2d", "bilinear_weights", "adaptive_pool_weights"]
+
+_NHWC = "N, H, W, C"
+
+
+# --- per-axis weight matrices ---------------------------------------------------------------------
+
+
+def bilinear_weights(in_size: int, out_size: int, align_corners: bool, scale_factor: float | None = None) -> np.ndarray:
+    """(out_size, in_size) float32 matrix of torch's 1-D linear interpolation along one axis.
+
+    Row ``i`` holds the two taps of output ``i``. The source coordinate follows torch's
+    ``area_pixel_compute_source_index`` in float32: ``i * (in - 1) / (out - 1)`` with align_corners,
+    else ``(i + 0.5) * scale - 0.5`` clamped at 0, with ``scale = in / out`` or, when the caller gave a
+    ``scale_factor``, ``1 / scale_factor`` (torch's rule when recompute_scale_factor is not set).
+    """
+    f32 = np.float32
+    dst = np.arange(out_size, dtype=np.int64)
+    if align_corners:
+        scale = f32(in_size - 1) / f32(out_size - 1) if out_size > 1 else f32(0)
+        src = f32(scale) * dst.astype(f32)
+    else:
+        scale = f32(1.0 / scale_factor) if scale_factor else f32(in_size) / f32(out_size)
+        # torch's compiled kernel fuses this multiply-add (one rounding); float64 is exact for it.
+        src = (np.float64(scale) * (dst + 0.5) - 0.5).astype(f32)
+        src = np.maximum(src, f32(0))
+    src = src.astype(f32)
+    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    lam1 = np.clip(src - i0.astype(f32), f32(0), f32(1)).astype(f32)
+    lam0 = (f32(1) - lam1).astype(f32)
+    i1 = np.minimum(i0 + 1, in_size - 1)
+    w = np.zeros((out_size, in_size), np.float32)
+    np.add.at(w, (dst, i0), lam0)
+    np.add.at(w, (dst, i1), lam1)
+    return w
+
+
+def adaptive_pool_weights(in_size: int, out_size: int) -> np.ndarray:
+    """(out_size, in_size) float32 averaging matrix with torch's adaptive-pooling bins.
+
+    Bin ``i`` covers ``[floor(i * in / out), ceil((i + 1) * in / out))``; neighbouring bins overlap
+    when ``out`` does not divide ``in``.
+    """
+    w = np.zeros((out_size, in_size), np.float64)
+    for i in range(out_size):
+        start = (i * in_size) // out_size
+        end = -((-(i + 1) * in_size) // out_size)
+        w[i, start:end] = 1.0 / (end - start)
+    return w.astype(np.float32)
+
+
+def _apply_separable(x: jax.Array, wh: np.ndarray | None, ww: np.ndarray | None) -> jax.Array:
+    """y[n, i, j, c] = sum_{h, w} wh[i, h] ww[j, w] x[n, h, w, c]; ``None`` skips an axis (identity).
+
+    Computed in float32 (bfloat16 inputs are promoted; the result has the input dtype) at HIGHEST
+    precision so that GPUs do not round the operands to TF32. The axis whose contraction shrinks the
+    tensor more goes first.
+    """
+    dtype = x.dtype
+    acc = jnp.promote_types(dtype, jnp.float32)
+    y = x.astype(acc)
+    hi = jax.lax.Precision.HIGHEST
+
+    def along_h(v):
+        return v if wh is None else jnp.einsum("ih,nhwc->niwc", jnp.asarray(wh, acc), v, precision=hi)
+
+    def along_w(v):
+        return v if ww is None else jnp.einsum("jw,nhwc->nhjc", jnp.asarray(ww, acc), v, precision=hi)
+
+    _, h, w, _ = x.shape
+    ho = h if wh is None else wh.shape[0]
+    wo = w if ww is None else ww.shape[0]
+    # Multiply-adds per (n, c): H first costs ho*h*w + ho*w*wo, W first h*w*wo + ho*h*wo.
+    if ho * h * w + ho * w * wo <= h * w * wo + ho * h * wo:
+        y = along_w(along_h(y))
+    else:
+        y = along_h(along_w(y))
+    return y.astype(dtype)
+
+
+def _identity_or(w: np.ndarray) -> np.ndarray | None:
+    """None when ``w`` is the identity (resampling to the same size leaves that axis unchanged)."""
+    if w.shape[0] == w.shape[1] and np.array_equal(w, np.eye(w.shape[0], dtype=w.dtype)):
+        return None
+    return w
+
+
+def _check_size_pair(value, name: str, where: str, allow_none: bool = False) -> tuple:
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        if len(value) != 2:
+            raise ValueError(f"{where}: {name} must be an int or a pair (H, W), got {value!r}")
+        pair = tuple(value)
+    else:
+        pair = (value, value)
+    for v in pair:
+        if v is None and allow_none:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            what = "positive ints (or None to keep that input size)" if allow_none else "positive ints"
+            raise ValueError(f"{where}: {name} must be an int or a pair of {what}, got {value!r}")
+    return pair
+
+
+# --- public functions -----------------------------------------------------------------------------
+
+
+def interpolate_bilinear(
+    x: jax.Array,
+    size: int | Sequence[int] | None = None,
+    align_corners: bool = True,
+    scale_factor: float | Sequence[float] | None = None,
+) -> jax.Array:
+    """``F.interpolate(x, size, mode='bilinear', align_corners=...)`` on an NHWC tensor.
+
+    Bilinear resizing as in PyTorch; PyTorch-Encoding's models use ``align_corners=True``
+    (spec/pytorch_encoding.md §9), which maps the corner pixels of input and output onto each other.
+    ``align_corners=False`` uses half-pixel centres and matches torch's (not jax.image's) border
+    handling.
+
+    Args:
+      x: (N, H, W, C).
+      size: output (H_out, W_out), or an int for both. Exactly one of ``size`` and ``scale_factor``.
+      align_corners: torch's flag (default True here: the PyTorch-Encoding convention; torch's own
+        default is False).
+      scale_factor: float or (float, float); output size ``floor(H * s)`` and, without
+        align_corners, source coordinates scaled by ``1 / s`` as torch does.
+    Returns:
+      (N, H_out, W_out, C) in the dtype of ``x`` (computed in float32).
+    """
+    where = "interpolate_bilinear"
+    x = jnp.asarray(x)
+    check_rank(x, 4, _NHWC, where)
+    if not isinstance(align_corners, (bool, np.bool_)):
+        raise TypeError(f"{where}: align_corners must be a bool, got {align_corners!r}")
+    _, h, w, _ = x.shape
+    if (size is None) == (scale_factor is None):
+        raise ValueError(
+            f"{where}: give exactly one of size and scale_factor, got size={size!r}, scale_factor={scale_factor!r}"
+        )
+    if size is not None:
+        ho, wo = _check_size_pair(size, "size", where)
+        scales = (None, None)
+    else:
+        scales = tuple(scale_factor) if isinstance(scale_factor, Sequence) else (scale_factor, scale_factor)
+        if len(scales) != 2 or any(isinstance(s, bool) or not isinstance(s, (int, float)) or s <= 0 for s in scales):
+            raise ValueError(f"{where}: scale_factor must be a positive number or a pair of them, got {scale_factor!r}")
+        ho, wo = math.floor(h * float(scales[0])), math.floor(w * float(scales[1]))
+        if ho < 1 or wo < 1:
+            raise ValueError(
+                f"{where}: scale_factor={scale_factor!r} gives an empty output ({ho}, {wo}) for input size ({h}, {w})"
+            )
+    if h < 1 or w < 1:
+        raise ValueError(f"{where}: the input has an empty spatial size, shape {tuple(x.shape)}")
+    wh = _identity_or(bilinear_weights(h, ho, bool(align_corners), scales[0]))
+    ww = _identity_or(bilinear_weights(w, wo, bool(align_corners), scales[1]))
+    return _apply_separable(x, wh, ww)
+
+
+def adaptive_avg_pool2d(x: jax.Array, output_size: int | Sequence[int | None]) -> jax.Array:
+    """``F.adaptive_avg_pool2d(x, output_size)`` on an NHWC tensor.
+
+    Output cell (i, j) averages rows ``[floor(i H / H_out), ceil((i + 1) H / H_out))`` and the
+    matching columns: torch's bins, which overlap when H_out does not divide H (PSPNet's 1/2/3/6
+    pyramid, Zhao et al., "Pyramid Scene Parsing Network", CVPR 2017).
+
+    Args:
+      x: (N, H, W, C).
+      output_size: int or (H_out, W_out); a None entry keeps that input size.
+    Returns:
+      (N, H_out, W_out, C) in the dtype of ``x`` (averaged in float32).
+    """
+    where = "adaptive_avg_pool2d"
+    x = jnp.asarray(x)
+    check_rank(x, 4, _NHWC, where)
+    _, h, w, _ = x.shape
+    if h < 1 or w < 1:
+        raise ValueError(f"{where}: the input has an empty spatial size, shape {tuple(x.shape)}")
+    ho, wo = _check_size_pair(output_size, "output_size", where, allow_none=True)
+    ho = h if ho is None else ho
+    wo = w if wo is None else wo
+    return _apply_separable(x, _identity_or(adaptive_pool_weights(h, ho)), _identity_or(adaptive_pool_weights(w, wo)))
+
+
+def _pool_axis(size: int, k: int, s: int, p: int, ceil_mode: bool, count_include_pad: bool, where: str, axis: str):
+    """Output length, high-side padding and per-output divisor of torch's avg_pool along one axis."""
+    out = (size + 2 * p - k + (s - 1 if ceil_mode else 0)) // s + 1
+    # torch: the last window must start inside the input or its left padding.
+    if ceil_mode and (out - 1) * s >= size + p:
+        out -= 1
+    if out < 1:
+        raise ValueError(
+            f"{where}: output {axis} would be {out} (input {axis}={size}, kernel_size={k}, stride={s}, padding={p}); "
+            "the input is too small"
+        )
+    starts = np.arange(out) * s - p
+    ends_padded = np.minimum(starts + k, size + p)
+    if count_include_pad:
+        divisor = ends_padded - starts
+    else:
+        divisor = np.minimum(ends_padded, size) - np.maximum(starts, 0)
+    pad_hi = max(0, (out - 1) * s + k - size - p)
+    return out, pad_hi, divisor.astype(np.float64)
+
+
+def avg_pool2d(
+    x: jax.Array,
+    kernel_size: int | Sequence[int],
+    stride: int | Sequence[int] | None = None,
+    padding: int | Sequence[int] = 0,
+    ceil_mode: bool = False,
+    count_include_pad: bool = True,
+    divisor_override: int | None = None,
+) -> jax.Array:
+    """``F.avg_pool2d`` on an NHWC tensor, with torch's arguments, defaults and divisors.
+
+    Zero padding on both sides; ``count_include_pad=False`` divides by the number of real input
+    pixels under each window (ResNet-D's avg_down shortcut, PyTorch-Encoding's ACF pooling);
+    ``ceil_mode=True`` adds a last, partial window when the stride does not tile the input (that
+    window never counts the part that lies beyond the right padding, as in torch).
+
+    Args:
+      x: (N, H, W, C).
+      kernel_size, stride (default: kernel_size), padding: int or pair; padding <= kernel_size // 2.
+      divisor_override: if given, every window sum is divided by it instead.
+    Returns:
+      (N, H_out, W_out, C), H_out = floor_or_ceil((H + 2 p - k) / s) + 1, in the dtype of ``x``
+      (summed in float32).
+    """
+    where = "avg_pool2d"
+    x = jnp.asarray(x)
+    check_rank(x, 4, _NHWC, where)
+    kh, kw = to_pair(kernel_size, "kernel_size", where)
+    sh, sw = to_pair(kernel_size if stride is None else stride, "stride", where)
+    ph, pw = to_pair(padding, "padding", where)
+    if min(kh, kw) < 1 or min(sh, sw) < 1:
+        raise ValueError(
+            f"{where}: kernel_size and stride must be positive, got kernel_size={kernel_size!r}, stride={stride!r}"
+        )
+    if min(ph, pw) < 0 or ph > kh // 2 or pw > kw // 2:
+        raise ValueError(
+            f"{where}: padding must be between 0 and half the kernel size (torch's limit), got padding={padding!r} "
+            f"for kernel_size={kernel_size!r}"
+        )
+    bad_divisor = isinstance(divisor_override, bool) or not isinstance(divisor_override, int) or divisor_override == 0
+    if divisor_override is not None and bad_divisor:
+        raise ValueError(f"{where}: divisor_override must be a non-zero int or None, got {divisor_override!r}")
+    _, h, w, _ = x.shape
+    ho, hi_h, div_h = _pool_axis(h, kh, sh, ph, ceil_mode, count_include_pad, where, "height")
+    wo, hi_w, div_w = _pool_axis(w, kw, sw, pw, ceil_mode, count_include_pad, where, "width")
+
+    dtype = x.dtype
+    acc = jnp.promote_types(dtype, jnp.float32)
+    sums = jax.lax.reduce_window(
+        x.astype(acc),
+        np.zeros((), acc),  # a concrete zero: lax then uses its differentiable window-sum primitive
+        jax.lax.add,
+        (1, kh, kw, 1),
+        (1, sh, sw, 1),
+        ((0, 0), (ph, hi_h), (pw, hi_w), (0, 0)),
+    )[:, :ho, :wo, :]
+    divisor = np.full((ho, wo), float(divisor_override)) if divisor_override is not None else np.outer(div_h, div_w)
+    return (sums / jnp.asarray(divisor[None, :, :, None], acc)).astype(dtype)
