@@ -62,3 +62,10 @@ def to_pair(value, name: str, where: str) -> tuple[int, int]:
         if isinstance(v, bool) or not isinstance(v, int):
             raise TypeError(f"{where}: {name} must be an int or a pair of ints, got {value!r}")
     return pair  # type: ignore[return-value]
+
+
+def check_probability(p, name: str, where: str) -> float:
+    """Raise ValueError unless ``p`` is a real number in [0, 1]; return it as a float."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) <= 1.0:
+        raise ValueError(f"{where}: {name} must be a probability in [0, 1], got {p!r}")
+    return float(p)

@@ -118,3 +118,20 @@ def check_module_parity(
         for key, v in flatten_dict(new_state["batch_stats"]).items():
             assert_close(v, expected[key], rtol, what=f"batch_stats/{'/'.join(key)}")
     return {"variables": variables, "output": yj, "torch_output": yt.detach()}
+
+
+def randomise_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """Random affine parameters and running statistics for every torch BatchNorm inside ``module``.
+
+    Fresh running statistics (mean 0, var 1) and affine (1, 0) would hide layout or conversion bugs
+    in eval mode, and a zero running mean makes the updated mean compare at a meaningless scale.
+    """
+    with torch.no_grad():
+        for bn in module.modules():
+            if isinstance(bn, torch.nn.modules.batchnorm._BatchNorm):
+                if bn.affine:
+                    bn.weight.normal_()
+                    bn.bias.normal_()
+                bn.running_mean.normal_()
+                bn.running_var.uniform_(0.5, 2.0)
+    return module

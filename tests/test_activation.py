@@ -8,22 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from parity import assert_close, check_module_parity, random_input
+from parity import assert_close, check_module_parity, random_input, randomise_batchnorm
 
 from jaxenc.nn.activation import FReLU, HardMish, NLReLU, hard_mish, nl_relu
 
 
-def _randomise_bn(bn: torch.nn.BatchNorm2d) -> None:
-    with torch.no_grad():
-        bn.running_mean.normal_()
-        bn.running_var.uniform_(0.5, 2)
-        bn.weight.normal_()
-        bn.bias.normal_()
-
-
 def _torch_frelu(hnn, channels, kernel_size):
     module = hnn.FReLU(channels, kernel_size)
-    _randomise_bn(module.bn)
+    randomise_batchnorm(module.bn)
     return module
 
 

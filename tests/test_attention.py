@@ -14,23 +14,7 @@ from flax.traverse_util import flatten_dict
 
 from jaxenc.nn.attention import SAM, DimAttention, LambdaLayer, TripletAttention
 from jaxenc.port import torch_key
-from parity import assert_close, check_module_parity, random_input
-
-
-def randomise_bn(module: torch.nn.Module) -> torch.nn.Module:
-    """Random affine parameters and running statistics for every BatchNorm2d inside ``module``.
-
-    Also keeps the running mean away from 0: a freshly-zero running mean updated with a batch mean
-    that cancels to ~1e-6 would be compared elementwise at a meaningless scale.
-    """
-    with torch.no_grad():
-        for bn in module.modules():
-            if isinstance(bn, torch.nn.BatchNorm2d):
-                bn.weight.normal_()
-                bn.bias.normal_()
-                bn.running_mean.normal_()
-                bn.running_var.uniform_(0.5, 2.0)
-    return module
+from parity import assert_close, check_module_parity, random_input, randomise_batchnorm
 
 
 def init(module, x, train: bool = False):
@@ -51,7 +35,7 @@ def test_sam_parity(hnn, shape):
 # their 7x7 planes (or swapped branches) fails here, not only on square inputs.
 @pytest.mark.parametrize("shape, train", [((2, 7, 9, 4), False), ((2, 7, 9, 4), True), ((2, 8, 8, 4), True)])
 def test_triplet_attention_parity(hnn, shape, train):
-    torch_module = randomise_bn(hnn.TripletAttention())
+    torch_module = randomise_batchnorm(hnn.TripletAttention())
     check_module_parity(torch_module, TripletAttention(), random_input(shape, seed=2), train=train)
 
 
@@ -67,7 +51,7 @@ def test_triplet_attention_parity(hnn, shape, train):
 )
 def test_lambda_layer_local_parity(hnn, shape, kwargs, train):
     c = shape[-1]
-    torch_module = randomise_bn(hnn.LambdaLayer(c, **kwargs))
+    torch_module = randomise_batchnorm(hnn.LambdaLayer(c, **kwargs))
     check_module_parity(torch_module, LambdaLayer(c, **kwargs), random_input(shape, seed=4), train=train)
 
 
@@ -81,7 +65,7 @@ def test_lambda_layer_local_parity(hnn, shape, kwargs, train):
 )
 def test_lambda_layer_global_parity(hnn, shape, kwargs, train):
     c = shape[-1]
-    torch_module = randomise_bn(hnn.LambdaLayer(c, **kwargs))
+    torch_module = randomise_batchnorm(hnn.LambdaLayer(c, **kwargs))
     check_module_parity(torch_module, LambdaLayer(c, **kwargs), random_input(shape, seed=5), train=train)
 
 
@@ -95,7 +79,7 @@ def test_lambda_layer_batch1_parity(hnn, kwargs):
     x = random_input((1, 6, 7, 8), seed=10)
     extra = torch.tensor(random_input((1, 8, 6, 7), seed=11))
     check_module_parity(
-        randomise_bn(hnn.LambdaLayer(8, 16, 8, **kwargs)),
+        randomise_batchnorm(hnn.LambdaLayer(8, 16, 8, **kwargs)),
         LambdaLayer(8, 16, 8, **kwargs),
         x,
         torch_forward=lambda m, xt: m(torch.cat([xt, extra]))[:1],

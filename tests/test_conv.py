@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from jaxenc.nn.conv import Add2d, Involution2d, NormConv2d, PyConv2d, SlimConv2d, add2d, involution, norm_conv2d
-from parity import assert_close, check_module_parity, nchw, nhwc, random_input
+from parity import assert_close, check_module_parity, nchw, nhwc, random_input, randomise_batchnorm
 
 
 # --------------------------------------------------------------------------------------------------
@@ -50,13 +50,6 @@ def _window_reference(m: torch.nn.Module, x: torch.Tensor, *, adder: bool) -> to
         for s, p, d, k, st in zip((h, w), padding, m.dilation, weight.shape[-2:], m.stride)
     ]
     return y.transpose(1, 2).reshape(n, -1, *size)
-
-
-def _randomise_bn(bn: torch.nn.BatchNorm2d) -> None:
-    bn.weight.data.normal_()
-    bn.bias.data.normal_()
-    bn.running_mean.normal_()
-    bn.running_var.uniform_(0.5, 2.0)
 
 
 def _window_parity(hnn, name, kwargs, shape, seed=0):
@@ -182,7 +175,7 @@ SLIM_CASES = [
 @pytest.mark.parametrize("kwargs,shape", SLIM_CASES)
 def test_slim_conv2d_parity(hnn, kwargs, shape, train):
     m = hnn.SlimConv2d(**kwargs)
-    _randomise_bn(m.bn)
+    randomise_batchnorm(m.bn)
     check_module_parity(m, SlimConv2d(**kwargs), random_input(shape, seed=8), train=train)
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from parity import assert_close, check_module_parity, nchw, random_input
+from parity import assert_close, check_module_parity, nchw, random_input, randomise_batchnorm
 
 from jaxenc.nn.customize import ConcurrentModule, Normalize, PyramidPooling, lp_normalize
 from jaxenc.nn.norm import BatchNorm
@@ -49,17 +49,6 @@ class TorchConcurrentModule(torch.nn.ModuleList):
 
     def forward(self, x):
         return torch.cat([layer(x) for layer in self], 1)
-
-
-def randomise_bn(module: torch.nn.Module) -> torch.nn.Module:
-    with torch.no_grad():
-        for bn in module.modules():
-            if isinstance(bn, torch.nn.BatchNorm2d):
-                bn.weight.normal_()
-                bn.bias.normal_()
-                bn.running_mean.normal_()
-                bn.running_var.uniform_(0.5, 2.0)
-    return module
 
 
 # --- Normalize --------------------------------------------------------------------------------------
@@ -122,14 +111,14 @@ def test_normalize_bad_input():
 )
 def test_pyramid_pooling_parity(shape, train):
     c = shape[-1]
-    torch_module = randomise_bn(TorchPyramidPooling(c))
+    torch_module = randomise_batchnorm(TorchPyramidPooling(c))
     out = check_module_parity(torch_module, PyramidPooling(c), random_input(shape, seed=c), train=train)
     assert out["output"].shape == (*shape[:3], c + 4 * (c // 4))
 
 
 def test_pyramid_pooling_align_corners_false():
     up = {"mode": "bilinear", "align_corners": False}
-    torch_module = randomise_bn(TorchPyramidPooling(8, up_kwargs=up))
+    torch_module = randomise_batchnorm(TorchPyramidPooling(8, up_kwargs=up))
     check_module_parity(torch_module, PyramidPooling(8, up_kwargs=up), random_input((2, 13, 11, 8), seed=1), train=True)
 
 
@@ -187,7 +176,7 @@ def test_pyramid_pooling_bad_input():
 
 @pytest.mark.parametrize("train", [False, True])
 def test_concurrent_module_parity(train):
-    bn = randomise_bn(torch.nn.Sequential(torch.nn.BatchNorm2d(8)))[0]
+    bn = randomise_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(8)))[0]
     torch_module = TorchConcurrentModule(
         [torch.nn.Conv2d(8, 5, 3, padding=1), bn, torch.nn.Conv2d(8, 2, 1, bias=False)]
     )
@@ -200,7 +189,7 @@ def test_concurrent_module_parity(train):
 
 def test_concurrent_module_with_pyramid_pooling_keys():
     # Nested upstream names: torch "1.conv3.1.running_mean" <-> Flax batch_stats/1/conv3/1/mean.
-    torch_module = TorchConcurrentModule([torch.nn.Conv2d(8, 5, 1), randomise_bn(TorchPyramidPooling(8))])
+    torch_module = TorchConcurrentModule([torch.nn.Conv2d(8, 5, 1), randomise_batchnorm(TorchPyramidPooling(8))])
     flax_module = ConcurrentModule([Conv2d(5, 1), PyramidPooling(8)])
     x = random_input((2, 6, 5, 8), seed=6)
     variables = torch_to_flax(flax_module, torch_module.eval().state_dict(), x)

@@ -13,7 +13,7 @@ from jaxenc.port import torch_to_flax
 import torch
 import torch.nn.functional as F
 from flax.traverse_util import flatten_dict
-from parity import assert_close, check_module_parity, random_input
+from parity import assert_close, check_module_parity, random_input, randomise_batchnorm
 
 from jaxenc.nn.attention import ACFModule, CAM_Module, MixtureOfSoftMaxACF, PAM_Module
 
@@ -120,13 +120,8 @@ class TorchCAM(torch.nn.Module):
 def randomise(module: torch.nn.Module) -> torch.nn.Module:
     """Random BN affine parameters and running statistics; a non-zero gamma (DANet starts at 0,
     which would make the output equal the input and hide the attention)."""
+    randomise_batchnorm(module)
     with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.normal_()
-                m.bias.normal_()
-                m.running_mean.normal_()
-                m.running_var.uniform_(0.5, 2.0)
         if hasattr(module, "gamma"):
             module.gamma.fill_(0.7)
     return module

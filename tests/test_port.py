@@ -9,7 +9,7 @@ import torch
 
 from jaxenc.nn import BatchNorm, Conv2d
 from jaxenc.port import torch_key, torch_to_flax
-from parity import check_module_parity, random_input
+from parity import check_module_parity, random_input, randomise_batchnorm
 
 
 class TorchNet(torch.nn.Module):
@@ -50,19 +50,10 @@ class FlaxNetNested(nn.Module):
         return nn.Dense(3, name="head")(x.mean(axis=(1, 2)))
 
 
-def _randomise_bn(module):
-    for m in module.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.running_mean.normal_()
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.normal_()
-            m.bias.data.normal_()
-
-
 @pytest.mark.parametrize("train", [False, True])
 def test_nested_sequential_grouped_conv_bn_linear(train):
     tm = TorchNet()
-    _randomise_bn(tm)
+    randomise_batchnorm(tm)
     tm.train(train)
     x = random_input((2, 7, 9, 4))
     variables = torch_to_flax(FlaxNetNested(), tm.state_dict(), x)

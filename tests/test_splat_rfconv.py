@@ -21,7 +21,7 @@ from torch.nn.modules.utils import _pair
 from jaxenc.nn.conv import ConvBnAct, RFConv2d, SplAtConv2d, r_softmax, rSoftMax
 from jaxenc.nn.norm import BatchNorm
 from jaxenc.port import torch_to_flax
-from parity import assert_close, check_module_parity, nchw, nhwc, random_input
+from parity import assert_close, check_module_parity, nchw, nhwc, random_input, randomise_batchnorm
 
 # --------------------------------------------------------------------------------------------------
 # Torch references (upstream maths, upstream names)
@@ -157,16 +157,6 @@ class TorchConvBnAct(torch.nn.Sequential):
                 self.add_module("relu", torch.nn.ReLU())
 
 
-def _randomise_bn(module: torch.nn.Module) -> torch.nn.Module:
-    for m in module.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.weight.data.normal_()
-            m.bias.data.normal_()
-            m.running_mean.normal_()
-            m.running_var.uniform_(0.5, 2.0)
-    return module
-
-
 # --------------------------------------------------------------------------------------------------
 # rSoftMax
 
@@ -286,7 +276,7 @@ SPLAT_IDS = [
 
 @pytest.mark.parametrize("kwargs,shape,train", SPLAT_CASES, ids=SPLAT_IDS)
 def test_splat_parity(kwargs, shape, train):
-    torch_module = _randomise_bn(TorchSplAtConv2d(**kwargs, norm_layer=torch.nn.BatchNorm2d))
+    torch_module = randomise_batchnorm(TorchSplAtConv2d(**kwargs, norm_layer=torch.nn.BatchNorm2d))
     flax_module = SplAtConv2d(**kwargs, norm_layer=BatchNorm)
     check_module_parity(torch_module, flax_module, random_input(shape, seed=len(SPLAT_IDS)), train=train)
 
@@ -295,7 +285,7 @@ def test_splat_parity(kwargs, shape, train):
 def test_splat_rectify_parity(rectify_avg, train):
     kwargs = dict(in_channels=8, channels=16, kernel_size=3, stride=2, padding=1, radix=2, groups=2,
                   rectify=True, rectify_avg=rectify_avg)
-    torch_module = _randomise_bn(TorchSplAtConv2d(**kwargs, norm_layer=torch.nn.BatchNorm2d))
+    torch_module = randomise_batchnorm(TorchSplAtConv2d(**kwargs, norm_layer=torch.nn.BatchNorm2d))
     assert isinstance(torch_module.conv, TorchRFConv2d)
     flax_module = SplAtConv2d(**kwargs, norm_layer=BatchNorm)
     check_module_parity(torch_module, flax_module, random_input((4, 9, 7, 8), seed=7), train=train)
@@ -316,7 +306,7 @@ def test_splat_without_norm_layer_and_with_dropblock_in_eval():
     shapes = jax.eval_shape(SplAtConv2d(**kwargs).init, jax.random.key(0), x)  # parity: rectify test above
     assert set(shapes) == {"params"} and set(shapes["params"]) == {"conv", "fc1", "fc2"}
     # dropblock_prob > 0: eval parity (upstream saves no DropBlock state; i starts at 0), then training.
-    torch_module = _randomise_bn(TorchSplAtConv2d(**kwargs, norm_layer=torch.nn.BatchNorm2d, dropblock_prob=0.2))
+    torch_module = randomise_batchnorm(TorchSplAtConv2d(**kwargs, norm_layer=torch.nn.BatchNorm2d, dropblock_prob=0.2))
     flax_module = SplAtConv2d(**kwargs, norm_layer=BatchNorm, dropblock_prob=0.2)
     v = check_module_parity(torch_module, flax_module, x)["variables"]
     assert int(v["batch_stats"]["dropblock"]["i"]) == 0
@@ -369,7 +359,7 @@ CBA_CASES = [
 
 @pytest.mark.parametrize("kwargs,shape,train", CBA_CASES)
 def test_conv_bn_act_parity(kwargs, shape, train):
-    torch_module = _randomise_bn(TorchConvBnAct(**kwargs))
+    torch_module = randomise_batchnorm(TorchConvBnAct(**kwargs))
     check_module_parity(torch_module, ConvBnAct(**kwargs), random_input(shape, seed=11), train=train)
 
 

@@ -22,7 +22,7 @@ from jaxenc.nn.transformer import (
     XCAttention,
 )
 from jaxenc.port import torch_key, torch_to_flax
-from parity import assert_close, check_module_parity, random_input
+from parity import assert_close, check_module_parity, random_input, randomise_batchnorm
 from torch_ref import vit_module
 
 
@@ -39,18 +39,6 @@ def xcit():
 @pytest.fixture(scope="module")
 def max_vit():
     return vit_module("max_vit")
-
-
-def randomise_bn(module: torch.nn.Module) -> torch.nn.Module:
-    """Random affine parameters and running statistics for every BatchNorm2d inside ``module``."""
-    with torch.no_grad():
-        for bn in module.modules():
-            if isinstance(bn, torch.nn.BatchNorm2d):
-                bn.weight.normal_()
-                bn.bias.normal_()
-                bn.running_mean.normal_()
-                bn.running_var.uniform_(0.5, 2.0)
-    return module
 
 
 def flax_keys(variables) -> set[str]:
@@ -227,7 +215,7 @@ MBCONV_CASES = [
 @pytest.mark.parametrize("dim_in, dim_out, kwargs, shape, out_shape, train", MBCONV_CASES)
 def test_mbconv_parity(max_vit, dim_in, dim_out, kwargs, shape, out_shape, train):
     """Residual (6 -> 6, expansion 2.5: hid 15, SE hidden 3) and downsampling (8 -> 16, 9x9 -> 5x5)."""
-    torch_module = randomise_bn(max_vit.MBConv(dim_in, dim_out, **kwargs))
+    torch_module = randomise_batchnorm(max_vit.MBConv(dim_in, dim_out, **kwargs))
     module = MBConv(dim_in, dim_out, **kwargs)
     out = check_module_parity(torch_module, module, random_input(shape, seed=7), train=train)
     assert out["output"].shape == out_shape

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxenc._checks import check_channels, check_positive_int, check_rank
+from jaxenc.nn.module_utils import cast_input
 from jaxenc.nn.norm import BatchNorm
 from jaxenc.nn.torch_compat import Conv2d
 
@@ -19,10 +20,6 @@ Dtype = Any
 
 __all__ = ["FReLU", "HardMish", "NLReLU", "hard_mish", "nl_relu"]
 
-
-def _cast(x: jax.Array, dtype: Dtype | None) -> jax.Array:
-    x = jnp.asarray(x)
-    return x if dtype is None else x.astype(dtype)
 
 
 def hard_mish(x: jax.Array) -> jax.Array:
@@ -62,7 +59,7 @@ class HardMish(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return hard_mish(_cast(x, self.dtype))
+        return hard_mish(cast_input(x, self.dtype))
 
 
 class NLReLU(nn.Module):
@@ -78,7 +75,7 @@ class NLReLU(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return nl_relu(_cast(x, self.dtype), self.beta)
+        return nl_relu(cast_input(x, self.dtype), self.beta)
 
 
 class FReLU(nn.Module):
@@ -111,7 +108,7 @@ class FReLU(nn.Module):
                 f"for odd kernels), got {k}"
             )
         check_channels(x, self.in_channels, where)
-        x = _cast(x, self.dtype)
+        x = cast_input(x, self.dtype)
         t = Conv2d(
             self.in_channels,
             k,

@@ -29,7 +29,15 @@ import numpy as np
 from jaxenc._checks import check_channels, check_divisible, check_positive_int, check_rank
 from jaxenc.nn.norm import BatchNorm
 from jaxenc.nn.regularization import DropBlock2D
-from jaxenc.nn.torch_compat import Conv2d, conv_args, conv_output_size, pad_nhwc, torch_conv_inputs
+from jaxenc.nn.torch_compat import (
+    Conv2d,
+    ConvNdFields,
+    conv2d_nhwc,
+    conv_args,
+    conv_output_size,
+    pad_nhwc,
+    torch_conv_inputs,
+)
 
 __all__ = [
     "Add2d",
@@ -205,24 +213,7 @@ def add2d(
     )
 
 
-class _WindowConv(nn.Module):
-    """Shared parameters and padding of NormConv2d / Add2d (torch ``_ConvNd``: ``weight``, ``bias``)."""
-
-    in_channels: int
-    out_channels: int
-    kernel_size: int | tuple[int, int]
-    stride: int | tuple[int, int] = 1
-    padding: int | tuple[int, int] = 0
-    dilation: int | tuple[int, int] = 1
-    groups: int = 1
-    bias: bool = True
-    padding_mode: str = "zeros"
-
-    def _prepare(self, x):
-        return torch_conv_inputs(self, x)
-
-
-class NormConv2d(_WindowConv):
+class NormConv2d(ConvNdFields):
     """holocron.nn.NormConv2d: convolution over windows normalised by their own mean and variance.
 
     Kim et al., "Normalized Convolutional Neural Network", arXiv:2005.05274. See :func:`norm_conv2d`.
@@ -239,11 +230,11 @@ class NormConv2d(_WindowConv):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x, kernel, bias, args = self._prepare(x)
+        x, kernel, bias, args = torch_conv_inputs(self, x)
         return norm_conv2d(x, kernel, bias, eps=self.eps, **args)
 
 
-class Add2d(_WindowConv):
+class Add2d(ConvNdFields):
     """holocron.nn.Add2d: AdderNet layer, the negative L1 distance between windows and filters.
 
     Chen et al., "AdderNet: Do We Really Need Multiplications in Deep Learning?", CVPR 2020. See
@@ -260,7 +251,7 @@ class Add2d(_WindowConv):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x, kernel, bias, args = self._prepare(x)
+        x, kernel, bias, args = torch_conv_inputs(self, x)
         return add2d(x, kernel, bias, normalize_slices=self.normalize_slices, eps=self.eps, **args)
 
 
@@ -659,21 +650,7 @@ def _rectify_scale(in_hw, out_hw, kernel_size, stride, padding, dilation, averag
     return numerator / count.astype(np.float32)
 
 
-def _conv_nhwc(x, kernel, bias, *, stride, padding, dilation, groups):
-    (ph, pw) = padding
-    y = jax.lax.conv_general_dilated(
-        x,
-        kernel,
-        window_strides=stride,
-        padding=[(ph, ph), (pw, pw)],
-        rhs_dilation=dilation,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=groups,
-    )
-    return y if bias is None else y + bias
-
-
-class RFConv2d(nn.Module):
+class RFConv2d(ConvNdFields):
     """PyTorch-Encoding's rectified convolution: a zero-padded conv re-weighted at the borders.
 
     Zhang et al., "ResNeSt: Split-Attention Networks", arXiv:2004.08955 (rectified convolution,
@@ -701,15 +678,6 @@ class RFConv2d(nn.Module):
     the output (wrong whenever in_channels != out_channels); this follows its CUDA kernel.
     """
 
-    in_channels: int
-    out_channels: int
-    kernel_size: int | tuple[int, int]
-    stride: int | tuple[int, int] = 1
-    padding: int | tuple[int, int] = 0
-    dilation: int | tuple[int, int] = 1
-    groups: int = 1
-    bias: bool = True
-    padding_mode: str = "zeros"
     average_mode: bool = False
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
@@ -724,7 +692,7 @@ class RFConv2d(nn.Module):
         in_hw = tuple(x.shape[1:3])
         out_hw = _output_hw(x.shape, kernel_size, stride, padding, dilation, where)
         x, kernel, bias, args = torch_conv_inputs(self, x)
-        y = _conv_nhwc(x, kernel, bias, **args)
+        y = conv2d_nhwc(x, kernel, bias, **args)
         if padding == (0, 0) and not self.average_mode:
             return y
         scale = _rectify_scale(in_hw, out_hw, kernel_size, stride, padding, dilation, self.average_mode, where)

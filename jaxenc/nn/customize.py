@@ -12,7 +12,6 @@ axis_name="data")`` for synchronised statistics (upstream's SyncBatchNorm).
 """
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Any, Callable, Mapping, Sequence
 
@@ -21,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxenc._checks import check_channels, check_positive_int, check_rank
+from jaxenc.nn.module_utils import accepts_train
 from jaxenc.nn.norm import BatchNorm
 from jaxenc.nn.resample import adaptive_avg_pool2d, interpolate_bilinear
 from jaxenc.nn.torch_compat import Conv2d
@@ -92,9 +92,6 @@ class Normalize(nn.Module):
 # --- ConcurrentModule -----------------------------------------------------------------------------
 
 
-def _takes_train(module: nn.Module) -> bool:
-    return "train" in inspect.signature(type(module).__call__).parameters
-
 
 class ConcurrentModule(nn.Module):
     """Apply every module in ``modules`` to the same input and concatenate the outputs on channels.
@@ -122,7 +119,7 @@ class ConcurrentModule(nn.Module):
             if not isinstance(module, nn.Module):
                 raise TypeError(f"{where}: modules[{i}] must be a flax.linen Module, got {type(module).__name__}")
             child = module.clone(parent=self, name=str(i))
-            outputs.append(child(x, train=train) if _takes_train(module) else child(x))
+            outputs.append(child(x, train=train) if accepts_train(module) else child(x))
         lead = outputs[0].shape[:-1]
         for i, y in enumerate(outputs):
             if y.ndim != outputs[0].ndim or y.shape[:-1] != lead:

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
 from jaxenc._checks import check_channels, check_divisible, check_positive_int, check_rank
-from jaxenc.nn.torch_compat import conv_args, conv_output_size, torch_uniform_init
+from jaxenc.nn.torch_compat import conv2d_nhwc, conv_args, conv_output_size, torch_uniform_init
 from jaxenc.port import register_torch_leaf_names
 
 __all__ = [
@@ -426,17 +426,7 @@ class UpsampleConv2d(nn.Module):
         kernel = self.param("kernel", init, (kh, kw, c_in // groups, c_out * s * s), self.param_dtype)
         bias = self.param("bias", init, (c_out * s * s,), self.param_dtype) if self.bias else None
         x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = jax.lax.conv_general_dilated(
-            x,
-            kernel,
-            window_strides=stride,
-            padding=[(ph, ph), (pw, pw)],
-            rhs_dilation=dilation,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            feature_group_count=groups,
-        )
-        if bias is not None:
-            y = y + bias
+        y = conv2d_nhwc(x, kernel, bias, stride=stride, padding=(ph, pw), dilation=dilation, groups=groups)
         return pixel_shuffle(y, s)
 
 

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxenc._checks import check_channels, check_divisible, check_positive_int, check_rank
+from jaxenc.nn.module_utils import cast_input
 from jaxenc.nn.torch_compat import pad_nhwc
 
 Dtype = Any
@@ -61,10 +62,6 @@ class ZPool(nn.Module):
 # --- downsampling and global pooling --------------------------------------------------------------
 
 
-def _cast(x: jax.Array, dtype: Dtype | None) -> jax.Array:
-    x = jnp.asarray(x)
-    return x if dtype is None else x.astype(dtype)
-
 
 def concat_downsample2d(x: jax.Array, scale_factor: int) -> jax.Array:
     """Loss-less space-to-depth downsampling: s x s neighbourhoods are stacked on the channel axis.
@@ -102,7 +99,7 @@ class ConcatDownsample2d(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return concat_downsample2d(_cast(x, self.dtype), self.scale_factor)
+        return concat_downsample2d(cast_input(x, self.dtype), self.scale_factor)
 
 
 def _global_pool(x: jax.Array, flatten: bool, reduce, where: str) -> jax.Array:
@@ -125,7 +122,7 @@ class GlobalAvgPool2d(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = _cast(x, self.dtype)
+        x = cast_input(x, self.dtype)
         acc = jnp.promote_types(x.dtype, jnp.float32)
         return _global_pool(
             x, self.flatten, lambda v: jnp.mean(v, axis=(1, 2), dtype=acc).astype(v.dtype), "GlobalAvgPool2d"
@@ -145,7 +142,7 @@ class GlobalMaxPool2d(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return _global_pool(_cast(x, self.dtype), self.flatten, lambda v: jnp.max(v, axis=(1, 2)), "GlobalMaxPool2d")
+        return _global_pool(cast_input(x, self.dtype), self.flatten, lambda v: jnp.max(v, axis=(1, 2)), "GlobalMaxPool2d")
 
 
 # --- blur pooling ----------------------------------------------------------------------------------
@@ -183,7 +180,7 @@ class BlurPool2d(nn.Module):
             raise ValueError(f"{where}: kernel_size must be an integer > 1, got {k!r}")
         check_positive_int(s, "stride", where)
         check_positive_int(self.channels, "channels", where)
-        x = _cast(x, self.dtype)
+        x = cast_input(x, self.dtype)
         check_rank(x, 4, "N, H, W, C", where)
         c = check_channels(x, self.channels, where, name="channels")
         pad = ((s - 1) + (k - 1)) // 2
@@ -234,7 +231,7 @@ class SPP(nn.Module):
                     f"{where}: kernel_sizes must be odd (stride 1 and padding k // 2 keep the spatial size only "
                     f"for odd k), got {list(sizes)}"
                 )
-        x = _cast(x, self.dtype)
+        x = cast_input(x, self.dtype)
         check_rank(x, 4, "N, H, W, C", where)
         feats = [x]
         for k in sizes:

@@ -18,7 +18,7 @@ from jaxenc._checks import check_channels, check_divisible, check_positive_int, 
 
 Dtype = Any
 
-__all__ = ["Conv2d", "conv_args", "conv_output_size", "pad_nhwc", "torch_conv_inputs", "torch_uniform_init"]
+__all__ = ["Conv2d", "ConvNdFields", "conv2d_nhwc", "conv_args", "conv_output_size", "pad_nhwc", "torch_conv_inputs", "torch_uniform_init"]
 
 _PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
 
@@ -105,6 +105,41 @@ def torch_conv_inputs(module: nn.Module, x: jax.Array):
     return x, kernel, bias, dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
 
 
+def conv2d_nhwc(x, kernel, bias, *, stride, padding, dilation, groups) -> jax.Array:
+    """torch's conv2d on NHWC / HWIO arrays (the arguments :func:`torch_conv_inputs` returns).
+
+    x (N, H, W, C_in), kernel (kh, kw, C_in/groups, C_out), bias (C_out) or None; stride, padding
+    (symmetric zero padding) and dilation are pairs -> (N, H_out, W_out, C_out).
+    """
+    (ph, pw) = padding
+    y = jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=stride,
+        padding=[(ph, ph), (pw, pw)],
+        rhs_dilation=dilation,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups,
+    )
+    return y if bias is None else y + bias
+
+
+class ConvNdFields(nn.Module):
+    """torch ``_ConvNd``'s constructor fields, ``in_channels`` first, for conv variants that mirror
+    an upstream ``nn.Conv2d`` subclass (their torch ``weight``/``bias`` become ``kernel``/``bias``
+    through :func:`torch_conv_inputs`). Subclasses add their own fields and ``__call__``."""
+
+    in_channels: int
+    out_channels: int
+    kernel_size: int | tuple[int, int]
+    stride: int | tuple[int, int] = 1
+    padding: int | tuple[int, int] = 0
+    dilation: int | tuple[int, int] = 1
+    groups: int = 1
+    bias: bool = True
+    padding_mode: str = "zeros"
+
+
 class Conv2d(nn.Module):
     """``torch.nn.Conv2d`` in NHWC with the same arguments, defaults and initialisation.
 
@@ -131,16 +166,4 @@ class Conv2d(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x, kernel, bias, args = torch_conv_inputs(self, x)
-        (ph, pw) = args["padding"]
-        y = jax.lax.conv_general_dilated(
-            x,
-            kernel,
-            window_strides=args["stride"],
-            padding=[(ph, ph), (pw, pw)],
-            rhs_dilation=args["dilation"],
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            feature_group_count=args["groups"],
-        )
-        if bias is not None:
-            y = y + bias
-        return y
+        return conv2d_nhwc(x, kernel, bias, **args)

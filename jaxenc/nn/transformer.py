@@ -18,14 +18,14 @@ docstring).
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxenc._checks import check_positive_int, check_rank
+from jaxenc._checks import check_positive_int, check_probability, check_rank
+from jaxenc.nn.module_utils import accepts_train
 from jaxenc.nn.norm import BatchNorm
 from jaxenc.nn.torch_compat import Conv2d, torch_uniform_init
 
@@ -45,12 +45,6 @@ _F32 = jnp.float32
 
 
 # --- helpers --------------------------------------------------------------------------------------
-
-
-def _check_prob(p, name: str, where: str) -> float:
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) <= 1.0:
-        raise ValueError(f"{where}: {name} must be a probability in [0, 1], got {p!r}")
-    return float(p)
 
 
 def _check_features(x: jax.Array, dim: int, where: str, name: str = "x") -> None:
@@ -100,7 +94,7 @@ def _check_head_args(module: nn.Module, where: str) -> None:
     check_positive_int(module.dim, "dim", where)
     check_positive_int(module.heads, "heads", where)
     check_positive_int(module.dim_head, "dim_head", where)
-    _check_prob(module.dropout, "dropout", where)
+    check_probability(module.dropout, "dropout", where)
 
 
 class _ToOut(nn.Module):
@@ -324,7 +318,7 @@ class Dropsample(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def __post_init__(self):
-        _check_prob(self.prob, "prob", "Dropsample")
+        check_probability(self.prob, "prob", "Dropsample")
         super().__post_init__()
 
     @nn.compact
@@ -344,9 +338,6 @@ class Dropsample(nn.Module):
         scale = jnp.asarray(1.0 / (1.0 - p), x.dtype)
         return jnp.where(u > p, x * scale, jnp.zeros((), x.dtype))
 
-
-def _accepts_train(module: nn.Module) -> bool:
-    return "train" in inspect.signature(type(module).__call__).parameters
 
 
 def _add_residual(y: jax.Array, x: jax.Array, dropout: float, train: bool, where: str) -> jax.Array:
@@ -380,7 +371,7 @@ class MBConvResidual(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def __post_init__(self):
-        _check_prob(self.dropout, "dropout", "MBConvResidual")
+        check_probability(self.dropout, "dropout", "MBConvResidual")
         super().__post_init__()
 
     @nn.compact
@@ -388,7 +379,7 @@ class MBConvResidual(nn.Module):
         x = jnp.asarray(x)
         if self.dtype is not None:
             x = x.astype(self.dtype)
-        y = self.fn(x, train=train) if _accepts_train(self.fn) else self.fn(x)
+        y = self.fn(x, train=train) if accepts_train(self.fn) else self.fn(x)
         return _add_residual(y, x, self.dropout, train, "MBConvResidual")
 
 
@@ -466,7 +457,7 @@ class MBConv(nn.Module):
                 f"{where}: the hidden width int(expansion_rate * dim_out) must be >= 1, got "
                 f"int({self.expansion_rate!r} * {self.dim_out}) = {self.hidden_dim}"
             )
-        _check_prob(self.dropout, "dropout", where)
+        check_probability(self.dropout, "dropout", where)
         super().__post_init__()
 
     @property
