@@ -15,12 +15,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_with_cpu_devices(n_devices: int, body, *, timeout: float = 300.0, env: dict | None = None) -> str:
+def run_with_cpu_devices(
+    n_devices: int, body, *, args: tuple = (), timeout: float = 300.0, env: dict | None = None
+) -> str:
     """Run ``body`` with ``n_devices`` CPU devices in a subprocess; return its stdout.
 
-    ``body`` is either source code or a module-level function taking no arguments (it is loaded
-    from its file in the subprocess, so it may use that module's imports and helpers). A non-zero
-    exit or a timeout fails the calling test with the subprocess's output.
+    ``body`` is either source code or a module-level function (it is loaded from its file in the
+    subprocess, so it may use that module's imports and helpers), called with ``args`` (Python
+    literals, passed through their repr). A non-zero exit or a timeout fails the calling test with
+    the subprocess's output.
     """
     if callable(body):
         path = inspect.getsourcefile(body)
@@ -31,7 +34,7 @@ def run_with_cpu_devices(n_devices: int, body, *, timeout: float = 300.0, env: d
             spec = importlib.util.spec_from_file_location("_multidevice_body", {path!r})
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
-            module.{body.__name__}()
+            module.{body.__name__}(*{tuple(args)!r})
             """
         )
     else:

@@ -1,12 +1,14 @@
 """Flax linen layers (NHWC images, (B, N, D) tokens) with torch-compatible numerics.
 
-One module per family: ``activation``, ``attention``, ``conv``, ``customize``, ``encoding``,
+One module per family: ``activation``, ``attention``, ``batch_stats`` (SyncBN conversion, precise
+BN), ``conv``, ``customize``, ``encoding``,
 ``norm``, ``pooling``, ``regularization``, ``resample``, ``transformer``; ``torch_compat`` holds the
 torch-equivalent primitives they share. Every public name of those modules (their ``__all__``) is
 available here.
 """
 from jaxenc.nn import activation as _activation
 from jaxenc.nn import attention as _attention
+from jaxenc.nn import batch_stats as _batch_stats
 from jaxenc.nn import conv as _conv
 from jaxenc.nn import customize as _customize
 from jaxenc.nn import encoding as _encoding
@@ -18,6 +20,7 @@ from jaxenc.nn import torch_compat as _torch_compat
 from jaxenc.nn import transformer as _transformer
 from jaxenc.nn.activation import *  # noqa: F401,F403
 from jaxenc.nn.attention import *  # noqa: F401,F403
+from jaxenc.nn.batch_stats import *  # noqa: F401,F403
 from jaxenc.nn.conv import *  # noqa: F401,F403
 from jaxenc.nn.customize import *  # noqa: F401,F403
 from jaxenc.nn.encoding import *  # noqa: F401,F403
@@ -33,7 +36,7 @@ from jaxenc.nn.transformer import *  # noqa: F401,F403
 __all__ = [
     name
     for family in (
-        _activation, _attention, _conv, _customize, _encoding, _norm, _pooling, _regularization, _resample,
+        _activation, _attention, _batch_stats, _conv, _customize, _encoding, _norm, _pooling, _regularization, _resample,
         _torch_compat, _transformer,
     )
     for name in family.__all__

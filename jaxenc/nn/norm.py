@@ -8,6 +8,8 @@ large mean keep their precision.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Any, Sequence
 
@@ -17,7 +19,7 @@ import jax.numpy as jnp
 
 Dtype = Any
 
-__all__ = ["BatchNorm", "batch_moments", "normalize"]
+__all__ = ["BatchNorm", "SyncBatchNorm", "batch_moments", "normalize"]
 
 
 def batch_moments(
@@ -69,6 +71,97 @@ def batch_moments(
     return mean, var, count
 
 
+# Set by jaxenc.nn.convert_sync_batchnorm while a converted module runs: (axis_name, axis_index_groups)
+# replaces every BatchNorm's own setting (axis_name None: per-device statistics). Read at trace time.
+_AXIS_OVERRIDE: contextvars.ContextVar[tuple[str | None, Any] | None] = contextvars.ContextVar(
+    "jaxenc_bn_axis_override", default=None
+)
+
+_ACTIVATIONS = ("none", "leaky_relu")
+_EPS_MODES = ("plus", "clamp")
+
+
+@contextlib.contextmanager
+def batchnorm_axis_override(axis_name: str | None, axis_index_groups: Any = None):
+    """Within this context every jaxenc BatchNorm synchronises over ``axis_name`` (None: not at all)."""
+    token = _AXIS_OVERRIDE.set((axis_name, axis_index_groups))
+    try:
+        yield
+    finally:
+        _AXIS_OVERRIDE.reset(token)
+
+
+def effective_axis(axis_name: str | None, axis_index_groups: Any) -> tuple[str | None, Any]:
+    """A BatchNorm's own (axis_name, axis_index_groups), unless a conversion context overrides them."""
+    override = _AXIS_OVERRIDE.get()
+    return (axis_name, axis_index_groups) if override is None else override
+
+
+def _axis_is_bound(axis_name: str) -> bool:
+    try:
+        jax.lax.axis_index(axis_name)
+    except NameError:
+        return False
+    return True
+
+
+def batch_norm_core(
+    x: jax.Array,
+    *,
+    where: str,
+    feature_axis: int,
+    train: bool,
+    mask: jax.Array | None,
+    ra_mean: jax.Array,
+    ra_var: jax.Array,
+    scale: jax.Array | None,
+    bias: jax.Array | None,
+    momentum: float,
+    epsilon: float,
+    axis_name: str | None,
+    axis_index_groups: Any,
+    initializing: bool,
+    eps_mode: str = "plus",
+    activation: str = "none",
+    slope: float = 0.01,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """Torch-compatible batch normalisation of ``x`` (features on ``feature_axis``), float32 result.
+
+    Returns the output and, in training outside initialisation, the updated (running mean, running
+    unbiased var); None otherwise. Shared by :class:`BatchNorm`, :class:`SyncBatchNorm` and the
+    conversion of ``flax.linen.BatchNorm`` layers.
+    """
+    if eps_mode not in _EPS_MODES:
+        raise ValueError(f"{where}: eps_mode must be one of {_EPS_MODES}, got {eps_mode!r}")
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"{where}: activation must be one of {_ACTIVATIONS}, got {activation!r}")
+    reduce_axes = tuple(a for a in range(x.ndim) if a != feature_axis)
+    feature_shape = [1] * x.ndim
+    feature_shape[feature_axis] = x.shape[feature_axis]
+    update = None
+    if train:
+        if axis_name is not None and not _axis_is_bound(axis_name):
+            if not initializing:
+                raise ValueError(
+                    f"{where}: axis_name={axis_name!r} is not a mapped axis here. Call the module inside "
+                    f"jax.shard_map / jax.pmap over an axis named {axis_name!r}, or set axis_name=None "
+                    "(under plain jit with sharded inputs XLA already computes global statistics)"
+                )
+            axis_name = None  # init runs outside the mapped context: local statistics, no update
+        if math.prod(x.shape[a] for a in reduce_axes) == 1 and mask is None and axis_name is None:
+            raise ValueError(f"{where}: training needs more than 1 value per feature, got input shape {tuple(x.shape)}")
+        mean, var, count = batch_moments(x, reduce_axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups)
+        if not initializing:
+            unbiased = var * count / jnp.maximum(count - 1.0, 1.0)
+            update = (momentum * ra_mean + (1.0 - momentum) * mean, momentum * ra_var + (1.0 - momentum) * unbiased)
+    else:
+        mean, var = ra_mean, ra_var
+    y = normalize(x, mean, var, scale, bias, epsilon, feature_shape, eps_mode=eps_mode)
+    if activation == "leaky_relu":
+        y = jax.nn.leaky_relu(y, slope)
+    return y, update
+
+
 class BatchNorm(nn.Module):
     """Batch normalisation with PyTorch's numerics (``torch.nn.BatchNorm{1,2,3}d``), any feature axis.
 
@@ -82,9 +175,11 @@ class BatchNorm(nn.Module):
       num_features: torch's first argument; inferred from the input when None, checked when given.
       momentum: Flax decay convention, 0.9 == torch momentum 0.1.
       epsilon: added to the variance, torch's ``eps``.
-      axis_name: mapped axis (shard_map / pmap) over which training statistics are synchronised.
+      axis_name: mapped axis (shard_map / pmap) over which training statistics are synchronised
+        (see :class:`SyncBatchNorm`).
     ``__call__(x, train=False, mask=None)``: batch statistics and a running-average update when
-    ``train`` (``batch_stats`` must be mutable), running statistics otherwise.
+    ``train`` (``batch_stats`` must be mutable), running statistics otherwise. ``mask`` (broadcastable
+    to x, True = counted) excludes elements from the statistics.
     """
 
     num_features: int | None = None
@@ -98,6 +193,9 @@ class BatchNorm(nn.Module):
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
+    def _extra(self) -> dict:
+        return {}
+
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, mask: jax.Array | None = None) -> jax.Array:
         name = type(self).__name__
@@ -110,34 +208,53 @@ class BatchNorm(nn.Module):
                 f"{name}: num_features={self.num_features} but the input has {features} features on axis "
                 f"{self.axis} (shape {tuple(x.shape)})"
             )
-        reduce_axes = tuple(a for a in range(x.ndim) if a != axis)
-        feature_shape = [1] * x.ndim
-        feature_shape[axis] = features
-
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
         scale = self.param("scale", nn.initializers.ones, (features,), self.param_dtype) if self.use_scale else None
         bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype) if self.use_bias else None
-
-        if train:
-            static_count = 1
-            for a in reduce_axes:
-                static_count *= x.shape[a]
-            if static_count == 1 and mask is None and self.axis_name is None:
-                raise ValueError(
-                    f"{name}: training needs more than 1 value per feature, got input shape {tuple(x.shape)}"
-                )
-            mean, var, count = batch_moments(
-                x, reduce_axes, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups
-            )
-            if not self.is_initializing():
-                unbiased = var * count / jnp.maximum(count - 1.0, 1.0)
-                ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * mean
-                ra_var.value = self.momentum * ra_var.value + (1.0 - self.momentum) * unbiased
-        else:
-            mean, var = ra_mean.value, ra_var.value
-        y = normalize(x, mean, var, scale, bias, self.epsilon, feature_shape)
+        axis_name, groups = effective_axis(self.axis_name, self.axis_index_groups)
+        y, update = batch_norm_core(
+            x, where=name, feature_axis=axis, train=train, mask=mask, ra_mean=ra_mean.value, ra_var=ra_var.value,
+            scale=scale, bias=bias, momentum=self.momentum, epsilon=self.epsilon, axis_name=axis_name,
+            axis_index_groups=groups, initializing=self.is_initializing(), **self._extra(),
+        )
+        if update is not None:
+            ra_mean.value, ra_var.value = update
         return y.astype(self.dtype or x.dtype)
+
+
+class SyncBatchNorm(BatchNorm):
+    """Synchronised batch normalisation: exact global statistics over a mapped device axis.
+
+    PyTorch-Encoding's ``SyncBatchNorm`` / ``DistSyncBatchNorm``, torch's ``nn.SyncBatchNorm`` and
+    Synchronized-BatchNorm-PyTorch's ``SynchronizedBatchNorm{1,2,3}d`` in one layer (Ioffe & Szegedy,
+    ICML 2015; Zhang et al., "Context Encoding for Semantic Segmentation", CVPR 2018).
+
+    Shapes: x (..., C) with the features on ``axis``; output has the shape of x. Variables as
+    :class:`BatchNorm` (``params/scale,bias``, ``batch_stats/mean,var``), so checkpoints move freely
+    between the two.
+
+    With ``axis_name`` set and inside ``jax.shard_map`` / ``jax.pmap`` over that axis, training
+    statistics are ``psum``-ed sums and counts (a shifted two-pass mean and variance), so they are
+    the exact statistics of the global batch even when devices hold different numbers of valid
+    elements (``mask``); the running mean and UNBIASED running variance are updated with them
+    (identically on every device). ``axis_index_groups`` synchronises within groups only. Without
+    ``axis_name`` it is exactly :class:`BatchNorm`. ``init`` works outside the mapped context (local
+    statistics); applying it in training outside one raises a ValueError naming the axis.
+
+    Args beyond :class:`BatchNorm`:
+      eps_mode: "plus" normalises with sqrt(var + eps) (torch); "clamp" with sqrt(max(var, eps))
+        (Synchronized-BatchNorm-PyTorch's default).
+      activation: "none" or "leaky_relu" (PyTorch-Encoding's activated BN, in training AND
+        inference; upstream drops it at inference), with negative ``slope``.
+    """
+
+    eps_mode: str = "plus"
+    activation: str = "none"
+    slope: float = 0.01
+
+    def _extra(self) -> dict:
+        return {"eps_mode": self.eps_mode, "activation": self.activation, "slope": self.slope}
 
 
 def normalize(x, mean, var, scale, bias, epsilon, feature_shape, *, eps_mode: str = "plus"):
