@@ -140,6 +140,23 @@ def converted_model_matches() -> None:
     print("ok", n)
 
 
+def grouped_statistics() -> None:
+    """axis_index_groups [[0, 1], [2, 3]] under pmap: each pair of devices normalises over its own half."""
+    x = np.random.default_rng(3).normal(size=(4, 3, 6)).astype(np.float32) * 2 + 1  # (devices, batch, D)
+    sync = SyncBatchNorm(axis_name="data", axis_index_groups=[[0, 1], [2, 3]])
+    variables = sync.init(jax.random.key(0), x[0])
+    y, upd = jax.pmap(
+        lambda xs: sync.apply(variables, xs, train=True, mutable=["batch_stats"]), axis_name="data"
+    )(x)
+    y, means = np.asarray(y), np.asarray(upd["batch_stats"]["mean"])
+    for group in ([0, 1], [2, 3]):
+        half = x[group].reshape(-1, 6)
+        expected = (half - half.mean(0)) / np.sqrt(half.var(0) + 1e-5)
+        np.testing.assert_allclose(y[group].reshape(-1, 6), expected, rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(means[group[0]], 0.1 * half.mean(0), rtol=RTOL, atol=ATOL)
+    print("ok", jax.device_count())
+
+
 class MixedBatchNormNet(nn.Module):
     """jaxenc BatchNorm, a flax.linen.BatchNorm and a conv, for the conversion tests."""
 
@@ -171,6 +188,11 @@ def test_sync_batchnorm_equals_whole_batch_bn(n_devices):
 @pytest.mark.parametrize("n_devices", [4, 8])
 def test_unequal_valid_counts_give_exact_global_statistics(n_devices):
     assert f"ok {n_devices}" in run_with_cpu_devices(n_devices, unequal_valid_counts, timeout=300)
+
+
+@pytest.mark.multidevice
+def test_axis_index_groups_synchronise_within_groups():
+    assert "ok 4" in run_with_cpu_devices(4, grouped_statistics, timeout=300)
 
 
 @pytest.mark.multidevice
