@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxenc._checks import check_channels, check_divisible, check_positive_int, check_rank
+from jaxenc.nn.module_utils import cast_input
 from jaxenc.nn.norm import BatchNorm
 from jaxenc.nn.regularization import DropBlock2D
 from jaxenc.nn.torch_compat import (
@@ -738,8 +739,7 @@ class rSoftMax(nn.Module):  # noqa: N801 (upstream's class name)
     param_dtype: Dtype = jnp.float32
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = jnp.asarray(x)
-        return r_softmax(x if self.dtype is None else x.astype(self.dtype), self.radix, self.cardinality)
+        return r_softmax(cast_input(x, self.dtype), self.radix, self.cardinality)
 
 
 class SplAtConv2d(nn.Module):

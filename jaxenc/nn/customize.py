@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxenc._checks import check_channels, check_positive_int, check_rank
-from jaxenc.nn.module_utils import accepts_train
+from jaxenc.nn.module_utils import accepts_train, cast_input
 from jaxenc.nn.norm import BatchNorm
 from jaxenc.nn.resample import adaptive_avg_pool2d, interpolate_bilinear
 from jaxenc.nn.torch_compat import Conv2d
@@ -80,9 +80,7 @@ class Normalize(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = jnp.asarray(x)
-        if self.dtype is not None:
-            x = x.astype(self.dtype)
+        x = cast_input(x, self.dtype)
         try:
             return lp_normalize(x, self.p, self.dim, eps=1e-8)
         except ValueError as err:

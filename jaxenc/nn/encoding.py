@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
 from jaxenc._checks import check_channels, check_divisible, check_positive_int, check_rank
+from jaxenc.nn.module_utils import cast_input
 from jaxenc.nn.torch_compat import conv2d_nhwc, conv_args, conv_output_size, torch_uniform_init
 from jaxenc.port import register_torch_leaf_names
 
@@ -323,9 +324,7 @@ class GramMatrix(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = jnp.asarray(x)
-        if self.dtype is not None:
-            x = x.astype(self.dtype)
+        x = cast_input(x, self.dtype)
         return gram_matrix(x)
 
 

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxenc._checks import check_positive_int, check_probability, check_rank
-from jaxenc.nn.module_utils import accepts_train
+from jaxenc.nn.module_utils import accepts_train, cast_input
 from jaxenc.nn.norm import BatchNorm
 from jaxenc.nn.torch_compat import Conv2d, torch_uniform_init
 
@@ -323,9 +323,7 @@ class Dropsample(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        x = jnp.asarray(x)
-        if self.dtype is not None:
-            x = x.astype(self.dtype)
+        x = cast_input(x, self.dtype)
         p = float(self.prob)
         if not train or p == 0.0:
             return x
@@ -376,9 +374,7 @@ class MBConvResidual(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        x = jnp.asarray(x)
-        if self.dtype is not None:
-            x = x.astype(self.dtype)
+        x = cast_input(x, self.dtype)
         y = self.fn(x, train=train) if accepts_train(self.fn) else self.fn(x)
         return _add_residual(y, x, self.dropout, train, "MBConvResidual")
 
