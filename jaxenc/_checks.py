@@ -69,3 +69,34 @@ def check_probability(p, name: str, where: str) -> float:
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) <= 1.0:
         raise ValueError(f"{where}: {name} must be a probability in [0, 1], got {p!r}")
     return float(p)
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """Torch's convolution output length along one axis."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def conv_args(kernel_size, stride, padding, dilation, where: str):
+    """Torch conv arguments (int or pair each) -> checked pairs (kernel, stride, padding, dilation)."""
+    kernel_size = to_pair(kernel_size, "kernel_size", where)
+    stride = to_pair(stride, "stride", where)
+    padding = to_pair(padding, "padding", where)
+    dilation = to_pair(dilation, "dilation", where)
+    for name, pair in (("kernel_size", kernel_size), ("stride", stride), ("dilation", dilation)):
+        if min(pair) < 1:
+            raise ValueError(f"{where}: {name} must be positive, got {pair}")
+    if min(padding) < 0:
+        raise ValueError(f"{where}: padding must be >= 0, got {padding}")
+    return kernel_size, stride, padding, dilation
+
+
+def conv_output_hw(shape, kernel_size, stride, padding, dilation, where: str) -> tuple[int, int]:
+    """Torch's (H_out, W_out) for an NHWC ``shape`` and pair arguments; ValueError if either is < 1."""
+    ho = conv_output_size(shape[1], kernel_size[0], stride[0], padding[0], dilation[0])
+    wo = conv_output_size(shape[2], kernel_size[1], stride[1], padding[1], dilation[1])
+    if ho < 1 or wo < 1:
+        raise ValueError(
+            f"{where}: the input (H, W)={tuple(shape[1:3])} is smaller than the dilated kernel "
+            f"(kernel_size={kernel_size}, dilation={dilation}, padding={padding}); the output would be {ho}x{wo}"
+        )
+    return ho, wo

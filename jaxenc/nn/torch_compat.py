@@ -14,7 +14,14 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
-from jaxenc._checks import check_channels, check_divisible, check_positive_int, check_rank, to_pair
+from jaxenc._checks import (  # noqa: F401  (conv_args, conv_output_size re-exported)
+    check_channels,
+    check_divisible,
+    check_positive_int,
+    check_rank,
+    conv_args,
+    conv_output_size,
+)
 
 Dtype = Any
 
@@ -49,25 +56,6 @@ def torch_uniform_init(fan_in: int):
         return jax.random.uniform(key, shape, dtype, -bound, bound)
 
     return init
-
-
-def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    """Torch's convolution output length along one axis."""
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-
-
-def conv_args(kernel_size, stride, padding, dilation, where: str):
-    """Torch conv arguments (int or pair each) -> checked pairs (kernel, stride, padding, dilation)."""
-    kernel_size = to_pair(kernel_size, "kernel_size", where)
-    stride = to_pair(stride, "stride", where)
-    padding = to_pair(padding, "padding", where)
-    dilation = to_pair(dilation, "dilation", where)
-    for name, pair in (("kernel_size", kernel_size), ("stride", stride), ("dilation", dilation)):
-        if min(pair) < 1:
-            raise ValueError(f"{where}: {name} must be positive, got {pair}")
-    if min(padding) < 0:
-        raise ValueError(f"{where}: padding must be >= 0, got {padding}")
-    return kernel_size, stride, padding, dilation
 
 
 def torch_conv_inputs(module: nn.Module, x: jax.Array):
