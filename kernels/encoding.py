@@ -8,11 +8,12 @@ Encoding for Semantic Segmentation", CVPR 2018 (PyTorch-Encoding ``encoding.func
 Neither implementation forms the (B, N, K, D) residuals: distances are expanded into
 ||x||² - 2 x·c + ||c||² (float32 accumulation, clamped at 0) and the aggregate is Aᵀ X - (Σ_i A) C.
 
-Pallas kernels (grid over batch elements, feature blocks and slices of the positions):
+Pallas kernels (grid over batch elements, slices of the positions and, for the codeword
+gradient, feature blocks):
 
 * forward: per position tile, logits (a loop over feature blocks), a masked softmax over the
-  codewords, then the tile's contribution Aᵀ X_j - (Σ A) c_j to one feature block of E,
-  accumulated over position tiles in registers;
+  codewords, then the tile's contribution Aᵀ X_j - (Σ A) c_j to every feature block j of the
+  slice's partial E (summed over slices by XLA);
 * backward, rows: recomputes the tile's assignments, forms dA = X Gᵀ - (G·c) and the softmax
   backward dSL, writes dX for the tile, dSL (B, N, K) and per-tile partial sums for the scale and
   codeword gradients (Σ_i A, Σ_i dSL, Σ_i dSL·||x - c||²);
@@ -167,8 +168,7 @@ def _plan(b: int, n: int, k: int, d: int) -> _Plan:
     # Position tiles shrink as K grows so the (bn, kp) logit tile stays a few thousand floats.
     bn = pow2_block(n, lo=16, hi=max(16, min(64, 4096 // kp)))
     tiles = -(-n // bn)
-    nd = round_up(d, bd) // bd
-    splits = max(1, min(tiles, _TARGET_PROGRAMS // max(1, b * nd)))
+    splits = max(1, min(tiles, _TARGET_PROGRAMS // max(1, b)))
     tiles_per_split = -(-tiles // splits)
     splits = -(-tiles // tiles_per_split)
     return _Plan(n=n, k=k, kp=kp, bn=bn, bd=bd, dp=round_up(d, bd), splits=splits, tiles_per_split=tiles_per_split)
@@ -234,28 +234,19 @@ def _assignments(cross, x_sq, c_sq, scale, n0, plan: _Plan):
     return jnp.where(valid_n, a, 0.0), d2, sq > 0.0
 
 
-def _tile_weighted_sum(w_ref, x_ref, plan: _Plan, *, cast_to=None):
-    """Σ over this program's position tiles of Wᵀ X_j (and of the column sums of W).
+def _tile_weighted_sum(w_ref, x_ref, plan: _Plan):
+    """Σ over this program's position tiles of Wᵀ X_j, W (N, kp) and X (N, D) float32 products.
 
-    ``w_ref`` yields (bn, kp) tiles (a callable of the tile start, or a ref); ``x_ref`` is the
-    (N, D) block; j is this program's feature block (grid axis 1), the slice is grid axis 2.
+    j is this program's feature block (grid axis 1), the position slice is grid axis 2.
     """
     j, split = pl.program_id(1), pl.program_id(2)
     cols = pl.ds(j * plan.bd, plan.bd)
 
-    def body(t, carry):
-        acc, mass = carry
-        n0 = (split * plan.tiles_per_split + t) * plan.bn
-        w = w_ref(n0) if callable(w_ref) else w_ref[pl.ds(n0, plan.bn), :]
-        x = x_ref[pl.ds(n0, plan.bn), cols]
-        if cast_to is not None:
-            w = w.astype(cast_to)
-        else:
-            x = x.astype(_F32)
-        return acc + _dot(w, x, ((0,), (0,))), mass + jnp.sum(w.astype(_F32), axis=0)
+    def body(t, acc):
+        rows = pl.ds((split * plan.tiles_per_split + t) * plan.bn, plan.bn)
+        return acc + _dot(w_ref[rows, :], x_ref[rows, cols].astype(_F32), ((0,), (0,)))
 
-    init = (jnp.zeros((plan.kp, plan.bd), _F32), jnp.zeros((plan.kp,), _F32))
-    return jax.lax.fori_loop(0, plan.tiles_per_split, body, init)
+    return jax.lax.fori_loop(0, plan.tiles_per_split, body, jnp.zeros((plan.kp, plan.bd), _F32))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -263,17 +254,34 @@ def _tile_weighted_sum(w_ref, x_ref, plan: _Plan, *, cast_to=None):
 
 
 def _forward_kernel(x_ref, c_ref, s_ref, e_ref, *, plan: _Plan):
-    """Grid (B, D blocks, position slices): partial E for one feature block and slice."""
+    """Grid (B, position slices): the slice's partial E, accumulated tile by tile in ``e_ref``.
+
+    Each tile's assignments are computed once and applied to every feature block; the (kp, D)
+    partial sum is read-modified-written per tile (it stays in L2), which costs less than
+    recomputing the logits once per feature block.
+    """
+    split = pl.program_id(1)
     scale = s_ref[...]
     c_sq = _codeword_norms(c_ref, plan)
 
-    def tile_assignments(n0):
-        cross, x_sq, _, _ = _row_statistics(x_ref, c_ref, None, n0, plan)
-        return _assignments(cross, x_sq, c_sq, scale, n0, plan)[0]
+    @pl.loop(0, plan.nd)
+    def _(j):
+        e_ref[:, pl.ds(j * plan.bd, plan.bd)] = jnp.zeros((plan.kp, plan.bd), _F32)
 
-    weighted, mass = _tile_weighted_sum(tile_assignments, x_ref, plan, cast_to=x_ref.dtype)
-    c_j = c_ref[:, pl.ds(pl.program_id(1) * plan.bd, plan.bd)].astype(_F32)
-    e_ref[...] = weighted - mass[:, None] * c_j
+    @pl.loop(0, plan.tiles_per_split)
+    def _(t):
+        n0 = (split * plan.tiles_per_split + t) * plan.bn
+        cross, x_sq, _, _ = _row_statistics(x_ref, c_ref, None, n0, plan)
+        # Cast once: in bfloat16 both terms of Aᵀ X - (Σ A) C use the same rounded weights.
+        a = _assignments(cross, x_sq, c_sq, scale, n0, plan)[0].astype(x_ref.dtype)
+        mass = jnp.sum(a.astype(_F32), axis=0)
+
+        @pl.loop(0, plan.nd)
+        def _(j):
+            cols = pl.ds(j * plan.bd, plan.bd)
+            x = x_ref[pl.ds(n0, plan.bn), cols]
+            c = c_ref[:, cols].astype(_F32)
+            e_ref[:, cols] += _dot(a, x, ((0,), (0,))) - mass[:, None] * c
 
 
 def _backward_rows_kernel(
@@ -308,7 +316,7 @@ def _backward_rows_kernel(
 
 def _backward_codewords_kernel(dsl_ref, x_ref, out_ref, *, plan: _Plan):
     """Grid (B, D blocks, position slices): partial dSLᵀ X for one feature block."""
-    out_ref[...] = _tile_weighted_sum(dsl_ref, x_ref, plan)[0]
+    out_ref[...] = _tile_weighted_sum(dsl_ref, x_ref, plan)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -323,25 +331,17 @@ def _pad_inputs(x, codewords, scale, plan: _Plan):
     return xp, cp, sp
 
 
-def _sliced_grid_specs(plan: _Plan):
-    """BlockSpecs of the (B, D blocks, slices) kernels: whole (N, D) slab per batch element."""
-    whole = pl.BlockSpec((None, plan.np, plan.dp), lambda b, j, s: (b, 0, 0))
-    partial = pl.BlockSpec((None, None, plan.kp, plan.bd), lambda b, j, s: (b, s, 0, j))
-    return whole, partial
-
-
 def _forward_call(xp, cp, sp, plan: _Plan, interpret: bool):
     b = xp.shape[0]
-    whole, partial = _sliced_grid_specs(plan)
     partials = pl.pallas_call(
         functools.partial(_forward_kernel, plan=plan),
-        grid=(b, plan.nd, plan.splits),
+        grid=(b, plan.splits),
         in_specs=[
-            whole,
-            pl.BlockSpec((plan.kp, plan.dp), lambda b, j, s: (0, 0)),
-            pl.BlockSpec((plan.kp,), lambda b, j, s: (0,)),
+            pl.BlockSpec((None, plan.np, plan.dp), lambda b, s: (b, 0, 0)),
+            pl.BlockSpec((plan.kp, plan.dp), lambda b, s: (0, 0)),
+            pl.BlockSpec((plan.kp,), lambda b, s: (0,)),
         ],
-        out_specs=partial,
+        out_specs=pl.BlockSpec((None, None, plan.kp, plan.dp), lambda b, s: (b, s, 0, 0)),
         out_shape=jax.ShapeDtypeStruct((b, plan.splits, plan.kp, plan.dp), _F32),
         interpret=interpret,
         compiler_params=compiler_params(),
@@ -380,12 +380,14 @@ def _backward_call(xp, cp, sp, gp, plan: _Plan, interpret: bool):
         name="encoding_backward_rows",
     )(xp, cp, sp, gp)
 
-    whole, partial = _sliced_grid_specs(plan)
     dsl_x = pl.pallas_call(
         functools.partial(_backward_codewords_kernel, plan=plan),
         grid=(b, plan.nd, plan.splits),
-        in_specs=[pl.BlockSpec((None, plan.np, plan.kp), lambda b, j, s: (b, 0, 0)), whole],
-        out_specs=partial,
+        in_specs=[
+            pl.BlockSpec((None, plan.np, plan.kp), lambda b, j, s: (b, 0, 0)),
+            pl.BlockSpec((None, plan.np, plan.dp), lambda b, j, s: (b, 0, 0)),
+        ],
+        out_specs=pl.BlockSpec((None, None, plan.kp, plan.bd), lambda b, j, s: (b, s, 0, j)),
         out_shape=jax.ShapeDtypeStruct((b, plan.splits, plan.kp, plan.dp), _F32),
         interpret=interpret,
         compiler_params=compiler_params(),

@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxenc._checks import check_channels, check_divisible, check_positive_int, check_rank
+from jaxenc._checks import check_channels, check_divisible, check_positive_int, check_rank, conv_output_hw
+from jaxenc.kernels.involution import involution, strided_taps
 from jaxenc.nn.module_utils import cast_input
 from jaxenc.nn.norm import BatchNorm
 from jaxenc.nn.regularization import DropBlock2D
@@ -35,7 +36,6 @@ from jaxenc.nn.torch_compat import (
     ConvNdFields,
     conv2d_nhwc,
     conv_args,
-    conv_output_size,
     pad_nhwc,
     torch_conv_inputs,
 )
@@ -63,37 +63,6 @@ Dtype = Any
 # Sliding windows
 
 
-def _taps(x: jax.Array, kernel_size, stride, dilation, out_hw) -> list[jax.Array]:
-    """The kh*kw strided views of an already padded (B, Hp, Wp, C) tensor, row-major over (i, j).
-
-    Tap (i, j) holds, at output position (h, w), the input value x[h*s + i*d, w*s + j*d]: stacking
-    them gives torch's unfold without a gather, and a loop over them never needs the stack.
-    """
-    (kh, kw), (sh, sw), (dh, dw), (ho, wo) = kernel_size, stride, dilation, out_hw
-    b, _, _, c = x.shape
-    return [
-        jax.lax.slice(
-            x,
-            (0, i * dh, j * dw, 0),
-            (b, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, c),
-            (1, sh, sw, 1),
-        )
-        for i in range(kh)
-        for j in range(kw)
-    ]
-
-
-def _output_hw(shape, kernel_size, stride, padding, dilation, where: str) -> tuple[int, int]:
-    ho = conv_output_size(shape[1], kernel_size[0], stride[0], padding[0], dilation[0])
-    wo = conv_output_size(shape[2], kernel_size[1], stride[1], padding[1], dilation[1])
-    if ho < 1 or wo < 1:
-        raise ValueError(
-            f"{where}: the input (H, W)={tuple(shape[1:3])} is smaller than the dilated kernel "
-            f"(kernel_size={kernel_size}, dilation={dilation}, padding={padding}); the output would be {ho}x{wo}"
-        )
-    return ho, wo
-
-
 def _check_window_op(x, weight, bias, stride, padding, dilation, groups, where):
     """Validate the arguments of norm_conv2d / add2d; return (stride, padding, dilation, groups) as pairs/int."""
     check_rank(x, 4, "N, H, W, C", where)
@@ -111,7 +80,7 @@ def _check_window_op(x, weight, bias, stride, padding, dilation, groups, where):
         )
     if bias is not None and tuple(bias.shape) != (c_out,):
         raise ValueError(f"{where}: bias must have shape ({c_out},), got {tuple(bias.shape)}")
-    _output_hw(x.shape, (kh, kw), stride, padding, dilation, where)
+    conv_output_hw(x.shape, (kh, kw), stride, padding, dilation, where)
     return stride, padding, dilation, groups
 
 
@@ -133,8 +102,8 @@ def _normalise_windows(windows: jax.Array, eps: float) -> jax.Array:
 def _window_op(x, weight, bias, *, stride, padding, dilation, groups, adder, normalize, eps):
     kh, kw, cg, c_out = weight.shape
     out_dtype = jnp.result_type(x, weight)
-    out_hw = _output_hw(x.shape, (kh, kw), stride, padding, dilation, "window op")
-    taps = _taps(pad_nhwc(x, padding), (kh, kw), stride, dilation, out_hw)
+    out_hw = conv_output_hw(x.shape, (kh, kw), stride, padding, dilation, "window op")
+    taps = strided_taps(pad_nhwc(x, padding), (kh, kw), stride, dilation, out_hw)
     # (B, H', W', kh*kw, G, C_in/G): torch's unfold, grouped; the same memory as upstream's unfold.
     windows = jnp.stack(taps, axis=3).reshape(*x.shape[:1], *out_hw, kh * kw, groups, cg)
     if normalize:
@@ -408,7 +377,7 @@ class PyConv2d(nn.Module):
             self.out_channels, kernel_size, check_positive_int(self.num_levels, "num_levels", where), padding,
             self.groups, where,
         )
-        sizes = [_output_hw(x.shape, k_i, stride, pad_i, dilation, where) for _, k_i, pad_i, _ in levels]
+        sizes = [conv_output_hw(x.shape, k_i, stride, pad_i, dilation, where) for _, k_i, pad_i, _ in levels]
         if len(set(sizes)) > 1:
             # Level i grows the kernel by 2i and the padding by i, which keeps sizes equal only at dilation 1.
             raise ValueError(
@@ -437,109 +406,6 @@ class PyConv2d(nn.Module):
 # Involution
 
 
-def involution(
-    x: jax.Array,
-    weights: jax.Array,
-    *,
-    kernel_size: int,
-    stride: int | tuple[int, int] = 1,
-    padding: int | tuple[int, int] = 0,
-    dilation: int | tuple[int, int] = 1,
-) -> jax.Array:
-    """Involution with given per-position kernels.
-
-    ``out[b, h, w, c] = sum_ij weights[b, h, w, g(c), i, j] * x[b, h*s + i*d - p, w*s + j*d - p, c]``
-    (zero outside x).
-
-    Li et al., "Involution: Inverting the Inherence of Convolution for Visual Recognition", CVPR 2021.
-
-    Shapes: x (B, H, W, C); weights (B, H', W', G, K, K) with G dividing C; output channel c uses
-    kernel group g(c) = c // (C / G). H', W' as torch's unfold (zero padding). -> (B, H', W', C).
-
-    The K*K offsets are accumulated one strided slice of the padded input at a time (XLA fuses
-    the loop), so the unfolded (B, C, K*K, H', W') tensor is never built, in the forward or the
-    backward pass (a custom VJP; reverse-mode only, like the Pallas kernel meant to be dispatched
-    behind this function). Products accumulate in float32; the result has the promoted dtype of x
-    and weights.
-    """
-    where = "involution"
-    check_rank(x, 4, "B, H, W, C", where)
-    check_rank(weights, 6, "B, H_out, W_out, G, K, K", where, name="weights")
-    k = check_positive_int(kernel_size, "kernel_size", where)
-    (_, _), stride, padding, dilation = conv_args(k, stride, padding, dilation, where)
-    b, _, _, c = x.shape
-    g = weights.shape[3]
-    check_divisible(c, g, "channels", "weight groups (weights.shape[3])", where)
-    ho, wo = _output_hw(x.shape, (k, k), stride, padding, dilation, where)
-    if tuple(weights.shape) != (b, ho, wo, g, k, k):
-        raise ValueError(
-            f"{where}: weights must have shape (B, H_out, W_out, G, K, K) = {(b, ho, wo, g, k, k)} for x of shape "
-            f"{tuple(x.shape)}, kernel_size={k}, stride={stride}, padding={padding}, dilation={dilation}; "
-            f"got {tuple(weights.shape)}"
-        )
-    return _involution_jit(x, weights, k, stride, padding, dilation)
-
-
-# Reverse mode is written out (custom VJP) rather than derived: the derived backward reuses the K*K
-# forward slices of x for the kernel gradient, and XLA keeps them all alive at once, which is the
-# unfolded tensor again. Here the kernel gradient walks the offsets in a scan (one slice live at a
-# time) and the input gradient is a fused sum of padded products. Forward-mode (jvp) is therefore
-# not available, as for the Pallas kernel that will sit behind the same function.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _involution(x, weights, kernel_size, stride, padding, dilation):
-    k = kernel_size
-    b, _, _, c = x.shape
-    _, ho, wo, g = weights.shape[:4]
-    taps = _taps(pad_nhwc(x, padding), (k, k), stride, dilation, (ho, wo))
-    acc = jnp.zeros((b, ho, wo, g, c // g), jnp.float32)
-    for idx, tap in enumerate(taps):
-        kernel = weights[..., idx // k, idx % k].astype(jnp.float32)[..., None]
-        acc = acc + tap.reshape(b, ho, wo, g, c // g).astype(jnp.float32) * kernel
-    return acc.reshape(b, ho, wo, c).astype(jnp.result_type(x, weights))
-
-
-def _involution_fwd(x, weights, kernel_size, stride, padding, dilation):
-    return _involution(x, weights, kernel_size, stride, padding, dilation), (x, weights)
-
-
-def _involution_bwd(kernel_size, stride, padding, dilation, residuals, ct):
-    x, weights = residuals
-    k, (sh, sw), (dh, dw), (ph, pw) = kernel_size, stride, dilation, padding
-    b, h, w, c = x.shape
-    _, ho, wo, g = weights.shape[:4]
-    ct = ct.astype(jnp.float32).reshape(b, ho, wo, g, c // g)
-    xp = pad_nhwc(x, padding)
-    hp, wp = xp.shape[1:3]
-    span_h, span_w = (ho - 1) * sh + 1, (wo - 1) * sw + 1
-
-    def kernel_grad(_, offset):
-        i, j = offset // k, offset % k
-        window = jax.lax.dynamic_slice(xp, (0, i * dh, j * dw, 0), (b, span_h, span_w, c))
-        tap = window[:, ::sh, ::sw].reshape(b, ho, wo, g, c // g).astype(jnp.float32)
-        return None, jnp.sum(tap * ct, axis=-1)
-
-    _, g_weights = jax.lax.scan(kernel_grad, None, jnp.arange(k * k))
-    g_weights = jnp.moveaxis(g_weights, 0, -1).reshape(weights.shape)
-
-    g_xp = jnp.zeros(xp.shape, jnp.float32)
-    for idx in range(k * k):
-        i, j = divmod(idx, k)
-        contrib = (ct * weights[..., i, j].astype(jnp.float32)[..., None]).reshape(b, ho, wo, c)
-        # The transpose of the strided tap slice: dilate by the stride, shift to the tap's offset.
-        g_xp = g_xp + jax.lax.pad(
-            contrib,
-            jnp.float32(0),
-            [(0, 0, 0), (i * dh, hp - i * dh - span_h, sh - 1), (j * dw, wp - j * dw - span_w, sw - 1), (0, 0, 0)],
-        )
-    g_x = g_xp[:, ph : ph + h, pw : pw + w]
-    return g_x.astype(x.dtype), g_weights.astype(weights.dtype)
-
-
-_involution.defvjp(_involution_fwd, _involution_bwd)
-# Compiled as one program even when called eagerly (arguments already validated).
-_involution_jit = jax.jit(_involution, static_argnums=(2, 3, 4, 5))
-
-
 class Involution2d(nn.Module):
     """holocron.nn.Involution2d: convolution with kernels generated from the input at each position.
 
@@ -547,7 +413,8 @@ class Involution2d(nn.Module):
 
     The kernel source (x, average-pooled by ``stride`` when stride > 1) goes through ``reduce``
     (1x1 conv, C -> C / reduction_ratio) and ``span`` (1x1 conv -> K*K*groups, channel g*K*K + i*K + j;
-    no BN or ReLU between them, as upstream), then :func:`involution` applies those kernels.
+    no BN or ReLU between them, as upstream), then :func:`jaxenc.kernels.involution` applies those
+    kernels (``impl``: "auto" = Pallas kernels on a GPU, XLA elsewhere; "pallas"; "xla").
     Shapes: x (N, H, W, C) -> (N, floor(H / stride), floor(W / stride), C); the padding must give the
     involution that output size, as upstream requires (padding = dilation * (kernel_size - 1) // 2
     for odd kernels and even sizes; upstream's other working combinations work too).
@@ -562,6 +429,7 @@ class Involution2d(nn.Module):
     reduction_ratio: float = 1
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -581,7 +449,7 @@ class Involution2d(nn.Module):
         # The kernels are generated on torch's AvgPool2d(stride, stride) grid (floor(H / stride)); the
         # involution's own output grid must coincide with it.
         pooled_hw = (h // stride[0], w // stride[1])
-        ho, wo = _output_hw(x.shape, (k, k), stride, padding, dilation, where)
+        ho, wo = conv_output_hw(x.shape, (k, k), stride, padding, dilation, where)
         if (ho, wo) != pooled_hw:
             hint = tuple(d * (k - 1) // 2 for d in dilation)
             raise ValueError(
@@ -602,7 +470,8 @@ class Involution2d(nn.Module):
         kernels = kernels.reshape(n, ho, wo, groups, k, k)
         compute = self.dtype or jnp.result_type(x, self.param_dtype)
         return involution(
-            x.astype(compute), kernels, kernel_size=k, stride=stride, padding=padding, dilation=dilation
+            x.astype(compute), kernels, kernel_size=k, stride=stride, padding=padding, dilation=dilation,
+            impl=self.impl,
         )
 
 
@@ -691,7 +560,7 @@ class RFConv2d(ConvNdFields):
             self.kernel_size, self.stride, self.padding, self.dilation, where
         )
         in_hw = tuple(x.shape[1:3])
-        out_hw = _output_hw(x.shape, kernel_size, stride, padding, dilation, where)
+        out_hw = conv_output_hw(x.shape, kernel_size, stride, padding, dilation, where)
         x, kernel, bias, args = torch_conv_inputs(self, x)
         y = conv2d_nhwc(x, kernel, bias, **args)
         if padding == (0, 0) and not self.average_mode:

@@ -36,6 +36,8 @@ import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
 from jaxenc._checks import check_channels, check_divisible, check_positive_int, check_rank
+from jaxenc.kernels.encoding import aggregate_reference, scaled_l2_reference
+from jaxenc.kernels.encoding import encoding as fused_encoding
 from jaxenc.nn.module_utils import cast_input
 from jaxenc.nn.torch_compat import conv2d_nhwc, conv_args, conv_output_size, torch_uniform_init
 from jaxenc.port import register_torch_leaf_names
@@ -56,8 +58,7 @@ __all__ = [
 
 Dtype = Any
 
-# The distance expansion subtracts terms of size ||x||² to get ||x - c||²; reduced-precision
-# float32 matmuls (TF32 on GPUs) would turn that cancellation into logit errors of order 1e-3·||x||².
+# Cosine similarities in float32 products: TF32 matmuls on GPUs would round them to ~1e-3.
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -99,11 +100,7 @@ def scaled_l2(x: jax.Array, codewords: jax.Array, scale: jax.Array) -> jax.Array
     """
     _check_scaled_l2_args(x, codewords, scale, "scaled_l2")
     dtype = _compute_dtype(x, codewords)
-    x, codewords = x.astype(dtype), codewords.astype(dtype)
-    x32, c32 = x.astype(jnp.float32), codewords.astype(jnp.float32)
-    cross = jnp.einsum("bnd,kd->bnk", x, codewords, preferred_element_type=jnp.float32, precision=_HIGHEST)
-    sq = jnp.sum(x32 * x32, axis=-1, keepdims=True) - 2.0 * cross + jnp.sum(c32 * c32, axis=-1)
-    return scale.astype(jnp.float32) * jnp.maximum(sq, 0.0)
+    return scaled_l2_reference(x.astype(dtype), codewords.astype(dtype), scale)
 
 
 def aggregate(assignments: jax.Array, x: jax.Array, codewords: jax.Array) -> jax.Array:
@@ -124,27 +121,26 @@ def aggregate(assignments: jax.Array, x: jax.Array, codewords: jax.Array) -> jax
             f"{where}: assignments must have shape (B, N, K)={(*x.shape[:2], k)}, got {tuple(assignments.shape)}"
         )
     dtype = _compute_dtype(x, codewords)
-    a = assignments.astype(dtype)
-    weighted = jnp.einsum("bnk,bnd->bkd", a, x.astype(dtype), preferred_element_type=jnp.float32, precision=_HIGHEST)
-    mass = jnp.sum(a.astype(jnp.float32), axis=1)
-    return (weighted - mass[:, :, None] * codewords.astype(jnp.float32)).astype(dtype)
+    return aggregate_reference(assignments, x.astype(dtype), codewords.astype(dtype))
 
 
-def encoding(x: jax.Array, codewords: jax.Array, scale: jax.Array) -> jax.Array:
+def encoding(
+    x: jax.Array, codewords: jax.Array, scale: jax.Array, *, impl: str = "auto", interpret: bool = False
+) -> jax.Array:
     """Residual encoding (Deep TEN): softmax-over-codewords assignment of scaled L2 distances, then aggregate.
 
     ``SL[b,i,k] = scale_k · ||x_bi - c_k||²``, ``A = softmax_k(SL)``, ``E[b,k] = Σ_i A[b,i,k] (x_bi - c_k)``.
     The sign lives in ``scale`` (upstream convention): the softmax is applied to ``+scale_k·||r||²``,
     so negative smoothing factors favour near codewords. Logits and softmax are float32 whatever the
-    input dtype; gradients come from autodiff (no division by ``scale``). Neither direction
-    materialises the (B, N, K, D) residual tensor.
+    input dtype; gradients have no division by ``scale``. Neither direction materialises the
+    (B, N, K, D) residual tensor. This is :func:`jaxenc.kernels.encoding`: ``impl="auto"`` runs the
+    fused Pallas kernels on a GPU and the XLA formulation elsewhere.
 
     Shapes: x (B, N, D), codewords (K, D), scale (K) -> (B, K, D) in the promoted dtype of x and
     codewords.
     """
     _check_scaled_l2_args(x, codewords, scale, "encoding")
-    assignments = jax.nn.softmax(scaled_l2(x, codewords, scale), axis=-1)
-    return aggregate(assignments, x, codewords)
+    return fused_encoding(x, codewords, scale, impl=impl, interpret=interpret)
 
 
 def pairwise_cosine(x: jax.Array, codewords: jax.Array, normalize: bool = False) -> jax.Array:
@@ -230,6 +226,7 @@ class _EncodingBase(nn.Module):
     K: int
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    impl: str = "auto"
 
     def _params(self, x):
         where = type(self).__name__
@@ -249,13 +246,16 @@ class Encoding(_EncodingBase):
     (``scale``, (K), init U[-1, 0)) and outputs E[b, k] = Σ_i softmax_k(s_k·||x_i - c_k||²)·(x_i - c_k).
     See :func:`encoding` (the sign is in s_k; nothing keeps it negative during training, as upstream).
 
+    ``impl`` picks the implementation of :func:`jaxenc.kernels.encoding` ("auto": fused Pallas
+    kernels on a GPU, XLA elsewhere; "pallas"; "xla").
+
     Shapes: x (B, H, W, D) or (B, N, D) -> (B, K, D). No train/eval difference.
     """
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x, codewords, scale = self._params(x)
-        return encoding(x, codewords, scale)
+        return encoding(x, codewords, scale, impl=self.impl)
 
 
 class EncodingDrop(_EncodingBase):
@@ -279,7 +279,7 @@ class EncodingDrop(_EncodingBase):
         else:
             scale = jnp.full((self.K,), -0.5, jnp.float32)
         self.sow("intermediates", "scale_used", scale)
-        return encoding(x, codewords, scale)
+        return encoding(x, codewords, scale, impl=self.impl)
 
 
 class EncodingCosine(nn.Module):
