@@ -5,6 +5,6 @@ last), ``jaxenc.port`` (PyTorch state_dict -> Flax variables), ``jaxenc.kernels`
 """
 __version__ = "0.1.0"
 
-from jaxenc import losses, nn, port  # noqa: E402,F401
+from jaxenc import kernels, losses, nn, port  # noqa: E402,F401
 
-__all__ = ["losses", "nn", "port", "__version__"]
+__all__ = ["kernels", "losses", "nn", "port", "__version__"]
