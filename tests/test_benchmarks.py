@@ -1,0 +1,147 @@
+"""The kernel benchmark script (benchmarks/kernels.py) runs end to end and reports what it claims.
+
+The benchmark's numbers are only checked for shape and sign (timings depend on the machine), but
+the script itself must not rot: ``--quick`` is run as the README documents it, in a subprocess,
+and its JSON must hold one measured entry per op x implementation x pass available on CPU. The
+GPU-only code path (copy bandwidth, achieved bandwidth per result, the "pallas" implementation)
+cannot run here, so it is driven in-process with the backend reported as "gpu" and the Pallas
+kernels swapped for the interpreter.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+OPS = ("encoding", "involution")
+PASSES = ("fwd", "fwd+bwd")
+CPU_IMPLS = ("xla", "pallas-interpret", "torch")
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    """benchmarks.kernels, importable from the repository root whatever pytest's working directory."""
+    monkeypatch.syspath_prepend(str(REPO_ROOT))
+    return importlib.import_module("benchmarks.kernels")
+
+
+def _entries(report, **match):
+    return [r for r in report["results"] if all(r[k] == v for k, v in match.items())]
+
+
+@pytest.mark.slow
+def test_quick_run_writes_every_cpu_measurement(tmp_path):
+    out = tmp_path / "k.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.kernels", "--quick", "--out", str(out)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("op "))
+    for column in ("shape", "pass", "xla ms", "xla peak MiB", "pallas-interpret ms", "torch ms",
+                   "torch rssΔ MiB", "avoided MiB"):
+        assert column in header
+
+    report = json.loads(out.read_text())
+    assert report["machine"]["backend"] == "cpu"
+    assert report["implementations"] == list(CPU_IMPLS)
+    assert "copy_bandwidth_gbps" not in report  # GPU only
+    for op in OPS:
+        for impl in CPU_IMPLS:
+            for pass_ in PASSES:
+                (row,) = _entries(report, op=op, impl=impl, **{"pass": pass_})
+                assert "skipped" not in row, row
+                assert row["dtype"] == "float32"
+                assert row["time_ms"] > 0 and row["repeats"] >= 1
+                assert row["avoided_tensor_bytes"] > 0
+                if impl == "torch":
+                    assert row["largest_intermediate_bytes"] == row["avoided_tensor_bytes"]
+                    assert row["rss_peak_delta_bytes"] is not None and row["rss_peak_delta_bytes"] >= 0
+                else:
+                    assert row["peak_bytes"] >= row["argument_bytes"] + row["output_bytes"] > 0
+                    assert row["temp_bytes"] >= 0
+                    # XLA also counts the output tuple's pointer table (8 bytes per element).
+                    planned_io = row["argument_bytes"] + row["output_bytes"]
+                    assert 0 <= planned_io - row["min_io_bytes"] <= 8 * 3
+                    assert "bandwidth_gbps" not in row
+
+
+def test_avoided_tensor_sizes(bench):
+    """The sizes quoted next to the kernels: B·N·K·D residuals and B·C·K²·H'·W' unfolded taps."""
+    assert bench.EncodingOp.avoided_elements(dict(B=8, N=1024, K=32, D=128)) == 8 * 1024 * 32 * 128
+    # 'same' padding: stride 1 keeps 56x56, stride 2 gives 28x28.
+    inv = dict(B=8, H=56, W=56, C=64, G=4, K=7, stride=1)
+    assert bench.InvolutionOp.avoided_elements(inv) == 8 * 64 * 49 * 56 * 56
+    assert bench.InvolutionOp.geometry(dict(inv, K=3, stride=2)) == (1, 28, 28)
+
+
+def test_implementations_per_backend(bench):
+    assert [i.name for i in bench.implementations("cpu", torch_available=True)] == list(CPU_IMPLS)
+    assert [i.name for i in bench.implementations("cpu", torch_available=False)] == ["xla", "pallas-interpret"]
+    gpu = bench.implementations("gpu", torch_available=True)
+    assert [i.name for i in gpu] == ["xla", "pallas"]
+    assert dict(gpu[1].kwargs) == {"impl": "pallas"} and not gpu[1].interpreted
+
+
+def test_skips_are_reported_with_a_reason(bench, monkeypatch):
+    interp = bench.Impl("pallas-interpret", "jax", (("impl", "pallas"), ("interpret", True)))
+    huge = dict(B=64, N=128 * 128, K=64, D=1024)
+    assert "Pallas interpreter estimated" in bench.skip_reason(interp, bench.EncodingOp, huge, "fwd", 4)
+    monkeypatch.setattr(bench, "available_memory_bytes", lambda: 2**30)
+    torch_impl = bench.Impl("torch", "torch")
+    assert "of the available RAM" in bench.skip_reason(torch_impl, bench.EncodingOp, huge, "fwd", 4)
+    tiny = dict(B=1, N=4, K=2, D=4)
+    assert bench.skip_reason(torch_impl, bench.EncodingOp, tiny, "fwd+bwd", 4) is None
+
+    skipped = dict(op="encoding", impl="torch", shape=huge, dtype="float32", avoided_tensor_bytes=4,
+                   skipped="too big", **{"pass": "fwd"})
+    measured = dict(skipped, impl="xla", time_ms=1.5, peak_bytes=2**20)
+    del measured["skipped"]
+    text = bench.table([measured, skipped], bench.implementations("cpu", torch_available=True))
+    row = text.splitlines()[2].split()
+    assert row[-7:] == ["1.5", "1", "-", "-", "-", "-", "3.81e-06"]
+
+
+def test_command_line_errors(bench):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--ops", "encoding,conv"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--repeats", "0"])
+    args = bench.parse_args(["--ops", "involution", "--dtype", "bfloat16"])
+    assert args.ops == ["involution"] and args.dtype == "bfloat16"
+
+
+def test_bandwidth_arithmetic(bench):
+    row = dict(min_io_bytes=2 * 10**9, time_ms=1000.0)
+    bench.add_bandwidth(row, copy_gbps=4.0)
+    assert row["bandwidth_gbps"] == pytest.approx(2.0)
+    assert row["bandwidth_fraction"] == pytest.approx(0.5)
+    assert bench.copy_bandwidth_gbps(1 << 20, repeats=2) > 0
+
+
+@pytest.mark.slow
+def test_gpu_code_path_with_the_interpreter(bench, monkeypatch, tmp_path, capsys):
+    """backend 'gpu': copy bandwidth, per-result bandwidth, no torch; kernels interpreted on CPU."""
+    monkeypatch.setattr(bench, "detect_backend", lambda: "gpu")
+    monkeypatch.setattr(bench, "PALLAS_GPU_KWARGS", {"impl": "pallas", "interpret": True})
+    monkeypatch.setattr(bench, "COPY_BANDWIDTH_BYTES", 1 << 20)
+    out = tmp_path / "gpu.json"
+    assert bench.main(["--quick", "--repeats", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "copy bandwidth:" in printed and "of copy" in printed
+
+    report = json.loads(out.read_text())
+    assert report["implementations"] == ["xla", "pallas"]
+    assert report["copy_bandwidth_gbps"] > 0
+    assert len(report["results"]) == len(OPS) * 2 * len(PASSES)
+    for row in report["results"]:
+        assert row["bandwidth_gbps"] > 0
+        assert row["bandwidth_fraction"] == pytest.approx(row["bandwidth_gbps"] / report["copy_bandwidth_gbps"])
+        assert row["bandwidth_gbps"] == pytest.approx(row["min_io_bytes"] / row["time_ms"] / 1e6)
