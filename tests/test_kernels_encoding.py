@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from parity import assert_close, random_input
 
-from jaxenc.kernels.encoding import _plan, encoding, encoding_reference, scaled_l2_reference
+from jaxenc.kernels.encoding_op import _plan, encoding, encoding_reference, scaled_l2_reference
 from jaxenc.nn.encoding import Encoding, EncodingDrop
 
 BF16_RTOL = 2e-2

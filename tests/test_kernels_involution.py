@@ -31,13 +31,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from jaxenc.kernels.involution import involution, involution_reference
+from jaxenc.kernels.involution_op import involution, involution_reference
 from jaxenc.nn import Involution2d
 from parity import assert_close, random_input
 
-# The package re-exports the function under the module's name (jaxenc.kernels.involution is the
-# function as an attribute), so the modules come from the import system.
-inv_mod = importlib.import_module("jaxenc.kernels.involution")
+inv_mod = importlib.import_module("jaxenc.kernels.involution_op")
+# jaxenc.nn re-exports the function ``involution``; the module comes from the import system.
 nn_conv = importlib.import_module("jaxenc.nn.conv")
 
 BF16_RTOL = 2e-2

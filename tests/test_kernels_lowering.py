@@ -23,8 +23,8 @@ from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
 from jaxenc.kernels import encoding, involution
 from jaxenc.kernels._common import compiler_params
-from jaxenc.kernels.encoding import _plan
-from jaxenc.kernels.involution import _geometry
+from jaxenc.kernels.encoding_op import _plan
+from jaxenc.kernels.involution_op import _geometry
 
 H100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
 TRITON_CALL = "__gpu$xla.gpu.triton"

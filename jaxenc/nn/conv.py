@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxenc._checks import check_channels, check_divisible, check_positive_int, check_rank, conv_output_hw
-from jaxenc.kernels.involution import involution, strided_taps
+from jaxenc.kernels.involution_op import involution, strided_taps
 from jaxenc.nn.module_utils import cast_input
 from jaxenc.nn.norm import BatchNorm
 from jaxenc.nn.regularization import DropBlock2D

@@ -36,8 +36,8 @@ import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
 from jaxenc._checks import check_channels, check_divisible, check_positive_int, check_rank
-from jaxenc.kernels.encoding import aggregate_reference, scaled_l2_reference
-from jaxenc.kernels.encoding import encoding as fused_encoding
+from jaxenc.kernels.encoding_op import aggregate_reference, scaled_l2_reference
+from jaxenc.kernels.encoding_op import encoding as fused_encoding
 from jaxenc.nn.module_utils import cast_input
 from jaxenc.nn.torch_compat import conv2d_nhwc, conv_args, conv_output_size, torch_uniform_init
 from jaxenc.port import register_torch_leaf_names
