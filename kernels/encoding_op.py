@@ -84,6 +84,28 @@ def encoding_reference(x: jax.Array, codewords: jax.Array, scale: jax.Array) -> 
 # Public entry point
 
 
+def check_codebook(x, codewords, where: str) -> tuple[int, int]:
+    """Validate x (B, N, D) against codewords (K, D); return (K, D)."""
+    check_rank(x, 3, "B, N, D", where)
+    check_rank(codewords, 2, "K, D", where, name="codewords")
+    k, d = codewords.shape
+    if x.shape[-1] != d:
+        raise ValueError(
+            f"{where}: x has D={x.shape[-1]} features on its last axis (shape {tuple(x.shape)}) but "
+            f"codewords have D={d} (shape {tuple(codewords.shape)})"
+        )
+    return k, d
+
+
+def check_encoding_args(x, codewords, scale, where: str) -> tuple[int, int]:
+    """Validate x (B, N, D), codewords (K, D) and scale (K); return (K, D)."""
+    k, d = check_codebook(x, codewords, where)
+    check_rank(scale, 1, "K", where, name="scale")
+    if scale.shape[0] != k:
+        raise ValueError(f"{where}: scale has {scale.shape[0]} entries but there are K={k} codewords")
+    return k, d
+
+
 def encoding(
     x: jax.Array,
     codewords: jax.Array,
@@ -106,17 +128,7 @@ def encoding(
       (reverse mode).
     """
     where = "jaxenc.kernels.encoding"
-    check_rank(x, 3, "B, N, D", where)
-    check_rank(codewords, 2, "K, D", where, name="codewords")
-    check_rank(scale, 1, "K", where, name="scale")
-    k, d = codewords.shape
-    if x.shape[-1] != d:
-        raise ValueError(
-            f"{where}: x has D={x.shape[-1]} features on its last axis (shape {tuple(x.shape)}) but "
-            f"codewords have D={d} (shape {tuple(codewords.shape)})"
-        )
-    if scale.shape[0] != k:
-        raise ValueError(f"{where}: scale has {scale.shape[0]} entries but there are K={k} codewords")
+    k, d = check_encoding_args(x, codewords, scale, where)
     dtype = jnp.result_type(x, codewords)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"{where}: x and codewords must be floating point, got {x.dtype} and {codewords.dtype}")

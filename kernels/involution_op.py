@@ -335,53 +335,40 @@ def _weight_grad_kernel(x_ref, ct_ref, dw_ref, *, geo: _Geometry):
 # pallas_call wrappers
 
 
-def _row_tile_specs(geo: _Geometry, channels: int):
-    """(tw, channels) tile of a (B, rows, cols, G, C') array at (row, column tile, group, block)."""
-    return pl.BlockSpec((None, None, geo.tw, None, channels), lambda b, r, t, g, cb: (b, r, t, g, cb))
+def _gather_call(kernel, src, w, w_spec, rows: int, cols: int, geo: _Geometry, dtype, interpret: bool, name: str):
+    """Launch a tap-gather kernel over the (B, rows, column tiles, G, channel blocks) grid.
+
+    ``src`` (B, rows', cols', G, cgp) is seen whole per (batch, group, channel block); each program
+    writes a (tw, bc) tile of the (B, rows, cols, G, cgp) output.
+    """
+    b, hn, wn = src.shape[:3]
+    return pl.pallas_call(
+        functools.partial(kernel, geo=geo),
+        grid=(b, rows, cols // geo.tw, geo.groups, geo.cgp // geo.bc),
+        in_specs=[pl.BlockSpec((None, hn, wn, None, geo.bc), lambda b, r, t, g, cb: (b, 0, 0, g, cb)), w_spec],
+        out_specs=pl.BlockSpec((None, None, geo.tw, None, geo.bc), lambda b, r, t, g, cb: (b, r, t, g, cb)),
+        out_shape=jax.ShapeDtypeStruct((b, rows, cols, geo.groups, geo.cgp), dtype),
+        interpret=interpret,
+        compiler_params=compiler_params(),
+        name=name,
+    )(src, w)
 
 
 def _forward_call(xg, w, geo: _Geometry, dtype, interpret: bool):
-    b = xg.shape[0]
-    hn, wn = geo.padded_x_hw
-    kk = geo.k * geo.k
-    return pl.pallas_call(
-        functools.partial(_forward_kernel, geo=geo),
-        grid=(b, geo.ho, geo.wop // geo.tw, geo.groups, geo.cgp // geo.bc),
-        in_specs=[
-            pl.BlockSpec((None, hn, wn, None, geo.bc), lambda b, h, t, g, cb: (b, 0, 0, g, cb)),
-            pl.BlockSpec((None, None, geo.tw, None, kk), lambda b, h, t, g, cb: (b, h, t, g, 0)),
-        ],
-        out_specs=_row_tile_specs(geo, geo.bc),
-        out_shape=jax.ShapeDtypeStruct((b, geo.ho, geo.wop, geo.groups, geo.cgp), dtype),
-        interpret=interpret,
-        compiler_params=compiler_params(),
-        name="involution_forward",
-    )(xg, w)
+    # This output row's (tw, K²) weights.
+    w_spec = pl.BlockSpec((None, None, geo.tw, None, geo.k * geo.k), lambda b, h, t, g, cb: (b, h, t, g, 0))
+    return _gather_call(_forward_kernel, xg, w, w_spec, geo.ho, geo.wop, geo, dtype, interpret, "involution_forward")
 
 
 def _input_grad_call(ct, w, geo: _Geometry, dtype, interpret: bool):
-    b = ct.shape[0]
-    kk = geo.k * geo.k
     (sh, sw), (dh, dw), (ph, pw) = geo.stride, geo.dilation, geo.padding
     low = ((geo.k - 1) * dh - ph, (geo.k - 1) * dw - pw)
     total = (geo.h + (geo.k - 1) * dh, geo.wip + (geo.k - 1) * dw)
     interior = (sh - 1, sw - 1)
-    ctd = _pad_to(ct, low, total, interior)
-    wd = _pad_to(w, low, total, interior)
-    hn, wn = total
-    return pl.pallas_call(
-        functools.partial(_input_grad_kernel, geo=geo),
-        grid=(b, geo.h, geo.wip // geo.tw, geo.groups, geo.cgp // geo.bc),
-        in_specs=[
-            pl.BlockSpec((None, hn, wn, None, geo.bc), lambda b, r, t, g, cb: (b, 0, 0, g, cb)),
-            pl.BlockSpec((None, hn, wn, None, kk), lambda b, r, t, g, cb: (b, 0, 0, g, 0)),
-        ],
-        out_specs=_row_tile_specs(geo, geo.bc),
-        out_shape=jax.ShapeDtypeStruct((b, geo.h, geo.wip, geo.groups, geo.cgp), dtype),
-        interpret=interpret,
-        compiler_params=compiler_params(),
-        name="involution_input_grad",
-    )(ctd, wd)
+    ctd, wd = _pad_to(ct, low, total, interior), _pad_to(w, low, total, interior)
+    # The dilated weights are read at the same (shifted) positions as the cotangent.
+    w_spec = pl.BlockSpec((None, *total, None, geo.k * geo.k), lambda b, r, t, g, cb: (b, 0, 0, g, 0))
+    return _gather_call(_input_grad_kernel, ctd, wd, w_spec, geo.h, geo.wip, geo, dtype, interpret, "involution_input_grad")
 
 
 def _weight_grad_call(xg, ct, geo: _Geometry, dtype, interpret: bool):

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
 from jaxenc._checks import check_channels, check_divisible, check_positive_int, check_rank
-from jaxenc.kernels.encoding_op import aggregate_reference, scaled_l2_reference
+from jaxenc.kernels.encoding_op import aggregate_reference, check_codebook, check_encoding_args, scaled_l2_reference
 from jaxenc.kernels.encoding_op import encoding as fused_encoding
 from jaxenc.nn.module_utils import cast_input
 from jaxenc.nn.torch_compat import conv2d_nhwc, conv_args, conv_output_size, torch_uniform_init
@@ -66,25 +66,6 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 # Functional ops
 
 
-def _check_codebook(x, codewords, where: str) -> tuple[int, int]:
-    check_rank(x, 3, "B, N, D", where)
-    check_rank(codewords, 2, "K, D", where, name="codewords")
-    k, d = codewords.shape
-    if x.shape[-1] != d:
-        raise ValueError(
-            f"{where}: x has D={x.shape[-1]} features on its last axis (shape {tuple(x.shape)}) but "
-            f"codewords have D={d} (shape {tuple(codewords.shape)})"
-        )
-    return k, d
-
-
-def _check_scaled_l2_args(x, codewords, scale, where: str) -> None:
-    k, _ = _check_codebook(x, codewords, where)
-    check_rank(scale, 1, "K", where, name="scale")
-    if scale.shape[0] != k:
-        raise ValueError(f"{where}: scale has {scale.shape[0]} entries but there are K={k} codewords")
-
-
 def _compute_dtype(*arrays) -> Dtype:
     return jnp.result_type(*(a.dtype for a in arrays))
 
@@ -98,7 +79,7 @@ def scaled_l2(x: jax.Array, codewords: jax.Array, scale: jax.Array) -> jax.Array
 
     Shapes: x (B, N, D), codewords (K, D), scale (K) -> (B, N, K), float32.
     """
-    _check_scaled_l2_args(x, codewords, scale, "scaled_l2")
+    check_encoding_args(x, codewords, scale, "scaled_l2")
     dtype = _compute_dtype(x, codewords)
     return scaled_l2_reference(x.astype(dtype), codewords.astype(dtype), scale)
 
@@ -114,7 +95,7 @@ def aggregate(assignments: jax.Array, x: jax.Array, codewords: jax.Array) -> jax
     of x and codewords.
     """
     where = "aggregate"
-    k, _ = _check_codebook(x, codewords, where)
+    k, _ = check_codebook(x, codewords, where)
     check_rank(assignments, 3, "B, N, K", where, name="assignments")
     if assignments.shape != (*x.shape[:2], k):
         raise ValueError(
@@ -139,7 +120,7 @@ def encoding(
     Shapes: x (B, N, D), codewords (K, D), scale (K) -> (B, K, D) in the promoted dtype of x and
     codewords.
     """
-    _check_scaled_l2_args(x, codewords, scale, "encoding")
+    check_encoding_args(x, codewords, scale, "encoding")
     return fused_encoding(x, codewords, scale, impl=impl, interpret=interpret)
 
 
@@ -151,7 +132,7 @@ def pairwise_cosine(x: jax.Array, codewords: jax.Array, normalize: bool = False)
 
     Shapes: x (B, N, D), codewords (K, D) -> (B, N, K), float32.
     """
-    _check_codebook(x, codewords, "pairwise_cosine")
+    check_codebook(x, codewords, "pairwise_cosine")
     dtype = _compute_dtype(x, codewords)
     x, codewords = x.astype(dtype), codewords.astype(dtype)
     if normalize:
