@@ -11,7 +11,6 @@ import pytest
 
 from jaxenc.port import torch_to_flax
 import torch
-import torch.nn.functional as F
 from flax.traverse_util import flatten_dict
 from parity import assert_close, check_module_parity, random_input, randomise_batchnorm
 

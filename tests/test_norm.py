@@ -116,7 +116,6 @@ def test_errors_name_the_argument():
 def _sharded_bn_equals_whole_batch():
     """Runs with 4 CPU devices: BatchNorm(axis_name='data') under shard_map == whole-batch BN."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
     from jax.sharding import AxisType, PartitionSpec as P
 

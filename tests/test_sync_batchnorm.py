@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from jaxenc.nn import BatchNorm, SyncBatchNorm, convert_sync_batchnorm, recompute_batch_stats, revert_sync_batchnorm
 from multidevice import REPO, run_with_cpu_devices
