@@ -49,3 +49,33 @@ def vit_module(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@functools.cache
+def resnest_torch():
+    """``resnest.torch.models`` (resnest 0.0.6b20211014): the torch ResNet/ResNeSt backbone (radix,
+    cardinality, deep stem, avg_down, avd, DropBlock) that PyTorch-Encoding's backbone restates.
+
+    Returns a namespace with ``resnet`` (ResNet, Bottleneck) and ``splat`` (SplAtConv2d). The
+    package's ``build`` module needs fvcore (not installed) for a registry only; a stub registry
+    stands in for it.
+    """
+    base = _package_dir("resnest") + "/torch/models"
+    pkg_name = "_jaxenc_resnest_models"
+    if pkg_name not in sys.modules:
+        pkg = types.ModuleType(pkg_name)
+        pkg.__path__ = [base]
+        sys.modules[pkg_name] = pkg
+        build = types.ModuleType(f"{pkg_name}.build")
+
+        class _Registry:
+            def register(self, obj=None):
+                return obj if obj is not None else (lambda o: o)
+
+        build.RESNEST_MODELS_REGISTRY = _Registry()
+        sys.modules[f"{pkg_name}.build"] = build
+    return types.SimpleNamespace(
+        resnet=importlib.import_module(f"{pkg_name}.resnet"),
+        splat=importlib.import_module(f"{pkg_name}.splat"),
+        resnest=importlib.import_module(f"{pkg_name}.resnest"),
+    )

@@ -1,0 +1,60 @@
+"""Model registry: every named model (upstream's ``get_model`` names plus jaxenc's additions).
+
+A constructor registers under one or more lower-case names with preset keyword arguments;
+:func:`get_model` applies the presets, then the caller's overrides. Unknown names raise a
+ValueError that lists the closest registered names.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Any, Callable
+
+__all__ = ["get_model", "list_models", "register_model"]
+
+_REGISTRY: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {}
+
+
+def register_model(name: str, **presets: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: register ``fn`` as ``name`` (lower-cased) with preset keyword arguments.
+
+    Stack it to register one constructor under several names with different presets.
+    """
+    key = name.lower()
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if key in _REGISTRY and _REGISTRY[key][0] is not fn:
+            raise ValueError(f"register_model: {key!r} is already registered to {_REGISTRY[key][0].__qualname__}")
+        _REGISTRY[key] = (fn, dict(presets))
+        return fn
+
+    return decorate
+
+
+def list_models() -> list[str]:
+    """Sorted names accepted by :func:`get_model`."""
+    _import_model_modules()
+    return sorted(_REGISTRY)
+
+
+def get_model(name: str, **overrides: Any):
+    """Build the named model (a Flax module); ``overrides`` replace the name's presets.
+
+    The name is lower-cased, as upstream's ``get_model`` does.
+    """
+    _import_model_modules()
+    if not isinstance(name, str):
+        raise TypeError(f"get_model: name must be a string, got {name!r}")
+    key = name.lower()
+    if key not in _REGISTRY:
+        close = difflib.get_close_matches(key, _REGISTRY, n=5, cutoff=0.5)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise ValueError(
+            f"get_model: unknown model {name!r}{hint} ({len(_REGISTRY)} models; see jaxenc.models.list_models())"
+        )
+    fn, presets = _REGISTRY[key]
+    return fn(**{**presets, **overrides})
+
+
+def _import_model_modules() -> None:
+    """Model modules register themselves on import; importing the package imports them all."""
+    import jaxenc.models  # noqa: F401
