@@ -1,6 +1,8 @@
 """Backbones, segmentation models and DeepTEN (PyTorch-Encoding's model zoo), the model registry
 and the pretrained-weight store."""
 from jaxenc.models.registry import get_model, list_models, register_model
+from jaxenc.models import resnet  # noqa: E402,F401  (registers the backbones)
+from jaxenc.models.resnet import BasicBlock, Bottleneck, ResNet
 from jaxenc.models.store import (
     PretrainedEntry,
     load_checkpoint,
@@ -12,7 +14,10 @@ from jaxenc.models.store import (
 )
 
 __all__ = [
+    "BasicBlock",
+    "Bottleneck",
     "PretrainedEntry",
+    "ResNet",
     "get_model",
     "list_models",
     "load_checkpoint",
