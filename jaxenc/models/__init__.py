@@ -1,8 +1,21 @@
 """Backbones, segmentation models and DeepTEN (PyTorch-Encoding's model zoo), the model registry
 and the pretrained-weight store."""
 from jaxenc.models.registry import get_model, list_models, register_model
-from jaxenc.models import resnet  # noqa: E402,F401  (registers the backbones)
+from jaxenc.models import deepten, heads, resnet, segmentation  # noqa: F401  (importing registers the models)
+from jaxenc.models.deepten import DeepTen
 from jaxenc.models.resnet import BasicBlock, Bottleneck, ResNet
+from jaxenc.models.segmentation import (
+    ATTEN,
+    DANet,
+    FCFPN,
+    FCN,
+    PSP,
+    BaseNet,
+    DeepLabV3,
+    EncNet,
+    UperNet,
+    get_segmentation_model,
+)
 from jaxenc.models.store import (
     PretrainedEntry,
     load_checkpoint,
@@ -14,6 +27,17 @@ from jaxenc.models.store import (
 )
 
 __all__ = [
+    "ATTEN",
+    "BaseNet",
+    "DANet",
+    "DeepLabV3",
+    "DeepTen",
+    "EncNet",
+    "FCFPN",
+    "FCN",
+    "PSP",
+    "UperNet",
+    "get_segmentation_model",
     "BasicBlock",
     "Bottleneck",
     "PretrainedEntry",

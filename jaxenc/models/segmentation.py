@@ -1,0 +1,476 @@
+"""PyTorch-Encoding's semantic segmentation models (``encoding/models/sseg``) in Flax, NHWC.
+
+:class:`BaseNet` holds the backbone (``pretrained``, a dilated :class:`jaxenc.models.resnet.ResNet`
+returning c1..c4), a ``head`` and, with ``aux``, an ``auxlayer`` (:class:`FCNHead` (1024) on c3).
+The models (spec/pytorch_encoding.md §3.2-3.3):
+
+=============  ===================================  =====================================================
+class          head                                 outputs (main and aux upsampled to the input size)
+=============  ===================================  =====================================================
+FCN            FCNHead(2048, with_global)           (main, [aux])
+PSP            PSPHead(2048)                        (main, [aux])
+EncNet         EncHead(2048, se_loss, lateral)      (main, [se], [aux]); se (B, nclass)
+DeepLabV3      DeepLabV3Head(2048) (ASPP 12/24/36)  (main, [aux])
+UperNet        UperNetHead (PPM + FPN), stride 32   (main,)
+FCFPN          FCFPNHead, stride 32                 (main,)
+ATTEN          ATTENHead (ACF + GAP + EncModule)    (main, [se], [aux])
+DANet          DANetHead (PAM + CAM)                (sum, position, channel, [aux])
+=============  ===================================  =====================================================
+
+Every model is called as ``model(x, train=False)`` with x (B, H, W, 3) (ImageNet-normalised, see
+``mean``/``std``) and returns a tuple of logits (B, H, W, nclass) (class axis last) plus, for the
+SE-loss models, se (B, nclass). Upsampling is bilinear with align_corners=True (upstream's
+``up_kwargs``). ``evaluate(x)`` returns the first output only. With ``train=True`` the norms use
+batch statistics (pass ``mutable=["batch_stats"]``) and dropout draws from the ``dropout`` rng.
+
+Names and weights: the backbone is the submodule ``pretrained`` and every other submodule is named as
+upstream, so an upstream segmentation checkpoint converts one to one with
+:func:`jaxenc.port.torch_to_flax` (``pretrained.layer1.0.conv1.weight``, ``head.conv5.0.weight``,
+``auxlayer.conv5.4.bias`` ...). The backbone has no ``fc`` (upstream sets ``pretrained.fc = None``).
+
+**No implicit downloads.** Upstream's BaseNet always builds its backbone with ``pretrained=True`` and
+so downloads ImageNet weights even for ``pretrained=False`` models (PyTorch-Encoding issue #395).
+Here constructors only build modules: a Flax module holds no weights. ImageNet backbone weights or
+whole-model checkpoints come from the model store, explicitly: ``jaxenc.models.load_pretrained(name)``
+for a full model, or load a backbone's variables and place them under ``params/pretrained`` and
+``batch_stats/pretrained``. ``pretrained=True`` raises a ValueError that says so.
+
+Registered names (:func:`jaxenc.models.get_model`): upstream's ``get_model`` segmentation names with
+their presets (ADE20K 150 classes, Pascal-Context 59, COCO 21; base/crop 520/480 except
+encnet_resnet101s_ade 640/576; aux as upstream; EncNet's lateral fusion for datasets whose name
+starts with 'p'), and jaxenc's generic ``<model>_<backbone>`` names (Pascal VOC's 21 classes unless
+``nclass`` or ``dataset`` is given):
+
+- upstream: encnet_resnet101s_coco, fcn_resnet50s_pcontext, encnet_resnet50s_pcontext,
+  encnet_resnet101s_pcontext, encnet_resnet50s_ade, encnet_resnet101s_ade, fcn_resnet50s_ade,
+  psp_resnet50s_ade, fcn_resnest50_ade, deeplab_resnest{50,101,200,269}_ade, fcn_resnest50_pcontext,
+  deeplab_resnest{50,101,200,269}_pcontext;
+- jaxenc: fcn_resnest50, encnet_resnet50s, deeplab_resnest50, psp_resnet50s, upernet_resnet50s,
+  fcfpn_resnet50s, atten_resnest50, danet_resnet50s.
+
+Deliberate differences from upstream:
+- ``pretrained=True`` does not download (see above); the backbone is never loaded implicitly.
+- encnet_resnet101s_coco really has the lateral fusion its constructor asks for (upstream's
+  dataset-name rule overwrites lateral=True with False for COCO). No upstream weights exist for it.
+- UperNet and FCFPN honour ``base_size``, ``crop_size``, ``mean``, ``std`` and the backbone options
+  (upstream drops them); they reject ``aux=True`` with a ValueError (upstream: assert, after its
+  default aux=True) and default to aux=False.
+- Default norm is :class:`jaxenc.nn.BatchNorm` for every model (upstream: SyncBatchNorm for
+  FCN/EncNet/ATTEN); pass ``norm_layer=functools.partial(jaxenc.nn.SyncBatchNorm, axis_name="data")``
+  inside a ``shard_map``/``pmap`` for synchronised statistics (without ``axis_name`` the two are
+  identical).
+- DANet accepts ``aux=True`` (an FCNHead on c3 appended to its outputs); upstream's DANet never builds it.
+- ATTEN(with_global=False) works (upstream raises NameError).
+- Unknown options raise ValueError naming the model and the option.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxenc._checks import check_positive_int
+from jaxenc.models import resnet as _resnet
+from jaxenc.models.heads import (
+    ATTENHead,
+    DANetHead,
+    DeepLabV3Head,
+    EncHead,
+    FCFPNHead,
+    FCNHead,
+    PSPHead,
+    UperNetHead,
+)
+from jaxenc.models.registry import register_model
+from jaxenc.nn.customize import check_up_kwargs
+from jaxenc.nn.norm import BatchNorm
+from jaxenc.nn.resample import interpolate_bilinear
+
+Dtype = Any
+NormLayer = Callable[..., nn.Module]
+
+__all__ = [
+    "ATTEN",
+    "BaseNet",
+    "DANet",
+    "DeepLabV3",
+    "EncNet",
+    "FCFPN",
+    "FCN",
+    "PSP",
+    "UperNet",
+    "SEGMENTATION_DATASETS",
+    "get_atten",
+    "get_backbone",
+    "get_danet",
+    "get_deeplab",
+    "get_encnet",
+    "get_fcfpn",
+    "get_fcn",
+    "get_psp",
+    "get_segmentation_model",
+    "get_upernet",
+]
+
+#: Number of classes of upstream's segmentation datasets (``encoding.datasets``), by dataset name.
+SEGMENTATION_DATASETS: dict[str, int] = {
+    "pascal_voc": 21,
+    "pascal_aug": 21,
+    "pcontext": 59,
+    "ade20k": 150,
+    "citys": 19,
+    "cityscapes": 19,
+    "coco": 21,
+}
+
+# Backbones a segmentation model can use: the bottleneck ResNets (the heads assume 1024/2048-channel
+# c3/c4, as upstream).
+_BACKBONES = (
+    "resnet50", "resnet101", "resnet152", "resnet50s", "resnet101s", "resnet152s", "resnet50d",
+    "resnext50_32x4d", "resnext101_32x8d", "resnest50", "resnest101", "resnest200", "resnest269",
+    "resnest50_fast", "resnest101_fast",
+)
+
+
+def get_backbone(name: str, **kwargs: Any) -> _resnet.ResNet:
+    """The named backbone (upstream ``sseg.base.get_backbone``), built WITHOUT weights.
+
+    ``kwargs`` are :class:`jaxenc.models.resnet.ResNet` fields (``dilated``, ``norm_layer``, ``dtype``,
+    ``dropblock_prob`` ...). Upstream's ``pretrained=True`` download is not done (issue #395); load
+    backbone weights explicitly from the model store.
+    """
+    if not isinstance(name, str) or name.lower() not in _BACKBONES:
+        raise ValueError(f"get_backbone: unknown backbone {name!r}; segmentation backbones: {', '.join(_BACKBONES)}")
+    return getattr(_resnet, name.lower())(**kwargs)
+
+
+class BaseNet(nn.Module):
+    """Segmentation base (upstream ``BaseNet``): backbone ``pretrained`` + ``head`` (+ ``auxlayer``).
+
+    Fields: ``nclass``; ``backbone`` (a name from :func:`get_backbone`); ``aux`` (FCNHead(1024) on c3);
+    ``se_loss`` (EncNet/ATTEN semantic-encoding output); ``dilated`` (output stride 8 backbone);
+    ``norm_layer`` (``norm_layer(num_features, *, name, dtype, param_dtype)``, used in the backbone and
+    the heads); ``base_size``, ``crop_size``, ``mean``, ``std`` (evaluation metadata, as upstream);
+    ``up_kwargs`` (``{'mode': 'bilinear', 'align_corners': True}`` when None); ``backbone_kwargs``
+    (extra ResNet fields, e.g. ``{'dropblock_prob': 0.1}``); ``dtype`` (compute dtype), ``param_dtype``.
+
+    ``__call__(x, train=False)``: x (B, H, W, 3) -> tuple of outputs (see the module docstring).
+    """
+
+    nclass: int
+    backbone: str = "resnet50s"
+    aux: bool = True
+    se_loss: bool = False
+    dilated: bool = True
+    norm_layer: NormLayer = BatchNorm
+    base_size: int = 520
+    crop_size: int = 480
+    mean: Sequence[float] = (0.485, 0.456, 0.406)
+    std: Sequence[float] = (0.229, 0.224, 0.225)
+    up_kwargs: Mapping[str, Any] | None = None
+    backbone_kwargs: Mapping[str, Any] | None = None
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    # Number of leading head outputs that are spatial logits (upsampled to the input size).
+    _n_spatial = 1
+
+    def _kw(self) -> dict:
+        return dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+    def _validate(self) -> None:
+        where = type(self).__name__
+        check_positive_int(self.nclass, "nclass", where)
+        check_up_kwargs(self.up_kwargs, where)
+        for name in ("base_size", "crop_size"):
+            check_positive_int(getattr(self, name), name, where)
+
+    def make_head(self) -> nn.Module:
+        raise NotImplementedError
+
+    def head_forward(self, features: tuple[jax.Array, ...], train: bool) -> tuple[jax.Array, ...]:
+        """The head's outputs (a tuple) from the backbone features (c1, c2, c3, c4)."""
+        return (self.head(features[-1], train=train),)
+
+    def setup(self) -> None:
+        self._validate()
+        options = dict(self.backbone_kwargs or {})
+        clash = sorted(set(options) & {"dilated", "norm_layer", "dtype", "param_dtype"})
+        if clash:
+            raise ValueError(f"{type(self).__name__}: backbone_kwargs must not set {clash}; use the model's own fields")
+        try:
+            self.pretrained = get_backbone(
+                self.backbone, dilated=self.dilated, norm_layer=self.norm_layer, **self._kw(), **options
+            )
+        except ValueError as err:
+            raise ValueError(f"{type(self).__name__}: {err}") from None
+        self.head = self.make_head()
+        if self.aux:
+            self.auxlayer = FCNHead(1024, self.nclass, self.norm_layer, **self._kw())
+
+    def base_forward(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, ...]:
+        """Backbone features (c1, c2, c3, c4): the layer1..layer4 outputs."""
+        return self.pretrained(x, train=train, return_features=True)
+
+    def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, ...]:
+        x = jnp.asarray(x)
+        if x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(
+                f"{type(self).__name__}: expected an NHWC image batch (B, H, W, 3), got shape {tuple(x.shape)}"
+            )
+        size = tuple(x.shape[1:3])
+        align = check_up_kwargs(self.up_kwargs, type(self).__name__)
+        features = self.base_forward(x, train=train)
+        outputs = list(self.head_forward(features, train))
+        for i in range(self._n_spatial):
+            outputs[i] = interpolate_bilinear(outputs[i], size, align_corners=align)
+        if self.aux:
+            outputs.append(interpolate_bilinear(self.auxlayer(features[2], train=train), size, align_corners=align))
+        return tuple(outputs)
+
+    def evaluate(self, x: jax.Array) -> jax.Array:
+        """Inference logits (B, H, W, nclass): the first output (upstream ``BaseNet.evaluate`` without target)."""
+        return self(x, train=False)[0]
+
+
+class FCN(BaseNet):
+    """FCN (Long et al., "Fully Convolutional Networks for Semantic Segmentation", CVPR 2015) on a
+    dilated ResNet: :class:`FCNHead` (2048) on c4, optional image-pool branch (``with_global``)."""
+
+    with_global: bool = False
+
+    def make_head(self) -> nn.Module:
+        return FCNHead(2048, self.nclass, self.norm_layer, self.up_kwargs, self.with_global, **self._kw())
+
+
+class PSP(BaseNet):
+    """PSPNet (Zhao et al., "Pyramid Scene Parsing Network", CVPR 2017): :class:`PSPHead` on c4."""
+
+    def make_head(self) -> nn.Module:
+        return PSPHead(2048, self.nclass, self.norm_layer, self.up_kwargs, **self._kw())
+
+
+class EncNet(BaseNet):
+    """EncNet (Zhang et al., "Context Encoding for Semantic Segmentation", CVPR 2018): :class:`EncHead`
+    (context encoding with K=32 codewords, channel excitation, SE-loss output; ``lateral`` c2/c3 fusion).
+    Outputs (main, [se], [aux])."""
+
+    se_loss: bool = True
+    lateral: bool = False
+
+    def make_head(self) -> nn.Module:
+        return EncHead(2048, self.nclass, se_loss=self.se_loss, lateral=self.lateral, norm_layer=self.norm_layer,
+                       up_kwargs=self.up_kwargs, **self._kw())
+
+    def head_forward(self, features, train):
+        return self.head(*features, train=train)
+
+
+class DeepLabV3(BaseNet):
+    """DeepLabV3 (Chen et al., "Rethinking Atrous Convolution for Semantic Image Segmentation",
+    arXiv:1706.05587): :class:`DeepLabV3Head` (ASPP with rates ``atrous_rates``) on c4."""
+
+    atrous_rates: Sequence[int] = (12, 24, 36)
+
+    def make_head(self) -> nn.Module:
+        return DeepLabV3Head(2048, self.nclass, self.norm_layer, self.up_kwargs, tuple(self.atrous_rates), **self._kw())
+
+
+class _FPNNet(BaseNet):
+    aux: bool = False
+    dilated: bool = False
+
+    def _validate(self) -> None:
+        super()._validate()
+        if self.aux:
+            raise ValueError(f"{type(self).__name__}: aux=True is not supported (no auxiliary head); use aux=False")
+
+    def head_forward(self, features, train):
+        return self.head(*features, train=train)
+
+
+class UperNet(_FPNNet):
+    """UperNet (Xiao et al., "Unified Perceptual Parsing for Scene Understanding", ECCV 2018):
+    :class:`UperNetHead` (pyramid pooling on c4 + FPN over c1..c4), non-dilated backbone (stride 32),
+    logits at stride 4 upsampled to the input. No aux head."""
+
+    def make_head(self) -> nn.Module:
+        return UperNetHead(self.nclass, self.norm_layer, (256, 512, 1024, 2048), 256, self.up_kwargs, **self._kw())
+
+
+class FCFPN(_FPNNet):
+    """FCN with a feature pyramid (upstream ``FCFPN``): :class:`FCFPNHead` over c1..c4 of a
+    non-dilated backbone. No aux head."""
+
+    def make_head(self) -> nn.Module:
+        return FCFPNHead(self.nclass, self.norm_layer, (256, 512, 1024, 2048), 256, self.up_kwargs, **self._kw())
+
+
+class ATTEN(BaseNet):
+    """CFNet's ATTEN model (Zhang et al., "Co-occurrent Features in Semantic Segmentation", CVPR 2019):
+    :class:`ATTENHead` (``nheads``-head ACF attention, global pooling, EncModule) on c4. Input H and W
+    must be multiples of 16 (the ACF pools the stride-8 features by 2). Outputs (main, [se], [aux])."""
+
+    nheads: int = 8
+    nmixs: int = 1
+    with_global: bool = True
+    with_enc: bool = True
+    with_lateral: bool = False
+
+    def make_head(self) -> nn.Module:
+        return ATTENHead(2048, self.nclass, self.norm_layer, self.up_kwargs, nheads=self.nheads, nmixs=self.nmixs,
+                         with_global=self.with_global, with_enc=self.with_enc, se_loss=self.se_loss,
+                         lateral=self.with_lateral, **self._kw())
+
+    def head_forward(self, features, train):
+        return self.head(*features, train=train)
+
+
+class DANet(BaseNet):
+    """DANet (Fu et al., "Dual Attention Network for Scene Segmentation", CVPR 2019; junfu1115/DANet):
+    :class:`DANetHead` on c4. Outputs (fused, position-branch, channel-branch logits, [aux]), all
+    upsampled to the input size."""
+
+    aux: bool = False
+    _n_spatial = 3
+
+    def make_head(self) -> nn.Module:
+        return DANetHead(2048, self.nclass, self.norm_layer, **self._kw())
+
+    def head_forward(self, features, train):
+        return self.head(features[-1], train=train)
+
+
+_MODELS: dict[str, type[BaseNet]] = {
+    "fcn": FCN,
+    "psp": PSP,
+    "encnet": EncNet,
+    "deeplab": DeepLabV3,
+    "upernet": UperNet,
+    "fcfpn": FCFPN,
+    "atten": ATTEN,
+    "danet": DANet,
+}
+
+
+def get_segmentation_model(
+    name: str,
+    dataset: str = "pascal_voc",
+    backbone: str = "resnet50s",
+    nclass: int | None = None,
+    pretrained: bool = False,
+    **kwargs: Any,
+) -> BaseNet:
+    """Build a segmentation model (upstream ``get_segmentation_model``), without weights.
+
+    Args:
+      name: 'fcn', 'psp', 'encnet', 'deeplab', 'upernet', 'fcfpn', 'atten' or 'danet'.
+      dataset: sets ``nclass`` when it is None (:data:`SEGMENTATION_DATASETS`), and for EncNet the
+        lateral fusion when ``lateral`` is not given (datasets whose name starts with 'p').
+      backbone: a :func:`get_backbone` name.
+      nclass: number of classes (overrides the dataset's).
+      pretrained: must be False: weights come from ``jaxenc.models.load_pretrained`` (no implicit
+        downloads; upstream issue #395).
+      kwargs: fields of the model class (``aux``, ``se_loss``, ``norm_layer``, ``dtype``, ...).
+    """
+    key = name.lower() if isinstance(name, str) else name
+    if key not in _MODELS:
+        raise ValueError(f"get_segmentation_model: unknown model {name!r}; choose one of {sorted(_MODELS)}")
+    cls = _MODELS[key]
+    where = f"get_segmentation_model({key!r})"
+    if pretrained:
+        raise ValueError(
+            f"{where}: pretrained=True does not download weights here (no implicit downloads, upstream issue "
+            "#395); build the model, then load its variables with jaxenc.models.load_pretrained(<model name>, ...)"
+        )
+    if nclass is None:
+        if not isinstance(dataset, str) or dataset.lower() not in SEGMENTATION_DATASETS:
+            raise ValueError(
+                f"{where}: unknown dataset {dataset!r}; give nclass, or one of {sorted(SEGMENTATION_DATASETS)}"
+            )
+        nclass = SEGMENTATION_DATASETS[dataset.lower()]
+    if cls is EncNet and kwargs.get("lateral") is None:
+        kwargs["lateral"] = isinstance(dataset, str) and dataset.lower().startswith("p")
+    fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name", "nclass", "backbone"}
+    unknown = sorted(set(kwargs) - fields)
+    if unknown:
+        raise ValueError(f"{where}: unknown option(s) {unknown}; valid options: {sorted(fields)}")
+    if not isinstance(backbone, str) or backbone.lower() not in _BACKBONES:
+        raise ValueError(f"{where}: unknown backbone {backbone!r}; segmentation backbones: {', '.join(_BACKBONES)}")
+    return cls(nclass=nclass, backbone=backbone.lower(), **kwargs)
+
+
+# --- registered constructors ----------------------------------------------------------------------
+
+
+def _constructor(model: str):
+    def build(dataset: str = "pascal_voc", backbone: str = "resnet50s", nclass: int | None = None,
+              pretrained: bool = False, **kwargs: Any) -> BaseNet:
+        return get_segmentation_model(model, dataset=dataset, backbone=backbone, nclass=nclass,
+                                      pretrained=pretrained, **kwargs)
+
+    build.__name__ = build.__qualname__ = f"get_{model}"
+    build.__doc__ = (
+        f"Upstream ``get_{model}(dataset, backbone, ...)``: a :class:`{_MODELS[model].__name__}` (no weights; "
+        f"see :func:`get_segmentation_model`)."
+    )
+    return build
+
+
+get_fcn = _constructor("fcn")
+get_psp = _constructor("psp")
+get_encnet = _constructor("encnet")
+get_deeplab = _constructor("deeplab")
+get_upernet = _constructor("upernet")
+get_fcfpn = _constructor("fcfpn")
+get_atten = _constructor("atten")
+get_danet = _constructor("danet")
+
+_ADE = dict(dataset="ade20k")
+_PCONTEXT = dict(dataset="pcontext")
+
+# Upstream's model_zoo names (spec/pytorch_encoding.md §3.4) and their presets.
+_UPSTREAM_NAMES: dict[str, tuple[Callable[..., BaseNet], dict[str, Any]]] = {
+    "encnet_resnet101s_coco": (get_encnet, dict(dataset="coco", backbone="resnet101s", aux=True, base_size=520,
+                                                crop_size=480, lateral=True)),
+    "fcn_resnet50s_pcontext": (get_fcn, dict(_PCONTEXT, backbone="resnet50s", aux=False)),
+    "encnet_resnet50s_pcontext": (get_encnet, dict(_PCONTEXT, backbone="resnet50s", aux=True, base_size=520,
+                                                   crop_size=480)),
+    "encnet_resnet101s_pcontext": (get_encnet, dict(_PCONTEXT, backbone="resnet101s", aux=True, base_size=520,
+                                                    crop_size=480)),
+    "encnet_resnet50s_ade": (get_encnet, dict(_ADE, backbone="resnet50s", aux=True, base_size=520, crop_size=480)),
+    "encnet_resnet101s_ade": (get_encnet, dict(_ADE, backbone="resnet101s", aux=True, base_size=640, crop_size=576)),
+    "fcn_resnet50s_ade": (get_fcn, dict(_ADE, backbone="resnet50s")),
+    "psp_resnet50s_ade": (get_psp, dict(_ADE, backbone="resnet50s")),
+    "fcn_resnest50_ade": (get_fcn, dict(_ADE, backbone="resnest50", aux=True)),
+    "fcn_resnest50_pcontext": (get_fcn, dict(_PCONTEXT, backbone="resnest50", aux=True)),
+    **{
+        f"deeplab_resnest{depth}_{acronym}": (get_deeplab, dict(dataset=dataset, backbone=f"resnest{depth}", aux=True))
+        for acronym, dataset in (("ade", "ade20k"), ("pcontext", "pcontext"))
+        for depth in (50, 101, 200, 269)
+    },
+}
+
+# jaxenc's generic names: one per model class, default dataset Pascal VOC (21 classes).
+_GENERIC_NAMES: dict[str, tuple[Callable[..., BaseNet], dict[str, Any]]] = {
+    "fcn_resnest50": (get_fcn, dict(backbone="resnest50")),
+    "encnet_resnet50s": (get_encnet, dict(backbone="resnet50s")),
+    "deeplab_resnest50": (get_deeplab, dict(backbone="resnest50")),
+    "psp_resnet50s": (get_psp, dict(backbone="resnet50s")),
+    "upernet_resnet50s": (get_upernet, dict(backbone="resnet50s")),
+    "fcfpn_resnet50s": (get_fcfpn, dict(backbone="resnet50s")),
+    "atten_resnest50": (get_atten, dict(backbone="resnest50")),
+    "danet_resnet50s": (get_danet, dict(backbone="resnet50s")),
+}
+
+#: Every segmentation name registered in :mod:`jaxenc.models.registry` by this module.
+SEGMENTATION_MODEL_NAMES: tuple[str, ...] = tuple(_UPSTREAM_NAMES) + tuple(_GENERIC_NAMES)
+
+for _name, (_fn, _presets) in {**_UPSTREAM_NAMES, **_GENERIC_NAMES}.items():
+    register_model(_name, **_presets)(_fn)
+del _name, _fn, _presets
+
+__all__ += ["SEGMENTATION_MODEL_NAMES"]
