@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 from typing import Any, Callable
 
-__all__ = ["get_model", "list_models", "register_model"]
+__all__ = ["close_match_hint", "get_model", "list_models", "register_model"]
 
 _REGISTRY: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {}
 
@@ -46,13 +46,17 @@ def get_model(name: str, **overrides: Any):
         raise TypeError(f"get_model: name must be a string, got {name!r}")
     key = name.lower()
     if key not in _REGISTRY:
-        close = difflib.get_close_matches(key, _REGISTRY, n=5, cutoff=0.5)
-        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise ValueError(
-            f"get_model: unknown model {name!r}{hint} ({len(_REGISTRY)} models; see jaxenc.models.list_models())"
+            f"get_model: unknown model {name!r}{close_match_hint(key, _REGISTRY)} ({len(_REGISTRY)} models; see jaxenc.models.list_models())"
         )
     fn, presets = _REGISTRY[key]
     return fn(**{**presets, **overrides})
+
+
+def close_match_hint(key: str, candidates) -> str:
+    """'; did you mean 'a', 'b'?' for the registered names closest to ``key`` ('' when none is close)."""
+    close = difflib.get_close_matches(key, list(candidates), n=5, cutoff=0.5)
+    return f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
 
 
 def _import_model_modules() -> None:

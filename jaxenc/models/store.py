@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import hashlib
 import io
 import json
@@ -47,6 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 from flax.traverse_util import flatten_dict
+
+from jaxenc.models.registry import close_match_hint
 
 __all__ = [
     "LOCK_TIMEOUT",
@@ -210,10 +211,8 @@ def pretrained_entry(name: str) -> PretrainedEntry:
         raise TypeError(f"pretrained weights: name must be a string, got {name!r}")
     key = name.lower()
     if key not in _PRETRAINED:
-        close = difflib.get_close_matches(key, _PRETRAINED, n=5, cutoff=0.5)
-        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise ValueError(
-            f"pretrained weights for {name!r} are not registered{hint} "
+            f"pretrained weights for {name!r} are not registered{close_match_hint(key, _PRETRAINED)} "
             f"(see jaxenc.models.store.pretrained_model_list(); register your own with register_pretrained)"
         )
     return _PRETRAINED[key]
