@@ -73,6 +73,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict
 
+from jaxenc._checks import check_probability
 from jaxenc.models.registry import register_model
 from jaxenc.nn.conv import RFConv2d, SplAtConv2d
 from jaxenc.nn.norm import BatchNorm
@@ -118,14 +119,6 @@ def he_fan_out_normal(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.flo
     kh, kw, _, out = shape
     std = np.sqrt(2.0 / (kh * kw * out))
     return (jax.random.normal(key, tuple(shape), jnp.float32) * std).astype(dtype)
-
-
-def _check_prob(value, name: str, where: str, upper_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{where}: {name} must be a probability in [0, 1], got {value!r}")
-    if upper_open and value == 1.0:
-        raise ValueError(f"{where}: {name} must be < 1 (it would drop every feature), got {value!r}")
-    return float(value)
 
 
 def _check_int(value, name: str, where: str, minimum: int = 1) -> int:
@@ -197,6 +190,37 @@ class _Downsample(nn.Module):
         return self.norm_layer(self.out_channels, name="1", **kw)(x, train=train)
 
 
+def _conv3x3(module: nn.Module, x: jax.Array, out: int, *, stride: int, padding: int, dilation: int = 1,
+             groups: int = 1, name: str) -> jax.Array:
+    """``module``'s 3x3 conv child ``name``: :class:`RFConv2d` with ``module.rectified_conv`` (kernels
+    redrawn He fan-out at init, as upstream's init loop does), else a plain conv with that init."""
+    args = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, bias=False, name=name,
+                dtype=module.dtype, param_dtype=module.param_dtype)
+    if module.rectified_conv:
+        y = RFConv2d(x.shape[-1], out, 3, average_mode=module.rectify_avg, **args)(x)
+        _he_reinit_convs(module, name)
+        return y
+    return Conv2d(out, 3, in_channels=x.shape[-1], kernel_init=he_fan_out_normal, **args)(x)
+
+
+def _dropblock(module: nn.Module, x: jax.Array, name: str, train: bool) -> jax.Array:
+    """``module``'s DropBlock2D child ``name`` (block size 3), absent when ``dropblock_prob`` is 0."""
+    if module.dropblock_prob <= 0.0:
+        return x
+    return DropBlock2D(module.dropblock_prob, 3, name=name)(x, train=train)
+
+
+def _add_shortcut(module: nn.Module, x: jax.Array, out: jax.Array, train: bool) -> jax.Array:
+    """ReLU(out + shortcut(x)): ``downsample`` (a :class:`_Downsample` child) when the block has one."""
+    residual = x
+    if module.downsample:
+        residual = _Downsample(
+            out.shape[-1], module.stride, module.avg_down, module.norm_layer, name="downsample",
+            dtype=module.dtype, param_dtype=module.param_dtype,
+        )(x, train=train)
+    return jax.nn.relu(out + residual.astype(out.dtype))
+
+
 class Bottleneck(nn.Module):
     """PyTorch-Encoding's ResNet/ResNeXt/ResNeSt Bottleneck (expansion 4).
 
@@ -246,31 +270,21 @@ class Bottleneck(nn.Module):
             return avg_pool2d(v, 3, self.stride, padding=1)  # count_include_pad=True, as torch's default
 
         out = Conv2d(gw, 1, bias=False, kernel_init=he_fan_out_normal, name="conv1", **kw)(x)
-        out = norm(gw, name="bn1", **kw)(out, train=train)
-        if drop > 0.0:
-            out = DropBlock2D(drop, 3, name="dropblock1")(out, train=train)
-        out = jax.nn.relu(out)
+        out = jax.nn.relu(_dropblock(self, norm(gw, name="bn1", **kw)(out, train=train), "dropblock1", train))
         if avd and self.avd_first:
             out = avd_pool(out)
 
         d = self.dilation
-        conv_args = dict(stride=stride, padding=d, dilation=d, groups=self.cardinality, bias=False)
         if self.radix > 1:
             out = SplAtConv2d(
-                gw, gw, 3, radix=self.radix, rectify=self.rectified_conv, rectify_avg=self.rectify_avg,
-                norm_layer=norm, dropblock_prob=drop, name="conv2", **conv_args, **kw,
+                gw, gw, 3, stride=stride, padding=d, dilation=d, groups=self.cardinality, bias=False,
+                radix=self.radix, rectify=self.rectified_conv, rectify_avg=self.rectify_avg,
+                norm_layer=norm, dropblock_prob=drop, name="conv2", **kw,
             )(out, train=train)
             _he_reinit_convs(self, "conv2")
         else:
-            if self.rectified_conv:
-                out = RFConv2d(gw, gw, 3, average_mode=self.rectify_avg, name="conv2", **conv_args, **kw)(out)
-                _he_reinit_convs(self, "conv2")
-            else:
-                out = Conv2d(gw, 3, in_channels=gw, kernel_init=he_fan_out_normal, name="conv2", **conv_args, **kw)(out)
-            out = norm(gw, name="bn2", **kw)(out, train=train)
-            if drop > 0.0:
-                out = DropBlock2D(drop, 3, name="dropblock2")(out, train=train)
-            out = jax.nn.relu(out)
+            out = _conv3x3(self, out, gw, stride=stride, padding=d, dilation=d, groups=self.cardinality, name="conv2")
+            out = jax.nn.relu(_dropblock(self, norm(gw, name="bn2", **kw)(out, train=train), "dropblock2", train))
         if avd and not self.avd_first:
             out = avd_pool(out)
 
@@ -279,15 +293,7 @@ class Bottleneck(nn.Module):
         out = norm(out_channels, name="bn3", **kw)(out, train=train)
         if self.last_gamma:
             _zero_scale(self, "bn3", "Bottleneck")
-        if drop > 0.0:
-            out = DropBlock2D(drop, 3, name="dropblock3")(out, train=train)
-
-        residual = x
-        if self.downsample:
-            residual = _Downsample(out_channels, self.stride, self.avg_down, norm, name="downsample", **kw)(
-                x, train=train
-            )
-        return jax.nn.relu(out + residual.astype(out.dtype))
+        return _add_shortcut(self, x, _dropblock(self, out, "dropblock3", train), train)
 
 
 class BasicBlock(nn.Module):
@@ -320,33 +326,14 @@ class BasicBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        planes, d, drop = self.planes, self.dilation, self.dropblock_prob
-
-        def conv3x3(v, stride, name):
-            args = dict(stride=stride, padding=d, dilation=d, bias=False, name=name, **kw)
-            if self.rectified_conv:
-                y = RFConv2d(v.shape[-1], planes, 3, average_mode=self.rectify_avg, **args)(v)
-                _he_reinit_convs(self, name)
-                return y
-            return Conv2d(planes, 3, kernel_init=he_fan_out_normal, **args)(v)
-
-        out = conv3x3(x, self.stride, "conv1")
-        out = self.norm_layer(planes, name="bn1", **kw)(out, train=train)
-        if drop > 0.0:
-            out = DropBlock2D(drop, 3, name="dropblock1")(out, train=train)
-        out = jax.nn.relu(out)
-        out = conv3x3(out, 1, "conv2")
+        planes, d = self.planes, self.dilation
+        out = _conv3x3(self, x, planes, stride=self.stride, padding=d, dilation=d, name="conv1")
+        out = jax.nn.relu(_dropblock(self, self.norm_layer(planes, name="bn1", **kw)(out, train=train), "dropblock1", train))
+        out = _conv3x3(self, out, planes, stride=1, padding=d, dilation=d, name="conv2")
         out = self.norm_layer(planes, name="bn2", **kw)(out, train=train)
         if self.last_gamma:
             _zero_scale(self, "bn2", "BasicBlock")
-        if drop > 0.0:
-            out = DropBlock2D(drop, 3, name="dropblock2")(out, train=train)
-        residual = x
-        if self.downsample:
-            residual = _Downsample(planes, self.stride, self.avg_down, self.norm_layer, name="downsample", **kw)(
-                x, train=train
-            )
-        return jax.nn.relu(out + residual.astype(out.dtype))
+        return _add_shortcut(self, x, _dropblock(self, out, "dropblock2", train), train)
 
 
 class _DeepStem(nn.Module):
@@ -367,20 +354,11 @@ class _DeepStem(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         w = self.stem_width
-
-        def conv(v, out, stride, name):
-            args = dict(stride=stride, padding=1, bias=False, name=name, **kw)
-            if self.rectified_conv:
-                y = RFConv2d(v.shape[-1], out, 3, average_mode=self.rectify_avg, **args)(v)
-                _he_reinit_convs(self, name)
-                return y
-            return Conv2d(out, 3, kernel_init=he_fan_out_normal, **args)(v)
-
-        x = conv(x, w, 2, "0")
+        x = _conv3x3(self, x, w, stride=2, padding=1, name="0")
         x = jax.nn.relu(self.norm_layer(w, name="1", **kw)(x, train=train))
-        x = conv(x, w, 1, "3")
+        x = _conv3x3(self, x, w, stride=1, padding=1, name="3")
         x = jax.nn.relu(self.norm_layer(w, name="4", **kw)(x, train=train))
-        return conv(x, 2 * w, 1, "6")
+        return _conv3x3(self, x, 2 * w, stride=1, padding=1, name="6")
 
 
 class _Stage(nn.Module):
@@ -418,8 +396,9 @@ def _validate_resnet(self: "ResNet") -> None:
         raise ValueError(
             f"{where}: dilation must be 1 (output stride 32), 2 (16) or 4 (8, as dilated=True), got {self.dilation!r}"
         )
-    _check_prob(self.final_drop, "final_drop", where, upper_open=True)
-    _check_prob(self.dropblock_prob, "dropblock_prob", where)
+    if check_probability(self.final_drop, "final_drop", where) == 1.0:
+        raise ValueError(f"{where}: final_drop must be < 1 (it would drop every feature), got {self.final_drop!r}")
+    check_probability(self.dropblock_prob, "dropblock_prob", where)
     if self.norm_layer is None or not callable(self.norm_layer):
         raise ValueError(f"{where}: norm_layer must be a callable building a norm module, got {self.norm_layer!r}")
     if self.block == "basic":
