@@ -42,7 +42,7 @@ import jax.numpy as jnp
 
 from jaxenc._checks import check_channels, check_positive_int, check_rank
 from jaxenc.nn.attention import ACFModule, CAM_Module, PAM_Module
-from jaxenc.nn.customize import PyramidPooling, check_up_kwargs
+from jaxenc.nn.customize import ConvNormReLU, PyramidPooling, check_up_kwargs
 from jaxenc.nn.encoding import Encoding
 from jaxenc.nn.norm import BatchNorm
 from jaxenc.nn.resample import adaptive_avg_pool2d, interpolate_bilinear
@@ -99,29 +99,8 @@ def _features(x: jax.Array, in_channels: int | None, where: str, dtype) -> jax.A
     return x if dtype is None else x.astype(dtype)
 
 
-class _ConvNormReLU(nn.Module):
-    """Upstream ``nn.Sequential(Conv2d(in, out, k, padding, dilation, bias=False), norm_layer(out), ReLU)``:
-    children "0" (conv) and "1" (norm). Shapes: (N, H, W, C) -> (N, H, W, out_channels)."""
-
-    out_channels: int
-    kernel_size: int = 1
-    padding: int = 0
-    dilation: int = 1
-    norm_layer: NormLayer = BatchNorm
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        kw = _kw(self)
-        y = Conv2d(self.out_channels, self.kernel_size, padding=self.padding, dilation=self.dilation, bias=False,
-                   name="0", **kw)(x)
-        y = self.norm_layer(self.out_channels, name="1", **kw)(y, train=train)
-        return jax.nn.relu(y)
-
-
 class _ConvNormReLUList(nn.Module):
-    """An ``nn.ModuleList`` of :class:`_ConvNormReLU` blocks with one configuration; ``__call__(i, x)``
+    """An ``nn.ModuleList`` of :class:`jaxenc.nn.customize.ConvNormReLU` blocks with one configuration; ``__call__(i, x)``
     runs block ``i`` (child name ``str(i)``)."""
 
     out_channels: int
@@ -133,7 +112,7 @@ class _ConvNormReLUList(nn.Module):
 
     @nn.compact
     def __call__(self, index: int, x: jax.Array, train: bool = False) -> jax.Array:
-        block = _ConvNormReLU(self.out_channels, self.kernel_size, self.padding, norm_layer=self.norm_layer,
+        block = ConvNormReLU(self.out_channels, self.kernel_size, self.padding, norm_layer=self.norm_layer,
                               name=str(index), **_kw(self))
         return block(x, train=train)
 
@@ -424,7 +403,7 @@ def _lateral_fusion(module: nn.Module, feat: jax.Array, c2: jax.Array, c3: jax.A
             f"{type(module).__name__}: lateral=True concatenates c2, c3 and c4 and needs them at one resolution "
             f"(a dilated backbone); got c2 {tuple(c2.shape)}, c3 {tuple(c3.shape)}, c4 head features {tuple(feat.shape)}"
         )
-    fusion = _ConvNormReLU(512, 3, padding=1, norm_layer=module.norm_layer, name="fusion", **kw)
+    fusion = ConvNormReLU(512, 3, padding=1, norm_layer=module.norm_layer, name="fusion", **kw)
     return fusion(jnp.concatenate([feat, c2, c3], axis=-1), train=train)
 
 
@@ -461,7 +440,7 @@ class EncHead(nn.Module):
         _check_features(features, 3 if self.lateral else 1, where)
         kw = _kw(self)
         c4 = _features(features[-1], self.in_channels, where, self.dtype)
-        feat = _ConvNormReLU(512, 3, padding=1, norm_layer=self.norm_layer, name="conv5", **kw)(c4, train=train)
+        feat = ConvNormReLU(512, 3, padding=1, norm_layer=self.norm_layer, name="conv5", **kw)(c4, train=train)
         if self.lateral:
             feat = _lateral_fusion(self, feat, features[1], features[2], train)
         outs = EncModule(512, self.out_channels, ncodes=32, se_loss=self.se_loss, norm_layer=self.norm_layer,
@@ -520,9 +499,9 @@ class ASPP_Module(nn.Module):  # noqa: N801 (upstream name)
         x = _features(x, self.in_channels, where, self.dtype)
         kw = _kw(self)
         out = self.in_channels // 8
-        feats = [_ConvNormReLU(out, 1, norm_layer=self.norm_layer, name="b0", **kw)(x, train=train)]
+        feats = [ConvNormReLU(out, 1, norm_layer=self.norm_layer, name="b0", **kw)(x, train=train)]
         for i, rate in enumerate(rates, start=1):
-            block = _ConvNormReLU(out, 3, padding=rate, dilation=rate, norm_layer=self.norm_layer, name=f"b{i}", **kw)
+            block = ConvNormReLU(out, 3, padding=rate, dilation=rate, norm_layer=self.norm_layer, name=f"b{i}", **kw)
             feats.append(block(x, train=train))
         feats.append(AsppPooling(self.in_channels, out, self.norm_layer, self.up_kwargs, name="b4", **kw)(x, train=train))
         y = jnp.concatenate([f.astype(x.dtype) for f in feats], axis=-1)
@@ -620,7 +599,7 @@ class FCFPNHead(nn.Module):
         if self._with_ppm:
             c4 = PyramidPooling(fpn_in[-1], norm_layer=self.norm_layer, up_kwargs=self.up_kwargs, name="extramodule",
                                 **kw)(c4, train=train)
-        feat = _ConvNormReLU(self.fpn_dim, 3, padding=1, norm_layer=self.norm_layer, name="c4conv", **kw)(c4, train=train)
+        feat = ConvNormReLU(self.fpn_dim, 3, padding=1, norm_layer=self.norm_layer, name="c4conv", **kw)(c4, train=train)
         c1_size = tuple(inputs[0].shape[1:3])
         fpn_features = [_upsample(feat, c1_size, align)]
         lateral = _ConvNormReLUList(self.fpn_dim, 1, norm_layer=self.norm_layer, name="fpn_lateral", **kw)
@@ -720,7 +699,7 @@ class ATTENHead(nn.Module):
         kw = _kw(self)
         c4 = _features(features[-1], self.in_channels, where, self.dtype)
         inter = self.channels
-        feat = _ConvNormReLU(inter, 3, padding=1, norm_layer=self.norm_layer, name="conv5", **kw)(c4, train=train)
+        feat = ConvNormReLU(inter, 3, padding=1, norm_layer=self.norm_layer, name="conv5", **kw)(c4, train=train)
         if self.lateral:
             feat = _lateral_fusion(self, feat, features[1], features[2], train)
         if self.with_global:
@@ -773,7 +752,7 @@ class DANetHead(nn.Module):
         inter = self.in_channels // 4
 
         def block(name):
-            return _ConvNormReLU(inter, 3, padding=1, norm_layer=self.norm_layer, name=name, **kw)
+            return ConvNormReLU(inter, 3, padding=1, norm_layer=self.norm_layer, name=name, **kw)
 
         sa_conv = block("conv51")(PAM_Module(inter, name="sa", **kw)(block("conv5a")(x, train=train)), train=train)
         sc_conv = block("conv52")(CAM_Module(inter, name="sc", **kw)(block("conv5c")(x, train=train)), train=train)

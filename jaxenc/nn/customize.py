@@ -150,8 +150,9 @@ def check_up_kwargs(up_kwargs: Mapping[str, Any] | None, where: str) -> bool:
     return align
 
 
-class _ConvNormReLU(nn.Module):
-    """Upstream's ``nn.Sequential(Conv2d(in, out, k, bias=False), norm_layer(out), ReLU)``.
+class ConvNormReLU(nn.Module):
+    """Upstream's ``nn.Sequential(Conv2d(in, out, k, bias=False), norm_layer(out), ReLU)``, the
+    building block of PyramidPooling and of the segmentation heads (jaxenc.models.heads).
 
     Children are named "0" (conv) and "1" (norm) so that the torch keys read ``<name>.0.weight``,
     ``<name>.1.running_mean``. Shapes: (N, H, W, C_in) -> (N, H', W', out_channels).
@@ -221,7 +222,7 @@ class PyramidPooling(nn.Module):
         feats = [x]
         for i, bins in enumerate((1, 2, 3, 6), start=1):
             y = adaptive_avg_pool2d(x, bins)
-            block = _ConvNormReLU(
+            block = ConvNormReLU(
                 out_channels, norm_layer=self.norm_layer, dtype=self.dtype, param_dtype=self.param_dtype,
                 name=f"conv{i}",
             )
