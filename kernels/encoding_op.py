@@ -137,7 +137,8 @@ def encoding(
         return encoding_reference(x, codewords, scale)
     if 0 in x.shape or k == 0:
         return jnp.zeros((x.shape[0], k, d), dtype)
-    return _encoding_pallas(x, codewords, scale.astype(_F32), interpret)
+    plan = _plan(x.shape[0], x.shape[1], k, d)
+    return _encoding_pallas(x, codewords, scale.astype(_F32), plan, interpret)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -150,6 +151,7 @@ class _Plan:
 
     n: int  # positions
     k: int  # codewords
+    d: int  # features
     kp: int  # codewords padded to a power of two >= 16 (Triton matmul minimum)
     bn: int  # positions per tile
     bd: int  # features per block
@@ -183,7 +185,7 @@ def _plan(b: int, n: int, k: int, d: int) -> _Plan:
     splits = max(1, min(tiles, _TARGET_PROGRAMS // max(1, b)))
     tiles_per_split = -(-tiles // splits)
     splits = -(-tiles // tiles_per_split)
-    return _Plan(n=n, k=k, kp=kp, bn=bn, bd=bd, dp=round_up(d, bd), splits=splits, tiles_per_split=tiles_per_split)
+    return _Plan(n=n, k=k, d=d, kp=kp, bn=bn, bd=bd, dp=round_up(d, bd), splits=splits, tiles_per_split=tiles_per_split)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -417,25 +419,22 @@ def _backward_call(xp, cp, sp, gp, plan: _Plan, interpret: bool):
     return dxp, dcp, dsp
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _encoding_pallas(x, codewords, scale, interpret):
-    return _encoding_pallas_fwd(x, codewords, scale, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _encoding_pallas(x, codewords, scale, plan: _Plan, interpret: bool):
+    return _encoding_pallas_fwd(x, codewords, scale, plan, interpret)[0]
 
 
-def _encoding_pallas_fwd(x, codewords, scale, interpret):
-    b, n, d = x.shape
-    plan = _plan(b, n, codewords.shape[0], d)
+def _encoding_pallas_fwd(x, codewords, scale, plan: _Plan, interpret: bool):
     xp, cp, sp = _pad_inputs(x, codewords, scale, plan)
-    e = _forward_call(xp, cp, sp, plan, interpret)[:, : plan.k, :d].astype(x.dtype)
-    return e, (xp, cp, sp, (n, d))
+    e = _forward_call(xp, cp, sp, plan, interpret)[:, : plan.k, : plan.d].astype(x.dtype)
+    return e, (xp, cp, sp)
 
 
-def _encoding_pallas_bwd(interpret, residuals, ct):
-    xp, cp, sp, (n, d) = residuals
-    plan = _plan(xp.shape[0], n, ct.shape[1], d)
-    gp = jnp.pad(ct.astype(_F32), ((0, 0), (0, plan.kp - plan.k), (0, plan.dp - d)))
+def _encoding_pallas_bwd(plan: _Plan, interpret: bool, residuals, ct):
+    xp, cp, sp = residuals
+    gp = jnp.pad(ct.astype(_F32), ((0, 0), (0, plan.kp - plan.k), (0, plan.dp - plan.d)))
     dxp, dcp, dsp = _backward_call(xp, cp, sp, gp, plan, interpret)
-    return dxp[:, :n, :d], dcp[: plan.k, :d].astype(cp.dtype), dsp[: plan.k]
+    return dxp[:, : plan.n, : plan.d], dcp[: plan.k, : plan.d].astype(cp.dtype), dsp[: plan.k]
 
 
 _encoding_pallas.defvjp(_encoding_pallas_fwd, _encoding_pallas_bwd)
