@@ -387,6 +387,11 @@ def _validate_resnet(self: "ResNet") -> None:
         raise ValueError(f"{where}: layers must be 4 block counts (layer1..layer4), got {layers!r}")
     for i, n in enumerate(layers):
         _check_int(n, f"layers[{i}]", where)
+    planes = self.stage_planes
+    if isinstance(planes, (str, bytes)) or not isinstance(planes, Sequence) or len(planes) != 4:
+        raise ValueError(f"{where}: stage_planes must be 4 widths (layer1..layer4), got {planes!r}")
+    for i, n in enumerate(planes):
+        _check_int(n, f"stage_planes[{i}]", where)
     _check_int(self.num_classes, "num_classes", where)
     _check_int(self.radix, "radix", where)
     _check_int(self.groups, "groups", where)
@@ -424,7 +429,8 @@ class ResNet(nn.Module):
     the dilation schedule, the initialisation and the deliberate differences from upstream.
 
     Fields (upstream's constructor keywords): ``block`` ("bottleneck" | "basic"), ``layers`` (blocks
-    per stage, 4 ints), ``num_classes``, ``radix`` (1: plain 3x3 conv, > 1: split attention),
+    per stage, 4 ints), ``stage_planes`` (jaxenc's addition: the stages' ``planes``, default upstream's
+    (64, 128, 256, 512); narrower stages make small models), ``num_classes``, ``radix`` (1: plain 3x3 conv, > 1: split attention),
     ``groups`` (cardinality), ``bottleneck_width``, ``dilated`` / ``dilation`` (output stride 8 with
     dilated=True or dilation=4, 16 with dilation=2), ``deep_stem``, ``stem_width``, ``avg_down``,
     ``rectified_conv``, ``rectify_avg``, ``avd``, ``avd_first``, ``final_drop`` (dropout before fc),
@@ -436,12 +442,14 @@ class ResNet(nn.Module):
     ``__call__(x, train=False, *, return_features=False)``: x (B, H, W, 3) -> logits (B, num_classes);
     with ``return_features`` the tuple (c1, c2, c3, c4) of layer1..layer4 outputs, (B, H/s, W/s, C)
     with s = 4, 8, 16, 32 (4, 8, 8, 8 when dilated; 4, 8, 16, 16 with dilation=2) and C = 256, 512,
-    1024, 2048 (64, 128, 256, 512 for basic blocks), without ``fc`` parameters. ``train`` uses batch
+    1024, 2048 (64, 128, 256, 512 for basic blocks; in general ``stage_planes`` times the block's
+    expansion), without ``fc`` parameters. ``train`` uses batch
     statistics (``batch_stats`` mutable) and the ``dropout`` rng stream (final_drop, DropBlock).
     """
 
     block: str = "bottleneck"
     layers: Sequence[int] = (3, 4, 6, 3)
+    stage_planes: Sequence[int] = (64, 128, 256, 512)
     num_classes: int = 1000
     radix: int = 1
     groups: int = 1
@@ -470,10 +478,12 @@ class ResNet(nn.Module):
         """(planes, stride, dilation, dropblock_prob) of layer1..layer4, as upstream's constructor."""
         p = self.dropblock_prob
         if self.dilated or self.dilation == 4:
-            return [(64, 1, 1, 0.0), (128, 2, 1, 0.0), (256, 1, 2, p), (512, 1, 4, p)]
-        if self.dilation == 2:
-            return [(64, 1, 1, 0.0), (128, 2, 1, 0.0), (256, 2, 1, p), (512, 1, 2, p)]
-        return [(64, 1, 1, 0.0), (128, 2, 1, 0.0), (256, 2, 1, p), (512, 2, 1, p)]
+                plan = [(1, 1, 0.0), (2, 1, 0.0), (1, 2, p), (1, 4, p)]
+        elif self.dilation == 2:
+            plan = [(1, 1, 0.0), (2, 1, 0.0), (2, 1, p), (1, 2, p)]
+        else:
+            plan = [(1, 1, 0.0), (2, 1, 0.0), (2, 1, p), (2, 1, p)]
+        return [(planes, *rest) for planes, rest in zip(self.stage_planes, plan)]
 
     def _stage(self, inplanes: int, planes: int, n: int, stride: int, dilation: int, dropblock_prob: float,
                is_first: bool, name: str) -> tuple[_Stage, int]:

@@ -17,6 +17,10 @@ ATTEN          ATTENHead (ACF + GAP + EncModule)    (main, [se], [aux])
 DANet          DANetHead (PAM + CAM)                (sum, position, channel, [aux])
 =============  ===================================  =====================================================
 
+The widths 2048 / 1024 are those of the bottleneck backbones (upstream hard-codes them); every head
+takes its input widths from the backbone (:attr:`BaseNet.widths`), so the basic-block ``resnet18`` /
+``resnet34`` backbones (c3 256, c4 512) build small models too.
+
 Every model is called as ``model(x, train=False)`` with x (B, H, W, 3) (ImageNet-normalised, see
 ``mean``/``std``) and returns a tuple of logits (B, H, W, nclass) (class axis last) plus, for the
 SE-loss models, se (B, nclass). Upsampling is bilinear with align_corners=True (upstream's
@@ -126,10 +130,11 @@ SEGMENTATION_DATASETS: dict[str, int] = {
     "coco": 21,
 }
 
-# Backbones a segmentation model can use: the bottleneck ResNets (the heads assume 1024/2048-channel
-# c3/c4, as upstream).
+# Backbones a segmentation model can use. Upstream's heads assume the bottleneck ResNets' 1024/2048-channel
+# c3/c4; the heads here take their input widths from the backbone, so ResNet-18/34 (basic blocks, 256/512)
+# work too (jaxenc's addition, for small models).
 _BACKBONES = (
-    "resnet50", "resnet101", "resnet152", "resnet50s", "resnet101s", "resnet152s", "resnet50d",
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet50s", "resnet101s", "resnet152s", "resnet50d",
     "resnext50_32x4d", "resnext101_32x8d", "resnest50", "resnest101", "resnest200", "resnest269",
     "resnest50_fast", "resnest101_fast",
 )
@@ -209,7 +214,14 @@ class BaseNet(nn.Module):
             raise ValueError(f"{type(self).__name__}: {err}") from None
         self.head = self.make_head()
         if self.aux:
-            self.auxlayer = FCNHead(1024, self.nclass, self.norm_layer, **self._kw())
+            self.auxlayer = FCNHead(self.widths[2], self.nclass, self.norm_layer, **self._kw())
+
+    @property
+    def widths(self) -> tuple[int, int, int, int]:
+        """Channels of the backbone features c1..c4: (256, 512, 1024, 2048) for bottleneck ResNets,
+        (64, 128, 256, 512) for basic-block ones (``stage_planes`` times the block's expansion). Valid once ``setup`` built the backbone."""
+        expansion = 4 if self.pretrained.block == "bottleneck" else 1
+        return tuple(expansion * planes for planes in self.pretrained.stage_planes)
 
     def base_forward(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, ...]:
         """Backbone features (c1, c2, c3, c4): the layer1..layer4 outputs."""
@@ -243,14 +255,14 @@ class FCN(BaseNet):
     with_global: bool = False
 
     def make_head(self) -> nn.Module:
-        return FCNHead(2048, self.nclass, self.norm_layer, self.up_kwargs, self.with_global, **self._kw())
+        return FCNHead(self.widths[3], self.nclass, self.norm_layer, self.up_kwargs, self.with_global, **self._kw())
 
 
 class PSP(BaseNet):
     """PSPNet (Zhao et al., "Pyramid Scene Parsing Network", CVPR 2017): :class:`PSPHead` on c4."""
 
     def make_head(self) -> nn.Module:
-        return PSPHead(2048, self.nclass, self.norm_layer, self.up_kwargs, **self._kw())
+        return PSPHead(self.widths[3], self.nclass, self.norm_layer, self.up_kwargs, **self._kw())
 
 
 class EncNet(BaseNet):
@@ -262,7 +274,7 @@ class EncNet(BaseNet):
     lateral: bool = False
 
     def make_head(self) -> nn.Module:
-        return EncHead(2048, self.nclass, se_loss=self.se_loss, lateral=self.lateral, norm_layer=self.norm_layer,
+        return EncHead(self.widths[3], self.nclass, se_loss=self.se_loss, lateral=self.lateral, norm_layer=self.norm_layer,
                        up_kwargs=self.up_kwargs, **self._kw())
 
     def head_forward(self, features, train):
@@ -276,7 +288,7 @@ class DeepLabV3(BaseNet):
     atrous_rates: Sequence[int] = (12, 24, 36)
 
     def make_head(self) -> nn.Module:
-        return DeepLabV3Head(2048, self.nclass, self.norm_layer, self.up_kwargs, tuple(self.atrous_rates), **self._kw())
+        return DeepLabV3Head(self.widths[3], self.nclass, self.norm_layer, self.up_kwargs, tuple(self.atrous_rates), **self._kw())
 
 
 class _FPNNet(BaseNet):
@@ -298,7 +310,7 @@ class UperNet(_FPNNet):
     logits at stride 4 upsampled to the input. No aux head."""
 
     def make_head(self) -> nn.Module:
-        return UperNetHead(self.nclass, self.norm_layer, (256, 512, 1024, 2048), 256, self.up_kwargs, **self._kw())
+        return UperNetHead(self.nclass, self.norm_layer, self.widths, 256, self.up_kwargs, **self._kw())
 
 
 class FCFPN(_FPNNet):
@@ -306,7 +318,7 @@ class FCFPN(_FPNNet):
     non-dilated backbone. No aux head."""
 
     def make_head(self) -> nn.Module:
-        return FCFPNHead(self.nclass, self.norm_layer, (256, 512, 1024, 2048), 256, self.up_kwargs, **self._kw())
+        return FCFPNHead(self.nclass, self.norm_layer, self.widths, 256, self.up_kwargs, **self._kw())
 
 
 class ATTEN(BaseNet):
@@ -321,7 +333,7 @@ class ATTEN(BaseNet):
     with_lateral: bool = False
 
     def make_head(self) -> nn.Module:
-        return ATTENHead(2048, self.nclass, self.norm_layer, self.up_kwargs, nheads=self.nheads, nmixs=self.nmixs,
+        return ATTENHead(self.widths[3], self.nclass, self.norm_layer, self.up_kwargs, nheads=self.nheads, nmixs=self.nmixs,
                          with_global=self.with_global, with_enc=self.with_enc, se_loss=self.se_loss,
                          lateral=self.with_lateral, **self._kw())
 
@@ -338,7 +350,7 @@ class DANet(BaseNet):
     _n_spatial = 3
 
     def make_head(self) -> nn.Module:
-        return DANetHead(2048, self.nclass, self.norm_layer, **self._kw())
+        return DANetHead(self.widths[3], self.nclass, self.norm_layer, **self._kw())
 
     def head_forward(self, features, train):
         return self.head(features[-1], train=train)
