@@ -706,8 +706,8 @@ def test_errors():
         get_model("deepten_resnet50_minc", pretrained=True)
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['lateral'\]"):
         get_model("fcn_resnest50", lateral=True)
-    with pytest.raises(ValueError, match="unknown backbone 'resnet18'"):
-        get_model("fcn_resnest50", backbone="resnet18")
+    with pytest.raises(ValueError, match="unknown backbone 'vgg16'"):
+        get_model("fcn_resnest50", backbone="vgg16")
     with pytest.raises(ValueError, match="unknown dataset 'voc'"):
         S.get_segmentation_model("fcn", dataset="voc")
     with pytest.raises(ValueError, match="UperNet: aux=True is not supported"):
@@ -719,3 +719,24 @@ def test_errors():
     with pytest.raises(ValueError, match="DeepTen: unknown backbone"):
         deepten_mod.DeepTen(nclass=3, backbone="resnest50").init(RNGS, x)
 
+
+
+def test_basic_block_backbone_and_narrow_stages():
+    """jaxenc's addition: heads take their widths from the backbone (resnet18: c3 256, c4 512;
+    stage_planes scale them), so small models build and run."""
+    x = jnp.zeros((2, 32, 32, 3))
+    model = S.EncNet(nclass=5, backbone="resnet18", aux=True, se_loss=True,
+                   backbone_kwargs={"layers": (1, 1, 1, 1), "stage_planes": (8, 16, 32, 64)})
+    variables = model.init(RNGS, x)
+    assert [o.shape for o in model.apply(variables, x)] == [(2, 32, 32, 5), (2, 5), (2, 32, 32, 5)]
+    params = flatten_dict(variables["params"])
+    assert params[("auxlayer", "conv5", "0", "kernel")].shape == (3, 3, 32, 8)  # FCNHead(c3=32): 32 -> 32 // 4
+    assert params[("head", "conv5", "0", "kernel")].shape[2] == 64  # EncHead on c4 = 64 channels
+    assert params[("pretrained", "layer4", "0", "conv2", "kernel")].shape == (3, 3, 64, 64)
+    for kind in ("fcn", "psp", "deeplab"):
+        m = S.get_segmentation_model(kind, backbone="resnet34", nclass=3, aux=True)
+        assert m.init(RNGS, x) is not None
+    with pytest.raises(ValueError, match=r"stage_planes must be 4 widths"):
+        S.get_backbone("resnet18", stage_planes=(8, 16))
+    with pytest.raises(ValueError, match=r"stage_planes\[1\]"):
+        S.get_backbone("resnet18", stage_planes=(8, 0, 16, 32))

@@ -1,9 +1,11 @@
 """Backbones, segmentation models and DeepTEN (PyTorch-Encoding's model zoo), the model registry
 and the pretrained-weight store."""
 from jaxenc.models.registry import get_model, list_models, register_model
-from jaxenc.models import deepten, heads, resnet, segmentation  # noqa: F401  (importing registers the models)
+from jaxenc.models import deepten, heads, resnet, segmentation, wideresnet, xception  # noqa: F401  (importing registers the models)
 from jaxenc.models.deepten import DeepTen
 from jaxenc.models.resnet import BasicBlock, Bottleneck, ResNet
+from jaxenc.models.wideresnet import WideResNet
+from jaxenc.models.xception import Xception65, Xception71
 from jaxenc.models.segmentation import (
     ATTEN,
     DANet,
@@ -37,6 +39,9 @@ __all__ = [
     "FCN",
     "PSP",
     "UperNet",
+    "WideResNet",
+    "Xception65",
+    "Xception71",
     "get_segmentation_model",
     "BasicBlock",
     "Bottleneck",

@@ -1,0 +1,442 @@
+"""PyTorch-Encoding's modified aligned Xception (Xception-65 / Xception-71) in Flax, NHWC.
+
+Chollet, "Xception: Deep Learning with Depthwise Separable Convolutions", CVPR 2017; Chen et al.,
+"Encoder-Decoder with Atrous Separable Convolution for Semantic Image Segmentation" (DeepLabV3+),
+ECCV 2018: the *modified aligned* Xception (deeper middle flow, every max pool replaced by a strided
+separable conv, BN after each depthwise conv, atrous separable convs for output stride 16/8).
+
+Mirrors upstream ``encoding/models/backbone/xception.py`` (itself adapted from jfzhang95's
+pytorch-deeplab-xception; spec/pytorch_encoding.md §3.1): :class:`SeparableConv2d`, the residual
+:class:`XceptionBlock` (upstream's ``Block``), :class:`Xception65` and :class:`Xception71`. Submodule
+names are upstream's torch attribute names, ``nn.Sequential`` indices included (``block1.rep.0.conv1``,
+``block1.rep.1`` = the BN after the first separable conv, ``block1.skip``, ``block1.skipbn``,
+``midflow.block4.rep.1.pointwise``, ``block2.0.rep.0`` (Xception71), ``conv3.conv1``, ``bn3``, ``fc``),
+so :func:`jaxenc.port.torch_to_flax` converts an upstream ``state_dict`` one to one. A block's ``rep``
+also holds its ReLUs, which take indices without parameters: the index of every separable conv and BN
+follows ``start_with_relu`` / ``grow_first`` / ``reps`` / ``stride`` / ``is_last`` exactly as upstream
+builds the list (see :func:`rep_layout`).
+
+Named constructors (registered in :mod:`jaxenc.models.registry`): ``xception65`` (upstream's name)
+and ``xception71`` (jaxenc's addition: upstream has the class only). Keyword overrides replace the
+fields of the class.
+
+Semantics settled against upstream:
+
+- ``SeparableConv2d``: zero "fixed padding" (total = effective kernel - 1 = ``k + (k - 1)(d - 1) - 1``,
+  ``total // 2`` before, the rest after, on H and W), depthwise conv (groups = in, stride, dilation),
+  norm, pointwise 1x1; no biases (``bias=False``), no activation.
+- ``XceptionBlock``: ``rep`` (ReLU, separable conv, norm units; see :func:`rep_layout`) + shortcut (1x1
+  conv with the block's stride + norm when ``planes != inplanes or stride != 1``, else identity). The
+  strided unit is always a stride-2, dilation-1 separable conv, as upstream hard-codes it. No ReLU
+  after the add: the next block's ``rep`` starts with one (or the network applies one).
+- Output stride: 32 (entry block3 stride 2, middle dilation 1, block20 stride 2, exit dilations
+  (1, 1)), 16 (2, 1, 1, (1, 2)) or 8 (1, 2, 1, (2, 4)); the first exit dilation is block20's, the
+  second the one of conv3..conv5. block3 itself is never dilated (upstream passes no dilation).
+- Forward: conv1 3x3/2 (3->32) + bn1 + ReLU, conv2 3x3 (32->64) + bn2 + ReLU, block1 (->128, /2),
+  ReLU, block2 (->256, /2; Xception71: three blocks 128->256, 256->256 /2, 256->728), block3 (->728,
+  entry stride), midflow (block4..block19: 728 -> 728, 3 separable convs each), block20 (728->1024,
+  ``grow_first=False``, ``is_last``), ReLU, conv3/bn3/ReLU (1536), conv4/bn4/ReLU (1536),
+  conv5/bn5/ReLU (2048), global average pool, fc (2048 -> num_classes).
+- ``return_features=True`` returns (c1, c2, c3, c4) = (ReLU(block1 output), block2 output, midflow
+  output, ReLU(bn5 output)) with channels (128, 256, 728, 2048) (Xception71: c2 has 728) and strides
+  (4, 8, 16, 32) at output stride 32, (4, 8, 16, 16) at 16 and (4, 8, 8, 8) at 8; ``fc`` is not created.
+  Upstream has these taps only as comments (``#c1 = x`` ...).
+- Initialisation (by the layers themselves, so also for a standalone block): every convolution
+  kernel, depthwise ones included, ~ N(0, sqrt(2 / (kh * kw * out_channels))) (upstream's
+  ``_init_weight``, :func:`jaxenc.models.resnet.he_fan_out_normal`); norm scale 1, bias 0; ``fc``
+  torch's Linear default U(+-1/sqrt(2048)).
+
+Deliberate differences from upstream:
+
+- Shortcut input. Every ReLU in upstream's ``rep`` is the shared ``nn.ReLU(inplace=True)``; when it
+  is the first op of ``rep`` (``start_with_relu`` blocks: block3, the middle flow, block20) it
+  overwrites the block input, so upstream's shortcut (identity or 1x1 conv) reads ReLU(input). The
+  papers (Chollet's Keras Xception, the TF DeepLab ``xception_module``) take the shortcut from the
+  un-activated input, and that is the default here. ``inplace_relu=True`` reproduces upstream: the
+  shortcut then reads ReLU(input) in every block whose ``rep`` starts with a ReLU. Returned features
+  are the block outputs in both modes (a torch caller keeping a reference to block2's output would
+  see it rectified in place by block3).
+- ``output_stride`` other than 8/16/32 raises a ValueError listing them (upstream:
+  NotImplementedError). ``num_classes`` (default 1000) is a field; upstream hard-codes 1000.
+  ``num_middle_blocks`` (default 16: block4..block19) shortens the middle flow for reduced test
+  configurations; names stay upstream's (block4, block5, ...), block20 keeps its name.
+- ``XceptionBlock`` accepts stride 1 or 2 only (upstream's strided separable conv is hard-coded to 2
+  while its shortcut uses ``stride``, so any other stride fails there); ``SeparableConv2d``'s
+  ``norm_layer`` defaults to :class:`jaxenc.nn.BatchNorm` (upstream's ``None`` cannot be called).
+- ``pretrained=True`` raises (upstream's pretrained path references undefined names); converted
+  weights come from :func:`jaxenc.models.load_pretrained`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxenc._checks import check_channels, check_positive_int
+from jaxenc.models.registry import register_model
+from jaxenc.models.resnet import he_fan_out_normal
+from jaxenc.nn.norm import BatchNorm
+from jaxenc.nn.torch_compat import Conv2d, torch_uniform_init
+
+Dtype = Any
+
+__all__ = [
+    "SeparableConv2d",
+    "Xception65",
+    "Xception71",
+    "XceptionBlock",
+    "rep_layout",
+    "xception65",
+    "xception71",
+]
+
+# output_stride -> (entry block3 stride, middle-flow dilation, block20 stride, (block20 dilation,
+# conv3..conv5 dilation)), upstream's table.
+_OUTPUT_STRIDES = {
+    32: (2, 1, 2, (1, 1)),
+    16: (2, 1, 1, (1, 2)),
+    8: (1, 2, 1, (2, 4)),
+}
+
+
+def _check_norm_layer(norm_layer, where: str) -> None:
+    if norm_layer is None or not callable(norm_layer):
+        raise ValueError(f"{where}: norm_layer must be a callable building a norm module, got {norm_layer!r}")
+
+
+def rep_layout(inplanes: int, planes: int, reps: int, stride: int = 1, dilation: int = 1,
+               start_with_relu: bool = True, grow_first: bool = True, is_last: bool = False) -> tuple:
+    """The entries of upstream ``Block.rep`` in order; an entry's index is its torch Sequential index.
+
+    Entries: ``("relu",)``, ``("sep", in, out, stride, dilation)`` (a :class:`SeparableConv2d`) and
+    ``("norm", channels)``. Upstream's list: with ``grow_first`` a unit in->planes (led by a ReLU only
+    when ``start_with_relu``); ``reps - 1`` units filters->filters (led by a ReLU when ``grow_first or
+    start_with_relu``); without ``grow_first`` a ReLU-led unit in->planes; then a ReLU-led stride-2,
+    dilation-1 unit when ``stride != 1``, or a ReLU-led unit at the block's dilation when ``is_last``.
+    E.g. block1 (start_with_relu=False, stride 2): sep 0, norm 1, relu 2, sep 3, norm 4, relu 5, sep 6,
+    norm 7; a middle-flow block: relu 0, sep 1, norm 2, relu 3, sep 4, norm 5, relu 6, sep 7, norm 8.
+    """
+    rep: list[tuple] = []
+
+    def unit(cin: int, cout: int, s: int, d: int, relu: bool) -> None:
+        if relu:
+            rep.append(("relu",))
+        rep.append(("sep", cin, cout, s, d))
+        rep.append(("norm", cout))
+
+    filters = inplanes
+    if grow_first:
+        unit(inplanes, planes, 1, dilation, start_with_relu)
+        filters = planes
+    for _ in range(reps - 1):
+        unit(filters, filters, 1, dilation, grow_first or start_with_relu)
+    if not grow_first:
+        unit(inplanes, planes, 1, dilation, True)
+    if stride != 1:
+        unit(planes, planes, 2, 1, True)
+    elif is_last:
+        unit(planes, planes, 1, dilation, True)
+    return tuple(rep)
+
+
+def _fixed_padding(x: jax.Array, kernel_size: int, dilation: int) -> jax.Array:
+    """Zero-pad H and W so a stride-1 conv keeps the size: total k_eff - 1, total // 2 before."""
+    total = kernel_size + (kernel_size - 1) * (dilation - 1) - 1
+    begin = total // 2
+    return jnp.pad(x, ((0, 0), (begin, total - begin), (begin, total - begin), (0, 0)))
+
+
+class SeparableConv2d(nn.Module):
+    """Upstream's SeparableConv2d: fixed padding, depthwise conv, norm, pointwise 1x1 conv.
+
+    Children ``conv1`` (depthwise, groups = inplanes), ``bn`` (``norm_layer(inplanes)``) and
+    ``pointwise``. Both kernels ~ N(0, sqrt(2 / (kh * kw * out_channels))), as upstream's network init.
+
+    Shapes: x (N, H, W, inplanes) -> (N, ceil(H / stride), ceil(W / stride), planes) (the fixed padding
+    keeps the size at stride 1 for any kernel size and dilation). ``__call__(x, train=False)``.
+    """
+
+    inplanes: int
+    planes: int
+    kernel_size: int = 3
+    stride: int = 1
+    dilation: int = 1
+    bias: bool = False
+    norm_layer: Callable[..., nn.Module] = BatchNorm
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    def __post_init__(self):
+        where = "SeparableConv2d"
+        for name in ("inplanes", "planes", "kernel_size", "stride", "dilation"):
+            check_positive_int(getattr(self, name), name, where)
+        _check_norm_layer(self.norm_layer, where)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        check_channels(x, self.inplanes, "SeparableConv2d", "inplanes")
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = _fixed_padding(x, self.kernel_size, self.dilation)
+        x = Conv2d(
+            self.inplanes, self.kernel_size, stride=self.stride, dilation=self.dilation, groups=self.inplanes,
+            bias=self.bias, in_channels=self.inplanes, kernel_init=he_fan_out_normal, name="conv1", **kw,
+        )(x)
+        x = self.norm_layer(self.inplanes, name="bn", **kw)(x, train=train)
+        return Conv2d(self.planes, 1, bias=self.bias, kernel_init=he_fan_out_normal, name="pointwise", **kw)(x)
+
+
+class _Rep(nn.Module):
+    """A block's ``rep`` ``nn.Sequential``, children named by their index in :func:`rep_layout`."""
+
+    layout: tuple
+    norm_layer: Callable[..., nn.Module]
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        for i, entry in enumerate(self.layout):
+            if entry[0] == "relu":
+                x = jax.nn.relu(x)
+            elif entry[0] == "sep":
+                _, cin, cout, stride, dilation = entry
+                x = SeparableConv2d(cin, cout, 3, stride, dilation, norm_layer=self.norm_layer, name=str(i), **kw)(
+                    x, train=train
+                )
+            else:
+                x = self.norm_layer(entry[1], name=str(i), **kw)(x, train=train)
+        return x
+
+
+class XceptionBlock(nn.Module):
+    """Upstream's Xception ``Block``: ``rep`` + shortcut, no activation after the add.
+
+    ``rep``: the units of :func:`rep_layout` (ReLU, :class:`SeparableConv2d`, norm) as children named
+    by their torch index; shortcut ``skip`` (1x1 conv, stride ``stride``, He fan-out init) + ``skipbn``
+    when ``planes != inplanes or stride != 1``, else the identity. The shortcut reads the un-activated
+    input (the papers' block); ``inplace_relu=True`` feeds it ReLU(input) whenever ``rep`` starts with a
+    ReLU, as upstream's in-place ReLU does (module docstring).
+
+    Shapes: x (N, H, W, inplanes) -> (N, ceil(H / stride), ceil(W / stride), planes).
+    ``__call__(x, train=False)``.
+    """
+
+    inplanes: int
+    planes: int
+    reps: int
+    stride: int = 1
+    dilation: int = 1
+    norm_layer: Callable[..., nn.Module] = BatchNorm
+    start_with_relu: bool = True
+    grow_first: bool = True
+    is_last: bool = False
+    inplace_relu: bool = False
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    def __post_init__(self):
+        where = "XceptionBlock"
+        for name in ("inplanes", "planes", "reps", "dilation"):
+            check_positive_int(getattr(self, name), name, where)
+        if isinstance(self.stride, bool) or self.stride not in (1, 2):
+            raise ValueError(f"{where}: stride must be 1 or 2 (upstream's strided separable conv is fixed at 2), "
+                             f"got {self.stride!r}")
+        _check_norm_layer(self.norm_layer, where)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        check_channels(x, self.inplanes, "XceptionBlock", "inplanes")
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        layout = rep_layout(self.inplanes, self.planes, self.reps, self.stride, self.dilation, self.start_with_relu,
+                            self.grow_first, self.is_last)
+        if self.inplace_relu and layout[0][0] == "relu":
+            x = jax.nn.relu(x)  # upstream's in-place ReLU rewrites the input the shortcut reads
+        out = _Rep(layout, self.norm_layer, name="rep", **kw)(x, train=train)
+        if self.planes != self.inplanes or self.stride != 1:
+            skip = Conv2d(self.planes, 1, stride=self.stride, bias=False, kernel_init=he_fan_out_normal, name="skip",
+                          **kw)(x)
+            skip = self.norm_layer(self.planes, name="skipbn", **kw)(skip, train=train)
+        else:
+            skip = x
+        return out + skip.astype(out.dtype)
+
+
+class _Blocks(nn.Module):
+    """An ``nn.Sequential`` of :class:`XceptionBlock` children: ``configs`` = ((name, field items), ...)."""
+
+    configs: tuple
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        for name, config in self.configs:
+            x = XceptionBlock(**dict(config), name=name)(x, train=train)
+        return x
+
+
+def _validate_xception(self: "_AlignedXception") -> None:
+    """Check the fields (a function: Flax wraps module methods, even during construction)."""
+    where = type(self).__name__
+    if isinstance(self.output_stride, bool) or self.output_stride not in _OUTPUT_STRIDES:
+        raise ValueError(f"{where}: output_stride must be one of (8, 16, 32), got {self.output_stride!r}")
+    check_positive_int(self.num_classes, "num_classes", where)
+    check_positive_int(self.num_middle_blocks, "num_middle_blocks", where)
+    _check_norm_layer(self.norm_layer, where)
+
+
+class _AlignedXception(nn.Module):
+    """Shared body of :class:`Xception65` and :class:`Xception71` (they differ in block2 only)."""
+
+    output_stride: int = 32
+    norm_layer: Callable[..., nn.Module] = BatchNorm  # upstream's second argument
+    num_classes: int = 1000
+    num_middle_blocks: int = 16
+    inplace_relu: bool = False
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    _VARIANT = 65
+
+    def __post_init__(self):
+        _validate_xception(self)
+        super().__post_init__()
+
+    def _block_config(self, inplanes: int, planes: int, reps: int, **kwargs: Any) -> tuple:
+        config = dict(inplanes=inplanes, planes=planes, reps=reps, norm_layer=self.norm_layer,
+                      inplace_relu=self.inplace_relu, dtype=self.dtype, param_dtype=self.param_dtype, **kwargs)
+        return tuple(config.items())
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False, *, return_features: bool = False):
+        where = type(self).__name__
+        x = jnp.asarray(x)
+        if x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"{where}: expected an NHWC image batch (B, H, W, 3), got shape {tuple(x.shape)}")
+        if self.dtype is not None:
+            x = x.astype(self.dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        norm = self.norm_layer
+        entry3_stride, middle_dilation, exit_stride, (exit_dilation, conv_dilation) = _OUTPUT_STRIDES[
+            self.output_stride
+        ]
+
+        def block(name: str, inplanes: int, planes: int, reps: int, **kwargs: Any) -> XceptionBlock:
+            return XceptionBlock(**dict(self._block_config(inplanes, planes, reps, **kwargs)), name=name)
+
+        # Entry flow
+        x = Conv2d(32, 3, stride=2, padding=1, bias=False, kernel_init=he_fan_out_normal, name="conv1", **kw)(x)
+        x = jax.nn.relu(norm(32, name="bn1", **kw)(x, train=train))
+        x = Conv2d(64, 3, padding=1, bias=False, kernel_init=he_fan_out_normal, name="conv2", **kw)(x)
+        x = jax.nn.relu(norm(64, name="bn2", **kw)(x, train=train))
+        x = block("block1", 64, 128, 2, stride=2, start_with_relu=False)(x, train=train)
+        c1 = x = jax.nn.relu(x)
+        if self._VARIANT == 65:
+            x = block("block2", 128, 256, 2, stride=2, start_with_relu=False)(x, train=train)
+        else:
+            configs = (
+                ("0", self._block_config(128, 256, 2, stride=1, start_with_relu=False)),
+                ("1", self._block_config(256, 256, 2, stride=2, start_with_relu=False)),
+                ("2", self._block_config(256, 728, 2, stride=1, start_with_relu=False)),
+            )
+            x = _Blocks(configs, name="block2")(x, train=train)
+        c2 = x
+        x = block("block3", x.shape[-1], 728, 2, stride=entry3_stride, is_last=True)(x, train=train)
+
+        # Middle flow
+        middle = tuple(
+            (f"block{i}", self._block_config(728, 728, 3, dilation=middle_dilation))
+            for i in range(4, 4 + self.num_middle_blocks)
+        )
+        c3 = x = _Blocks(middle, name="midflow")(x, train=train)
+
+        # Exit flow
+        x = block("block20", 728, 1024, 2, stride=exit_stride, dilation=exit_dilation, grow_first=False,
+                  is_last=True)(x, train=train)
+        x = jax.nn.relu(x)
+        for i, (cin, cout) in enumerate(((1024, 1536), (1536, 1536), (1536, 2048)), start=3):
+            x = SeparableConv2d(cin, cout, 3, 1, conv_dilation, norm_layer=norm, name=f"conv{i}", **kw)(
+                x, train=train
+            )
+            x = jax.nn.relu(norm(cout, name=f"bn{i}", **kw)(x, train=train))
+
+        if return_features:
+            return c1, c2, c3, x
+
+        acc = jnp.promote_types(x.dtype, jnp.float32)
+        x = jnp.mean(x.astype(acc), axis=(1, 2)).astype(x.dtype)
+        fan_in = x.shape[-1]
+        return nn.Dense(
+            self.num_classes, kernel_init=torch_uniform_init(fan_in), bias_init=torch_uniform_init(fan_in),
+            name="fc", **kw,
+        )(x)
+
+
+class Xception65(_AlignedXception):
+    """Modified aligned Xception-65 (DeepLabV3+'s backbone), upstream's ``Xception65``, NHWC.
+
+    Fields (upstream's ``output_stride`` and ``norm_layer`` first): ``output_stride`` (32, 16 or 8),
+    ``norm_layer`` (a callable ``norm_layer(num_features, *, name, dtype, param_dtype)``, default
+    :class:`jaxenc.nn.BatchNorm`; ``functools.partial(jaxenc.nn.SyncBatchNorm, axis_name="data")`` for
+    synchronised statistics), ``num_classes`` (fc width, 1000), ``num_middle_blocks`` (16 =
+    block4..block19; fewer for reduced configurations), ``inplace_relu`` (False: shortcuts read the
+    un-activated block input as in the papers; True: upstream's in-place ReLU behaviour), ``dtype``
+    (compute dtype, e.g. bfloat16), ``param_dtype``.
+
+    ``__call__(x, train=False, *, return_features=False)``: x (B, H, W, 3) -> logits (B, num_classes);
+    with ``return_features`` the tuple (c1, c2, c3, c4) of shapes (B, H/4, W/4, 128),
+    (B, H/8, W/8, 256), (B, H/s3, W/s3, 728), (B, H/s4, W/s4, 2048) (sizes rounded up) with
+    (s3, s4) = (16, 32), (16, 16), (8, 8) at output stride 32, 16, 8; ``fc`` is then not created.
+    ``train`` uses batch statistics (``batch_stats`` mutable).
+    """
+
+    _VARIANT = 65
+
+
+class Xception71(_AlignedXception):
+    """Modified aligned Xception-71, upstream's ``Xception71``: Xception65 with block2 an
+    ``nn.Sequential`` of three blocks (128->256, 256->256 stride 2, 256->728; children ``block2.0`` ..
+    ``block2.2``) and block3 728->728 (a shortcut conv only when strided, i.e. not at output stride 8).
+
+    Fields and ``__call__`` as :class:`Xception65`; c2 has 728 channels (stride 8).
+    """
+
+    _VARIANT = 71
+
+
+# --------------------------------------------------------------------------------------------------
+# Named constructors
+
+_FIELDS = frozenset(f.name for f in dataclasses.fields(Xception65) if f.name not in ("parent", "name"))
+
+
+def _build(model: str, cls: type, pretrained: bool, overrides: dict[str, Any]) -> _AlignedXception:
+    if pretrained:
+        raise ValueError(
+            f"{model}: pretrained weights are not loaded by the constructor; build the model, then use "
+            f"jaxenc.models.load_pretrained({model!r}, ...) to get its converted variables"
+        )
+    unknown = sorted(set(overrides) - _FIELDS)
+    if unknown:
+        raise ValueError(f"{model}: unknown option(s) {unknown}; valid options: {sorted(_FIELDS)}")
+    try:
+        return cls(**overrides)
+    except ValueError as e:
+        raise ValueError(f"{model}: {e}") from None
+
+
+@register_model("xception65")
+def xception65(pretrained: bool = False, **kwargs: Any) -> Xception65:
+    """Aligned Xception-65 (upstream's ``xception65``); 39,916,312 params with 1000 classes."""
+    return _build("xception65", Xception65, pretrained, kwargs)
+
+
+@register_model("xception71")
+def xception71(pretrained: bool = False, **kwargs: Any) -> Xception71:
+    """Aligned Xception-71 (upstream's ``Xception71`` class; the constructor is jaxenc's); 41,730,424
+    params with 1000 classes at output stride 32 or 16 (block3 has no shortcut conv at 8)."""
+    return _build("xception71", Xception71, pretrained, kwargs)
