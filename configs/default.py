@@ -1,0 +1,99 @@
+"""Default recipe: a small EncNet on the built-in procedural shapes segmentation set (CPU, minutes).
+
+    python -m train.main --config configs/default.py --workdir runs/default
+
+EncNet (context encoding, K=32 codewords, SE loss, aux FCN head) on a narrow dilated ResNet-18-style
+backbone (basic blocks, one per stage, planes 32/64/128/256, output stride 8), 64x64 images, SGD with
+momentum and poly(0.9) decay, 10x head learning rate, synchronised BatchNorm. Every field can be
+overridden on the command line (``--config.optim.lr=0.02``); unknown keys are rejected.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.name = "default"
+    c.seed = 0
+    c.task = "segmentation"
+
+    c.dataset = ml_collections.ConfigDict()
+    c.dataset.name = "shapes_seg"
+    c.dataset.image_size = 64
+    c.dataset.num_classes = 6
+    c.dataset.num_train = 4096
+    c.dataset.num_val = 256
+    c.dataset.data_dir = ml_collections.FieldReference(None, field_type=str)
+
+    c.input = ml_collections.ConfigDict()
+    c.input.global_batch_size = 16
+    c.input.eval_batch_size = 64
+    c.input.worker_count = 0
+    c.input.flip = True
+    c.input.scale_range = (0.75, 1.25)
+    c.input.mean = IMAGENET_MEAN
+    c.input.std = IMAGENET_STD
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "encnet"
+    c.model.backbone = "resnet18"
+    c.model.kwargs = ml_collections.ConfigDict({
+        "aux": True,
+        "se_loss": True,
+        "lateral": False,
+        "backbone_kwargs": {"layers": (1, 1, 1, 1), "stage_planes": (32, 64, 128, 256)},
+    })
+    c.model.norm = "sync_bn"
+    c.model.dtype = "float32"
+    c.model.pretrained = ml_collections.FieldReference(None, field_type=str)
+    c.model.disable_dropout = False
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.aux_weight = 0.2
+    c.loss.se_weight = 0.2
+    c.loss.label_smoothing = 0.0
+    c.loss.mixup_alpha = 0.0
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "sgd"
+    c.optim.lr = 0.01
+    c.optim.lr_batch_reference = ml_collections.FieldReference(None, field_type=int)
+    c.optim.momentum = 0.9
+    c.optim.nesterov = False
+    c.optim.weight_decay = 1e-4
+    c.optim.no_bn_wd = False
+    c.optim.head_lr_mult = 10.0
+    c.optim.backbone_prefix = "pretrained"
+    c.optim.schedule = "poly"
+    c.optim.poly_power = 0.9
+    c.optim.warmup_steps = 0
+    c.optim.step_boundaries = ()
+    c.optim.step_gamma = 0.1
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.clip_grad_norm = ml_collections.FieldReference(None, field_type=float)
+    c.optim.grad_accum_steps = 1
+    c.optim.ema_decay = ml_collections.FieldReference(None, field_type=float)
+
+    c.train = ml_collections.ConfigDict()
+    c.train.num_steps = 1500
+    c.train.log_every = 50
+    c.train.eval_every = 500
+    c.train.checkpoint_every = 250
+    c.train.keep_checkpoints = 2
+    c.train.best_metric = "mIoU"
+    c.train.sample_predictions = 8
+    c.train.allow_config_change = False
+    c.train.finetune_from = ml_collections.FieldReference(None, field_type=str)
+
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.initialize = False
+    c.distributed.coordinator_address = ml_collections.FieldReference(None, field_type=str)
+    c.distributed.num_processes = ml_collections.FieldReference(None, field_type=int)
+    c.distributed.process_id = ml_collections.FieldReference(None, field_type=int)
+    return c

@@ -1,0 +1,469 @@
+"""Grain input pipeline: sources by name, per-process train/eval batches, image/mask transforms.
+
+Sources. ``get_source(config.dataset, split)`` looks ``config.dataset.name`` up in a small registry
+(``register_source(name, fn)``); built in are ``"shapes_seg"`` and ``"shapes_cls"``
+(``train.data.synthetic``). Real datasets (TFDS adapters) register themselves the same way.
+``palette(config.dataset)`` gives the mask colours for visualisation.
+
+Sharding rule (train and eval). Process ``p`` of ``P`` holds rows ``[p*b, (p+1)*b)`` of every
+global batch, ``b = global_batch / P``. So the union over processes of the step-``t`` batches, in
+process order, is exactly the step-``t`` batch a single process would build, and
+``jax.make_array_from_process_local_data`` reassembles it. Each process transforms only its own
+rows: the global element stream is batched into chunks of ``b`` and process ``p`` reads chunks
+``p, p+P, p+2P, ...`` (``MapDataset.batch(b)[p::P]``).
+
+Determinism. The train stream is ``source -> shuffle(seed) -> repeat() -> random_map(transform)``
+as a grain ``MapDataset``: the shuffle is a seeded index permutation, different per epoch (grain
+folds the epoch into the seed), and the augmentation rng grain hands to the transform is derived
+from the seed and the element's position in the global stream. Batches therefore do not depend on
+the worker count, the prefetch threads or the process count, and the iterator state is just a
+position: ``it.get_state()`` / ``it.set_state(state)`` restore it exactly (the state is a small
+dict that ``grain.checkpoint.CheckpointSave`` can store through Orbax).
+
+Transforms are picklable callables ``(example, rng: np.random.Generator | None) -> example``.
+Resizing uses PIL: images bilinear on uint8 (PIL's bilinear filter widens its support when
+downscaling, i.e. it antialiases), masks nearest on int32 (PIL mode "I", so -1 survives).
+Non-square inputs are resized to a square (train and eval alike), so the geometry is the same in
+both. Normalisation is ``(x / 255 - mean) / std`` in float32.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import grain
+import numpy as np
+from PIL import Image
+
+from train.data import synthetic
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IGNORE_INDEX = -1
+
+# Default host-side parallelism: a couple of threads overlap data generation with device compute;
+# the buffer is in batches (grain's default of 500 would hold hundreds of MB of float images).
+DEFAULT_READ_THREADS = 2
+DEFAULT_PREFETCH_BATCHES = 4
+
+_REQUIRED = object()
+
+
+# -- config access -------------------------------------------------------------------------------
+
+def _cfg(config: Any, key: str, default: Any = _REQUIRED, *, prefix: str = "config.dataset") -> Any:
+    """``config[key]`` for a ConfigDict or a mapping, with a KeyError naming the full key."""
+    if key in config:
+        return config[key]
+    if default is _REQUIRED:
+        raise KeyError(f"{prefix}.{key} is required but missing")
+    return default
+
+
+# -- source registry -----------------------------------------------------------------------------
+
+SourceFn = Callable[[Any, str], Any]
+_SOURCES: dict[str, SourceFn] = {}
+_PALETTES: dict[str, np.ndarray] = {}
+
+
+def register_source(name: str, fn: SourceFn, *, palette: Any = None, overwrite: bool = False) -> None:
+    """Registers ``fn(dataset_config, split) -> source`` under ``config.dataset.name == name``.
+
+    A source is random-access (``__len__``, ``__getitem__(i) -> dict of numpy arrays``) and picklable.
+    ``fn`` raises ValueError for a split the dataset does not have. ``palette`` (uint8 (K, 3), optional)
+    colours the dataset's masks in visualisations (``palette(config.dataset)``). Re-registering a name
+    raises ValueError unless ``overwrite=True``.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"register_source: name must be a non-empty string, got {name!r}")
+    if not callable(fn):
+        raise TypeError(f"register_source: fn must be callable, got {type(fn).__name__}")
+    if name in _SOURCES and not overwrite:
+        raise ValueError(f"register_source: {name!r} is already registered (pass overwrite=True to replace it)")
+    if palette is not None:
+        palette = np.asarray(palette)
+        if palette.ndim != 2 or palette.shape[1] != 3 or palette.min() < 0 or palette.max() > 255:
+            raise ValueError(f"register_source: palette must be (num_classes, 3) RGB in [0, 255], "
+                             f"got shape {palette.shape}")
+        _PALETTES[name] = palette.astype(np.uint8)
+    else:
+        _PALETTES.pop(name, None)
+    _SOURCES[name] = fn
+
+
+def known_sources() -> tuple[str, ...]:
+    """The registered dataset names, sorted."""
+    return tuple(sorted(_SOURCES))
+
+
+def get_source(dataset_config: Any, split: str):
+    """The random-access source for ``dataset_config.name`` and ``split``.
+
+    Raises ValueError naming the known datasets for an unknown ``name``, and ValueError naming the
+    available splits for a split the dataset lacks. If ``dataset_config.num_classes`` is set, it must
+    match the source's ``num_classes``.
+    """
+    name = _cfg(dataset_config, "name")
+    if name not in _SOURCES:
+        raise ValueError(f"config.dataset.name: unknown dataset {name!r}; known datasets: {list(known_sources())}")
+    source = _SOURCES[name](dataset_config, split)
+    expected = _cfg(dataset_config, "num_classes", None)
+    actual = getattr(source, "num_classes", None)
+    if expected is not None and actual is not None and int(expected) != int(actual):
+        raise ValueError(f"config.dataset.num_classes={expected} does not match dataset {name!r}, "
+                         f"which has {actual} classes")
+    return source
+
+
+def _shapes_factory(cls):
+    def build(dataset_config, split):
+        splits = {"train": "num_train", "validation": "num_val"}
+        if split not in splits:
+            raise ValueError(f"dataset {_cfg(dataset_config, 'name')!r} has no split {split!r}; "
+                             f"available splits: {list(splits)}")
+        # The dataset's content seed is part of the dataset, not of the training run: it comes from
+        # config.dataset.seed (default 0), so changing config.seed reshuffles but keeps the data.
+        return cls(split, num_examples=_cfg(dataset_config, splits[split]),
+                   image_size=_cfg(dataset_config, "image_size", 64), seed=_cfg(dataset_config, "seed", 0))
+    return build
+
+
+register_source("shapes_seg", _shapes_factory(synthetic.ShapesSegmentation),
+                palette=synthetic.ShapesSegmentation.PALETTE)
+register_source("shapes_cls", _shapes_factory(synthetic.ShapesRecognition))
+
+
+def _voc_palette(num_classes: int) -> np.ndarray:
+    """The PASCAL VOC colour map (class id bits spread over the RGB high bits), uint8 (K, 3)."""
+    ids = np.arange(num_classes)
+    pal = np.zeros((num_classes, 3), np.int64)
+    for shift in range(8):
+        for channel in range(3):
+            pal[:, channel] |= ((ids >> (3 * shift + channel)) & 1) << (7 - shift)
+    return pal.astype(np.uint8)
+
+
+def palette(dataset_config: Any) -> np.ndarray:
+    """uint8 (num_classes, 3) mask colours for ``config.dataset``: the palette registered with the
+    dataset, else the PASCAL VOC colour map for ``config.dataset.num_classes`` classes."""
+    name = _cfg(dataset_config, "name")
+    if name not in _SOURCES:
+        raise ValueError(f"config.dataset.name: unknown dataset {name!r}; known datasets: {list(known_sources())}")
+    if name in _PALETTES:
+        return _PALETTES[name].copy()
+    num_classes = _cfg(dataset_config, "num_classes", None)
+    if num_classes is None or int(num_classes) < 1:
+        raise ValueError(f"palette: dataset {name!r} registered no palette and config.dataset.num_classes is "
+                         f"{num_classes!r}; a positive class count is needed")
+    return _voc_palette(int(num_classes))
+
+
+# -- transforms ----------------------------------------------------------------------------------
+
+def _resize_image(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (H, W, 3) -> (size, size, 3), PIL bilinear; returned as is when already that size."""
+    if image.shape[:2] == (size, size):
+        return image
+    return np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((size, size), Image.Resampling.BILINEAR))
+
+
+def _resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """int32 (H, W) -> (size, size), PIL nearest (labels are never blended)."""
+    if mask.shape == (size, size):
+        return mask
+    resized = Image.fromarray(np.ascontiguousarray(mask, np.int32)).resize((size, size), Image.Resampling.NEAREST)
+    return np.asarray(resized, np.int32)
+
+
+def _as_image(image: Any) -> np.ndarray:
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise ValueError(f"example['image'] must be uint8 (H, W, 3), got dtype {image.dtype}")
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"example['image'] must be (H, W, 3) (or 1/4 channels), got shape {image.shape}")
+    if image.shape[-1] == 1:  # grayscale sources: the models take RGB
+        image = np.repeat(image, 3, axis=-1)
+    return image[..., :3]
+
+
+def _as_mask(mask: Any) -> np.ndarray:
+    mask = np.asarray(mask)
+    if mask.ndim == 3 and mask.shape[-1] == 1:
+        mask = mask[..., 0]
+    if mask.ndim != 2 or not np.issubdtype(mask.dtype, np.integer):
+        raise ValueError(f"example['mask'] must be an integer (H, W) array, got {mask.dtype} {mask.shape}")
+    return mask.astype(np.int32)
+
+
+def _check_transform_args(name, image_size, scale_range, mean, std):
+    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1:
+        raise ValueError(f"{name}: image_size must be a positive integer, got {image_size!r}")
+    if scale_range is not None:
+        if len(scale_range) != 2 or not 0 < scale_range[0] <= scale_range[1]:
+            raise ValueError(f"{name}: scale_range must be None or (lo, hi) with 0 < lo <= hi, got {scale_range!r}")
+    for arg, value in (("mean", mean), ("std", std)):
+        if np.shape(value) != (3,):
+            raise ValueError(f"{name}: {arg} must have 3 values (RGB), got {value!r}")
+    if np.any(np.asarray(std) <= 0):
+        raise ValueError(f"{name}: std must be positive, got {std!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _ImageTransform:
+    """Shared geometry and normalisation; see ``segmentation_transform`` for the semantics."""
+
+    train: bool
+    image_size: int
+    flip: bool = True
+    scale_range: tuple[float, float] | None = None
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def _normalise(self, image: np.ndarray) -> np.ndarray:
+        mean = np.asarray(self.mean, np.float32)
+        std = np.asarray(self.std, np.float32)
+        return (image.astype(np.float32) * np.float32(1 / 255) - mean) / std
+
+    def _geometry(self, image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator | None):
+        """Returns (normalised float32 image (S, S, 3), int32 mask (S, S) or None)."""
+        size = self.image_size
+        if not self.train:
+            image = _resize_image(image, size)
+            return self._normalise(image), None if mask is None else _resize_mask(mask, size)
+        if rng is None:
+            raise ValueError(f"{type(self).__name__}(train=True) needs an rng: apply it with grain's random_map "
+                             "(or call it with a np.random.Generator)")
+        scaled = size
+        if self.scale_range is not None:
+            scaled = max(1, int(round(size * rng.uniform(*self.scale_range))))
+        image = self._normalise(_resize_image(image, scaled))
+        if mask is not None:
+            mask = _resize_mask(mask, scaled)
+        if self.flip and rng.random() < 0.5:
+            image = image[:, ::-1]
+            mask = None if mask is None else mask[:, ::-1]
+        if scaled < size:
+            # Random placement on an S x S canvas (normalised 0 = the mean colour; mask = ignore).
+            top, left = rng.integers(0, size - scaled + 1, 2)
+            canvas = np.zeros((size, size, 3), np.float32)
+            canvas[top:top + scaled, left:left + scaled] = image
+            image = canvas
+            if mask is not None:
+                padded = np.full((size, size), IGNORE_INDEX, np.int32)
+                padded[top:top + scaled, left:left + scaled] = mask
+                mask = padded
+        elif scaled > size:
+            top, left = rng.integers(0, scaled - size + 1, 2)
+            image = image[top:top + size, left:left + size]
+            mask = None if mask is None else mask[top:top + size, left:left + size]
+        image = np.ascontiguousarray(image, np.float32)
+        return image, None if mask is None else np.ascontiguousarray(mask, np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentationTransform(_ImageTransform):
+    """``(example, rng) -> {"image": float32 (S, S, 3), "mask": int32 (S, S)}``; see ``segmentation_transform``."""
+
+    def __call__(self, example: Mapping[str, Any], rng: np.random.Generator | None = None) -> dict:
+        image, mask = self._geometry(_as_image(example["image"]), _as_mask(example["mask"]), rng)
+        return {"image": image, "mask": mask}
+
+
+@dataclasses.dataclass(frozen=True)
+class RecognitionTransform(_ImageTransform):
+    """``(example, rng) -> {"image": float32 (S, S, 3), "label": int32 ()}``; see ``recognition_transform``."""
+
+    def __call__(self, example: Mapping[str, Any], rng: np.random.Generator | None = None) -> dict:
+        image, _ = self._geometry(_as_image(example["image"]), None, rng)
+        return {"image": image, "label": np.asarray(example["label"], np.int32)}
+
+
+def segmentation_transform(*, train: bool, image_size: int, flip: bool = True,
+                           scale_range: tuple[float, float] | None = None,
+                           mean=IMAGENET_MEAN, std=IMAGENET_STD) -> SegmentationTransform:
+    """Image + mask transform: ``example {"image": uint8 (H, W, 3), "mask": int (H, W[, 1])}`` ->
+    ``{"image": float32 (S, S, 3) normalised, "mask": int32 (S, S)}`` with ``S = image_size``.
+
+    train=True (needs the rng): image and mask are resized to ``round(S * s)`` square,
+    ``s ~ U(scale_range)`` (``s = 1`` when scale_range is None; image bilinear, mask nearest), flipped
+    horizontally with probability 1/2 when ``flip``, then placed at a random offset on an S x S canvas
+    (padding: image 0 after normalisation, mask -1 = ignore) or randomly cropped to S.
+    train=False: resized to S x S only if needed; rng is ignored (may be None).
+    Image and mask are resized independently, so they need not share a size on input.
+    """
+    _check_transform_args("segmentation_transform", image_size, scale_range, mean, std)
+    return SegmentationTransform(bool(train), int(image_size), bool(flip),
+                                 None if scale_range is None else tuple(float(s) for s in scale_range),
+                                 tuple(float(m) for m in mean), tuple(float(s) for s in std))
+
+
+def recognition_transform(*, train: bool, image_size: int, flip: bool = True,
+                          scale_range: tuple[float, float] | None = None,
+                          mean=IMAGENET_MEAN, std=IMAGENET_STD) -> RecognitionTransform:
+    """Image + label transform: ``{"image": uint8 (H, W, 3|1), "label": int}`` ->
+    ``{"image": float32 (S, S, 3) normalised, "label": int32 ()}``; the image geometry is exactly
+    that of ``segmentation_transform`` (random rescale, flip, pad/crop in train; resize in eval)."""
+    _check_transform_args("recognition_transform", image_size, scale_range, mean, std)
+    return RecognitionTransform(bool(train), int(image_size), bool(flip),
+                                None if scale_range is None else tuple(float(s) for s in scale_range),
+                                tuple(float(m) for m in mean), tuple(float(s) for s in std))
+
+
+def transform_from_config(input_config: Any, *, task: str, image_size: int, train: bool):
+    """The transform for ``task`` ("segmentation" | "recognition") from ``config.input`` (flip,
+    scale_range, mean, std; flip and scale_range apply to training only)."""
+    builders = {"segmentation": segmentation_transform, "recognition": recognition_transform}
+    if task not in builders:
+        raise ValueError(f"config.task must be one of {list(builders)}, got {task!r}")
+    scale_range = _cfg(input_config, "scale_range", None, prefix="config.input")
+    return builders[task](train=train, image_size=image_size,
+                          flip=bool(_cfg(input_config, "flip", True, prefix="config.input")),
+                          scale_range=None if scale_range is None else tuple(scale_range),
+                          mean=tuple(_cfg(input_config, "mean", IMAGENET_MEAN, prefix="config.input")),
+                          std=tuple(_cfg(input_config, "std", IMAGENET_STD, prefix="config.input")))
+
+
+# -- iterators -----------------------------------------------------------------------------------
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax  # only when asked for the defaults; keeps grain workers free of a jax import
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    process_count = _check_int("process_count", process_count, 1)
+    process_index = _check_int("process_index", process_index, 0)
+    if process_index >= process_count:
+        raise ValueError(f"process_index must be < process_count={process_count}, got {process_index}")
+    return process_index, process_count
+
+
+def _local_batch_size(arg: str, batch_size: Any, process_count: int) -> int:
+    batch_size = _check_int(arg, batch_size, 1)
+    if batch_size % process_count:
+        raise ValueError(f"{arg}={batch_size} is not divisible by process_count={process_count}: "
+                         "every process must hold the same number of rows")
+    return batch_size // process_count
+
+
+def _check_source(source: Any) -> int:
+    try:
+        n = len(source)
+    except TypeError as err:
+        raise TypeError(f"source must be random-access (__len__, __getitem__), got {type(source).__name__}") from err
+    if n < 1:
+        raise ValueError(f"source is empty: {source!r}")
+    return n
+
+
+def _ensure_absl_flags_parsed() -> None:
+    # grain's worker processes read absl flags; a program that did not go through absl's app.run
+    # (pytest, notebooks) would get UnparsedFlagAccessError, so accept the flag defaults.
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _iterate(ds: grain.MapDataset, worker_count: int, read_threads: int, prefetch_batches: int):
+    worker_count = _check_int("worker_count", worker_count, 0)
+    read_options = grain.ReadOptions(num_threads=_check_int("read_threads", read_threads, 0),
+                                     prefetch_buffer_size=_check_int("prefetch_batches", prefetch_batches, 0))
+    iter_ds = ds.to_iter_dataset(read_options)
+    if worker_count > 0:
+        _ensure_absl_flags_parsed()
+        iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return iter(iter_ds)
+
+
+def train_iterator(source, *, global_batch_size: int, seed: int, process_index: int | None = None,
+                   process_count: int | None = None, transform: Callable | None,
+                   worker_count: int = 0, read_threads: int = DEFAULT_READ_THREADS,
+                   prefetch_batches: int = DEFAULT_PREFETCH_BATCHES) -> grain.DatasetIterator:
+    """Endless per-process training batches: a grain ``DatasetIterator`` of dicts of stacked arrays
+    with leading dim ``global_batch_size // process_count``.
+
+    Epochs repeat forever, each reshuffled (seeded by ``seed``); batches run across epoch boundaries.
+    ``transform(example, rng)`` is applied with grain's ``random_map``: ``rng`` is derived from the
+    seed and the element's global stream position (``None`` -> examples pass through unchanged).
+    Process defaults come from ``jax.process_index()`` / ``jax.process_count()``; process ``p`` gets
+    rows ``[p*b, (p+1)*b)`` of each global batch (module docstring). ``worker_count > 0`` prefetches
+    in that many grain worker processes; the batches are the same for any worker count.
+    Checkpoint with ``it.get_state()`` / ``it.set_state(state)`` (same arguments on restore).
+    """
+    _check_source(source)
+    process_index, process_count = _processes(process_index, process_count)
+    local = _local_batch_size("global_batch_size", global_batch_size, process_count)
+    seed = _check_int("seed", seed, 0)
+    # Separate 32-bit seeds (grain's limit) for the permutation and the augmentation streams.
+    shuffle_seed, augment_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
+    ds = grain.MapDataset.source(source).shuffle(seed=shuffle_seed).repeat()
+    if transform is not None:
+        ds = ds.random_map(transform, seed=augment_seed)
+    ds = ds.batch(local, drop_remainder=True)[process_index::process_count]
+    return _iterate(ds, worker_count, read_threads, prefetch_batches)
+
+
+class _PaddedSource:
+    """``source`` extended to ``length`` elements; element i is ``(source[i mod n], i < n)``."""
+
+    def __init__(self, source, length: int):
+        self._source = source
+        self._n = len(source)
+        self._length = length
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: int):
+        return self._source[index % self._n], index < self._n
+
+
+@dataclasses.dataclass(frozen=True)
+class _EvalMap:
+    """Applies the eval transform (rng None) and records the padding flag as ``valid``."""
+
+    transform: Callable | None
+
+    def __call__(self, element) -> dict:
+        example, valid = element
+        out = example if self.transform is None else self.transform(example, None)
+        if not isinstance(out, Mapping):
+            raise TypeError(f"transform must return a dict, got {type(out).__name__}")
+        return {**out, "valid": np.asarray(valid, np.bool_)}
+
+
+def num_eval_batches(num_examples: int, batch_size: int) -> int:
+    """How many batches ``eval_batches`` yields (per process and globally): ``ceil(n / batch_size)``."""
+    return -(-num_examples // batch_size)
+
+
+def eval_batches(source, *, batch_size: int, process_index: int | None = None, process_count: int | None = None,
+                 transform: Callable | None, worker_count: int = 0, read_threads: int = DEFAULT_READ_THREADS,
+                 prefetch_batches: int = DEFAULT_PREFETCH_BATCHES) -> grain.DatasetIterator:
+    """One ordered pass over ``source`` in global batches of ``batch_size`` (per process:
+    ``batch_size // process_count`` rows, same sharding rule as ``train_iterator``).
+
+    There are ``num_eval_batches(len(source), batch_size)`` batches on every process. The global
+    examples ``0..n-1`` fill the batches in order; the tail of the last global batch is padding (a
+    repeat of real examples) marked ``valid=False``: each batch carries ``"valid"``, bool
+    ``(batch_size // process_count,)``, so metrics weighted by it count each example exactly once.
+    ``transform(example, None)`` is applied to every element (eval transforms ignore the rng).
+    """
+    n = _check_source(source)
+    process_index, process_count = _processes(process_index, process_count)
+    local = _local_batch_size("batch_size", batch_size, process_count)
+    total = num_eval_batches(n, batch_size) * batch_size
+    ds = grain.MapDataset.source(_PaddedSource(source, total)).map(_EvalMap(transform))
+    ds = ds.batch(local, drop_remainder=True)[process_index::process_count]
+    return _iterate(ds, worker_count, read_threads, prefetch_batches)

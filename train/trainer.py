@@ -1,0 +1,298 @@
+"""``train_and_evaluate(config, workdir)``: the whole training job as one pure function.
+
+Shape of flax's examples/imagenet and big_vision (spec/jax_anchors.md §2): the config says
+everything, the workdir holds everything the run produces:
+
+    workdir/config.json         the run's config (a restart with an incompatible one is refused)
+    workdir/checkpoints/        periodic orbax checkpoints (state + input position), keep-N
+    workdir/best/               the checkpoint with the best ``train.best_metric``
+    workdir/metrics.jsonl       one JSON line per train log / evaluation
+    workdir/tb/                 TensorBoard event files
+    workdir/summary.json        end-of-run summary
+    workdir/samples.png         segmentation: image | ground truth | prediction for held-out images
+
+A run resumes from its latest checkpoint (model, optimizer, step, rng and the input iterator), so a
+killed run continued with the same command ends with the same parameters as an uninterrupted one.
+SIGTERM / SIGINT save a checkpoint and stop cleanly. A non-finite loss stops the run without saving
+and names the step and the last good checkpoint.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxenc import metrics as jmetrics
+from jaxenc import models
+from train import checkpoint, observe, optim
+from train.data import pipeline
+from train.step import StepConfig, TrainState, make_eval_step, make_mesh, make_train_step, shard_batch
+
+__all__ = ["build_model", "evaluate", "initialize_distributed", "train_and_evaluate"]
+
+_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+_TASKS = ("segmentation", "recognition")
+_NORMS = ("sync_bn", "bn")
+
+
+def initialize_distributed(dist: ml_collections.ConfigDict) -> None:
+    """``jax.distributed.initialize`` when ``config.distributed.initialize`` is set (explicit
+    coordinator / process count / id, or jax's own cluster auto-detection when they are None), or
+    when the environment names a coordinator (``JAX_COORDINATOR_ADDRESS``). Must run before any
+    other JAX computation."""
+    env_coordinator = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if not (dist.initialize or env_coordinator):
+        return
+    if jax.distributed.is_initialized():
+        return
+    kwargs = {}
+    if dist.coordinator_address or env_coordinator:
+        kwargs["coordinator_address"] = dist.coordinator_address or env_coordinator
+    if dist.num_processes is not None:
+        kwargs["num_processes"] = dist.num_processes
+    elif "JAX_NUM_PROCESSES" in os.environ:
+        kwargs["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
+    if dist.process_id is not None:
+        kwargs["process_id"] = dist.process_id
+    elif "JAX_PROCESS_ID" in os.environ:
+        kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
+    jax.distributed.initialize(**kwargs)
+
+
+def _validate(config: ml_collections.ConfigDict, n_devices: int, n_processes: int) -> None:
+    if config.task not in _TASKS:
+        raise ValueError(f"config.task must be one of {_TASKS}, got {config.task!r}")
+    if config.model.norm not in _NORMS:
+        raise ValueError(f"config.model.norm must be one of {_NORMS}, got {config.model.norm!r}")
+    if config.model.dtype not in _DTYPES:
+        raise ValueError(f"config.model.dtype must be one of {tuple(_DTYPES)}, got {config.model.dtype!r}")
+    for key in ("global_batch_size", "eval_batch_size"):
+        size = config.input[key]
+        if not isinstance(size, int) or size <= 0:
+            raise ValueError(f"config.input.{key} must be a positive int, got {size!r}")
+        if size % n_devices:
+            raise ValueError(
+                f"config.input.{key}={size} is not divisible by the number of devices ({n_devices}"
+                f"{f' over {n_processes} processes' if n_processes > 1 else ''}); use a multiple of {n_devices}"
+            )
+    for key in ("num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+        value = config.train[key]
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"config.train.{key} must be a positive int, got {value!r}")
+
+
+def build_model(config: ml_collections.ConfigDict):
+    """The Flax model named by ``config.model`` for ``config.task`` (without weights)."""
+    kwargs = config.model.kwargs.to_dict() if isinstance(config.model.kwargs, ml_collections.ConfigDict) else dict(
+        config.model.kwargs)
+    kwargs["dtype"] = _DTYPES[config.model.dtype]
+    if config.task == "segmentation":
+        return models.get_segmentation_model(
+            config.model.name, backbone=config.model.backbone, nclass=config.dataset.num_classes, **kwargs)
+    return models.get_model(config.model.name, num_classes=config.dataset.num_classes, **kwargs)
+
+
+def _step_config(config, model) -> StepConfig:
+    return StepConfig(
+        task=config.task,
+        num_classes=config.dataset.num_classes,
+        aux=bool(getattr(model, "aux", False)),
+        se_loss=bool(getattr(model, "se_loss", False)),
+        aux_weight=config.loss.aux_weight,
+        se_weight=config.loss.se_weight,
+        label_smoothing=config.loss.label_smoothing,
+        mixup_alpha=config.loss.mixup_alpha,
+        sync_bn=config.model.norm == "sync_bn",
+        ema_decay=config.optim.ema_decay,
+        disable_dropout=config.model.disable_dropout,
+    )
+
+
+def _transform(config, train: bool):
+    common = dict(train=train, image_size=config.dataset.image_size, mean=tuple(config.input.mean),
+                  std=tuple(config.input.std))
+    if config.task == "segmentation":
+        scale = tuple(config.input.scale_range) if config.input.scale_range else None
+        return pipeline.segmentation_transform(flip=config.input.flip, scale_range=scale, **common)
+    return pipeline.recognition_transform(flip=config.input.flip, **common)
+
+
+def _init_state(model, config, tx, sample_image: np.ndarray, mesh) -> TrainState:
+    key = jax.random.key(config.seed)
+    k_params, k_drop = jax.random.split(jax.random.fold_in(key, 1))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    @jax.jit
+    def init():
+        variables = model.init({"params": k_params, "dropout": k_drop}, jnp.asarray(sample_image), train=False)
+        params = variables["params"]
+        ema = jax.tree.map(jnp.copy, params) if config.optim.ema_decay is not None else {}
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+                          ema_params=ema, rng=jax.random.key_data(key))
+
+    return jax.device_put(init(), replicated)
+
+
+def _eval_variables(state: TrainState) -> dict:
+    params = state.ema_params if state.ema_params else state.params
+    return {"params": params, "batch_stats": state.batch_stats}
+
+
+def evaluate(eval_step, state: TrainState, batches, mesh, config, *, samples: int = 0) -> tuple[dict, list]:
+    """One pass over the held-out split: dataset-accumulated metrics (spec §5.1) and, for
+    segmentation, up to ``samples`` (image, mask, prediction) triples from this process's rows."""
+    variables = _eval_variables(state)
+    seg = config.task == "segmentation"
+    metric = jmetrics.SegmentationMetric(config.dataset.num_classes) if seg else None
+    top = {}
+    kept = []
+    for local in batches:
+        counts, preds = eval_step(variables, shard_batch(mesh, local))
+        counts = jax.tree.map(np.asarray, counts)
+        if seg:
+            metric.update(**counts)
+            if len(kept) < samples:
+                local_preds = np.concatenate([np.asarray(s.data) for s in preds.addressable_shards])
+                for i in np.flatnonzero(local["valid"])[: samples - len(kept)]:
+                    kept.append((local["image"][i], local["mask"][i], local_preds[i]))
+        else:
+            for k, v in counts.items():
+                top[k] = top.get(k, 0) + int(v)
+    if seg:
+        result = metric.result()
+        return {"pixAcc": float(result["pixAcc"]), "mIoU": float(result["mIoU"]),
+                "IoU": [float(v) for v in result["IoU"]]}, kept
+    n = max(top.pop("examples"), 1)
+    return {k: v / n for k, v in top.items()}, kept
+
+
+def _restore_or_start(ckpt, state, train_iter, config, model, example) -> tuple[TrainState, dict]:
+    latest = ckpt.latest_step()
+    if latest is not None:
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+        restored, data_state, meta = ckpt.restore(latest, abstract_state=abstract)
+        if data_state is not None:
+            train_iter.set_state(data_state)
+        return restored, dict(meta or {}, resumed_from=latest)
+    if config.model.pretrained:
+        _, variables = models.load_pretrained(None, source=config.model.pretrained, model=model, example_input=example)
+        state = state.replace(params=variables["params"], batch_stats=variables.get("batch_stats", state.batch_stats))
+    if config.train.finetune_from:
+        target = {"params": state.params, "batch_stats": state.batch_stats}
+        variables = checkpoint.load_params_for_finetune(config.train.finetune_from, target)
+        state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
+    return state, {}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
+    """Train ``config`` in ``workdir`` (resuming when it holds a checkpoint); returns the final
+    metrics (held-out evaluation of the last step) plus the best metric and its step."""
+    initialize_distributed(config.distributed)
+    workdir = Path(workdir)
+    mesh = make_mesh()
+    n_proc, p_idx = jax.process_count(), jax.process_index()
+    _validate(config, mesh.size, n_proc)
+    is_main = p_idx == 0
+    config_note = checkpoint.check_config(workdir, config, allow_change=config.train.allow_config_change,
+                                          write=is_main)
+
+    model = build_model(config)
+    cfg = _step_config(config, model)
+    train_src = pipeline.get_source(config.dataset, "train")
+    val_src = pipeline.get_source(config.dataset, "validation")
+    train_iter = pipeline.train_iterator(
+        train_src, global_batch_size=config.input.global_batch_size, seed=config.seed, process_index=p_idx,
+        process_count=n_proc, transform=_transform(config, True), worker_count=config.input.worker_count)
+    size = config.dataset.image_size
+    example = np.zeros((1, size, size, 3), np.float32)
+    num_steps = config.train.num_steps
+    tx, lr_schedule = optim.make_optimizer(config.optim, params=jax.eval_shape(
+        lambda: model.init({"params": jax.random.key(0), "dropout": jax.random.key(0)}, example))["params"],
+        total_steps=max(num_steps // config.optim.grad_accum_steps, 1),
+        global_batch_size=config.input.global_batch_size * config.optim.grad_accum_steps)
+    state = _init_state(model, config, tx, example, mesh)
+
+    ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints, best_metric=config.train.best_metric,
+                                   best_mode="max")
+    state, meta = _restore_or_start(ckpt, state, train_iter, config, model, example)
+    start = int(state.step)
+    best = meta.get("best", {"value": None, "step": None})
+    train_step = make_train_step(model, tx, cfg, mesh, lr_schedule)
+    eval_step = make_eval_step(model, cfg, mesh)
+
+    def eval_batches():
+        return pipeline.eval_batches(val_src, batch_size=config.input.eval_batch_size, process_index=p_idx,
+                                     process_count=n_proc, transform=_transform(config, False))
+
+    last_eval: dict = {}
+    samples: list = []
+    t0 = time.time()
+    with ckpt, checkpoint.GracefulShutdown() as stop, observe.Observer(
+        workdir, total_steps=num_steps, start_step=start, is_main=is_main, best_metric=config.train.best_metric
+    ) as obs:
+        if config_note:
+            obs.log_text(config_note)
+        if start:
+            obs.log_text(f"resumed from step {start} ({workdir / 'checkpoints'})")
+        sums: dict[str, float] = {}
+        n_logged = 0
+        step = start
+        while step < num_steps:
+            state, out = train_step(state, shard_batch(mesh, next(train_iter)))
+            out = {k: float(v) for k, v in jax.device_get(out).items()}
+            step += 1
+            if not math.isfinite(out["loss"]):
+                ckpt.wait()  # the last good checkpoint may still be being written
+                good = ckpt.latest_step()
+                raise FloatingPointError(
+                    f"non-finite loss ({out['loss']}) at step {step}; training stopped without saving. The last "
+                    f"good checkpoint is {'step ' + str(good) + ' in ' + str(workdir / 'checkpoints') if good is not None else 'none (no checkpoint was written yet)'}. "
+                    "Lower config.optim.lr, set config.optim.clip_grad_norm, or check the input data."
+                )
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n_logged += 1
+            if step % config.train.log_every == 0 or step == num_steps:
+                obs.log_train(step, {k: v / n_logged for k, v in sums.items()},
+                              examples=n_logged * config.input.global_batch_size)
+                sums, n_logged = {}, 0
+            if step % config.train.eval_every == 0 or step == num_steps:
+                with obs.paused():
+                    want = config.train.sample_predictions if step == num_steps else 0
+                    last_eval, kept = evaluate(eval_step, state, eval_batches(), mesh, config, samples=want)
+                    samples = kept or samples
+                    obs.log_eval(step, last_eval)
+                    value = last_eval.get(config.train.best_metric)
+                    if value is not None and (best["value"] is None or value > best["value"]):
+                        best = {"value": value, "step": step}
+                        ckpt.save_best(step, state=state, data_state=None, meta={"best": best},
+                                       metrics={config.train.best_metric: value})
+            # A collective: every process sees the same answer, so all of them save (or none does).
+            stopping = stop.should_stop()
+            if step % config.train.checkpoint_every == 0 or step == num_steps or stopping:
+                with obs.paused():
+                    ckpt.save(step, state=state, data_state=train_iter.get_state(), meta={"best": best}, force=True)
+            if stopping:
+                ckpt.wait()
+                obs.log_text(f"{stop.signal_name}: saved a checkpoint at step {step} and stopped")
+                break
+        ckpt.wait()
+        result = {"step": step, **{k: v for k, v in last_eval.items() if not isinstance(v, list)},
+                  "best_metric": config.train.best_metric, "best_value": best["value"], "best_step": best["step"],
+                  "stopped_early": step < num_steps, "wall_time_s": time.time() - t0}
+        if is_main and samples and config.task == "segmentation":
+            images, masks, preds = (np.stack(x) for x in zip(*samples))
+            observe.save_segmentation_samples(
+                workdir / "samples.png", images, masks, preds, palette=pipeline.palette(config.dataset),
+                mean=tuple(config.input.mean), std=tuple(config.input.std))
+        if step == num_steps:
+            obs.summary(result, config_name=config.name)
+    return result
