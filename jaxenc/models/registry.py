@@ -6,10 +6,11 @@ ValueError that lists the closest registered names.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from typing import Any, Callable
 
-__all__ = ["close_match_hint", "get_model", "list_models", "register_model"]
+__all__ = ["build_named", "close_match_hint", "get_model", "list_models", "register_model"]
 
 _REGISTRY: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {}
 
@@ -62,3 +63,29 @@ def close_match_hint(key: str, candidates) -> str:
 def _import_model_modules() -> None:
     """Model modules register themselves on import; importing the package imports them all."""
     import jaxenc.models  # noqa: F401
+
+
+def build_named(model: str, cls: type, pretrained: bool, presets: dict[str, Any], overrides: dict[str, Any],
+                *, tuple_fields: tuple[str, ...] = ()):
+    """A named constructor's body: ``cls(**{**presets, **overrides})`` with the checks every
+    constructor shares. ``pretrained=True`` raises (weights come from the model store, never from a
+    constructor); unknown option names raise listing the valid ones; list values of ``tuple_fields``
+    become tuples (module fields must be hashable); the model's ValueErrors are prefixed with ``model``.
+    """
+    if pretrained:
+        raise ValueError(
+            f"{model}: pretrained weights are not loaded by the constructor; build the model, then use "
+            f"jaxenc.models.load_pretrained({model!r}, ...) to get its converted variables"
+        )
+    fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"{model}: unknown option(s) {unknown}; valid options: {sorted(fields)}")
+    kwargs = {**presets, **overrides}
+    for key in tuple_fields:
+        if isinstance(kwargs.get(key), list):
+            kwargs[key] = tuple(kwargs[key])
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise ValueError(f"{model}: {e}") from None

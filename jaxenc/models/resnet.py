@@ -64,7 +64,6 @@ Deliberate differences from upstream (DESIGN.md, "Decisions on upstream bugs"):
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -74,7 +73,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict
 
 from jaxenc._checks import check_probability
-from jaxenc.models.registry import register_model
+from jaxenc.models.registry import build_named, register_model
 from jaxenc.nn.conv import RFConv2d, SplAtConv2d
 from jaxenc.nn.norm import BatchNorm
 from jaxenc.nn.regularization import DropBlock2D
@@ -558,24 +557,8 @@ class ResNet(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # Named constructors
 
-_FIELDS = frozenset(f.name for f in dataclasses.fields(ResNet) if f.name not in ("parent", "name"))
-
-
 def _build(model: str, presets: dict[str, Any], pretrained: bool, overrides: dict[str, Any]) -> ResNet:
-    if pretrained:
-        raise ValueError(
-            f"{model}: pretrained weights are not loaded by the constructor; build the model, then use "
-            f"jaxenc.models.load_pretrained({model!r}, ...) to get its converted variables"
-        )
-    unknown = sorted(set(overrides) - _FIELDS)
-    if unknown:
-        raise ValueError(f"{model}: unknown option(s) {unknown}; valid options: {sorted(_FIELDS)}")
-    kwargs = {**presets, **overrides}
-    kwargs["layers"] = tuple(kwargs["layers"])
-    try:
-        return ResNet(**kwargs)
-    except ValueError as e:
-        raise ValueError(f"{model}: {e}") from None
+    return build_named(model, ResNet, pretrained, presets, overrides, tuple_fields=("layers", "stage_planes"))
 
 
 _RESNEST = dict(radix=2, groups=1, bottleneck_width=64, deep_stem=True, avg_down=True, avd=True)

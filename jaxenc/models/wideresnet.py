@@ -64,7 +64,6 @@ Deliberate differences from upstream (DESIGN.md, "Decisions on upstream bugs"):
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Callable, Sequence
 
@@ -73,7 +72,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxenc._checks import check_probability
-from jaxenc.models.registry import register_model
+from jaxenc.models.registry import build_named, register_model
 from jaxenc.models.resnet import _check_int, _Stage
 from jaxenc.nn.norm import SyncBatchNorm
 from jaxenc.nn.torch_compat import Conv2d, torch_uniform_init
@@ -316,27 +315,8 @@ class WideResNet(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # Named constructors
 
-_FIELDS = frozenset(f.name for f in dataclasses.fields(WideResNet) if f.name not in ("parent", "name"))
-
-
 def _build(model: str, layers: tuple[int, ...], pretrained: bool, overrides: dict[str, Any]) -> WideResNet:
-    if pretrained:
-        raise ValueError(
-            f"{model}: pretrained weights are not loaded by the constructor; build the model, then use "
-            f"jaxenc.models.load_pretrained({model!r}, ...) to get its converted variables"
-        )
-    unknown = sorted(set(overrides) - _FIELDS)
-    if unknown:
-        raise ValueError(f"{model}: unknown option(s) {unknown}; valid options: {sorted(_FIELDS)}")
-    kwargs = {"layers": layers, **overrides}
-    for key in ("layers", "dropout"):
-        value = kwargs.get(key)
-        if isinstance(value, list):  # hashable module fields
-            kwargs[key] = tuple(value)
-    try:
-        return WideResNet(**kwargs)
-    except ValueError as e:
-        raise ValueError(f"{model}: {e}") from None
+    return build_named(model, WideResNet, pretrained, {"layers": layers}, overrides, tuple_fields=("layers", "dropout"))
 
 
 @register_model("wideresnet38")

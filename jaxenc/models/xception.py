@@ -68,7 +68,6 @@ Deliberate differences from upstream:
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -76,7 +75,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxenc._checks import check_channels, check_positive_int
-from jaxenc.models.registry import register_model
+from jaxenc.models.registry import build_named, register_model
 from jaxenc.models.resnet import he_fan_out_normal
 from jaxenc.nn.norm import BatchNorm
 from jaxenc.nn.torch_compat import Conv2d, torch_uniform_init
@@ -411,22 +410,8 @@ class Xception71(_AlignedXception):
 # --------------------------------------------------------------------------------------------------
 # Named constructors
 
-_FIELDS = frozenset(f.name for f in dataclasses.fields(Xception65) if f.name not in ("parent", "name"))
-
-
 def _build(model: str, cls: type, pretrained: bool, overrides: dict[str, Any]) -> _AlignedXception:
-    if pretrained:
-        raise ValueError(
-            f"{model}: pretrained weights are not loaded by the constructor; build the model, then use "
-            f"jaxenc.models.load_pretrained({model!r}, ...) to get its converted variables"
-        )
-    unknown = sorted(set(overrides) - _FIELDS)
-    if unknown:
-        raise ValueError(f"{model}: unknown option(s) {unknown}; valid options: {sorted(_FIELDS)}")
-    try:
-        return cls(**overrides)
-    except ValueError as e:
-        raise ValueError(f"{model}: {e}") from None
+    return build_named(model, cls, pretrained, {}, overrides)
 
 
 @register_model("xception65")
