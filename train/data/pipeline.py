@@ -212,6 +212,13 @@ def _check_transform_args(name, image_size, scale_range, mean, std):
         raise ValueError(f"{name}: std must be positive, got {std!r}")
 
 
+def _scale_range(scale_range) -> tuple[float, float] | None:
+    """None when there is no rescale: None or (1, 1) (a config cannot hold None in a tuple field)."""
+    if scale_range is None or tuple(float(s) for s in scale_range) == (1.0, 1.0):
+        return None
+    return tuple(float(s) for s in scale_range)
+
+
 @dataclasses.dataclass(frozen=True)
 class _ImageTransform:
     """Shared geometry and normalisation; see ``segmentation_transform`` for the semantics."""
@@ -289,15 +296,14 @@ def segmentation_transform(*, train: bool, image_size: int, flip: bool = True,
     ``{"image": float32 (S, S, 3) normalised, "mask": int32 (S, S)}`` with ``S = image_size``.
 
     train=True (needs the rng): image and mask are resized to ``round(S * s)`` square,
-    ``s ~ U(scale_range)`` (``s = 1`` when scale_range is None; image bilinear, mask nearest), flipped
+    ``s ~ U(scale_range)`` (``s = 1`` when scale_range is None or (1, 1); image bilinear, mask nearest), flipped
     horizontally with probability 1/2 when ``flip``, then placed at a random offset on an S x S canvas
     (padding: image 0 after normalisation, mask -1 = ignore) or randomly cropped to S.
     train=False: resized to S x S only if needed; rng is ignored (may be None).
     Image and mask are resized independently, so they need not share a size on input.
     """
     _check_transform_args("segmentation_transform", image_size, scale_range, mean, std)
-    return SegmentationTransform(bool(train), int(image_size), bool(flip),
-                                 None if scale_range is None else tuple(float(s) for s in scale_range),
+    return SegmentationTransform(bool(train), int(image_size), bool(flip), _scale_range(scale_range),
                                  tuple(float(m) for m in mean), tuple(float(s) for s in std))
 
 
@@ -308,8 +314,7 @@ def recognition_transform(*, train: bool, image_size: int, flip: bool = True,
     ``{"image": float32 (S, S, 3) normalised, "label": int32 ()}``; the image geometry is exactly
     that of ``segmentation_transform`` (random rescale, flip, pad/crop in train; resize in eval)."""
     _check_transform_args("recognition_transform", image_size, scale_range, mean, std)
-    return RecognitionTransform(bool(train), int(image_size), bool(flip),
-                                None if scale_range is None else tuple(float(s) for s in scale_range),
+    return RecognitionTransform(bool(train), int(image_size), bool(flip), _scale_range(scale_range),
                                 tuple(float(m) for m in mean), tuple(float(s) for s in std))
 
 
