@@ -81,15 +81,11 @@ def recognition_counts(labels: jax.Array) -> dict[str, jax.Array]:
 
 def recognition_terms(logits: jax.Array, labels: jax.Array, *, label_smoothing: float) -> dict[str, LossTerm]:
     """Cross-entropy terms. labels: int (B,) or soft targets (B, C) (mixup)."""
-    logits = logits.astype(jnp.float32)
-    num_classes = logits.shape[-1]
     if labels.ndim == logits.ndim:
-        target = labels.astype(jnp.float32)
+        ce = losses.soft_target_cross_entropy(logits, labels, smoothing=label_smoothing, reduction="sum")
     else:
-        target = jax.nn.one_hot(labels, num_classes)
-    if label_smoothing > 0.0:
-        target = optax.smooth_labels(target, label_smoothing)
-    return {"ce": (1.0, jnp.sum(optax.softmax_cross_entropy(logits, target)), "examples")}
+        ce = losses.label_smoothing_cross_entropy(logits, labels, smoothing=label_smoothing, reduction="sum")
+    return {"ce": (1.0, ce, "examples")}
 
 
 def total_loss(terms: Mapping[str, LossTerm], global_counts: Mapping[str, jax.Array]) -> tuple[jax.Array, dict]:
