@@ -116,30 +116,33 @@ def _step_config(config, model) -> StepConfig:
 
 
 def _transform(config, train: bool):
-    common = dict(train=train, image_size=config.dataset.image_size, mean=tuple(config.input.mean),
-                  std=tuple(config.input.std))
-    if config.task == "segmentation":
-        scale = tuple(config.input.scale_range) if config.input.scale_range else None
-        scale = None if scale == (1.0, 1.0) else scale
-        return pipeline.segmentation_transform(flip=config.input.flip, scale_range=scale, **common)
-    return pipeline.recognition_transform(flip=config.input.flip, **common)
+    return pipeline.transform_from_config(config.input, task=config.task, image_size=config.dataset.image_size,
+                                          train=train)
 
 
-def _init_state(model, config, tx, sample_image: np.ndarray, mesh) -> TrainState:
-    key = jax.random.key(config.seed)
-    k_params, k_drop = jax.random.split(jax.random.fold_in(key, 1))
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+def _replicated(mesh):
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def _init_variables(model, config, sample_image: np.ndarray, mesh) -> dict:
+    """The model's initial variables, replicated over the mesh."""
+    k_params, k_drop = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), 1))
+    init = jax.jit(lambda: model.init({"params": k_params, "dropout": k_drop}, jnp.asarray(sample_image), train=False))
+    return jax.device_put(init(), _replicated(mesh))
+
+
+def _init_state(variables: dict, config, tx, mesh) -> TrainState:
+    """Step 0: the variables, a fresh optimizer state, the EMA copy (if any) and the run's key."""
 
     @jax.jit
     def init():
-        variables = model.init({"params": k_params, "dropout": k_drop}, jnp.asarray(sample_image), train=False)
         params = variables["params"]
         ema = jax.tree.map(jnp.copy, params) if config.optim.ema_decay is not None else {}
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
-                          ema_params=ema, rng=jax.random.key_data(key))
+                          ema_params=ema, rng=jax.random.key_data(jax.random.key(config.seed)))
 
-    return jax.device_put(init(), replicated)
+    return jax.device_put(init(), _replicated(mesh))
 
 
 def _eval_variables(state: TrainState) -> dict:
@@ -215,11 +218,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     size = config.dataset.image_size
     example = np.zeros((1, size, size, 3), np.float32)
     num_steps = config.train.num_steps
-    tx, lr_schedule = optim.make_optimizer(config.optim, params=jax.eval_shape(
-        lambda: model.init({"params": jax.random.key(0), "dropout": jax.random.key(0)}, example))["params"],
-        total_steps=max(num_steps // config.optim.grad_accum_steps, 1),
+    variables = _init_variables(model, config, example, mesh)
+    tx, lr_schedule = optim.make_optimizer(
+        config.optim, params=variables["params"], total_steps=max(num_steps // config.optim.grad_accum_steps, 1),
         global_batch_size=config.input.global_batch_size * config.optim.grad_accum_steps)
-    state = _init_state(model, config, tx, example, mesh)
+    state = _init_state(variables, config, tx, mesh)
 
     ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints, best_metric=config.train.best_metric,
                                    best_mode="max")
