@@ -36,7 +36,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from train.data import synthetic
+from train.data import augment, synthetic
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -318,18 +318,72 @@ def recognition_transform(*, train: bool, image_size: int, flip: bool = True,
                                 tuple(float(m) for m in mean), tuple(float(s) for s in std))
 
 
+AUGMENTS = {"segmentation": ("basic", "upstream"), "recognition": ("basic", "imagenet", "cifar", "minc")}
+
+
 def transform_from_config(input_config: Any, *, task: str, image_size: int, train: bool):
-    """The transform for ``task`` ("segmentation" | "recognition") from ``config.input`` (flip,
-    scale_range, mean, std; flip and scale_range apply to training only)."""
-    builders = {"segmentation": segmentation_transform, "recognition": recognition_transform}
-    if task not in builders:
-        raise ValueError(f"config.task must be one of {list(builders)}, got {task!r}")
-    scale_range = _cfg(input_config, "scale_range", None, prefix="config.input")
-    return builders[task](train=train, image_size=image_size,
-                          flip=bool(_cfg(input_config, "flip", True, prefix="config.input")),
-                          scale_range=None if scale_range is None else tuple(scale_range),
-                          mean=tuple(_cfg(input_config, "mean", IMAGENET_MEAN, prefix="config.input")),
-                          std=tuple(_cfg(input_config, "std", IMAGENET_STD, prefix="config.input")))
+    """The transform for ``task`` ("segmentation" | "recognition") from ``config.input``.
+
+    ``config.input.augment`` picks the recipe (default "basic" when the key is absent):
+
+    - "basic" (both tasks): ``segmentation_transform`` / ``recognition_transform`` with flip,
+      scale_range, mean, std (flip and scale_range apply to training only).
+    - segmentation "upstream": ``augment.UpstreamSegTrain(base_size, image_size, flip, mask_pad,
+      interpolation)`` for training, ``augment.UpstreamSegVal(image_size)`` for evaluation.
+    - recognition "imagenet": ``augment.ImageNetTrain(image_size, rand_augment, color_jitter,
+      lighting, etrans)`` / ``augment.ImageNetVal``; "cifar": ``augment.CifarTrain(image_size)`` /
+      ``augment.CifarVal``; "minc": ``augment.MincTrain(base_size, image_size, color_jitter,
+      lighting)`` / ``augment.MincVal``.
+
+    Keys read by the upstream recipes, with their defaults: ``base_size`` (520 for segmentation;
+    ``int(image_size / 0.875)`` for minc, upstream's default), ``rand_augment`` ((n, m); (0, 0) =
+    off), ``color_jitter`` (0.4), ``lighting`` (0.1), ``mask_pad`` (-1), ``interpolation``
+    ("bilinear"), ``etrans`` (True), ``mean`` / ``std`` (ImageNet statistics; CIFAR's for "cifar").
+    An unknown task or augment name raises ValueError naming the choices.
+    """
+    if task not in AUGMENTS:
+        raise ValueError(f"config.task must be one of {list(AUGMENTS)}, got {task!r}")
+    get = lambda key, default: _cfg(input_config, key, default, prefix="config.input")  # noqa: E731
+    name = get("augment", "basic")
+    if name not in AUGMENTS[task]:
+        raise ValueError(f"config.input.augment must be one of {list(AUGMENTS[task])} for task {task!r}, "
+                         f"got {name!r}")
+    if name == "basic":
+        builders = {"segmentation": segmentation_transform, "recognition": recognition_transform}
+        scale_range = get("scale_range", None)
+        return builders[task](train=train, image_size=image_size, flip=bool(get("flip", True)),
+                              scale_range=None if scale_range is None else tuple(scale_range),
+                              mean=tuple(get("mean", IMAGENET_MEAN)), std=tuple(get("std", IMAGENET_STD)))
+    if name == "cifar":
+        stats = dict(mean=tuple(get("mean", augment.CIFAR_MEAN)), std=tuple(get("std", augment.CIFAR_STD)))
+        return augment.CifarTrain(image_size, **stats) if train else augment.CifarVal(**stats)
+    stats = dict(mean=tuple(get("mean", IMAGENET_MEAN)), std=tuple(get("std", IMAGENET_STD)))
+    if name == "upstream":
+        interpolation = get("interpolation", "bilinear")
+        if not train:
+            return augment.UpstreamSegVal(image_size, interpolation=interpolation, **stats)
+        return augment.UpstreamSegTrain(get("base_size", 520), image_size, flip=bool(get("flip", True)),
+                                        mask_pad=get("mask_pad", IGNORE_INDEX), interpolation=interpolation,
+                                        **stats)
+    jitter, lighting = get("color_jitter", 0.4), get("lighting", 0.1)
+    if name == "minc":
+        base_size = get("base_size", int(1.0 * image_size / 0.875))
+        if not train:
+            return augment.MincVal(base_size, image_size, **stats)
+        return augment.MincTrain(base_size, image_size, jitter=jitter, lighting=lighting, **stats)
+    etrans = bool(get("etrans", True))  # imagenet
+    if not train:
+        return augment.ImageNetVal(image_size, etrans=etrans, **stats)
+    rand_aug = get("rand_augment", (0, 0))
+    return augment.ImageNetTrain(image_size, rand_aug=None if rand_aug is None else tuple(rand_aug), jitter=jitter,
+                                 lighting=lighting, etrans=etrans, **stats)
+
+
+def testval_transform(input_config: Any) -> augment.UpstreamSegTestval:
+    """Upstream's "testval" transform for the multi-scale evaluator: the full image and mask,
+    normalised with ``config.input.mean`` / ``std`` (variable size; apply per image, unbatched)."""
+    return augment.UpstreamSegTestval(mean=tuple(_cfg(input_config, "mean", IMAGENET_MEAN, prefix="config.input")),
+                                      std=tuple(_cfg(input_config, "std", IMAGENET_STD, prefix="config.input")))
 
 
 # -- iterators -----------------------------------------------------------------------------------
