@@ -261,11 +261,10 @@ def _ade_folder(root):
             stem = f"ADE_{sub[:5]}_{i:08d}"
             _rgb(str(base / "images" / sub / f"{stem}.jpg"), 3, 4, seed=i)
             _label_png(str(base / "annotations" / sub / f"{stem}.png"), raw)
-    return raw
 
 
 def test_ade20k_folder(tmp_path):
-    raw = _ade_folder(tmp_path)
+    _ade_folder(tmp_path)
     src = pipeline.get_source(_cfg("ade20k", tmp_path), "train")  # auto: the folder exists
     assert isinstance(src, _base.FileSegmentation) and len(src) == 2
     ex = src[1]
@@ -276,7 +275,6 @@ def test_ade20k_folder(tmp_path):
     assert len(pipeline.get_source(_cfg("ade20k", tmp_path), "trainval")) == 3
     _check_pickle(src)
     _one_batch(src)
-    del raw
 
 
 def test_cityscapes_folder(tmp_path):
@@ -389,7 +387,8 @@ def test_coco_render_first_instance_wins_and_prepare(tmp_path):
         {"image_id": 1, "category_id": 90, "segmentation": [[0, 0, 49, 0, 49, 39, 0, 39]]},  # toothbrush: skipped
         {"image_id": 1, "category_id": 18, "segmentation": [square]},  # dog -> 12, painted first
         {"image_id": 1, "category_id": 1, "segmentation": [shifted]},  # person -> 15, loses the overlap
-        {"image_id": 1, "category_id": 72, "iscrowd": 1, "segmentation": {"size": [h, w], "counts": _rle_string(counts)}},
+        {"image_id": 1, "category_id": 72, "iscrowd": 1,
+         "segmentation": {"size": [h, w], "counts": _rle_string(counts)}},  # tv -> 20, compressed RLE
         {"image_id": 2, "category_id": 5, "segmentation": {"size": [h, w], "counts": [0, 4, h * w - 4]}},
     ]
     mask = coco.render_voc_mask([a for a in anns if a["image_id"] == 1], h, w)
@@ -402,7 +401,8 @@ def test_coco_render_first_instance_wins_and_prepare(tmp_path):
     os.makedirs(tmp_path / "annotations")
     images = [{"id": 1, "file_name": "000000000001.jpg", "height": h, "width": w},
               {"id": 2, "file_name": "000000000002.jpg", "height": h, "width": w}]  # 4 fg pixels: dropped
-    (tmp_path / "annotations" / "instances_val2017.json").write_text(json.dumps({"images": images, "annotations": anns}))
+    ann_file = tmp_path / "annotations" / "instances_val2017.json"
+    ann_file.write_text(json.dumps({"images": images, "annotations": anns}))
     assert coco.prepare_voc_masks(str(tmp_path), "val2017", min_foreground_pixels=100) == 1
     written = Image.open(tmp_path / "masks_voc" / "val2017" / "000000000001.png")
     assert written.mode == "P"
