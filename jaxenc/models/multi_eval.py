@@ -193,16 +193,32 @@ def scale_geometry(height: int, width: int, *, base_size: int, crop_size: int, s
     return ScaleGeometry(scale, long_size, rh, rw, crop, stride, (ph, pw), (gh, gw), windows, canvas)
 
 
+def _taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """torch's align_corners=True source taps along one axis: (i0, i1, lambda1), float32 as torch."""
+    f32 = np.float32
+    scale = f32(n_in - 1) / f32(n_out - 1) if n_out > 1 else f32(0)
+    src = (f32(scale) * np.arange(n_out, dtype=f32)).astype(f32)
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    lam = np.clip(src - i0.astype(f32), f32(0), f32(1)).astype(f32)
+    return i0, i1, lam
+
+
 def _resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """(H, W, C) float32 -> (height, width, C), bilinear with align_corners=True (torch's taps)."""
+    """(H, W, C) float32 -> (height, width, C), bilinear with align_corners=True (torch's taps and
+    weights, the same as :func:`jaxenc.nn.resample.bilinear_weights`); two-tap gathers on the host."""
     h, w, _ = image.shape
     if (h, w) == (height, width):
         return image
-    wh = bilinear_weights(h, height, True).astype(np.float64)
-    ww = bilinear_weights(w, width, True).astype(np.float64)
-    out = np.einsum("ih,hwc->iwc", wh, image.astype(np.float64))
-    out = np.einsum("jw,iwc->ijc", ww, out)
-    return out.astype(np.float32)
+    x = image.astype(np.float32, copy=False)
+    h0, h1, lh = _taps(h, height)
+    w0, w1, lw = _taps(w, width)
+    lw = lw[None, :, None]
+    rows0, rows1 = x[h0], x[h1]
+    top = rows0[:, w0] * (1 - lw) + rows0[:, w1] * lw
+    bottom = rows1[:, w0] * (1 - lw) + rows1[:, w1] * lw
+    lh = lh[:, None, None]
+    return (top * (1 - lh) + bottom * lh).astype(np.float32)
 
 
 def _bucket(n: int) -> int:
@@ -327,7 +343,7 @@ class MultiScaleEvaluator:
         crop = self.crop_size
         geoms = [scale_geometry(h, w, base_size=self.base_size, crop_size=crop, scale=s) for s in self.scales]
         hb, wb = _bucket(h), _bucket(w)
-        acc = jax.device_put(jnp.zeros((hb, wb, self.num_classes), jnp.float32), self.device)
+        acc = jnp.zeros((hb, wb, self.num_classes), jnp.float32, device=self.device)
 
         # Every window of every scale, in scale order (row-major within a scale).
         windows: list[tuple[int, int, int]] = []  # (scale index, h0, w0)
@@ -350,8 +366,7 @@ class MultiScaleEvaluator:
             scores = self._window_scores(batch)
             for j, (k, h0, w0) in enumerate(chunk):
                 if k not in canvases:
-                    canvases[k] = jax.device_put(
-                        jnp.zeros(geoms[k].canvas + (self.num_classes,), jnp.float32), self.device)
+                    canvases[k] = jnp.zeros(geoms[k].canvas + (self.num_classes,), jnp.float32, device=self.device)
                 canvases[k] = _add_window(canvases[k], scores, np.int32(j), np.int32(h0), np.int32(w0))
                 if start + j == last_window[k]:
                     acc = self._finish_scale(acc, canvases.pop(k), geoms[k], (h, w), (hb, wb))

@@ -1,0 +1,463 @@
+"""Upstream's segmentation test protocol on a trainer checkpoint: ``python -m train.evaluate``.
+
+    python -m train.evaluate --config configs/<recipe>.py --checkpoint runs/<name> [--outdir DIR]
+        [--use_best] [--config.eval.scales='(0.75,1.0,1.25)'] [--mode single_scale] ...
+
+PyTorch-Encoding reports its segmentation numbers from ``experiments/segmentation/test.py --eval``
+(spec/pytorch_encoding.md §6.3): every validation image at full size ("testval"), multi-scale +
+flip + sliding window (:mod:`jaxenc.models.multi_eval`), pixAcc / mIoU accumulated over the whole
+dataset (§5.1, :class:`jaxenc.metrics.SegmentationMetric`). The trainer's own held-out evaluation
+is a quick single-pass check at ``config.dataset.image_size``; this script gives the reportable numbers.
+
+Settings come from ``config.eval`` (every key optional; the defaults in brackets):
+
+* ``mode`` ["multi_scale"]: ``"multi_scale"`` = ``scales`` with ``flip``; ``"single_scale"`` =
+  scale 1.0 only, no flip (``scales``/``flip`` ignored; for single scale + flip use multi_scale with
+  ``scales=(1.0,)``).
+* ``scales`` [(0.5, 0.75, 1.0, 1.25, 1.5, 1.75)], ``flip`` [True].
+* ``base_size`` [``config.input.base_size``, else 520]: the long side at scale 1.0.
+* ``crop_size`` [``config.dataset.image_size``]: the window (the training crop).
+* ``split`` ["validation"], ``num_images`` [0 = all].
+* ``save_predictions`` [8]: the first N images get ``predictions/NNNNN.png`` (image | ground truth |
+  prediction, dataset palette) and ``predictions/NNNNN_pred.png`` (the prediction alone, a palette PNG).
+* ``batch_size`` [8]: windows per forward pass, rounded up to a multiple of the local device count.
+
+The command-line flags ``--mode --scales --flip --base_size --crop_size --split --num_images
+--save_predictions --batch_size`` override those keys (and work for configs without an ``eval``
+section, where ``--config.eval.*`` cannot). Weights: ``params`` / ``batch_stats`` (``ema_params``
+when ``config.optim.ema_decay`` is set, as the trainer evaluates) of the latest checkpoint in
+``workdir/checkpoints``, or of ``workdir/best`` with ``--use_best`` or when ``--checkpoint`` names a
+``best`` directory or a step directory. Output (``--outdir``, default ``<workdir>/eval``):
+``eval_metrics.json`` (pixAcc, mIoU, per-class IoU and names, mode, scales, flip, sizes, number of
+images, checkpoint path and step) and the PNGs; a per-class IoU table is printed.
+
+Images are normalised here from the source's uint8 pixels as the input pipeline does,
+``(x * (1/255) - mean) / std`` in float32 with ``config.input.mean/std``, at full size.
+
+Multi-process (``config.distributed`` / ``JAX_COORDINATOR_ADDRESS``, as the trainer): process ``p``
+of ``P`` evaluates images ``i ≡ p (mod P)`` on its own local devices; the integer counts are
+all-gathered and summed exactly (int64), so the metrics do not depend on the process count.
+Process 0 prints and writes the JSON; each process writes the PNGs of its own images.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxenc import metrics as jmetrics
+from jaxenc.models import multi_eval
+
+__all__ = ["EvalSettings", "eval_settings", "evaluate_checkpoint", "resolve_checkpoint"]
+
+MODES = ("multi_scale", "single_scale")
+METRICS_FILE = "eval_metrics.json"
+PREDICTIONS_DIR = "predictions"
+_DEFAULT_BASE_SIZE = 520
+_DEFAULT_BATCH = 8
+_DEFAULT_SAVE = 8
+_SETTING_KEYS = ("mode", "scales", "flip", "base_size", "crop_size", "split", "num_images", "save_predictions",
+                 "batch_size")
+
+
+# ---------------------------------------------------------------------------------------------------
+# settings
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """The resolved ``config.eval`` (see the module docstring)."""
+
+    mode: str
+    scales: tuple[float, ...]
+    flip: bool
+    base_size: int
+    crop_size: int
+    split: str
+    num_images: int
+    save_predictions: int
+    batch_size: int
+
+
+def _get(node: Any, key: str, default: Any = None) -> Any:
+    if node is None:
+        return default
+    try:
+        return node[key] if key in node else default
+    except TypeError:
+        return default
+
+
+def _int_setting(value, key: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"config.eval.{key} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def eval_settings(config: ml_collections.ConfigDict, overrides: Mapping[str, Any] | None = None) -> EvalSettings:
+    """``config.eval`` with its defaults filled in; ``overrides`` (keys as in ``config.eval``, None =
+    not given) take precedence. Raises ValueError naming the key for a bad value."""
+    section = _get(config, "eval")
+    given = {k: _get(section, k) for k in _SETTING_KEYS}
+    unknown = sorted(set(overrides or {}) - set(_SETTING_KEYS))
+    if unknown:
+        raise KeyError(f"eval_settings: unknown override(s) {unknown}; known keys: {list(_SETTING_KEYS)}")
+    given.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    if section is not None:
+        extra = sorted(set(section.keys()) - set(_SETTING_KEYS))
+        if extra:
+            logging.warning("config.eval: ignoring key(s) %s; train.evaluate reads %s", extra, list(_SETTING_KEYS))
+
+    mode = given["mode"] if given["mode"] is not None else "multi_scale"
+    if mode not in MODES:
+        raise ValueError(f"config.eval.mode must be one of {MODES}, got {mode!r}")
+    if mode == "single_scale":
+        scales, flip = (1.0,), False
+    else:
+        raw = given["scales"] if given["scales"] is not None else multi_eval.DEFAULT_SCALES
+        try:
+            scales = multi_eval._check_scales(raw, "config.eval")
+        except ValueError:
+            raise ValueError(f"config.eval.scales must be a non-empty sequence of positive numbers, got {raw!r}") from None
+        flip = True if given["flip"] is None else given["flip"]
+        if not isinstance(flip, (bool, np.bool_)):
+            raise ValueError(f"config.eval.flip must be a bool, got {flip!r}")
+    base = given["base_size"]
+    if base is None:
+        base = _get(_get(config, "input"), "base_size", _DEFAULT_BASE_SIZE)
+    crop = given["crop_size"] if given["crop_size"] is not None else config.dataset.image_size
+    split = given["split"] if given["split"] is not None else "validation"
+    if not isinstance(split, str) or not split:
+        raise ValueError(f"config.eval.split must be a split name, got {split!r}")
+    return EvalSettings(
+        mode=mode, scales=tuple(scales), flip=bool(flip),
+        base_size=_int_setting(base, "base_size", 1),
+        crop_size=_int_setting(crop, "crop_size", 2),
+        split=split,
+        num_images=_int_setting(given["num_images"] if given["num_images"] is not None else 0, "num_images", 0),
+        save_predictions=_int_setting(
+            given["save_predictions"] if given["save_predictions"] is not None else _DEFAULT_SAVE,
+            "save_predictions", 0),
+        batch_size=_int_setting(given["batch_size"] if given["batch_size"] is not None else _DEFAULT_BATCH,
+                                "batch_size", 1),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _steps_in(manager_dir: Path) -> list[int]:
+    """Complete steps of an orbax manager directory (a half-written step keeps its tmp name)."""
+    if not manager_dir.is_dir():
+        return []
+    return sorted(int(d.name) for d in manager_dir.iterdir() if d.name.isdigit() and (d / "state").is_dir())
+
+
+def resolve_checkpoint(path: str | os.PathLike, *, use_best: bool = False) -> tuple[Path, int | None, Path]:
+    """``(step directory, step, workdir)`` for a trainer workdir, a manager directory
+    (``workdir/checkpoints`` or ``workdir/best``: its newest step) or a step directory.
+
+    A workdir gives its latest periodic checkpoint, or its best one with ``use_best``; a
+    ``checkpoints`` directory with ``use_best`` gives its sibling ``best``. Raises FileNotFoundError
+    naming the path when there is no complete checkpoint.
+    """
+    p = Path(path).resolve()
+    if not p.exists():
+        raise FileNotFoundError(f"--checkpoint: {p} does not exist")
+    if p.name == "state" and p.is_dir():
+        p = p.parent
+    if (p / "state").is_dir():  # a step directory
+        step = int(p.name) if p.name.isdigit() else None
+        return p, step, p.parent.parent
+    if (p / "checkpoints").is_dir() or (p / "best").is_dir():  # a workdir
+        workdir, manager = p, p / ("best" if use_best else "checkpoints")
+    else:  # a manager directory
+        workdir, manager = p.parent, p
+        if use_best and p.name != "best":
+            manager = p.parent / "best"
+    steps = _steps_in(manager)
+    if not steps:
+        raise FileNotFoundError(
+            f"--checkpoint: no complete checkpoint under {manager} (expected <step>/state written by the trainer)")
+    return manager / str(steps[-1]), steps[-1], workdir
+
+
+def _load_variables(config, model, step_dir: Path) -> dict:
+    from train import checkpoint
+
+    size = config.dataset.image_size
+    key = jax.random.key(0)
+    abstract = jax.eval_shape(
+        lambda: model.init({"params": key, "dropout": key}, jnp.zeros((1, size, size, 3), jnp.float32), train=False))
+    target = {"params": abstract["params"], "batch_stats": abstract.get("batch_stats", {})}
+    use_ema = _get(_get(config, "optim"), "ema_decay") is not None
+    return checkpoint.load_params_for_finetune(step_dir, target, use_ema=use_ema)
+
+
+# ---------------------------------------------------------------------------------------------------
+# per-image work
+
+
+def _normalise(image: np.ndarray, mean, std) -> np.ndarray:
+    """The input pipeline's normalisation, bit for bit: (x * float32(1/255) - mean) / std in float32."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise ValueError(f"example['image'] must be uint8 (H, W, 3), got dtype {image.dtype}")
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"example['image'] must be (H, W, 3) (or 1/4 channels), got shape {image.shape}")
+    if image.shape[-1] == 1:
+        image = np.repeat(image, 3, axis=-1)
+    image = image[..., :3]
+    m = np.asarray(mean, np.float32)
+    s = np.asarray(std, np.float32)
+    return (image.astype(np.float32) * np.float32(1 / 255) - m) / s
+
+
+def _mask(example: Mapping, size: tuple[int, int], index: int) -> np.ndarray | None:
+    if "mask" not in example:
+        return None
+    mask = np.asarray(example["mask"])
+    if mask.ndim == 3 and mask.shape[-1] == 1:
+        mask = mask[..., 0]
+    if mask.ndim != 2 or not np.issubdtype(mask.dtype, np.integer):
+        raise ValueError(f"example {index}: 'mask' must be an integer (H, W) array, got {mask.dtype} {mask.shape}")
+    if mask.shape != size:
+        raise ValueError(f"example {index}: mask shape {mask.shape} differs from the image's {size} (testval needs "
+                         "the full-size mask)")
+    return mask.astype(np.int32)
+
+
+def _pred_and_counts_fn(num_classes: int) -> Callable:
+    @jax.jit
+    def fn(scores, mask):
+        pred = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+        return pred, jmetrics.segmentation_counts(pred[None], mask[None], num_classes)
+
+    return fn
+
+
+def _class_names(source, num_classes: int) -> list[str]:
+    for attr in ("class_names", "CLASS_NAMES"):
+        names = getattr(source, attr, None)
+        if names is not None and len(names) == num_classes:
+            return [str(n) for n in names]
+    return [str(i) for i in range(num_classes)]
+
+
+def _save_pngs(outdir: Path, index: int, image: np.ndarray, mask, pred: np.ndarray, palette: np.ndarray,
+               mean, std) -> None:
+    from PIL import Image
+
+    from train import observe
+
+    folder = outdir / PREDICTIONS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    if len(palette) <= int(pred.max()):  # a palette shorter than the classes: the VOC colour map
+        palette = observe.voc_palette(int(pred.max()) + 1)
+    if mask is not None:
+        shown = np.where((mask >= 0) & (mask < len(palette)), mask, -1)
+        observe.save_segmentation_samples(folder / f"{index:05d}.png", image[None], shown[None], pred[None],
+                                          palette=palette, mean=tuple(mean), std=tuple(std), max_rows=1)
+    if len(palette) <= 256:
+        png = Image.fromarray(pred.astype(np.uint8), mode="P")
+        flat = np.zeros((256, 3), np.uint8)
+        flat[: len(palette)] = palette
+        png.putpalette(flat.reshape(-1).tolist())
+        png.save(folder / f"{index:05d}_pred.png")
+
+
+def _allgather_sum(values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Exact int64 sums over processes (as bytes: without jax_enable_x64 int64 would be cut to int32)."""
+    if jax.process_count() == 1:
+        return values
+    from jax.experimental import multihost_utils
+
+    keys = sorted(values)
+    flat = np.concatenate([np.asarray(values[k], np.int64).reshape(-1) for k in keys])
+    raw = np.frombuffer(flat.astype("<i8").tobytes(), np.uint8)
+    rows = np.asarray(multihost_utils.process_allgather(raw)).reshape(jax.process_count(), -1)
+    total = np.stack([np.frombuffer(r.tobytes(), "<i8") for r in rows]).sum(axis=0)
+    out, i = {}, 0
+    for k in keys:
+        shape = np.shape(values[k])
+        n = int(np.prod(shape))
+        out[k] = total[i:i + n].reshape(shape).astype(np.int64)
+        i += n
+    return out
+
+
+def _iou_table(names: list[str], iou, pix_acc: float, miou: float) -> str:
+    width = max([len(n) for n in names] + [5])
+    lines = [f"{'class':<{width}}  IoU"]
+    lines += [f"{n:<{width}}  {v:.4f}" for n, v in zip(names, iou)]
+    lines.append(f"{'pixAcc':<{width}}  {pix_acc:.4f}")
+    lines.append(f"{'mIoU':<{width}}  {miou:.4f}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# entry point
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str | os.PathLike,
+                        outdir: str | os.PathLike | None = None, *, use_best: bool = False,
+                        overrides: Mapping[str, Any] | None = None,
+                        log: Callable[[str], None] | None = None) -> dict:
+    """Evaluate a trainer checkpoint with upstream's protocol; returns the metrics dict written to
+    ``outdir/eval_metrics.json`` (see the module docstring for the settings and files)."""
+    from train import trainer
+    from train.data import pipeline
+
+    if _get(config, "distributed") is not None:
+        trainer.initialize_distributed(config.distributed)
+    if config.task != "segmentation":
+        raise ValueError(f"train.evaluate: config.task must be 'segmentation', got {config.task!r}")
+    is_main = jax.process_index() == 0
+    say = log if log is not None else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    say = say if is_main else (lambda msg: None)
+
+    settings = eval_settings(config, overrides)
+    step_dir, step, workdir = resolve_checkpoint(checkpoint, use_best=use_best)
+    outdir = Path(outdir) if outdir is not None else workdir / "eval"
+    num_classes = int(config.dataset.num_classes)
+    mean = tuple(float(v) for v in _get(config.input, "mean", multi_eval.IMAGENET_MEAN))
+    std = tuple(float(v) for v in _get(config.input, "std", multi_eval.IMAGENET_STD))
+
+    model = trainer.build_model(config)
+    variables = _load_variables(config, model, step_dir)
+    predict = multi_eval.make_sharded_predict(model, variables)
+    n_dev = predict.num_devices
+    batch = -(-settings.batch_size // n_dev) * n_dev
+    evaluator = multi_eval.MultiScaleEvaluator(
+        predict, num_classes=num_classes, base_size=settings.base_size, crop_size=settings.crop_size,
+        scales=settings.scales, flip=settings.flip, mean=mean, std=std, batch_size=batch)
+    pred_and_counts = _pred_and_counts_fn(num_classes)
+
+    source = pipeline.get_source(config.dataset, settings.split)
+    total = len(source) if settings.num_images == 0 else min(settings.num_images, len(source))
+    names = _class_names(source, num_classes)
+    palette = pipeline.palette(config.dataset)
+    p_idx, n_proc = jax.process_index(), jax.process_count()
+    mine = range(p_idx, total, n_proc)
+    say(f"train.evaluate: {settings.mode} (scales {list(settings.scales)}, flip {settings.flip}, base {settings.base_size}, "
+        f"crop {settings.crop_size}, {batch} windows per pass on {n_dev} device(s) x {n_proc} process(es)) on "
+        f"{total} {settings.split} images of {config.dataset.name}, checkpoint {step_dir}")
+
+    metric = jmetrics.SegmentationMetric(num_classes)
+    done = 0
+    t0 = time.time()
+    every = max(1, total // 10)
+    for i in mine:
+        example = source[i]
+        image = _normalise(example["image"], mean, std)
+        h, w = image.shape[:2]
+        mask = _mask(example, (h, w), i)
+        scores, _ = evaluator.padded_scores(image)
+        hb, wb = scores.shape[:2]
+        padded_mask = np.full((hb, wb), -1, np.int32)
+        if mask is not None:
+            padded_mask[:h, :w] = mask
+        pred, counts = pred_and_counts(scores, padded_mask)
+        if mask is not None:
+            metric.update(**jax.device_get(counts))
+        if i < settings.save_predictions:
+            _save_pngs(outdir, i, image, mask, np.asarray(pred)[:h, :w], palette, mean, std)
+        done += 1
+        if is_main and (done % every == 0 or i + n_proc >= total):
+            r = metric.result()
+            say(f"  {min(i + n_proc, total)}/{total} images  pixAcc {r['pixAcc']:.4f}  mIoU {r['mIoU']:.4f}  "
+                f"({(time.time() - t0) / done:.2f} s/image)")
+
+    sums = _allgather_sum({**metric.state(), "images": np.asarray(done, np.int64)})
+    n_images = int(sums.pop("images"))
+    result = jmetrics.SegmentationMetric.from_state(sums).result()
+    out = {
+        "pixAcc": float(result["pixAcc"]),
+        "mIoU": float(result["mIoU"]),
+        "IoU": [float(v) for v in result["IoU"]],
+        "class_names": names,
+        "mode": settings.mode,
+        "scales": list(settings.scales),
+        "flip": settings.flip,
+        "base_size": settings.base_size,
+        "crop_size": settings.crop_size,
+        "split": settings.split,
+        "num_images": n_images,
+        "dataset": str(config.dataset.name),
+        "checkpoint": str(step_dir),
+        "step": step,
+        "process_count": n_proc,
+        "wall_time_s": time.time() - t0,
+    }
+    if is_main:
+        outdir.mkdir(parents=True, exist_ok=True)
+        tmp = outdir / f".{METRICS_FILE}.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(out, indent=2, allow_nan=False) + "\n")
+        tmp.replace(outdir / METRICS_FILE)
+        say(_iou_table(names, out["IoU"], out["pixAcc"], out["mIoU"]))
+        say(f"wrote {outdir / METRICS_FILE}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# command line
+
+
+def _define_flags():
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file (configs/*.py).",
+                                    lock_config=True)
+    flags.DEFINE_string("checkpoint", None, "Trainer workdir, checkpoints/ or best/ directory, or a step directory.")
+    flags.DEFINE_string("outdir", None, "Where eval_metrics.json and the PNGs go (default <workdir>/eval).")
+    flags.DEFINE_bool("use_best", False, "Evaluate workdir/best instead of the latest checkpoint.")
+    flags.DEFINE_enum("mode", None, list(MODES), "Overrides config.eval.mode.")
+    flags.DEFINE_list("scales", None, "Overrides config.eval.scales (comma-separated).")
+    flags.DEFINE_bool("flip", None, "Overrides config.eval.flip.")
+    for key in ("base_size", "crop_size", "num_images", "save_predictions", "batch_size"):
+        flags.DEFINE_integer(key, None, f"Overrides config.eval.{key}.")
+    flags.DEFINE_string("split", None, "Overrides config.eval.split.")
+    flags.mark_flags_as_required(["config", "checkpoint"])
+    return flags.FLAGS
+
+
+def main(argv):
+    from absl import app
+    from absl import logging as absl_logging
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    f = FLAGS
+    overrides = {k: f[k].value for k in _SETTING_KEYS if k != "scales"}
+    if f.scales is not None:
+        try:
+            overrides["scales"] = tuple(float(s) for s in f.scales)
+        except ValueError:
+            raise app.UsageError(f"--scales must be comma-separated numbers, got {f.scales!r}") from None
+    result = evaluate_checkpoint(f.config, f.checkpoint, f.outdir, use_best=f.use_best, overrides=overrides,
+                                 log=lambda msg: print(msg, flush=True))
+    if not math.isfinite(result["mIoU"]):
+        raise SystemExit("non-finite mIoU")
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    FLAGS = _define_flags()
+    app.run(main)
