@@ -43,7 +43,8 @@ import jax
 import numpy as np
 import optax
 
-__all__ = ["make_optimizer", "make_lr_schedule", "weight_decay_mask", "param_labels", "ema_update", "DEFAULTS"]
+__all__ = ["make_optimizer", "make_lr_schedule", "weight_decay_mask", "param_labels", "ema_update", "update_applied",
+           "DEFAULTS"]
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("poly", "cosine", "step", "constant")
@@ -289,6 +290,14 @@ def make_optimizer(optim_config, *, params, total_steps: int, global_batch_size:
     if cfg["grad_accum_steps"] > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=cfg["grad_accum_steps"]).gradient_transformation()
     return tx, schedule
+
+
+def update_applied(opt_state) -> jax.Array | bool:
+    """Whether the update just computed moved the weights: always, except on the accumulation
+    micro-steps of ``optax.MultiSteps`` (its ``mini_step`` is back at 0 right after an update)."""
+    if isinstance(opt_state, optax.MultiStepsState):
+        return opt_state.mini_step == 0
+    return True
 
 
 def ema_update(ema_params, params, decay):

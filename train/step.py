@@ -69,6 +69,7 @@ class StepConfig:
     mixup_alpha: float = 0.0
     sync_bn: bool = True
     ema_decay: float | None = None
+    grad_accum_steps: int = 1
     disable_dropout: bool = False
 
 
@@ -156,10 +157,14 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, cfg: Ste
         params = optax.apply_updates(state.params, updates)
         ema = state.ema_params
         if cfg.ema_decay is not None:
-            ema = optim.ema_update(ema, params, cfg.ema_decay)
+            # With gradient accumulation the weights move once per k micro-steps; so does the average.
+            applied = optim.update_applied(opt_state)
+            ema = jax.tree.map(lambda new, old: jnp.where(applied, new, old),
+                               optim.ema_update(ema, params, cfg.ema_decay), ema)
         out = {"loss": sum(parts.values()), "grad_norm": optax.global_norm(grads), **{f"loss_{k}": v for k, v in parts.items()}}
         if lr_schedule is not None:
-            out["lr"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
+            # The schedule counts optimizer updates, i.e. micro-steps // grad_accum_steps.
+            out["lr"] = jnp.asarray(lr_schedule(state.step // cfg.grad_accum_steps), jnp.float32)
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                                   opt_state=opt_state, ema_params=ema)
         return new_state, out

@@ -30,12 +30,14 @@ import ml_collections
 import numpy as np
 
 from jaxenc import metrics as jmetrics
-from jaxenc import models
+from jaxenc import models, port
+from jaxenc.models import segmentation as seg_models
+from jaxenc.models import store
 from train import checkpoint, observe, optim
 from train.data import pipeline
 from train.step import StepConfig, TrainState, make_eval_step, make_mesh, make_train_step, shard_batch
 
-__all__ = ["build_model", "evaluate", "initialize_distributed", "train_and_evaluate"]
+__all__ = ["build_model", "evaluate", "initialize_distributed", "load_backbone", "train_and_evaluate"]
 
 _DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 _TASKS = ("segmentation", "recognition")
@@ -111,6 +113,7 @@ def _step_config(config, model) -> StepConfig:
         mixup_alpha=config.loss.mixup_alpha,
         sync_bn=config.model.norm == "sync_bn",
         ema_decay=config.optim.ema_decay,
+        grad_accum_steps=config.optim.grad_accum_steps,
         disable_dropout=config.model.disable_dropout,
     )
 
@@ -178,6 +181,57 @@ def evaluate(eval_step, state: TrainState, batches, mesh, config, *, samples: in
     return {k: v / n for k, v in top.items()}, kept
 
 
+def load_backbone(config: ml_collections.ConfigDict, params: dict, batch_stats: dict) -> tuple[dict, dict]:
+    """ImageNet weights for a segmentation model's backbone (upstream BaseNet's ``pretrained=True``,
+    done explicitly): ``config.model.backbone_pretrained`` is a model-store name (e.g. ``"resnest50"``,
+    read from the local cache, never downloaded) or a file (upstream ``.pth`` / ``.zip`` or a native
+    ``.msgpack`` of the classifier). A state_dict is converted for the backbone
+    ``config.model.backbone`` (with ``config.model.kwargs.backbone_kwargs``); the classifier ``fc`` is
+    dropped; the variables replace ``params["pretrained"]`` / ``batch_stats["pretrained"]``. Returns
+    the new (params, batch_stats); the rest of the model keeps its initialisation.
+
+    Raises ValueError when the file's backbone does not fit the model's (naming the differing leaves).
+    """
+    spec = config.model.backbone_pretrained
+    if "pretrained" not in params:
+        raise ValueError(f"config.model.backbone_pretrained={spec!r}: model {config.model.name!r} has no "
+                         "'pretrained' backbone submodule (it applies to segmentation models)")
+    kwargs = dict(config.model.kwargs.get("backbone_kwargs", None) or {})
+    example = np.zeros((1, 64, 64, 3), np.float32)  # only traced for shapes; the weights are size-free
+    if spec in models.pretrained_model_list():  # digest-verified, from the local cache
+        _, variables = models.load_pretrained(spec, example_input=example)
+    else:
+        kind, weights = store.read_weights(spec)
+        if kind == "jaxenc":
+            variables = weights
+        else:  # an upstream state_dict: convert the backbone alone (its classifier is not kept)
+            backbone = seg_models.get_backbone(config.model.backbone, **kwargs)
+            state_dict = {k: v for k, v in weights.items() if not k.startswith("fc.")}
+            try:
+                variables = port.torch_to_flax(backbone, state_dict, example, return_features=True)
+            except ValueError as err:
+                raise ValueError(f"config.model.backbone_pretrained={spec!r} does not fit the backbone "
+                                 f"{config.model.backbone} with {kwargs}: {err}") from None
+    loaded = {"params": {k: v for k, v in variables["params"].items() if k != "fc"},
+              "batch_stats": variables.get("batch_stats", {})}
+    target = {"params": params["pretrained"], "batch_stats": batch_stats.get("pretrained", {})}
+    expect, got = ({jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in jax.tree_util.tree_flatten_with_path(t)[0]}
+                   for t in (target, loaded))
+    problems = [f"{k}: model {v}, file {got.get(k, 'missing')}" for k, v in expect.items() if got.get(k) != v]
+    problems += [f"{k}: unexpected in the file" for k in set(got) - set(expect)]
+    if problems:
+        raise ValueError(f"config.model.backbone_pretrained={spec!r} does not fit the backbone of "
+                         f"{config.model.name}_{config.model.backbone}: " + "; ".join(sorted(problems)[:8])
+                         + (f" (+{len(problems) - 8} more)" if len(problems) > 8 else ""))
+
+    def place(tree, sub):
+        sharding = jax.tree.leaves(tree)[0].sharding
+        cast = jax.tree.map(lambda new, old: jnp.asarray(new, old.dtype), sub, tree["pretrained"])
+        return {**tree, "pretrained": jax.device_put(cast, sharding)}
+
+    return place(params, loaded["params"]), (place(batch_stats, loaded["batch_stats"]) if batch_stats else batch_stats)
+
+
 def _restore_or_start(ckpt, state, train_iter, config, model, example) -> tuple[TrainState, dict]:
     latest = ckpt.latest_step()
     if latest is not None:
@@ -186,6 +240,9 @@ def _restore_or_start(ckpt, state, train_iter, config, model, example) -> tuple[
         if data_state is not None:
             train_iter.set_state(data_state)
         return restored, dict(meta or {}, resumed_from=latest)
+    if config.model.get("backbone_pretrained"):
+        params, batch_stats = load_backbone(config, state.params, state.batch_stats)
+        state = state.replace(params=params, batch_stats=batch_stats)
     if config.model.pretrained:
         _, variables = models.load_pretrained(None, source=config.model.pretrained, model=model, example_input=example)
         state = state.replace(params=variables["params"], batch_stats=variables.get("batch_stats", state.batch_stats))

@@ -60,6 +60,7 @@ __all__ = [
     "pretrained_entry",
     "pretrained_model_list",
     "purge",
+    "read_weights",
     "register_pretrained",
     "save_checkpoint",
 ]
@@ -577,6 +578,19 @@ def _torch_state_dict(path: Path, member: str | None = None) -> dict[str, Any]:
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
+
+
+def read_weights(path: str | os.PathLike) -> tuple[str, dict[str, Any]]:
+    """The raw weights in a local file, unconverted: ``("jaxenc", variables)`` for a native
+    ``.msgpack`` checkpoint, ``("torch", state_dict)`` for a ``torch.save`` file or upstream's zip
+    packaging (unwrapped as :func:`load_pretrained` does). Raises FileNotFoundError for a missing file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"read_weights: no such file: {path}")
+    kind = _kind(path)
+    if kind == "jaxenc":
+        return kind, load_checkpoint(path)
+    return "torch", _torch_state_dict(path, _zip_member(path, None) if kind == "zip" else None)
 
 
 # --------------------------------------------------------------------------------------------------
