@@ -54,7 +54,10 @@ def get_config() -> ml_collections.ConfigDict:
     })
     c.model.norm = "sync_bn"
     c.model.dtype = "float32"
+    # Whole-model weights (a .pth/.zip/.msgpack of this exact model) or ImageNet backbone weights (a
+    # model-store name such as "resnest50", or a file) placed under params/pretrained.
     c.model.pretrained = ml_collections.FieldReference(None, field_type=str)
+    c.model.backbone_pretrained = ml_collections.FieldReference(None, field_type=str)
     c.model.disable_dropout = False
 
     c.loss = ml_collections.ConfigDict()
@@ -86,7 +89,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.ema_decay = ml_collections.FieldReference(None, field_type=float)
 
     c.train = ml_collections.ConfigDict()
-    c.train.num_steps = 2000
+    c.train.num_steps = 2500
     c.train.log_every = 50
     c.train.eval_every = 500
     c.train.checkpoint_every = 500

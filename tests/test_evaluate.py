@@ -131,3 +131,25 @@ def test_cli_smoke(trained, tmp_path):
     out = json.loads((tmp_path / "eval_metrics.json").read_text())
     assert out["scales"] == [0.75, 1.25] and out["num_images"] == 2 and out["step"] == 2
     assert 0.0 <= out["mIoU"] <= 1.0
+
+
+def test_published_weights_file_gives_the_checkpoints_numbers(trained, tmp_path):
+    """``--checkpoint`` may be a weights file (how published store weights are evaluated)."""
+    import jax
+
+    from jaxenc.models import store
+    from train import checkpoint
+    from train.trainer import build_model
+
+    config, workdir, _ = trained
+    shapes = jax.eval_shape(lambda: build_model(config).init(jax.random.key(0), np.zeros((1, SIZE, SIZE, 3),
+                                                                                         np.float32)))
+    target = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+    variables = checkpoint.load_params_for_finetune(workdir, dict(target))
+    store.save_checkpoint(tmp_path / "exported.msgpack", jax.tree.map(np.asarray, variables))
+    settings = {"mode": "single_scale", "base_size": SIZE, "crop_size": SIZE, "save_predictions": 0}
+    from_ckpt = evaluate.evaluate_checkpoint(config, workdir, tmp_path / "a", overrides=settings, log=lambda m: None)
+    from_file = evaluate.evaluate_checkpoint(config, tmp_path / "exported.msgpack", tmp_path / "b", overrides=settings,
+                                             log=lambda m: None)
+    assert from_file["mIoU"] == from_ckpt["mIoU"] and from_file["IoU"] == from_ckpt["IoU"]
+    assert from_file["step"] is None and from_file["checkpoint"].endswith("exported.msgpack")

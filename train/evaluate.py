@@ -31,6 +31,11 @@ when ``config.optim.ema_decay`` is set, as the trainer evaluates) of the latest 
 ``eval_metrics.json`` (pixAcc, mIoU, per-class IoU and names, mode, scales, flip, sizes, number of
 images, checkpoint path and step) and the PNGs; a per-class IoU table is printed.
 
+Published weights: ``--checkpoint`` may also be a model-store name (``deeplab_resnest50_ade``, read
+from the local cache, see ``jaxenc.models.load_pretrained``) or a weights file (an upstream
+``.pth``/``.zip`` or a native ``.msgpack``) for the config's model; the output then defaults to
+``eval/<name>``. This is how the published PyTorch-Encoding numbers are checked (README, Recipes).
+
 Images are normalised here from the source's uint8 pixels as the input pipeline does,
 ``(x * (1/255) - mean) / std`` in float32 with ``config.input.mean/std``, at full size.
 
@@ -57,7 +62,9 @@ import ml_collections
 import numpy as np
 
 from jaxenc import metrics as jmetrics
+from jaxenc import models
 from jaxenc.models import multi_eval
+from train.data import augment
 
 __all__ = ["EvalSettings", "eval_settings", "evaluate_checkpoint", "resolve_checkpoint"]
 
@@ -206,6 +213,24 @@ def _load_variables(config, model, step_dir: Path) -> dict:
     return checkpoint.load_params_for_finetune(step_dir, target, use_ema=use_ema)
 
 
+def _is_weights(checkpoint: str | os.PathLike) -> bool:
+    spec = str(checkpoint)
+    if spec in models.pretrained_model_list():
+        return True
+    p = Path(spec)
+    return p.is_file() and p.name != "state"
+
+
+def _load_weights(config, model, spec: str) -> dict:
+    """Variables of ``model`` from a model-store name (read from the local cache, digest-checked) or a
+    weights file (an upstream ``.pth`` / ``.zip`` converted through jaxenc.port, or a native ``.msgpack``)."""
+    size = config.dataset.image_size
+    name = spec if spec in models.pretrained_model_list() else None
+    _, variables = models.load_pretrained(name, source=None if name else spec, model=model,
+                                          example_input=np.zeros((1, size, size, 3), np.float32))
+    return variables
+
+
 # ---------------------------------------------------------------------------------------------------
 # per-image work
 
@@ -228,17 +253,13 @@ def _normalise(image: np.ndarray, mean, std) -> np.ndarray:
 
 
 def _mask(example: Mapping, size: tuple[int, int], index: int) -> np.ndarray | None:
+    """The example's mask at the image's size (train.data.augment.align_mask), or None without one."""
     if "mask" not in example:
         return None
-    mask = np.asarray(example["mask"])
-    if mask.ndim == 3 and mask.shape[-1] == 1:
-        mask = mask[..., 0]
-    if mask.ndim != 2 or not np.issubdtype(mask.dtype, np.integer):
-        raise ValueError(f"example {index}: 'mask' must be an integer (H, W) array, got {mask.dtype} {mask.shape}")
-    if mask.shape != size:
-        raise ValueError(f"example {index}: mask shape {mask.shape} differs from the image's {size} (testval needs "
-                         "the full-size mask)")
-    return mask.astype(np.int32)
+    try:
+        return augment.align_mask(example["mask"], size)
+    except ValueError as err:
+        raise ValueError(f"example {index}: {err}") from None
 
 
 def _pred_and_counts_fn(num_classes: int) -> Callable:
@@ -331,14 +352,19 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str | os.
     say = say if is_main else (lambda msg: None)
 
     settings = eval_settings(config, overrides)
-    step_dir, step, workdir = resolve_checkpoint(checkpoint, use_best=use_best)
-    outdir = Path(outdir) if outdir is not None else workdir / "eval"
+    model = trainer.build_model(config)
+    if _is_weights(checkpoint):  # published weights: a model-store name or a .pth/.zip/.msgpack file
+        variables = _load_weights(config, model, str(checkpoint))
+        step_dir, step = str(checkpoint), None
+        outdir = Path(outdir) if outdir is not None else Path("eval") / Path(str(checkpoint)).stem
+    else:
+        step_dir, step, workdir = resolve_checkpoint(checkpoint, use_best=use_best)
+        variables = _load_variables(config, model, step_dir)
+        outdir = Path(outdir) if outdir is not None else workdir / "eval"
     num_classes = int(config.dataset.num_classes)
     mean = tuple(float(v) for v in _get(config.input, "mean", multi_eval.IMAGENET_MEAN))
     std = tuple(float(v) for v in _get(config.input, "std", multi_eval.IMAGENET_STD))
 
-    model = trainer.build_model(config)
-    variables = _load_variables(config, model, step_dir)
     predict = multi_eval.make_sharded_predict(model, variables)
     n_dev = predict.num_devices
     batch = -(-settings.batch_size // n_dev) * n_dev
@@ -423,7 +449,9 @@ def _define_flags():
 
     config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file (configs/*.py).",
                                     lock_config=True)
-    flags.DEFINE_string("checkpoint", None, "Trainer workdir, checkpoints/ or best/ directory, or a step directory.")
+    flags.DEFINE_string("checkpoint", None, "Trainer workdir, checkpoints/ or best/ directory, or a step directory; "
+                        "or published weights: a model-store name (e.g. deeplab_resnest50_ade, from the local "
+                        "cache) or a .pth/.zip/.msgpack file.")
     flags.DEFINE_string("outdir", None, "Where eval_metrics.json and the PNGs go (default <workdir>/eval).")
     flags.DEFINE_bool("use_best", False, "Evaluate workdir/best instead of the latest checkpoint.")
     flags.DEFINE_enum("mode", None, list(MODES), "Overrides config.eval.mode.")

@@ -96,8 +96,11 @@ def build_model(config: ml_collections.ConfigDict):
         config.model.kwargs)
     kwargs["dtype"] = _DTYPES[config.model.dtype]
     if config.task == "segmentation":
+        # The dataset name matters only where upstream derives an option from it (EncNet's lateral
+        # fusion for datasets whose name starts with 'p'); the class count always comes from the config.
         return models.get_segmentation_model(
-            config.model.name, backbone=config.model.backbone, nclass=config.dataset.num_classes, **kwargs)
+            config.model.name, dataset=config.dataset.name, backbone=config.model.backbone,
+            nclass=config.dataset.num_classes, **kwargs)
     return models.get_model(config.model.name, num_classes=config.dataset.num_classes, **kwargs)
 
 

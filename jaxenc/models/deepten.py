@@ -103,12 +103,18 @@ DeepTEN = DeepTen
 
 
 def get_deepten(dataset: str = "minc", backbone: str = "resnet50", nclass: int | None = None,
-                pretrained: bool = False, **kwargs: Any) -> DeepTen:
+                pretrained: bool = False, *, num_classes: int | None = None, **kwargs: Any) -> DeepTen:
     """Upstream ``get_deepten(dataset, backbone, ...)``: a :class:`DeepTen` without weights.
 
-    ``nclass`` defaults to the dataset's (MINC-2500: 23). ``pretrained=True`` raises: load weights with
+    ``nclass`` defaults to the dataset's (MINC-2500: 23); ``num_classes`` is accepted as its alias
+    (the name the classification networks use, so ``get_model(name, num_classes=...)`` works for every
+    recognition name). ``pretrained=True`` raises: load weights with
     ``jaxenc.models.load_pretrained('deepten_resnet50_minc', ...)`` (no implicit downloads).
     """
+    if num_classes is not None:
+        if nclass is not None and nclass != num_classes:
+            raise ValueError(f"get_deepten: nclass={nclass} and num_classes={num_classes} disagree (they are aliases)")
+        nclass = num_classes
     if pretrained:
         raise ValueError(
             "get_deepten: pretrained=True does not download weights here (no implicit downloads); build the "

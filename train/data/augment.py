@@ -132,16 +132,22 @@ def _as_image(image: Any) -> np.ndarray:
     return np.ascontiguousarray(image[..., :3])
 
 
-def _as_mask(mask: Any, shape: tuple[int, int]) -> np.ndarray:
+def align_mask(mask: Any, shape: tuple[int, int]) -> np.ndarray:
+    """int (H', W'[, 1]) mask -> int32 ``shape`` (H, W): nearest-neighbour resized to the image's size
+    when the sizes differ. Upstream resizes the mask to sizes computed from the image
+    (``mask.resize((ow, oh), NEAREST)``), so a mask of another size ends up aligned the same way;
+    real datasets have matching sizes, TFDS mock data does not."""
     mask = np.asarray(mask)
     if mask.ndim == 3 and mask.shape[-1] == 1:
         mask = mask[..., 0]
-    if mask.ndim != 2 or not np.issubdtype(mask.dtype, np.integer):
+    if mask.ndim != 2 or not np.issubdtype(mask.dtype, np.integer) or min(mask.shape) < 1:
         raise ValueError(f"example['mask'] must be an integer (H, W) array, got {mask.dtype} {mask.shape}")
-    if mask.shape != shape:
-        raise ValueError(f"example['mask'] shape {mask.shape} differs from the image's {shape}: "
-                         "image and mask are transformed together and must match")
-    return np.ascontiguousarray(mask, np.int32)
+    mask = np.ascontiguousarray(mask, np.int32)
+    if mask.shape != tuple(shape):
+        mask = _resize_mask(mask, shape[1], shape[0])
+    return mask
+
+
 
 
 def _label(example: Mapping[str, Any]) -> np.ndarray:
@@ -260,7 +266,7 @@ class UpstreamSegTrain:
     def __call__(self, example: Mapping[str, Any], rng: np.random.Generator | None = None) -> dict:
         _need_rng(type(self).__name__, rng)
         image = _as_image(example["image"])
-        mask = _as_mask(example["mask"], image.shape[:2])
+        mask = align_mask(example["mask"], image.shape[:2])
         p = self.params(*image.shape[:2], rng)
         if p["flip"]:
             image, mask = image[:, ::-1], mask[:, ::-1]
@@ -315,7 +321,7 @@ class UpstreamSegVal:
 
     def __call__(self, example: Mapping[str, Any], rng: np.random.Generator | None = None) -> dict:
         image = _as_image(example["image"])
-        mask = _as_mask(example["mask"], image.shape[:2])
+        mask = align_mask(example["mask"], image.shape[:2])
         g = self.geometry(*image.shape[:2])
         image = _resize(image, g["width"], g["height"], self.interpolation)
         mask = _resize_mask(mask, g["width"], g["height"])
@@ -340,7 +346,7 @@ class UpstreamSegTestval:
 
     def __call__(self, example: Mapping[str, Any], rng: np.random.Generator | None = None) -> dict:
         image = _as_image(example["image"])
-        mask = _as_mask(example["mask"], image.shape[:2])
+        mask = align_mask(example["mask"], image.shape[:2])
         return {"image": _normalise(_to_unit(image), self.mean, self.std), "mask": mask}
 
 

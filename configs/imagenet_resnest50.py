@@ -1,0 +1,28 @@
+"""ResNeSt-50 on ImageNet-2012: the published recipe (spec §6.1, §7.1).
+
+    python -m train.main --config configs/imagenet_resnest50.py --workdir runs/imagenet_resnest50 \
+        --config.dataset.data_dir=/data/tfds
+
+270 epochs, global batch 2048 at lr 0.8 (0.1 per 256, linear scaling), cosine with 5 warmup epochs,
+SGD momentum 0.9, wd 1e-4 not applied to BN/bias (--no-bn-wd), zero-initialised last BN gamma of
+each block (--last-gamma), label smoothing 0.1, mixup 0.2, RandAugment(2, 12), EfficientNet-style
+crop 224 + flip + ColorJitter 0.4 + PCA lighting 0.1; evaluation: centre crop 224/(224+32).
+Published top-1 at 224: 81.03 (weights trained in MXNet; store ``resnest50``).
+"""
+from configs import common
+
+NUM_TRAIN = 1_281_167
+BATCH = 2048
+
+
+def get_config():
+    c = common.upstream_recognition(name="imagenet_resnest50", dataset="imagenet2012", num_classes=1000,
+                                    num_train=NUM_TRAIN, model="resnest50", epochs=270, lr=0.1,
+                                    lr_batch_reference=256, batch_size=BATCH, crop_size=224)
+    c.input.rand_augment = (2, 12)
+    c.model.kwargs = {"last_gamma": True}
+    c.loss.label_smoothing = 0.1
+    c.loss.mixup_alpha = 0.2
+    c.optim.no_bn_wd = True
+    c.optim.warmup_steps = 5 * (NUM_TRAIN // BATCH)
+    return c

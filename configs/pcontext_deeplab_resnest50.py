@@ -1,0 +1,16 @@
+"""DeepLabV3, ResNeSt-50 backbone, Pascal Context (59 classes): upstream's recipe (spec §6.2, §7.2).
+
+    python -m train.main --config configs/pcontext_deeplab_resnest50.py --workdir runs/pc_deeplab_s50 \
+        --config.dataset.data_dir=/data
+    python -m train.evaluate --config configs/pcontext_deeplab_resnest50.py --checkpoint runs/pc_deeplab_s50
+
+train.py defaults for pcontext with --aux: batch 16, crop 480 / base 520, SGD lr 0.001 (10x heads),
+poly, 80 epochs. Published (multi-scale + flip): pixAcc 80.41, mIoU 53.19 (store
+``deeplab_resnest50_pcontext``).
+"""
+from configs import common
+
+
+def get_config():
+    return common.upstream_segmentation(name="pcontext_deeplab_resnest50", dataset="pcontext", num_classes=59,
+                                        num_train=4998, model="deeplab", backbone="resnest50", epochs=80, lr=0.001)
