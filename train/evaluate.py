@@ -31,6 +31,9 @@ when ``config.optim.ema_decay`` is set, as the trainer evaluates) of the latest 
 ``eval_metrics.json`` (pixAcc, mIoU, per-class IoU and names, mode, scales, flip, sizes, number of
 images, checkpoint path and step) and the PNGs; a per-class IoU table is printed.
 
+Recognition configs: single-crop top-1 / top-5 over the split with the config's validation transform
+(upstream's ``verify.py``); ``eval_metrics.json`` holds them.
+
 Published weights: ``--checkpoint`` may also be a model-store name (``deeplab_resnest50_ade``, read
 from the local cache, see ``jaxenc.models.load_pretrained``) or a weights file (an upstream
 ``.pth``/``.zip`` or a native ``.msgpack``) for the config's model; the output then defaults to
@@ -345,8 +348,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str | os.
 
     if _get(config, "distributed") is not None:
         trainer.initialize_distributed(config.distributed)
-    if config.task != "segmentation":
-        raise ValueError(f"train.evaluate: config.task must be 'segmentation', got {config.task!r}")
+    if config.task not in ("segmentation", "recognition"):
+        raise ValueError(f"train.evaluate: config.task must be 'segmentation' or 'recognition', got {config.task!r}")
     is_main = jax.process_index() == 0
     say = log if log is not None else (lambda msg: print(msg, file=sys.stderr, flush=True))
     say = say if is_main else (lambda msg: None)
@@ -366,6 +369,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str | os.
     std = tuple(float(v) for v in _get(config.input, "std", multi_eval.IMAGENET_STD))
 
     predict = multi_eval.make_sharded_predict(model, variables)
+    if config.task == "recognition":
+        return _evaluate_recognition(config, predict, settings, outdir, step_dir, step, say, is_main)
     n_dev = predict.num_devices
     batch = -(-settings.batch_size // n_dev) * n_dev
     evaluator = multi_eval.MultiScaleEvaluator(
@@ -435,6 +440,47 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str | os.
         tmp.write_text(json.dumps(out, indent=2, allow_nan=False) + "\n")
         tmp.replace(outdir / METRICS_FILE)
         say(_iou_table(names, out["IoU"], out["pixAcc"], out["mIoU"]))
+        say(f"wrote {outdir / METRICS_FILE}")
+    return out
+
+
+def _evaluate_recognition(config, predict, settings: EvalSettings, outdir: Path, step_dir, step, say,
+                          is_main: bool) -> dict:
+    """Single-crop top-1 / top-5 (upstream ``verify.py``): the config's validation transform (e.g.
+    ImageNet's centre crop crop/(crop+32)), every image of the split counted once."""
+    from train.data import pipeline
+
+    source = pipeline.get_source(config.dataset, settings.split)
+    if settings.num_images:
+        raise ValueError("train.evaluate: eval.num_images is for segmentation; recognition evaluates the whole split")
+    p_idx, n_proc = jax.process_index(), jax.process_count()
+    batch = settings.batch_size * predict.num_devices * n_proc
+    transform = pipeline.transform_from_config(config.input, task="recognition",
+                                               image_size=config.dataset.image_size, train=False)
+    say(f"train.evaluate: single crop {config.dataset.image_size} on {len(source)} {settings.split} images of "
+        f"{config.dataset.name}, {batch} per global batch, checkpoint {step_dir}")
+    num_classes = int(config.dataset.num_classes)
+    ks = tuple(k for k in (1, 5) if k <= num_classes)
+    counts = {**{f"top{k}": 0 for k in ks}, "examples": 0}
+    t0 = time.time()
+    for local in pipeline.eval_batches(source, batch_size=batch, process_index=p_idx, process_count=n_proc,
+                                       transform=transform):
+        logits = np.asarray(jax.device_get(predict(local["image"])), np.float32)
+        got = jmetrics.topk_correct(logits, local["label"], ks, valid=local["valid"])
+        for k in ks:
+            counts[f"top{k}"] += int(got[k])
+        counts["examples"] += int(local["valid"].sum())
+    sums = _allgather_sum({k: np.asarray(v, np.int64) for k, v in counts.items()})
+    n = int(sums.pop("examples"))
+    out = {**{k: float(v) / max(n, 1) for k, v in sums.items()}, "num_images": n, "split": settings.split,
+           "crop_size": int(config.dataset.image_size), "dataset": str(config.dataset.name),
+           "checkpoint": str(step_dir), "step": step, "process_count": n_proc, "wall_time_s": time.time() - t0}
+    if is_main:
+        outdir.mkdir(parents=True, exist_ok=True)
+        tmp = outdir / f".{METRICS_FILE}.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(out, indent=2, allow_nan=False) + "\n")
+        tmp.replace(outdir / METRICS_FILE)
+        say("  ".join(f"top-{k} {out[f'top{k}']:.4f}" for k in ks) + f"  ({n} images)")
         say(f"wrote {outdir / METRICS_FILE}")
     return out
 
