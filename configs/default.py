@@ -100,6 +100,19 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.allow_config_change = False
     c.train.finetune_from = ml_collections.FieldReference(None, field_type=str)
 
+    # python -m train.evaluate: upstream's multi-scale + flip protocol at this recipe's size (the base and
+    # the window follow dataset.image_size, so configs derived from this one stay consistent).
+    c.eval = ml_collections.ConfigDict()
+    c.eval.mode = "multi_scale"
+    c.eval.scales = (0.75, 1.0, 1.25, 1.5)
+    c.eval.flip = True
+    c.eval.base_size = c.dataset.get_ref("image_size")
+    c.eval.crop_size = c.dataset.get_ref("image_size")
+    c.eval.split = "validation"
+    c.eval.num_images = 0
+    c.eval.save_predictions = 8
+    c.eval.batch_size = 16
+
     c.distributed = ml_collections.ConfigDict()
     c.distributed.initialize = False
     c.distributed.coordinator_address = ml_collections.FieldReference(None, field_type=str)

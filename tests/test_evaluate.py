@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import tiny
+from tiny_config import tiny_config
 from train import evaluate
 from train.trainer import train_and_evaluate
 
@@ -27,15 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 SIZE = 32
 
 
-def _config(**overrides):
-    c = tiny.get_config()
-    for dotted, value in overrides.items():
-        node = c
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+_config = tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +85,15 @@ def test_multi_scale_from_config_eval(trained, tmp_path):
     assert (tmp_path / "ms" / "predictions" / "00000.png").is_file()
 
 
+def test_recipe_eval_section_follows_the_image_size():
+    c = _config(**{"dataset.image_size": 48})
+    s = evaluate.eval_settings(c)
+    assert (s.base_size, s.crop_size, s.mode, s.flip) == (48, 48, "multi_scale", True)
+
+
 def test_settings_defaults_and_errors():
     c = _config()
+    del c["eval"]  # a config without an eval section gets upstream's defaults
     s = evaluate.eval_settings(c)
     assert s.mode == "multi_scale" and s.scales == (0.5, 0.75, 1.0, 1.25, 1.5, 1.75) and s.flip
     assert (s.base_size, s.crop_size, s.split, s.num_images) == (520, c.dataset.image_size, "validation", 0)

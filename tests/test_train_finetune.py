@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from configs import tiny
+from tiny_config import tiny_config
 from jaxenc import models
 from jaxenc.models import store
 from torch_ref import resnest_torch
@@ -25,15 +25,7 @@ from train.trainer import build_model, load_backbone, train_and_evaluate
 SMALL = {"layers": (1, 1, 1, 1), "stage_planes": (8, 16, 32, 64)}
 
 
-def _config(**overrides):
-    c = tiny.get_config()
-    for dotted, value in overrides.items():
-        node = c
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+_config = tiny_config
 
 
 def _abstract_variables(config):

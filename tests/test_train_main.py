@@ -20,22 +20,14 @@ import jax
 import numpy as np
 import pytest
 
-from configs import tiny
+from tiny_config import tiny_config
 from train import observe
 from train.trainer import train_and_evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _config(**overrides):
-    c = tiny.get_config()
-    for dotted, value in overrides.items():
-        node = c
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+_config = tiny_config
 
 
 def _flags(overrides: dict) -> list[str]:

@@ -240,16 +240,7 @@ def _load_weights(config, model, spec: str) -> dict:
 
 def _normalise(image: np.ndarray, mean, std) -> np.ndarray:
     """The input pipeline's normalisation, bit for bit: (x * float32(1/255) - mean) / std in float32."""
-    image = np.asarray(image)
-    if image.dtype != np.uint8:
-        raise ValueError(f"example['image'] must be uint8 (H, W, 3), got dtype {image.dtype}")
-    if image.ndim == 2:
-        image = image[..., None]
-    if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"example['image'] must be (H, W, 3) (or 1/4 channels), got shape {image.shape}")
-    if image.shape[-1] == 1:
-        image = np.repeat(image, 3, axis=-1)
-    image = image[..., :3]
+    image = augment.as_rgb_image(image)
     m = np.asarray(mean, np.float32)
     s = np.asarray(std, np.float32)
     return (image.astype(np.float32) * np.float32(1 / 255) - m) / s

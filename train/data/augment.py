@@ -118,7 +118,7 @@ def _need_rng(owner: str, rng) -> None:
 
 # -- array helpers ---------------------------------------------------------------------------------
 
-def _as_image(image: Any) -> np.ndarray:
+def as_rgb_image(image: Any) -> np.ndarray:
     """uint8 (H, W, 3); grayscale (H, W[, 1]) is repeated to RGB, a 4th (alpha) channel dropped."""
     image = np.asarray(image)
     if image.dtype != np.uint8:
@@ -265,7 +265,7 @@ class UpstreamSegTrain:
 
     def __call__(self, example: Mapping[str, Any], rng: np.random.Generator | None = None) -> dict:
         _need_rng(type(self).__name__, rng)
-        image = _as_image(example["image"])
+        image = as_rgb_image(example["image"])
         mask = align_mask(example["mask"], image.shape[:2])
         p = self.params(*image.shape[:2], rng)
         if p["flip"]:
@@ -320,7 +320,7 @@ class UpstreamSegVal:
         return {"width": ow, "height": oh, "x": int(round((ow - c) / 2.0)), "y": int(round((oh - c) / 2.0))}
 
     def __call__(self, example: Mapping[str, Any], rng: np.random.Generator | None = None) -> dict:
-        image = _as_image(example["image"])
+        image = as_rgb_image(example["image"])
         mask = align_mask(example["mask"], image.shape[:2])
         g = self.geometry(*image.shape[:2])
         image = _resize(image, g["width"], g["height"], self.interpolation)
@@ -345,7 +345,7 @@ class UpstreamSegTestval:
         _set(self, mean=mean, std=std)
 
     def __call__(self, example: Mapping[str, Any], rng: np.random.Generator | None = None) -> dict:
-        image = _as_image(example["image"])
+        image = as_rgb_image(example["image"])
         mask = align_mask(example["mask"], image.shape[:2])
         return {"image": _normalise(_to_unit(image), self.mean, self.std), "mask": mask}
 
@@ -374,7 +374,7 @@ class ECenterCrop:
         return left, top, int(round(left + side)), int(round(top + side))
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
-        image = _as_image(image)
+        image = as_rgb_image(image)
         left, top, right, bottom = self.box(*image.shape[:2])
         right, bottom = max(right, left + 1), max(bottom, top + 1)
         return _resize(image[top:bottom, left:right], self.crop_size, self.crop_size, "bicubic")
@@ -437,7 +437,7 @@ class ERandomCrop:
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
         _need_rng(type(self).__name__, rng)
-        image = _as_image(image)
+        image = as_rgb_image(image)
         box = self.box(*image.shape[:2], rng)
         if box is None:
             return ECenterCrop(self.crop_size)(image)
@@ -489,7 +489,7 @@ class RandomResizedCrop:
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
         _need_rng(type(self).__name__, rng)
-        image = _as_image(image)
+        image = as_rgb_image(image)
         top, left, h, w = self.box(*image.shape[:2], rng)
         return _resize(image[top:top + h, left:left + w], self.size, self.size, self.interpolation)
 
@@ -515,7 +515,7 @@ class Resize:
         return self.size, int(self.size * width / height)
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
-        image = _as_image(image)
+        image = as_rgb_image(image)
         h, w = self.output_size(*image.shape[:2])
         return _resize(image, w, h, self.interpolation)
 
@@ -532,7 +532,7 @@ class CenterCrop:
         _set(self, size=_positive_int(type(self).__name__, "size", self.size))
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
-        image = _as_image(image)
+        image = as_rgb_image(image)
         s = self.size
         h, w = image.shape[:2]
         if h < s or w < s:
@@ -559,7 +559,7 @@ class RandomCrop:
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
         _need_rng(type(self).__name__, rng)
-        image = _as_image(image)
+        image = as_rgb_image(image)
         p = self.padding
         if p:
             image = np.pad(image, ((p, p), (p, p), (0, 0)))
@@ -609,7 +609,7 @@ class ColorJitter:
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
         _need_rng(type(self).__name__, rng)
-        image = _as_image(image)
+        image = as_rgb_image(image)
         if self.brightness == self.contrast == self.saturation == 0:
             return image
         return self.apply(image, *self.params(rng))
@@ -723,7 +723,7 @@ def rand_augment_op(image: np.ndarray, name: str, m: float, rng: np.random.Gener
     if name not in _RAND_AUGMENT:
         raise ValueError(f"rand_augment_op: name must be one of {list(RAND_AUGMENT_OPS)}, got {name!r}")
     fn = _RAND_AUGMENT[name][0]
-    return np.asarray(fn(_pil(_as_image(image)), rand_augment_value(name, m), rng))
+    return np.asarray(fn(_pil(as_rgb_image(image)), rand_augment_value(name, m), rng))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -745,7 +745,7 @@ class RandAugment:
         _set(self, n=_nonneg_int(name, "n", self.n), m=m)
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
-        image = _as_image(image)
+        image = as_rgb_image(image)
         if self.n == 0:
             return image
         _need_rng(type(self).__name__, rng)
@@ -801,7 +801,7 @@ class ImageNetTrain:
 
     def __call__(self, example: Mapping[str, Any], rng: np.random.Generator | None = None) -> dict:
         _need_rng(type(self).__name__, rng)
-        image = _as_image(example["image"])
+        image = as_rgb_image(example["image"])
         if self.rand_aug is not None:
             image = RandAugment(*self.rand_aug)(image, rng)
         crop = ERandomCrop(self.crop_size) if self.etrans else RandomResizedCrop(self.crop_size)
@@ -829,7 +829,7 @@ class ImageNetVal:
              etrans=bool(self.etrans))
 
     def __call__(self, example: Mapping[str, Any], rng: np.random.Generator | None = None) -> dict:
-        image = _as_image(example["image"])
+        image = as_rgb_image(example["image"])
         if self.etrans:
             image = ECenterCrop(self.crop_size)(image)
         else:
@@ -873,7 +873,7 @@ class CifarVal:
         _set(self, mean=mean, std=std)
 
     def __call__(self, example: Mapping[str, Any], rng: np.random.Generator | None = None) -> dict:
-        return {"image": _normalise(_to_unit(_as_image(example["image"])), self.mean, self.std),
+        return {"image": _normalise(_to_unit(as_rgb_image(example["image"])), self.mean, self.std),
                 "label": _label(example)}
 
 

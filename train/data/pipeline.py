@@ -177,19 +177,6 @@ def _resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(resized, np.int32)
 
 
-def _as_image(image: Any) -> np.ndarray:
-    image = np.asarray(image)
-    if image.dtype != np.uint8:
-        raise ValueError(f"example['image'] must be uint8 (H, W, 3), got dtype {image.dtype}")
-    if image.ndim == 2:
-        image = image[..., None]
-    if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"example['image'] must be (H, W, 3) (or 1/4 channels), got shape {image.shape}")
-    if image.shape[-1] == 1:  # grayscale sources: the models take RGB
-        image = np.repeat(image, 3, axis=-1)
-    return image[..., :3]
-
-
 def _as_mask(mask: Any) -> np.ndarray:
     mask = np.asarray(mask)
     if mask.ndim == 3 and mask.shape[-1] == 1:
@@ -276,7 +263,7 @@ class SegmentationTransform(_ImageTransform):
     """``(example, rng) -> {"image": float32 (S, S, 3), "mask": int32 (S, S)}``; see ``segmentation_transform``."""
 
     def __call__(self, example: Mapping[str, Any], rng: np.random.Generator | None = None) -> dict:
-        image, mask = self._geometry(_as_image(example["image"]), _as_mask(example["mask"]), rng)
+        image, mask = self._geometry(augment.as_rgb_image(example["image"]), _as_mask(example["mask"]), rng)
         return {"image": image, "mask": mask}
 
 
@@ -285,7 +272,7 @@ class RecognitionTransform(_ImageTransform):
     """``(example, rng) -> {"image": float32 (S, S, 3), "label": int32 ()}``; see ``recognition_transform``."""
 
     def __call__(self, example: Mapping[str, Any], rng: np.random.Generator | None = None) -> dict:
-        image, _ = self._geometry(_as_image(example["image"]), None, rng)
+        image, _ = self._geometry(augment.as_rgb_image(example["image"]), None, rng)
         return {"image": image, "label": np.asarray(example["label"], np.int32)}
 
 
