@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from train.data.augment import as_rgb_image
+
 log = logging.getLogger(__name__)
 
 IGNORE = -1
@@ -82,16 +84,7 @@ def lookup_split(dataset: str, split: str, splits: Mapping[str, Any]) -> Any:
 
 def to_rgb(image: Any) -> np.ndarray:
     """uint8 (H, W, 3) from (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) (alpha dropped)."""
-    image = np.asarray(image)
-    if image.dtype != np.uint8:
-        raise ValueError(f"expected a uint8 image, got {image.dtype} {image.shape}")
-    if image.ndim == 2:
-        image = image[..., None]
-    if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"expected an (H, W[, 1|3|4]) image, got shape {image.shape}")
-    if image.shape[-1] == 1:
-        return np.repeat(image, 3, axis=-1)
-    return np.ascontiguousarray(image[..., :3])
+    return as_rgb_image(image)  # one definition of "an RGB image" for the whole input pipeline
 
 
 def read_rgb(path: str) -> np.ndarray:
