@@ -114,6 +114,8 @@ def test_resolve_checkpoint(trained, tmp_path):
     assert evaluate.resolve_checkpoint(workdir / "checkpoints" / "2")[1] == 2
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         evaluate.resolve_checkpoint(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"(?s)does not exist.*not a model-store name.*deeplab_resnest50_ade"):
+        evaluate.resolve_checkpoint("deeplab_resnest50_adee")
 
 
 @pytest.mark.slow

@@ -185,7 +185,8 @@ def resolve_checkpoint(path: str | os.PathLike, *, use_best: bool = False) -> tu
     """
     p = Path(path).resolve()
     if not p.exists():
-        raise FileNotFoundError(f"--checkpoint: {p} does not exist")
+        raise FileNotFoundError(f"--checkpoint: {p} does not exist (and {str(path)!r} is not a model-store name; "
+                                f"those are {models.pretrained_model_list()})")
     if p.name == "state" and p.is_dir():
         p = p.parent
     if (p / "state").is_dir():  # a step directory
