@@ -90,6 +90,16 @@ def test_backbone_that_does_not_fit_is_refused(tmp_path):
         load_backbone(c, variables["params"], variables["batch_stats"])
 
 
+def test_native_backbone_that_does_not_fit_names_the_leaves(tmp_path):
+    wide = models.get_model("resnet18", num_classes=7, layers=(1, 1, 1, 1), stage_planes=(16, 16, 32, 64))
+    store.save_checkpoint(tmp_path / "wide.msgpack", wide.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+    c = _config(**{"model.backbone_pretrained": str(tmp_path / "wide.msgpack")})
+    variables = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), _abstract_variables(c))
+    want = r"backbone_pretrained=.*wide\.msgpack.*does not fit.*params/layer1/0/bn1/scale: shape \(16,\), expected \(8,\)"
+    with pytest.raises(ValueError, match=want):
+        load_backbone(c, variables["params"], variables["batch_stats"])
+
+
 def test_backbone_pretrained_store_name_not_cached_says_where(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXENC_CACHE", str(tmp_path / "cache"))
     c = _config(**{"model.backbone": "resnet50s", "model.backbone_pretrained": "resnet50s"})

@@ -218,13 +218,10 @@ def load_backbone(config: ml_collections.ConfigDict, params: dict, batch_stats: 
     loaded = {"params": {k: v for k, v in variables["params"].items() if k != "fc"},
               "batch_stats": variables.get("batch_stats", {})}
     target = {"params": params["pretrained"], "batch_stats": batch_stats.get("pretrained", {})}
-    expect, got = ({jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in jax.tree_util.tree_flatten_with_path(t)[0]}
-                   for t in (target, loaded))
-    problems = [f"{k}: model {v}, file {got.get(k, 'missing')}" for k, v in expect.items() if got.get(k) != v]
-    problems += [f"{k}: unexpected in the file" for k in set(got) - set(expect)]
+    problems = store.shape_problems(target, loaded)
     if problems:
         raise ValueError(f"config.model.backbone_pretrained={spec!r} does not fit the backbone of "
-                         f"{config.model.name}_{config.model.backbone}: " + "; ".join(sorted(problems)[:8])
+                         f"{config.model.name}_{config.model.backbone}: " + "; ".join(problems[:8])
                          + (f" (+{len(problems) - 8} more)" if len(problems) > 8 else ""))
 
     def place(tree, sub):

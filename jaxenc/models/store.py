@@ -63,6 +63,7 @@ __all__ = [
     "read_weights",
     "register_pretrained",
     "save_checkpoint",
+    "shape_problems",
 ]
 
 #: Seconds a process waits for another one writing the same cache file before giving up.
@@ -623,7 +624,9 @@ def save_checkpoint(path: str | os.PathLike, variables: Mapping, *, metadata: Ma
     return digest
 
 
-def _shape_problems(expected: Any, actual: Any) -> list[str]:
+def shape_problems(expected: Any, actual: Any) -> list[str]:
+    """How the variable tree ``actual`` differs from ``expected``: ``"missing a/b"``, ``"unexpected a/b"``
+    and ``"a/b: shape (..), expected (..)"`` entries (sorted by path); empty when they fit."""
     exp = {"/".join(k): v for k, v in flatten_dict(serialization.to_state_dict(expected)).items()}
     act = {"/".join(k): v for k, v in flatten_dict(serialization.to_state_dict(actual)).items()}
     problems = [f"missing {k}" for k in sorted(set(exp) - set(act))]
@@ -664,7 +667,7 @@ def load_checkpoint(path: str | os.PathLike, target: Any = None, *, with_metadat
         )
     variables = record["variables"]
     if target is not None:
-        problems = _shape_problems(target, variables)
+        problems = shape_problems(target, variables)
         if problems:
             raise ValueError(f"load_checkpoint: {path} does not match the target: " + "; ".join(problems))
         variables = serialization.from_state_dict(target, variables)
