@@ -16,6 +16,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from train.data import pipeline
+from train.observe import voc_palette
 from train.data.sources import _base, ade20k, cityscapes, coco, folders, pascal, recognition
 
 SEG_NAMES = ("ade20k", "cityscapes", "pascal_voc", "pcontext", "coco", "seg_folder")
@@ -37,7 +38,7 @@ def _label_png(path, values, mode="L"):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     if mode == "P":
         img = Image.frombytes("P", (values.shape[1], values.shape[0]), values.tobytes())
-        img.putpalette(_base.voc_colormap(256).tobytes())
+        img.putpalette(voc_palette(256).tobytes())
     else:
         img = Image.fromarray(values)  # uint8 (H, W) -> mode L
     img.save(path)

@@ -36,6 +36,7 @@ import grain
 import numpy as np
 from PIL import Image
 
+from train import observe
 from train.data import augment, synthetic
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -135,16 +136,6 @@ register_source("shapes_seg", _shapes_factory(synthetic.ShapesSegmentation),
 register_source("shapes_cls", _shapes_factory(synthetic.ShapesRecognition))
 
 
-def _voc_palette(num_classes: int) -> np.ndarray:
-    """The PASCAL VOC colour map (class id bits spread over the RGB high bits), uint8 (K, 3)."""
-    ids = np.arange(num_classes)
-    pal = np.zeros((num_classes, 3), np.int64)
-    for shift in range(8):
-        for channel in range(3):
-            pal[:, channel] |= ((ids >> (3 * shift + channel)) & 1) << (7 - shift)
-    return pal.astype(np.uint8)
-
-
 def palette(dataset_config: Any) -> np.ndarray:
     """uint8 (num_classes, 3) mask colours for ``config.dataset``: the palette registered with the
     dataset, else the PASCAL VOC colour map for ``config.dataset.num_classes`` classes."""
@@ -157,7 +148,7 @@ def palette(dataset_config: Any) -> np.ndarray:
     if num_classes is None or int(num_classes) < 1:
         raise ValueError(f"palette: dataset {name!r} registered no palette and config.dataset.num_classes is "
                          f"{num_classes!r}; a positive class count is needed")
-    return _voc_palette(int(num_classes))
+    return observe.voc_palette(int(num_classes))
 
 
 # -- transforms ----------------------------------------------------------------------------------

@@ -157,16 +157,6 @@ def identity_table(num_classes: int, size: int = 256) -> LabelTable:
     return LabelTable.from_pairs({k: k for k in range(num_classes)}, size)
 
 
-def voc_colormap(num_classes: int) -> np.ndarray:
-    """The PASCAL VOC colour map, uint8 (num_classes, 3): bits of the id spread over RGB high bits."""
-    ids = np.arange(num_classes)
-    cmap = np.zeros((num_classes, 3), np.int64)
-    for bit in range(8):
-        for channel in range(3):
-            cmap[:, channel] |= ((ids >> (3 * bit + channel)) & 1) << (7 - bit)
-    return cmap.astype(np.uint8)
-
-
 # -- sources -------------------------------------------------------------------------------------
 
 def _index(index: Any, n: int, owner: Any) -> int:

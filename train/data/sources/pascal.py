@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 
 from train.data.sources import _base
+from train.observe import voc_palette
 
 VOC_NAME = "pascal_voc"
 CONTEXT_NAME = "pcontext"
@@ -39,7 +40,7 @@ VOC_CLASS_NAMES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle
                    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
                    "train", "tvmonitor")
 VOC_LABELS = _base.identity_table(len(VOC_CLASS_NAMES))
-VOC_PALETTE = _base.voc_colormap(len(VOC_CLASS_NAMES))
+VOC_PALETTE = voc_palette(len(VOC_CLASS_NAMES))
 
 CONTEXT_CLASS_NAMES = (
     "aeroplane", "bag", "bed", "bedclothes", "bench", "bicycle", "bird", "boat", "book", "bottle", "building",
@@ -51,7 +52,7 @@ CONTEXT_CLASS_NAMES = (
 )
 CONTEXT_LABELS = _base.shift_table(len(CONTEXT_CLASS_NAMES))
 # Class k is stored as PNG value k+1, so it gets the VOC colour of k+1 (as the PNG viewers show it).
-CONTEXT_PALETTE = _base.voc_colormap(len(CONTEXT_CLASS_NAMES) + 1)[1:]
+CONTEXT_PALETTE = voc_palette(len(CONTEXT_CLASS_NAMES) + 1)[1:]
 
 VOC_LAYOUT = ("  <data_dir>/VOCdevkit/VOC2012/JPEGImages/<id>.jpg\n"
               "  <data_dir>/VOCdevkit/VOC2012/SegmentationClass/<id>.png  (palette PNG, 0..20, 255 = void)\n"
