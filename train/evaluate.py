@@ -267,10 +267,9 @@ def _pred_and_counts_fn(num_classes: int) -> Callable:
 
 
 def _class_names(source, num_classes: int) -> list[str]:
-    for attr in ("class_names", "CLASS_NAMES"):
-        names = getattr(source, attr, None)
-        if names is not None and len(names) == num_classes:
-            return [str(n) for n in names]
+    names = getattr(source, "class_names", None)
+    if names is not None and len(names) == num_classes:
+        return [str(n) for n in names]
     return [str(i) for i in range(num_classes)]
 
 

@@ -50,9 +50,19 @@ def _check_common(split, num_examples, image_size, seed, cls_name):
 
 
 class _ShapesBase:
-    """Shared rendering for the shape datasets; subclasses define ``_TAG`` and ``_example``."""
+    """Shared rendering for the shape datasets; subclasses define ``_TAG``, ``CLASS_NAMES`` and ``_example``."""
 
     _TAG = ""
+    CLASS_NAMES: tuple[str, ...] = ()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.CLASS_NAMES)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The names of classes ``0..num_classes-1`` (the source contract of train.data.pipeline)."""
+        return self.CLASS_NAMES
 
     def __init__(self, split: str = "train", *, num_examples: int, image_size: int = 64, seed: int = 0):
         _check_common(split, num_examples, image_size, seed, type(self).__name__)
@@ -218,10 +228,6 @@ class ShapesSegmentation(_ShapesBase):
     PALETTE = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
                         [245, 130, 48]], dtype=np.uint8)
 
-    @property
-    def num_classes(self) -> int:
-        return self.NUM_CLASSES
-
     def _example(self, rng):
         size = self.image_size
         img = self._background(rng)
@@ -247,10 +253,6 @@ class ShapesRecognition(_ShapesBase):
     _TAG = "recognition"
     CLASS_NAMES = SHAPE_NAMES
     NUM_CLASSES = len(CLASS_NAMES)
-
-    @property
-    def num_classes(self) -> int:
-        return self.NUM_CLASSES
 
     def _example(self, rng):
         size = self.image_size
