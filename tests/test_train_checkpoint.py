@@ -10,9 +10,7 @@ import textwrap
 import socket
 import time
 from pathlib import Path
-from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -32,6 +30,7 @@ from train.checkpoint import (
     check_config,
     load_params_for_finetune,
 )
+from train.step import TrainState
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -391,25 +390,14 @@ def test_graceful_shutdown_second_sigint_forces_quit():
 # ---------------------------------------------------------------------------------------------- fine-tuning
 
 
-class _TrainState(flax.struct.PyTreeNode):
-    """The trainer's state layout (train.step.TrainState): a dataclass, saved by field name."""
-
-    step: jax.Array
-    params: Any
-    batch_stats: Any
-    opt_state: Any
-    ema_params: Any
-    rng: jax.Array
-
-
 def test_finetune_from_checkpointer_and_msgpack(tmp_path):
     source_state = _state(seed=3, step=5)
     workdir = tmp_path / "run"
     with Checkpointer(workdir) as ckpt:  # a dataclass state round-trips too
-        ckpt.save(1, state=_TrainState(**source_state), data_state=None, meta=META)
-        restored, _, _ = ckpt.restore(abstract_state=jax.eval_shape(lambda: _TrainState(**source_state)))
-    assert isinstance(restored, _TrainState)
-    _assert_bitwise(restored, _TrainState(**source_state))
+        ckpt.save(1, state=TrainState(**source_state), data_state=None, meta=META)
+        restored, _, _ = ckpt.restore(abstract_state=jax.eval_shape(lambda: TrainState(**source_state)))
+    assert isinstance(restored, TrainState)
+    _assert_bitwise(restored, TrainState(**source_state))
     workdir = tmp_path / "run2"
     with Checkpointer(workdir) as ckpt:
         ckpt.save(5, state=source_state, data_state=None, meta=META)
