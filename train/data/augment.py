@@ -144,7 +144,7 @@ def align_mask(mask: Any, shape: tuple[int, int]) -> np.ndarray:
         raise ValueError(f"example['mask'] must be an integer (H, W) array, got {mask.dtype} {mask.shape}")
     mask = np.ascontiguousarray(mask, np.int32)
     if mask.shape != tuple(shape):
-        mask = _resize_mask(mask, shape[1], shape[0])
+        mask = resize_mask(mask, shape[1], shape[0])
     return mask
 
 
@@ -158,7 +158,7 @@ def _pil(image: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(image))
 
 
-def _resize(image: np.ndarray, width: int, height: int, resample: str) -> np.ndarray:
+def resize_image(image: np.ndarray, width: int, height: int, resample: str) -> np.ndarray:
     """uint8 (H, W, 3) -> (height, width, 3) with PIL (whose bilinear/bicubic antialias when
     downscaling, as in torchvision's PIL path and upstream); a copy when the size is unchanged."""
     if image.shape[:2] == (height, width):
@@ -166,11 +166,12 @@ def _resize(image: np.ndarray, width: int, height: int, resample: str) -> np.nda
     return np.asarray(_pil(image).resize((width, height), _RESAMPLE[resample]))
 
 
-def _resize_mask(mask: np.ndarray, width: int, height: int) -> np.ndarray:
+def resize_mask(mask: np.ndarray, width: int, height: int) -> np.ndarray:
     """int32 (H, W) -> (height, width), PIL nearest on mode "I" (so -1 survives)."""
     if mask.shape == (height, width):
         return mask.copy()
-    return np.asarray(Image.fromarray(mask).resize((width, height), Image.Resampling.NEAREST), np.int32)
+    resized = Image.fromarray(np.ascontiguousarray(mask, np.int32)).resize((width, height), Image.Resampling.NEAREST)
+    return np.asarray(resized, np.int32)
 
 
 def _to_unit(image: np.ndarray) -> np.ndarray:
@@ -270,8 +271,8 @@ class UpstreamSegTrain:
         p = self.params(*image.shape[:2], rng)
         if p["flip"]:
             image, mask = image[:, ::-1], mask[:, ::-1]
-        image = _resize(image, p["width"], p["height"], self.interpolation)
-        mask = _resize_mask(np.ascontiguousarray(mask), p["width"], p["height"])
+        image = resize_image(image, p["width"], p["height"], self.interpolation)
+        mask = resize_mask(np.ascontiguousarray(mask), p["width"], p["height"])
         c = self.crop_size
         pad_h, pad_w = max(c - p["height"], 0), max(c - p["width"], 0)
         if pad_h or pad_w:
@@ -323,8 +324,8 @@ class UpstreamSegVal:
         image = as_rgb_image(example["image"])
         mask = align_mask(example["mask"], image.shape[:2])
         g = self.geometry(*image.shape[:2])
-        image = _resize(image, g["width"], g["height"], self.interpolation)
-        mask = _resize_mask(mask, g["width"], g["height"])
+        image = resize_image(image, g["width"], g["height"], self.interpolation)
+        mask = resize_mask(mask, g["width"], g["height"])
         c, x, y = self.crop_size, g["x"], g["y"]
         return {"image": _normalise(_to_unit(image[y:y + c, x:x + c]), self.mean, self.std),
                 "mask": np.ascontiguousarray(mask[y:y + c, x:x + c], np.int32)}
@@ -377,7 +378,7 @@ class ECenterCrop:
         image = as_rgb_image(image)
         left, top, right, bottom = self.box(*image.shape[:2])
         right, bottom = max(right, left + 1), max(bottom, top + 1)
-        return _resize(image[top:bottom, left:right], self.crop_size, self.crop_size, "bicubic")
+        return resize_image(image[top:bottom, left:right], self.crop_size, self.crop_size, "bicubic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -442,7 +443,7 @@ class ERandomCrop:
         if box is None:
             return ECenterCrop(self.crop_size)(image)
         x, y, w, h = box
-        return _resize(image[y:y + h, x:x + w], self.crop_size, self.crop_size, "bicubic")
+        return resize_image(image[y:y + h, x:x + w], self.crop_size, self.crop_size, "bicubic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -491,7 +492,7 @@ class RandomResizedCrop:
         _need_rng(type(self).__name__, rng)
         image = as_rgb_image(image)
         top, left, h, w = self.box(*image.shape[:2], rng)
-        return _resize(image[top:top + h, left:left + w], self.size, self.size, self.interpolation)
+        return resize_image(image[top:top + h, left:left + w], self.size, self.size, self.interpolation)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -517,7 +518,7 @@ class Resize:
     def __call__(self, image: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
         image = as_rgb_image(image)
         h, w = self.output_size(*image.shape[:2])
-        return _resize(image, w, h, self.interpolation)
+        return resize_image(image, w, h, self.interpolation)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,7 +34,6 @@ from typing import Any
 
 import grain
 import numpy as np
-from PIL import Image
 
 from train import observe
 from train.data import augment, synthetic
@@ -153,21 +152,6 @@ def palette(dataset_config: Any) -> np.ndarray:
 
 # -- transforms ----------------------------------------------------------------------------------
 
-def _resize_image(image: np.ndarray, size: int) -> np.ndarray:
-    """uint8 (H, W, 3) -> (size, size, 3), PIL bilinear; returned as is when already that size."""
-    if image.shape[:2] == (size, size):
-        return image
-    return np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((size, size), Image.Resampling.BILINEAR))
-
-
-def _resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """int32 (H, W) -> (size, size), PIL nearest (labels are never blended)."""
-    if mask.shape == (size, size):
-        return mask
-    resized = Image.fromarray(np.ascontiguousarray(mask, np.int32)).resize((size, size), Image.Resampling.NEAREST)
-    return np.asarray(resized, np.int32)
-
-
 def _as_mask(mask: Any) -> np.ndarray:
     mask = np.asarray(mask)
     if mask.ndim == 3 and mask.shape[-1] == 1:
@@ -217,17 +201,17 @@ class _ImageTransform:
         """Returns (normalised float32 image (S, S, 3), int32 mask (S, S) or None)."""
         size = self.image_size
         if not self.train:
-            image = _resize_image(image, size)
-            return self._normalise(image), None if mask is None else _resize_mask(mask, size)
+            image = augment.resize_image(image, size, size, "bilinear")
+            return self._normalise(image), None if mask is None else augment.resize_mask(mask, size, size)
         if rng is None:
             raise ValueError(f"{type(self).__name__}(train=True) needs an rng: apply it with grain's random_map "
                              "(or call it with a np.random.Generator)")
         scaled = size
         if self.scale_range is not None:
             scaled = max(1, int(round(size * rng.uniform(*self.scale_range))))
-        image = self._normalise(_resize_image(image, scaled))
+        image = self._normalise(augment.resize_image(image, scaled, scaled, "bilinear"))
         if mask is not None:
-            mask = _resize_mask(mask, scaled)
+            mask = augment.resize_mask(mask, scaled, scaled)
         if self.flip and rng.random() < 0.5:
             image = image[:, ::-1]
             mask = None if mask is None else mask[:, ::-1]
