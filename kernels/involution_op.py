@@ -116,7 +116,7 @@ def involution(
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"{where}: x and weights must be floating point, got {x.dtype} and {weights.dtype}")
     x, weights = x.astype(dtype), weights.astype(dtype)
-    if resolve_impl(impl, interpret, where) == "xla":
+    if resolve_impl(impl, interpret, where, "involution") == "xla":
         return _reference_jit(x, weights, k, stride, padding, dilation)
     if 0 in x.shape or 0 in weights.shape:
         return jnp.zeros((b, ho, wo, c), dtype)

@@ -1,4 +1,5 @@
 """Shared fixtures. Helpers live in importable modules beside this file:
+``optional_torch`` (torch when installed, else a stand-in that skips the test touching it),
 ``torch_ref`` (upstream oracles), ``parity`` (value/gradient comparisons), ``multidevice``
 (N CPU devices in a subprocess)."""
 from __future__ import annotations
@@ -10,17 +11,19 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import torch  # noqa: E402
+from optional_torch import HAVE_TORCH, torch  # noqa: E402
 
 from torch_ref import holocron_functional, holocron_nn  # noqa: E402
 
-torch.set_num_threads(1)
+if HAVE_TORCH:
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     """Every test starts from the same torch seed, so results do not depend on test order."""
-    torch.manual_seed(0)
+    if HAVE_TORCH:
+        torch.manual_seed(0)
     np.random.seed(0)
     yield
 

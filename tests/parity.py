@@ -12,7 +12,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import torch
+from optional_torch import torch
 from flax.traverse_util import flatten_dict
 
 from jaxenc.port import torch_to_flax

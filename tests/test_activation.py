@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
+from optional_torch import torch
 from parity import assert_close, check_module_parity, random_input, randomise_batchnorm
 
 from jaxenc.nn.activation import FReLU, HardMish, NLReLU, hard_mish, nl_relu

@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import pytest
-import torch
+from optional_torch import torch
 from flax.traverse_util import flatten_dict
 
 from jaxenc.nn.attention import SAM, DimAttention, LambdaLayer, TripletAttention

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
+from optional_torch import torch
+from optional_torch import F
 
 from jaxenc.nn.conv import Add2d, Involution2d, NormConv2d, PyConv2d, SlimConv2d, add2d, involution, norm_conv2d
 from parity import assert_close, check_module_parity, nchw, nhwc, random_input, randomise_batchnorm

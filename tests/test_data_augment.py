@@ -14,7 +14,7 @@ import pickle
 import ml_collections
 import numpy as np
 import pytest
-import torch
+from optional_torch import torch
 from PIL import Image, ImageEnhance
 
 from train.data import augment as A

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
+from optional_torch import torch
 from parity import random_input
 
 from jaxenc.nn.regularization import DropBlock2D, drop_block2d, dropblock_seed_rate

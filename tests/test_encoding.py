@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
+from optional_torch import torch
+from optional_torch import F
 from parity import assert_close, check_module_parity, random_input
 
 from jaxenc.nn.encoding import (

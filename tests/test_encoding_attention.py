@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxenc.port import torch_to_flax
-import torch
+from optional_torch import torch
 from flax.traverse_util import flatten_dict
 from parity import assert_close, check_module_parity, random_input, randomise_batchnorm
 

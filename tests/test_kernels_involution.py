@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
+from optional_torch import torch
+from optional_torch import F
 
 from jaxenc.kernels.involution_op import involution, involution_reference
 from jaxenc.nn import Involution2d

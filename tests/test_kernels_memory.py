@@ -33,7 +33,8 @@ def test_encoding_pallas_forward_backward_memory():
     temp = fwd_bwd_temp_bytes(
         lambda x, c, s: encoding(x, c, s, impl="pallas", interpret=True), (b, n, d), (k, d), (k,)
     )
-    # Measured 208 MiB (padded slabs, dX, dSL and the interpreter's block copies) vs 2 GiB.
+    # Measured 236 MiB on jax 0.10.2 and 0.12.0.1 (padded slabs, dX, dSL and the interpreter's
+    # block copies) vs 2 GiB; 300 MiB on 0.12 before the backward's optimization_barrier.
     assert temp < residuals / 8, f"forward+backward temporaries {temp / 2**20:.0f} MiB vs {residuals / 2**20:.0f} MiB"
 
 

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as tF
+from optional_torch import torch
+from optional_torch import F as tF
 
 from parity import RTOL, assert_close, random_input
 

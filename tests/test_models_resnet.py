@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
+from optional_torch import torch
 from flax.traverse_util import flatten_dict
 
 from jaxenc.models import get_model, list_models

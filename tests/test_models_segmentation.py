@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
+from optional_torch import torch
+from optional_torch import F
 from flax.traverse_util import flatten_dict
 from parity import assert_close, nchw, nhwc, random_input, randomise_batchnorm
 from test_customize import TorchConcurrentModule, TorchPyramidPooling

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
+from optional_torch import torch
+from optional_torch import F
 from flax.traverse_util import flatten_dict
 
 from jaxenc.models import get_model, list_models
@@ -54,19 +54,19 @@ class _TorchABN(torch.nn.BatchNorm2d):
             z = z + self._shift_away_from_kink(z, self.kink_margin)
         return F.leaky_relu(z, 0.01)
 
-    @torch.no_grad()
     def _shift_away_from_kink(self, z, margin):
-        values = z.transpose(0, 1).reshape(z.shape[1], -1)
-        shifts = torch.full((z.shape[1],), float("nan"))
-        for k in range(200):  # candidate shifts 0, +2m, -2m, +4m, -4m, ...: the smallest that clears
-            delta = (k + 1) // 2 * (1 if k % 2 else -1) * 2 * margin
-            clear = ((values + delta).abs() >= margin).all(dim=1) & shifts.isnan()
-            shifts[clear] = delta
-            if not shifts.isnan().any():
-                break
-        assert not shifts.isnan().any(), "no bias shift clears the leaky ReLU's kink"
-        self.bias += shifts
-        return shifts.view(1, -1, 1, 1)
+        with torch.no_grad():
+            values = z.transpose(0, 1).reshape(z.shape[1], -1)
+            shifts = torch.full((z.shape[1],), float("nan"))
+            for k in range(200):  # candidate shifts 0, +2m, -2m, +4m, -4m, ...: the smallest that clears
+                delta = (k + 1) // 2 * (1 if k % 2 else -1) * 2 * margin
+                clear = ((values + delta).abs() >= margin).all(dim=1) & shifts.isnan()
+                shifts[clear] = delta
+                if not shifts.isnan().any():
+                    break
+            assert not shifts.isnan().any(), "no bias shift clears the leaky ReLU's kink"
+            self.bias += shifts
+            return shifts.view(1, -1, 1, 1)
 
 
 def _clear_kinks(tm: torch.nn.Module, x: np.ndarray, margin: float = 1e-3) -> torch.nn.Module:

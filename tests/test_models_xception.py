@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
+from optional_torch import torch
+from optional_torch import F
 from flax.traverse_util import flatten_dict
 
 from jaxenc.models import get_model, list_models

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
+from optional_torch import torch
 
 from jaxenc.models import multi_eval
 from jaxenc.models.multi_eval import (

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
+from optional_torch import torch
 
 from jaxenc.nn import BatchNorm, batch_moments
 from multidevice import run_with_cpu_devices

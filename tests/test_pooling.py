@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
+from optional_torch import torch
 from parity import assert_close, check_module_parity, nchw, nhwc, random_input
 
 from jaxenc.nn.pooling import (

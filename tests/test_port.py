@@ -5,7 +5,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
+from optional_torch import torch
 
 from jaxenc.nn import BatchNorm, Conv2d
 from jaxenc.port import torch_key, torch_to_flax

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
+from optional_torch import torch
+from optional_torch import F
 from parity import assert_close, nchw, nhwc, random_input
 
 from jaxenc.nn.resample import (

@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
-from torch.nn.modules.utils import _pair
+from optional_torch import torch
+from optional_torch import F
+from optional_torch import _pair
 
 from jaxenc.nn.conv import ConvBnAct, RFConv2d, SplAtConv2d, r_softmax, rSoftMax
 from jaxenc.nn.norm import BatchNorm

@@ -17,6 +17,7 @@ import pytest
 from jaxenc.nn import BatchNorm, SyncBatchNorm, convert_sync_batchnorm, recompute_batch_stats, revert_sync_batchnorm
 from multidevice import REPO, run_with_cpu_devices
 from parity import assert_close, check_module_parity, random_input, randomise_batchnorm
+from optional_torch import import_oracle
 
 ATOL, RTOL = 1e-5, 1e-4  # Synchronized-BatchNorm-PyTorch's tests use atol 1e-5 / rtol 1e-3
 
@@ -250,9 +251,8 @@ def test_two_processes_two_devices_each():
 @pytest.mark.parametrize("train", [False, True])
 @pytest.mark.parametrize("shape", [(4, 5, 3, 6), (16, 10)])
 def test_single_device_equals_synchronized_batchnorm_pytorch(train, shape):
-    from sync_batchnorm import SynchronizedBatchNorm1d, SynchronizedBatchNorm2d
-
-    cls = SynchronizedBatchNorm2d if len(shape) == 4 else SynchronizedBatchNorm1d
+    sbn = import_oracle("sync_batchnorm")
+    cls = sbn.SynchronizedBatchNorm2d if len(shape) == 4 else sbn.SynchronizedBatchNorm1d
     check_module_parity(randomise_batchnorm(cls(shape[-1])), SyncBatchNorm(), random_input(shape, seed=4), train=train)
 
 

@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-import torch
+from optional_torch import torch
 
 from jaxenc.nn import BatchNorm
 from train.optim import ema_update, make_lr_schedule, make_optimizer, param_labels, weight_decay_mask

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
+from optional_torch import torch
 from flax.traverse_util import flatten_dict
 
 from jaxenc.nn.transformer import (

@@ -37,7 +37,8 @@ from train import optim, tasks
 
 AXIS = "data"
 
-__all__ = ["AXIS", "StepConfig", "TrainState", "make_eval_step", "make_mesh", "make_train_step", "shard_batch"]
+__all__ = ["AXIS", "StepConfig", "TrainState", "make_eval_step", "make_gradient_step", "make_mesh", "make_train_step",
+           "shard_batch"]
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -124,35 +125,51 @@ def _loss_terms(cfg: StepConfig, outputs, targets):
     return tasks.recognition_terms(logits, targets, label_smoothing=cfg.label_smoothing)
 
 
+def _local_gradients(model: nn.Module, cfg: StepConfig, state: TrainState, batch):
+    """Inside the map: (global-batch loss parts, summed gradients, new BN statistics)."""
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step),
+                             jax.lax.axis_index(AXIS))
+    k_drop, k_mix = jax.random.split(key)
+    images = batch["image"]
+    targets = batch["mask"] if cfg.task == "segmentation" else batch["label"]
+    counts = _global_counts(cfg, batch)
+    if cfg.task == "recognition" and cfg.mixup_alpha > 0.0:
+        images, targets = tasks.mixup(images, targets, cfg.num_classes, cfg.mixup_alpha, k_mix)
+
+    def loss_fn(params):
+        with _norm_context(cfg.sync_bn), _deterministic_dropout(cfg.disable_dropout):
+            outputs, updates = model.apply(
+                {"params": params, "batch_stats": state.batch_stats}, images, train=True,
+                mutable=["batch_stats"], rngs={"dropout": k_drop},
+            )
+        loss, parts = tasks.total_loss(_loss_terms(cfg, outputs, targets), counts)
+        return loss, (parts, updates["batch_stats"])
+
+    (_, (parts, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grads = jax.lax.psum(grads, AXIS)
+    parts = jax.lax.psum(parts, AXIS)
+    # Synchronised statistics are already identical; per-device ones are averaged (flax imagenet).
+    batch_stats = jax.lax.pmean(batch_stats, AXIS)
+    return parts, grads, batch_stats
+
+
+def make_gradient_step(model: nn.Module, cfg: StepConfig, mesh):
+    """jit(shard_map): (state, batch) -> (loss parts, gradients, new batch_stats), the first half of
+    :func:`make_train_step` (no update); the same numbers on any device count, for checks."""
+
+    def step(state: TrainState, batch):
+        return _local_gradients(model, cfg, state, batch)
+
+    return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(), check_vma=False))
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, cfg: StepConfig, mesh,
                     lr_schedule: Callable | None = None):
     """jit(shard_map(step)): (state, batch) -> (state, metrics) with global-batch loss terms, grad
     norm and lr. ``state`` replicated, ``batch`` split over ``data``."""
 
     def step(state: TrainState, batch):
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step),
-                                 jax.lax.axis_index(AXIS))
-        k_drop, k_mix = jax.random.split(key)
-        images = batch["image"]
-        targets = batch["mask"] if cfg.task == "segmentation" else batch["label"]
-        counts = _global_counts(cfg, batch)
-        if cfg.task == "recognition" and cfg.mixup_alpha > 0.0:
-            images, targets = tasks.mixup(images, targets, cfg.num_classes, cfg.mixup_alpha, k_mix)
-
-        def loss_fn(params):
-            with _norm_context(cfg.sync_bn), _deterministic_dropout(cfg.disable_dropout):
-                outputs, updates = model.apply(
-                    {"params": params, "batch_stats": state.batch_stats}, images, train=True,
-                    mutable=["batch_stats"], rngs={"dropout": k_drop},
-                )
-            loss, parts = tasks.total_loss(_loss_terms(cfg, outputs, targets), counts)
-            return loss, (parts, updates["batch_stats"])
-
-        (_, (parts, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        grads = jax.lax.psum(grads, AXIS)
-        parts = jax.lax.psum(parts, AXIS)
-        # Synchronised statistics are already identical; per-device ones are averaged (flax imagenet).
-        batch_stats = jax.lax.pmean(batch_stats, AXIS)
+        parts, grads, batch_stats = _local_gradients(model, cfg, state, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = state.ema_params
@@ -161,7 +178,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, cfg: Ste
             applied = optim.update_applied(opt_state)
             ema = jax.tree.map(lambda new, old: jnp.where(applied, new, old),
                                optim.ema_update(ema, params, cfg.ema_decay), ema)
-        out = {"loss": sum(parts.values()), "grad_norm": optax.global_norm(grads), **{f"loss_{k}": v for k, v in parts.items()}}
+        out = {"loss": sum(parts.values()), "grad_norm": optax.tree.norm(grads), **{f"loss_{k}": v for k, v in parts.items()}}
         if lr_schedule is not None:
             # The schedule counts optimizer updates, i.e. micro-steps // grad_accum_steps.
             out["lr"] = jnp.asarray(lr_schedule(state.step // cfg.grad_accum_steps), jnp.float32)
