@@ -21,10 +21,19 @@ try:
 except ImportError:
     HAVE_TORCH = False
 
+    def _skip_missing(name: str):
+        pytest.skip(f"{SKIP_REASON} ({name})", allow_module_level=True)
+
+    class _MissingBase:
+        """What ``class Ref(torch.nn.Module)`` derives from without torch: making one skips."""
+
+        def __init__(self, *args, **kwargs):
+            _skip_missing(type(self).__name__)
+
     class _Missing:
         """A stand-in for a torch name: attribute chains give more stand-ins (so module-level
         ``class Ref(torch.nn.Module)`` or ``dtype=torch.float32`` still import), and using one
-        (calling, iterating, indexing, isinstance) skips the running test."""
+        (calling, iterating, indexing, isinstance, instantiating a subclass) skips the running test."""
 
         def __init__(self, name: str):
             self._name = name
@@ -35,10 +44,10 @@ except ImportError:
             return _Missing(f"{self._name}.{attr}")
 
         def __mro_entries__(self, bases):
-            return (object,)
+            return (_MissingBase,)
 
         def _skip(self, *args, **kwargs):
-            pytest.skip(f"{SKIP_REASON} ({self._name})", allow_module_level=True)
+            _skip_missing(self._name)
 
         __call__ = __iter__ = __getitem__ = __instancecheck__ = _skip
 
