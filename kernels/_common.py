@@ -34,14 +34,13 @@ VERIFIED_PATH = pathlib.Path(__file__).with_name("verified.json")
 
 
 @functools.cache
-def verified_records(path: str | None = None) -> tuple[dict, ...]:
+def verified_records() -> tuple[dict, ...]:
     """The kernel verification records (``verified.json``), as a tuple of dicts.
 
     Each record: op, backend, device_kind, jax (version measured on), shapes, max_rel_err,
     speedup_fwd and speedup_fwd_bwd (XLA time / Pallas time), date.
     """
-    text = pathlib.Path(path or VERIFIED_PATH).read_text()
-    return tuple(json.loads(text)["records"])
+    return tuple(json.loads(VERIFIED_PATH.read_text())["records"])
 
 
 def _minor(version: str) -> tuple[str, ...]:

@@ -59,9 +59,6 @@ except ImportError:
     _pair = _Missing("torch.nn.modules.utils._pair")
 
 
-requires_torch = pytest.mark.skipif(not HAVE_TORCH, reason=SKIP_REASON)
-
-
 def import_oracle(name: str):
     """A torch-based oracle package (e.g. ``sync_batchnorm``): skips without torch; with torch
     installed a missing oracle is a broken set-up and raises ImportError."""
