@@ -299,7 +299,7 @@ def main(argv=None) -> int:
 
 
 def print_table(results: dict) -> None:
-    print(f"\n| op | shape | err (out, grads) | fwd xla / pallas ms | fwd+bwd xla / pallas ms | speed-up fwd, fwd+bwd |")
+    print("\n| op | shape | err (out, grads) | fwd xla / pallas ms | fwd+bwd xla / pallas ms | speed-up fwd, fwd+bwd |")
     print("|---|---|---|---|---|---|")
     for r in results["kernels"]:
         if "error" in r:

@@ -48,7 +48,6 @@ import datetime
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -60,6 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import report as reporting
 from jaxenc.kernels import encoding, involution
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -285,16 +285,7 @@ def torch_available() -> bool:
 def time_calls(call: Callable[[], Any], repeats: int) -> list[float]:
     """Seconds per call of ``call`` after one warm-up call, at most ``repeats`` of them and about
     MEASURE_BUDGET_S in all (at least one)."""
-    start = time.perf_counter()
-    call()
-    warm = time.perf_counter() - start
-    repeats = max(1, min(repeats, int(MEASURE_BUDGET_S / max(warm, 1e-9))))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return times
+    return reporting.time_calls(call, repeats, warmup=1, budget_s=MEASURE_BUDGET_S)
 
 
 def timing(times: list[float]) -> dict:
@@ -502,26 +493,12 @@ def measure_case(op, shape: dict, dtype: str, impls: list[Impl], repeats: int, c
 
 
 def machine_info(backend: str, impls: list[Impl]) -> dict:
-    device = jax.devices()[0]
-    info = dict(
-        backend=backend, device_kind=device.device_kind, device_count=jax.device_count(),
-        jax=jax.__version__, jaxlib=_jaxlib_version(),
-        cpu_count=os.cpu_count(), python=platform.python_version(), platform=platform.platform(),
-    )
+    info = reporting.machine_info()
     if any(i.framework == "torch" for i in impls):
         import torch
 
         info.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
     return info
-
-
-def _jaxlib_version() -> str | None:
-    try:
-        import jaxlib
-
-        return jaxlib.__version__
-    except (ImportError, AttributeError):
-        return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -565,11 +542,7 @@ def table(results: list[dict], impls: list[Impl]) -> str:
             line += [_fmt_ms(row.get("time_ms")), _fmt_mib(memory_of(row)) if "time_ms" in row else "-"]
         line.append(_fmt_mib(next(iter(rows.values()))["avoided_tensor_bytes"]))
         lines.append(line)
-    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
-    out = ["  ".join(str(c).ljust(w) if i < 3 else str(c).rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
-           for line in lines]
-    out.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(out)
+    return reporting.aligned_table(lines, left=3)
 
 
 LEGEND = """\
@@ -655,9 +628,7 @@ def main(argv=None) -> int:
         print(bandwidth_table(report["results"]))
     suffix = "" if args.dtype == "float32" else f"-{args.dtype}"
     out = args.out or REPO_ROOT / "benchmarks" / "results" / f"kernels-{report['machine']['backend']}{suffix}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {out}")
+    reporting.write_report(report, out)
     return 0
 
 

@@ -55,6 +55,9 @@ def get_config() -> ml_collections.ConfigDict:
     })
     c.model.norm = "sync_bn"
     c.model.dtype = "float32"
+    # "block": every residual block (and the segmentation heads) rematerialised, i.e. recomputed in the
+    # backward pass: less activation memory for about one more forward pass of compute.
+    c.model.remat = "none"
     # Whole-model weights (a .pth/.zip/.msgpack of this exact model) or ImageNet backbone weights (a
     # model-store name such as "resnest50", or a file) placed under params/pretrained.
     c.model.pretrained = ml_collections.FieldReference(None, field_type=str)
@@ -98,6 +101,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.best_metric = "mIoU"
     c.train.sample_predictions = 8
     c.train.allow_config_change = False
+    # JAX's persistent compilation cache (train/compile_cache.py): "user" (~/.cache/jaxenc/xla or
+    # $JAXENC_CACHE_DIR), "workdir" (<workdir>/xla_cache), "off", or a directory.
+    c.train.compile_cache = "user"
     c.train.finetune_from = ml_collections.FieldReference(None, field_type=str)
 
     # python -m train.evaluate: upstream's protocol at this recipe's size (the base and the window follow

@@ -4,9 +4,18 @@
 (N CPU devices in a subprocess)."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The trainer's persistent compilation cache (train/compile_cache.py, "user" setting) goes to a
+# directory of this run, never to ~/.cache: set before xdist starts its workers, so they and the
+# trainer subprocesses share it, and removed at exit by the process that made it.
+if "JAXENC_CACHE_DIR" not in os.environ:
+    os.environ["JAXENC_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxenc-test-xla-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAXENC_CACHE_DIR"], ignore_errors=True)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

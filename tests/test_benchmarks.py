@@ -147,3 +147,55 @@ def test_gpu_code_path_with_the_interpreter(bench, monkeypatch, tmp_path, capsys
         assert row["bandwidth_gbps"] > 0
         assert row["bandwidth_fraction"] == pytest.approx(row["bandwidth_gbps"] / report["copy_bandwidth_gbps"])
         assert row["bandwidth_gbps"] == pytest.approx(row["min_io_bytes"] / row["time_ms"] / 1e6)
+
+
+# --- benchmarks/memory.py (train-step memory with and without remat): its arithmetic, no compiles ----
+
+
+@pytest.fixture
+def memory_bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT))
+    return importlib.import_module("benchmarks.memory")
+
+
+def test_memory_plan_total_ratio_and_fits(memory_bench):
+    class Stats:
+        argument_size_in_bytes, output_size_in_bytes, temp_size_in_bytes, alias_size_in_bytes = 30, 20, 100, 15
+
+    class Compiled:
+        def memory_analysis(self):
+            return Stats()
+
+    plan = memory_bench.memory_plan(Compiled())
+    assert plan == dict(argument_bytes=30, output_bytes=20, temp_bytes=100, alias_bytes=15, total_bytes=135)
+    assert memory_bench.fits(15 * 10**9) == [16, 40, 80]
+    assert memory_bench.fits(16 * 10**9) == [40, 80]  # total < capacity, decimal GB
+    assert memory_bench.fits(90 * 10**9) == [] and memory_bench.fits(None) == []
+
+    case = dict(model="deeplab_resnest50", dtype="float32", batch=2, size=480, compiler_options=None)
+    rows = [dict(case, remat="none", temp_bytes=10 * 2**30, total_bytes=12 * 2**30, argument_bytes=2**30,
+                 output_bytes=2**30, fits_gb=[16, 40, 80], compile_s=3.0),
+            dict(case, remat="block", temp_bytes=4 * 2**30, total_bytes=6 * 2**30, argument_bytes=2**30,
+                 output_bytes=2**30, fits_gb=[16, 40, 80], compile_s=4.0),
+            dict(case, dtype="bfloat16", remat="block", temp_bytes=2**30, total_bytes=3 * 2**30)]
+    memory_bench.add_ratios(rows)
+    assert rows[1]["temp_ratio"] == pytest.approx(0.4) and rows[1]["total_ratio"] == pytest.approx(0.5)
+    assert "temp_ratio" not in rows[0] and "temp_ratio" not in rows[2]  # no float32/none twin for bfloat16
+    line = memory_bench.table(rows[:2]).splitlines()[3].split()
+    assert line == ["deeplab_resnest50", "float32", "block", "2x480x480", "1.00", "1.00", "4.00", "6.00", "0.400",
+                    "16,40,80", "4"]
+
+
+def test_memory_command_line(memory_bench):
+    args = memory_bench.parse_args(["--models", "psp_resnet50s", "--dtypes", "bfloat16", "--size", "256"])
+    assert (args.models, args.dtypes, args.remat, args.size, args.batch) == (["psp_resnet50s"], ["bfloat16"],
+                                                                              ["none", "block"], 256, 2)
+    assert memory_bench.split_name("deeplab_resnest269") == ("deeplab", "resnest269")
+    for bad in (["--models", "deeplab"], ["--dtypes", "float16"], ["--remat", "dots"], ["--batch", "0"]):
+        with pytest.raises(SystemExit):
+            memory_bench.parse_args(bad)
+    # On CPU the plan is made keeping jax.checkpoint's optimization barriers (see the script's docstring).
+    on_cpu = memory_bench.jax.default_backend() == "cpu"
+    keep = {"xla_disable_hlo_passes": "cse_barrier_expander"} if on_cpu else None
+    assert memory_bench.compiler_options("keep") == keep
+    assert memory_bench.compiler_options("expand") is None

@@ -1,12 +1,12 @@
 """jaxenc.nn.resample against torch.nn.functional: interpolate(mode='bilinear'), adaptive_avg_pool2d,
-avg_pool2d. Values and input gradients on odd sizes, up- and down-sampling (spec/pytorch_encoding.md §9)."""
+avg_pool2d, max_pool2d. Values and input gradients on odd sizes, up- and down-sampling (spec/pytorch_encoding.md §9)."""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from optional_torch import torch
+from optional_torch import HAVE_TORCH, torch
 from optional_torch import F
 from parity import assert_close, nchw, nhwc, random_input
 
@@ -16,6 +16,7 @@ from jaxenc.nn.resample import (
     avg_pool2d,
     bilinear_weights,
     interpolate_bilinear,
+    max_pool2d,
 )
 
 
@@ -163,6 +164,39 @@ def test_avg_pool_divisor_override_and_hard_values():
     )
 
 
+# --- max_pool2d -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k, s, p", [(3, 2, 1), (2, 2, 0), (3, 1, 1), ((3, 2), (2, 1), (1, 0))])
+@pytest.mark.parametrize("in_size", [(7, 5), (12, 12), (3, 3)])
+def test_max_pool_parity(in_size, k, s, p):
+    x = random_input((2, *in_size, 3), seed=5)
+    check_against_torch(lambda v: max_pool2d(v, k, s, p), lambda t: F.max_pool2d(t, k, s, p), x)
+
+
+def test_max_pool_ties_follow_torch_and_xla():
+    """Ties (ReLU zeros, equal integers): the gradient goes to the first maximum of each window in
+    row-major order, as torch's index and XLA's select-and-scatter do (runs without torch too)."""
+    import flax.linen as nn
+
+    x = np.maximum(np.random.default_rng(0).integers(-3, 3, size=(2, 11, 12, 5)), 0).astype(np.float32)
+    ref = lambda v: nn.max_pool(v, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # noqa: E731
+    new = lambda v: max_pool2d(v, 3, 2, 1)  # noqa: E731
+    ct = jnp.asarray(random_input(ref(jnp.asarray(x)).shape, seed=1))
+    np.testing.assert_array_equal(new(x), ref(x))
+    np.testing.assert_allclose(jax.vjp(new, x)[1](ct)[0], jax.vjp(ref, x)[1](ct)[0], rtol=1e-6, atol=1e-6)
+    if HAVE_TORCH:
+        xt = torch.tensor(nchw(x), requires_grad=True)
+        F.max_pool2d(xt, 3, 2, 1).backward(torch.tensor(nchw(np.asarray(ct))))
+        np.testing.assert_allclose(jax.vjp(new, x)[1](ct)[0], nhwc(xt.grad.numpy()), rtol=1e-6, atol=1e-6)
+
+
+def test_max_pool_propagates_nan():
+    x = np.zeros((1, 4, 4, 1), np.float32)
+    x[0, 1, 1, 0] = np.nan
+    assert np.isnan(np.asarray(max_pool2d(x, 2, 2))[0, 0, 0, 0])
+
+
 # --- dtype, jit, vmap -------------------------------------------------------------------------------
 
 _FNS = {
@@ -170,6 +204,7 @@ _FNS = {
     "interpolate_false": lambda v: interpolate_bilinear(v, (5, 14), align_corners=False),
     "adaptive": lambda v: adaptive_avg_pool2d(v, (3, 6)),
     "avg_pool": lambda v: avg_pool2d(v, 3, 2, 1, ceil_mode=True, count_include_pad=False),
+    "max_pool": lambda v: max_pool2d(v, 3, 2, 1),
 }
 
 
@@ -222,3 +257,11 @@ def test_bad_inputs():
         avg_pool2d(x, 3, 0)
     with pytest.raises(ValueError, match="avg_pool2d: divisor_override must be a non-zero int or None, got 0"):
         avg_pool2d(x, 3, divisor_override=0)
+    with pytest.raises(ValueError, match=r"max_pool2d: padding must be between 0 and half the kernel size"):
+        max_pool2d(x, 3, 1, 2)
+    with pytest.raises(ValueError, match="max_pool2d: kernel_size and stride must be positive"):
+        max_pool2d(x, 3, 0)
+    with pytest.raises(ValueError, match=r"max_pool2d: input \(2, 7, 5, 3\) is smaller than the kernel \(9, 3\)"):
+        max_pool2d(x, (9, 3))
+    with pytest.raises(ValueError, match=r"max_pool2d: expected x of rank 4"):
+        max_pool2d(jnp.ones((7, 5)), 2)

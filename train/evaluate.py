@@ -67,6 +67,7 @@ import numpy as np
 from jaxenc import metrics as jmetrics
 from jaxenc import models
 from jaxenc.models import multi_eval
+from train import compile_cache
 from train.data import augment
 
 __all__ = ["EvalSettings", "eval_settings", "evaluate_checkpoint", "resolve_checkpoint"]
@@ -341,6 +342,10 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str | os.
         trainer.initialize_distributed(config.distributed)
     if config.task not in ("segmentation", "recognition"):
         raise ValueError(f"train.evaluate: config.task must be 'segmentation' or 'recognition', got {config.task!r}")
+    cache = _get(_get(config, "train"), "compile_cache", "user")
+    if cache == "workdir":  # the trainer's workdir; published weights have none
+        cache = "user" if _is_weights(checkpoint) else str(resolve_checkpoint(checkpoint, use_best=use_best)[2] / "xla_cache")
+    compile_cache.enable_compile_cache(cache)
     is_main = jax.process_index() == 0
     say = log if log is not None else (lambda msg: print(msg, file=sys.stderr, flush=True))
     say = say if is_main else (lambda msg: None)

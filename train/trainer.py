@@ -33,7 +33,7 @@ from jaxenc import metrics as jmetrics
 from jaxenc import models, port
 from jaxenc.models import segmentation as seg_models
 from jaxenc.models import store
-from train import checkpoint, observe, optim
+from train import checkpoint, compile_cache, observe, optim
 from train.data import pipeline
 from train.step import StepConfig, TrainState, make_eval_step, make_mesh, make_train_step, shard_batch
 
@@ -95,6 +95,8 @@ def build_model(config: ml_collections.ConfigDict):
     kwargs = config.model.kwargs.to_dict() if isinstance(config.model.kwargs, ml_collections.ConfigDict) else dict(
         config.model.kwargs)
     kwargs["dtype"] = _DTYPES[config.model.dtype]
+    # Rematerialisation ("none" | "block"): recompute block internals in the backward pass to save memory.
+    kwargs["remat"] = config.model.get("remat", "none")
     if config.task == "segmentation":
         # The dataset name matters only where upstream derives an option from it (EncNet's lateral
         # fusion for datasets whose name starts with 'p'); the class count always comes from the config.
@@ -132,9 +134,8 @@ def _replicated(mesh):
 
 def _init_variables(model, config, sample_image: np.ndarray, mesh) -> dict:
     """The model's initial variables, replicated over the mesh."""
-    k_params, k_drop = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), 1))
-    init = jax.jit(lambda: model.init({"params": k_params, "dropout": k_drop}, jnp.asarray(sample_image), train=False))
-    return jax.device_put(init(), _replicated(mesh))
+    key = jax.random.fold_in(jax.random.key(config.seed), 1)
+    return jax.device_put(models.init_variables(model, key, sample_image), _replicated(mesh))
 
 
 def _init_state(variables: dict, config, tx, mesh) -> TrainState:
@@ -258,6 +259,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     metrics (held-out evaluation of the last step) plus the best metric and its step."""
     initialize_distributed(config.distributed)
     workdir = Path(workdir)
+    compile_cache.enable_compile_cache(config.train.compile_cache, workdir)
     mesh = make_mesh()
     n_proc, p_idx = jax.process_count(), jax.process_index()
     _validate(config, mesh.size, n_proc)
@@ -303,29 +305,60 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             obs.log_text(config_note)
         if start:
             obs.log_text(f"resumed from step {start} ({workdir / 'checkpoints'})")
+        # The loop never waits for the device without need. Metrics stay on the device: ``pending``
+        # holds the per-step metric dicts (device arrays) of the steps not yet fetched, and
+        # ``flush()`` fetches them with one ``device_get`` only before a log, an eval, a checkpoint
+        # (periodic, best or shutdown) and at the end; so a state after a non-finite loss is never
+        # evaluated or saved, and the error still names the first bad step. The next batch is read
+        # and put on the device while the current step runs; ``data_state`` is the input position
+        # captured before that read (the batches the steps in ``state`` consumed), which is what a
+        # checkpoint of ``state`` stores.
         sums: dict[str, float] = {}
         n_logged = 0
         step = start
+        pending: list[dict] = []
+        prev_out = None
+
+        def flush():
+            nonlocal pending, n_logged
+            if not pending:
+                return
+            first, fetched, pending = step - len(pending) + 1, jax.device_get(pending), []
+            for i, fetched_out in enumerate(fetched):
+                values = {k: float(v) for k, v in fetched_out.items()}
+                if not math.isfinite(values["loss"]):
+                    ckpt.wait()  # the last good checkpoint may still be being written
+                    good = ckpt.latest_step()
+                    where = (f"step {good} in {workdir / 'checkpoints'}" if good is not None
+                             else "none (no checkpoint was written yet)")
+                    raise FloatingPointError(
+                        f"non-finite loss ({values['loss']}) at step {first + i}; training stopped without saving. "
+                        f"The last good checkpoint is {where}. "
+                        "Lower config.optim.lr, set config.optim.clip_grad_norm, or check the input data."
+                    )
+                for k, v in values.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                n_logged += 1
+
+        batch = shard_batch(mesh, next(train_iter)) if step < num_steps else None
         while step < num_steps:
-            state, out = train_step(state, shard_batch(mesh, next(train_iter)))
-            out = {k: float(v) for k, v in jax.device_get(out).items()}
+            state, out = train_step(state, batch)  # dispatched asynchronously
             step += 1
-            if not math.isfinite(out["loss"]):
-                ckpt.wait()  # the last good checkpoint may still be being written
-                good = ckpt.latest_step()
-                raise FloatingPointError(
-                    f"non-finite loss ({out['loss']}) at step {step}; training stopped without saving. The last "
-                    f"good checkpoint is {'step ' + str(good) + ' in ' + str(workdir / 'checkpoints') if good is not None else 'none (no checkpoint was written yet)'}. "
-                    "Lower config.optim.lr, set config.optim.clip_grad_norm, or check the input data."
-                )
-            for k, v in out.items():
-                sums[k] = sums.get(k, 0.0) + v
-            n_logged += 1
+            pending.append(out)
+            data_state = train_iter.get_state()
+            batch = shard_batch(mesh, next(train_iter)) if step < num_steps else None  # overlaps this step
+            # Bound how far the host runs ahead (device memory for queued batches): wait for the previous
+            # step only; this one is queued, so the device stays busy.
+            if prev_out is not None:
+                jax.block_until_ready(prev_out)
+            prev_out = out
             if step % config.train.log_every == 0 or step == num_steps:
+                flush()
                 obs.log_train(step, {k: v / n_logged for k, v in sums.items()},
                               examples=n_logged * config.input.global_batch_size)
                 sums, n_logged = {}, 0
             if step % config.train.eval_every == 0 or step == num_steps:
+                flush()
                 with obs.paused():
                     want = config.train.sample_predictions if step == num_steps else 0
                     last_eval, kept = evaluate(eval_step, state, eval_batches(), mesh, config, samples=want)
@@ -339,8 +372,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             # A collective: every process sees the same answer, so all of them save (or none does).
             stopping = stop.should_stop()
             if step % config.train.checkpoint_every == 0 or step == num_steps or stopping:
+                flush()
                 with obs.paused():
-                    ckpt.save(step, state=state, data_state=train_iter.get_state(), meta={"best": best}, force=True)
+                    ckpt.save(step, state=state, data_state=data_state, meta={"best": best}, force=True)
             if stopping:
                 ckpt.wait()
                 obs.log_text(f"{stop.signal_name}: saved a checkpoint at step {step} and stopped")

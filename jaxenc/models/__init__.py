@@ -3,6 +3,7 @@ and the pretrained-weight store."""
 from jaxenc.models.registry import get_model, list_models, register_model
 from jaxenc.models import deepten, heads, resnet, segmentation, wideresnet, xception  # noqa: F401  (importing registers the models)
 from jaxenc.models.deepten import DeepTen
+from jaxenc.models.initialize import init_variables
 from jaxenc.models.resnet import BasicBlock, Bottleneck, ResNet
 from jaxenc.models.wideresnet import WideResNet
 from jaxenc.models.xception import Xception65, Xception71
@@ -29,6 +30,7 @@ from jaxenc.models.store import (
 )
 
 __all__ = [
+    "init_variables",
     "ATTEN",
     "BaseNet",
     "DANet",

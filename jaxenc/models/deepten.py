@@ -70,7 +70,9 @@ class DeepTen(nn.Module):
 
     Fields: ``nclass``; ``backbone`` ('resnet50', 'resnet101', 'resnet152' as upstream, meaning the
     deep-stem ResNet-S; the 's' names work too); ``norm_layer`` (backbone and head norm, default
-    :class:`jaxenc.nn.BatchNorm`); ``dtype`` (compute dtype), ``param_dtype``.
+    :class:`jaxenc.nn.BatchNorm`); ``dtype`` (compute dtype), ``param_dtype``; ``remat`` ("none" |
+    "block": backbone blocks and the head rematerialised, recomputed in the backward pass to save
+    activation memory; same variables and results, see :func:`jaxenc.models.resnet.remat_call`).
 
     ``__call__(x, train=False)``: x (B, H, W, 3) -> logits (B, nclass). Training uses batch statistics
     (``batch_stats`` mutable).
@@ -81,14 +83,17 @@ class DeepTen(nn.Module):
     norm_layer: Callable[..., nn.Module] = BatchNorm
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    remat: str = "none"
 
     def setup(self) -> None:
         check_positive_int(self.nclass, "nclass", "DeepTen")
+        _resnet.check_remat(self.remat, "DeepTen")
         key = self.backbone.lower() if isinstance(self.backbone, str) else None
         if key not in _BACKBONES:
             raise ValueError(f"DeepTen: unknown backbone {self.backbone!r}; choose one of {sorted(_BACKBONES)}")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.pretrained = getattr(_resnet, _BACKBONES[key])(dilated=False, norm_layer=self.norm_layer, **kw)
+        self.pretrained = getattr(_resnet, _BACKBONES[key])(dilated=False, norm_layer=self.norm_layer,
+                                                            remat=self.remat, **kw)
         self.head = _DeepTenHead(self.nclass, norm_layer=self.norm_layer, **kw)
 
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -96,7 +101,7 @@ class DeepTen(nn.Module):
             # Creates the backbone's (unused) ImageNet ``fc``, which upstream's state_dict carries.
             self.pretrained(x, train=train)
         c4 = self.pretrained(x, train=train, return_features=True)[-1]
-        return self.head(c4, train=train)
+        return _resnet.remat_call(self.head, self.remat, c4, train=train)
 
 
 DeepTEN = DeepTen
@@ -124,9 +129,11 @@ def get_deepten(dataset: str = "minc", backbone: str = "resnet50", nclass: int |
         if not isinstance(dataset, str) or dataset.lower() not in CLASSIFICATION_DATASETS:
             raise ValueError(f"get_deepten: unknown dataset {dataset!r}; give nclass or one of {sorted(CLASSIFICATION_DATASETS)}")
         nclass = CLASSIFICATION_DATASETS[dataset.lower()]
-    unknown = sorted(set(kwargs) - {"norm_layer", "dtype", "param_dtype"})
+    unknown = sorted(set(kwargs) - {"norm_layer", "dtype", "param_dtype", "remat"})
     if unknown:
-        raise ValueError(f"get_deepten: unknown option(s) {unknown}; valid options: ['dtype', 'norm_layer', 'param_dtype']")
+        raise ValueError(
+            f"get_deepten: unknown option(s) {unknown}; valid options: ['dtype', 'norm_layer', 'param_dtype', 'remat']"
+        )
     return DeepTen(nclass=nclass, backbone=backbone, **kwargs)
 
 

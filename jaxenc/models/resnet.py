@@ -61,6 +61,15 @@ Deliberate differences from upstream (DESIGN.md, "Decisions on upstream bugs"):
   ``bottleneck_width != 64`` and ``avd`` raise a ValueError with basic blocks.
 - ``__call__(..., return_features=True)`` returns (c1, c2, c3, c4) without creating ``fc`` (upstream's
   segmentation models set ``fc = None`` after building it).
+
+Rematerialisation (jaxenc's addition): ``remat="block"`` wraps every residual block, and the stem
+(conv1, bn1, ReLU, max pool) as one more unit, in :func:`flax.linen.remat` (:func:`remat_apply`), so
+training keeps only the block outputs for the backward pass and recomputes each block's internals
+there: less activation memory for about one more forward pass of compute. ``remat="none"``
+(default) is the plain network. The variables (names, shapes, values at init) and the results
+(up to float rounding) are the same in both modes. XLA:CPU undoes much of the recomputation
+unless its ``cse_barrier_expander`` pass is disabled (``XLA_FLAGS=--xla_disable_hlo_passes=
+cse_barrier_expander``); GPU and TPU keep jax.checkpoint's barriers.
 """
 from __future__ import annotations
 
@@ -77,16 +86,20 @@ from jaxenc.models.registry import build_named, register_model
 from jaxenc.nn.conv import RFConv2d, SplAtConv2d
 from jaxenc.nn.norm import BatchNorm
 from jaxenc.nn.regularization import DropBlock2D
-from jaxenc.nn.resample import avg_pool2d
+from jaxenc.nn.resample import avg_pool2d, max_pool2d
 from jaxenc.nn.torch_compat import Conv2d, torch_uniform_init
 
 Dtype = Any
 
 __all__ = [
+    "REMAT_MODES",
     "BasicBlock",
     "Bottleneck",
     "ResNet",
+    "check_remat",
     "he_fan_out_normal",
+    "remat_apply",
+    "remat_call",
     "resnest101",
     "resnest101_fast",
     "resnest200",
@@ -108,6 +121,46 @@ __all__ = [
 
 _BLOCKS = ("bottleneck", "basic")
 _EXPANSION = {"bottleneck": 4, "basic": 1}
+
+#: Values of the models' ``remat`` field: "none" (store every activation for the backward pass) and
+#: "block" (each residual block / head is rematerialised: its internals are recomputed in the backward
+#: pass, trading about one extra forward pass of compute for activation memory).
+REMAT_MODES = ("none", "block")
+
+
+def check_remat(value: Any, where: str) -> str:
+    """``value`` if it is one of :data:`REMAT_MODES`, else a ValueError naming the allowed values."""
+    if not isinstance(value, str) or value not in REMAT_MODES:
+        raise ValueError(f"{where}: remat must be one of {REMAT_MODES}, got {value!r}")
+    return value
+
+
+def remat_apply(fn: Callable[..., Any], module: nn.Module, remat: str, *args: Any, **static: Any) -> Any:
+    """``fn(module, *args, **static)``; with ``remat="block"`` under :func:`flax.linen.remat`.
+
+    The lifted transform runs on ``module``'s own scope, so the variables ``fn`` creates or reads keep
+    their names (no extra path level) and its rng streams (dropout, DropBlock) draw the same numbers.
+    ``args`` are traced (arrays); the keyword arguments (``train=...``) are closed over, i.e. static,
+    so Python control flow on them works inside the checkpoint. In the backward pass ``fn`` is
+    recomputed from its inputs instead of reading stored internals: memory for compute.
+    """
+    if remat == "none":
+        return fn(module, *args, **static)
+    check_remat(remat, type(module).__name__)
+
+    def call(mdl: nn.Module, *inputs: Any) -> Any:
+        return fn(mdl, *inputs, **static)
+
+    return nn.remat(call)(module, *args)
+
+
+def _call_module(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    return module(*args, **kwargs)
+
+
+def remat_call(module: nn.Module, remat: str, *args: Any, **static: Any) -> Any:
+    """``module(*args, **static)``, rematerialised as a whole with ``remat="block"`` (:func:`remat_apply`)."""
+    return remat_apply(_call_module, module, remat, *args, **static)
 
 
 def he_fan_out_normal(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
@@ -363,16 +416,18 @@ class _DeepStem(nn.Module):
 class _Stage(nn.Module):
     """One ``layerN`` ``nn.Sequential``: blocks of class ``block_cls`` named "0", "1", ...
 
-    ``configs``: one tuple of (field, value) pairs per block. Shapes as the blocks'.
+    ``configs``: one tuple of (field, value) pairs per block. Shapes as the blocks'. ``remat``: see
+    :func:`remat_call` (each block rematerialised with "block").
     """
 
     block_cls: type
     configs: tuple
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         for i, config in enumerate(self.configs):
-            x = self.block_cls(**dict(config), name=str(i))(x, train=train)
+            x = remat_call(self.block_cls(**dict(config), name=str(i)), self.remat, x, train=train)
         return x
 
 
@@ -405,6 +460,7 @@ def _validate_resnet(self: "ResNet") -> None:
     check_probability(self.dropblock_prob, "dropblock_prob", where)
     if self.norm_layer is None or not callable(self.norm_layer):
         raise ValueError(f"{where}: norm_layer must be a callable building a norm module, got {self.norm_layer!r}")
+    check_remat(self.remat, where)
     if self.block == "basic":
         bad = {
             "radix": (self.radix, 1),
@@ -418,6 +474,24 @@ def _validate_resnet(self: "ResNet") -> None:
                     f"{where}: {name}={value!r} is not supported with block='basic' (only {name}={allowed!r}); "
                     "use block='bottleneck'"
                 )
+
+
+def _resnet_stem(module: "ResNet", x: jax.Array, train: bool) -> jax.Array:
+    """:class:`ResNet`'s stem on ``module``'s scope: conv1 (7x7/2, or the deep stem) -> bn1 -> ReLU ->
+    3x3/2 max pool. (B, H, W, 3) -> (B, H/4, W/4, 64 or 2 * stem_width)."""
+    kw = dict(dtype=module.dtype, param_dtype=module.param_dtype)
+    stem_out = 2 * module.stem_width if module.deep_stem else 64
+    if module.deep_stem:
+        x = _DeepStem(module.stem_width, module.rectified_conv, module.rectify_avg, module.norm_layer, name="conv1",
+                      **kw)(x, train=train)
+    elif module.rectified_conv:
+        rf = dict(average_mode=module.rectify_avg, name="conv1", **kw)
+        x = RFConv2d(3, 64, 7, stride=2, padding=3, bias=False, **rf)(x)
+        _he_reinit_convs(module, "conv1")
+    else:
+        x = Conv2d(64, 7, stride=2, padding=3, bias=False, kernel_init=he_fan_out_normal, name="conv1", **kw)(x)
+    x = jax.nn.relu(module.norm_layer(stem_out, name="bn1", **kw)(x, train=train))
+    return max_pool2d(x, 3, 2, 1)
 
 
 class ResNet(nn.Module):
@@ -436,7 +510,9 @@ class ResNet(nn.Module):
     ``dropblock_prob`` (layer3/layer4), ``last_gamma`` (working), ``norm_layer`` (a callable
     ``norm_layer(num_features, *, name, dtype, param_dtype)``, default :class:`jaxenc.nn.BatchNorm`;
     ``functools.partial(jaxenc.nn.SyncBatchNorm, axis_name="data")`` for synchronised statistics),
-    ``dtype`` (compute dtype, e.g. bfloat16), ``param_dtype``.
+    ``dtype`` (compute dtype, e.g. bfloat16), ``param_dtype``, ``remat`` ("none" | "block": every
+    residual block and the stem rematerialised, trading recompute in the backward pass for activation
+    memory; same variables and results, see :func:`remat_apply`).
 
     ``__call__(x, train=False, *, return_features=False)``: x (B, H, W, 3) -> logits (B, num_classes);
     with ``return_features`` the tuple (c1, c2, c3, c4) of layer1..layer4 outputs, (B, H/s, W/s, C)
@@ -468,6 +544,7 @@ class ResNet(nn.Module):
     norm_layer: Callable[..., nn.Module] = BatchNorm
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    remat: str = "none"
 
     def __post_init__(self):
         _validate_resnet(self)
@@ -506,7 +583,7 @@ class ResNet(nn.Module):
             cls = BasicBlock
         configs = [tuple({**common, **first}.items())]
         configs += [tuple({**common, "dilation": dilation}.items()) for _ in range(1, n)]
-        return _Stage(cls, tuple(configs), name=name), planes * expansion
+        return _Stage(cls, tuple(configs), remat=self.remat, name=name), planes * expansion
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, *, return_features: bool = False):
@@ -517,22 +594,10 @@ class ResNet(nn.Module):
         if self.dtype is not None:
             x = x.astype(self.dtype)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        stem_out = 2 * self.stem_width if self.deep_stem else 64
-        if self.deep_stem:
-            x = _DeepStem(self.stem_width, self.rectified_conv, self.rectify_avg, self.norm_layer, name="conv1", **kw)(
-                x, train=train
-            )
-        elif self.rectified_conv:
-            rf = dict(average_mode=self.rectify_avg, name="conv1", **kw)
-            x = RFConv2d(3, 64, 7, stride=2, padding=3, bias=False, **rf)(x)
-            _he_reinit_convs(self, "conv1")
-        else:
-            x = Conv2d(64, 7, stride=2, padding=3, bias=False, kernel_init=he_fan_out_normal, name="conv1", **kw)(x)
-        x = jax.nn.relu(self.norm_layer(stem_out, name="bn1", **kw)(x, train=train))
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # -inf padding, as torch
+        x = remat_apply(_resnet_stem, self, self.remat, x, train=train)
 
         features = []
-        inplanes = stem_out
+        inplanes = 2 * self.stem_width if self.deep_stem else 64
         for i, (planes, stride, dilation, drop) in enumerate(self._stage_plan()):
             n = self.layers[i]
             stage, inplanes = self._stage(inplanes, planes, n, stride, dilation, drop, i > 0, f"layer{i + 1}")

@@ -66,6 +66,12 @@ Deliberate differences from upstream:
 - DANet accepts ``aux=True`` (an FCNHead on c3 appended to its outputs); upstream's DANet never builds it.
 - ATTEN(with_global=False) works (upstream raises NameError).
 - Unknown options raise ValueError naming the model and the option.
+
+Rematerialisation (jaxenc's addition): ``remat="block"`` rematerialises every residual block of the
+backbone and the ``head`` / ``auxlayer`` calls (:func:`jaxenc.models.resnet.remat_call`): the backward
+pass recomputes their internals instead of storing them, trading about one extra forward pass for
+activation memory. Variables and outputs (up to float rounding) are the same as with ``remat="none"``
+(default).
 """
 from __future__ import annotations
 
@@ -89,6 +95,7 @@ from jaxenc.models.heads import (
     UperNetHead,
 )
 from jaxenc.models.registry import register_model
+from jaxenc.models.resnet import check_remat, remat_call
 from jaxenc.nn.customize import check_up_kwargs
 from jaxenc.nn.norm import BatchNorm
 from jaxenc.nn.resample import interpolate_bilinear
@@ -160,7 +167,9 @@ class BaseNet(nn.Module):
     ``norm_layer`` (``norm_layer(num_features, *, name, dtype, param_dtype)``, used in the backbone and
     the heads); ``base_size``, ``crop_size``, ``mean``, ``std`` (evaluation metadata, as upstream);
     ``up_kwargs`` (``{'mode': 'bilinear', 'align_corners': True}`` when None); ``backbone_kwargs``
-    (extra ResNet fields, e.g. ``{'dropblock_prob': 0.1}``); ``dtype`` (compute dtype), ``param_dtype``.
+    (extra ResNet fields, e.g. ``{'dropblock_prob': 0.1}``); ``dtype`` (compute dtype), ``param_dtype``;
+    ``remat`` ("none" | "block": backbone blocks, head and aux head rematerialised, recomputed in the
+    backward pass to save activation memory; same variables and results).
 
     ``__call__(x, train=False)``: x (B, H, W, 3) -> tuple of outputs (see the module docstring).
     """
@@ -179,6 +188,7 @@ class BaseNet(nn.Module):
     backbone_kwargs: Mapping[str, Any] | None = None
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    remat: str = "none"
 
     # Number of leading head outputs that are spatial logits (upsampled to the input size).
     _n_spatial = 1
@@ -190,6 +200,7 @@ class BaseNet(nn.Module):
         where = type(self).__name__
         check_positive_int(self.nclass, "nclass", where)
         check_up_kwargs(self.up_kwargs, where)
+        check_remat(self.remat, where)
         for name in ("base_size", "crop_size"):
             check_positive_int(getattr(self, name), name, where)
 
@@ -198,17 +209,22 @@ class BaseNet(nn.Module):
 
     def head_forward(self, features: tuple[jax.Array, ...], train: bool) -> tuple[jax.Array, ...]:
         """The head's outputs (a tuple) from the backbone features (c1, c2, c3, c4)."""
-        return (self.head(features[-1], train=train),)
+        return (self.call_head(features[-1], train=train),)
+
+    def call_head(self, *inputs: jax.Array, train: bool) -> Any:
+        """``self.head(*inputs, train=train)``, rematerialised as a whole with ``remat="block"``."""
+        return remat_call(self.head, self.remat, *inputs, train=train)
 
     def setup(self) -> None:
         self._validate()
         options = dict(self.backbone_kwargs or {})
-        clash = sorted(set(options) & {"dilated", "norm_layer", "dtype", "param_dtype"})
+        clash = sorted(set(options) & {"dilated", "norm_layer", "dtype", "param_dtype", "remat"})
         if clash:
             raise ValueError(f"{type(self).__name__}: backbone_kwargs must not set {clash}; use the model's own fields")
         try:
             self.pretrained = get_backbone(
-                self.backbone, dilated=self.dilated, norm_layer=self.norm_layer, **self._kw(), **options
+                self.backbone, dilated=self.dilated, norm_layer=self.norm_layer, remat=self.remat, **self._kw(),
+                **options
             )
         except ValueError as err:
             raise ValueError(f"{type(self).__name__}: {err}") from None
@@ -240,7 +256,8 @@ class BaseNet(nn.Module):
         for i in range(self._n_spatial):
             outputs[i] = interpolate_bilinear(outputs[i], size, align_corners=align)
         if self.aux:
-            outputs.append(interpolate_bilinear(self.auxlayer(features[2], train=train), size, align_corners=align))
+            aux = remat_call(self.auxlayer, self.remat, features[2], train=train)
+            outputs.append(interpolate_bilinear(aux, size, align_corners=align))
         return tuple(outputs)
 
     def evaluate(self, x: jax.Array) -> jax.Array:
@@ -278,7 +295,7 @@ class EncNet(BaseNet):
                        up_kwargs=self.up_kwargs, **self._kw())
 
     def head_forward(self, features, train):
-        return self.head(*features, train=train)
+        return self.call_head(*features, train=train)
 
 
 class DeepLabV3(BaseNet):
@@ -301,7 +318,7 @@ class _FPNNet(BaseNet):
             raise ValueError(f"{type(self).__name__}: aux=True is not supported (no auxiliary head); use aux=False")
 
     def head_forward(self, features, train):
-        return self.head(*features, train=train)
+        return self.call_head(*features, train=train)
 
 
 class UperNet(_FPNNet):
@@ -338,7 +355,7 @@ class ATTEN(BaseNet):
                          lateral=self.with_lateral, **self._kw())
 
     def head_forward(self, features, train):
-        return self.head(*features, train=train)
+        return self.call_head(*features, train=train)
 
 
 class DANet(BaseNet):
@@ -353,7 +370,7 @@ class DANet(BaseNet):
         return DANetHead(self.widths[3], self.nclass, self.norm_layer, **self._kw())
 
     def head_forward(self, features, train):
-        return self.head(features[-1], train=train)
+        return self.call_head(features[-1], train=train)
 
 
 _MODELS: dict[str, type[BaseNet]] = {

@@ -73,8 +73,9 @@ import jax.numpy as jnp
 
 from jaxenc._checks import check_probability
 from jaxenc.models.registry import build_named, register_model
-from jaxenc.models.resnet import _check_int, _Stage
+from jaxenc.models.resnet import _check_int, _Stage, check_remat
 from jaxenc.nn.norm import SyncBatchNorm
+from jaxenc.nn.resample import max_pool2d
 from jaxenc.nn.torch_compat import Conv2d, torch_uniform_init
 
 Dtype = Any
@@ -209,6 +210,7 @@ def _validate(self: "WideResNet") -> None:
             raise ValueError(f"{where}: dropout[{stage}] must be < 1 (it would drop every feature), got {p!r}")
     if self.norm_layer is None or not callable(self.norm_layer):
         raise ValueError(f"{where}: norm_layer must be a callable building a norm module, got {self.norm_layer!r}")
+    check_remat(self.remat, where)
 
 
 class WideResNet(nn.Module):
@@ -219,7 +221,9 @@ class WideResNet(nn.Module):
     Fields: ``layers`` (blocks in mod2..mod7, 6 ints), ``num_classes`` (upstream's ``classes``),
     ``dilated`` (output stride 8 instead of 32), ``dropout`` (rates of mod6's and mod7's bottlenecks,
     upstream's fixed (0.3, 0.5)), ``norm_layer`` (a callable ``norm_layer(num_features, *, name, dtype,
-    param_dtype)``, default :data:`ABN`), ``dtype`` (compute dtype, e.g. bfloat16), ``param_dtype``.
+    param_dtype)``, default :data:`ABN`), ``dtype`` (compute dtype, e.g. bfloat16), ``param_dtype``,
+    ``remat`` ("none" | "block": every block rematerialised, recomputed in the backward pass to save
+    activation memory; same variables and results, see :func:`jaxenc.models.resnet.remat_call`).
 
     ``__call__(x, train=False, *, return_features=False)``: x (B, H, W, 3) -> logits (B, num_classes).
     With ``return_features`` the tuple (mod3, mod4, mod5, bn_out(mod7)) of shapes (B, H/4, W/4, 256),
@@ -235,6 +239,7 @@ class WideResNet(nn.Module):
     norm_layer: Callable[..., nn.Module] = ABN
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    remat: str = "none"
 
     def __post_init__(self):
         _validate(self)
@@ -272,7 +277,7 @@ class WideResNet(nn.Module):
             rest["previous_dilation"] = dilation
         configs = [tuple({**common, **first}.items())]
         configs += [tuple({**common, **rest}.items()) for _ in range(1, n)]
-        return _Stage(block, tuple(configs), name=f"mod{index}"), planes * expansion
+        return _Stage(block, tuple(configs), remat=self.remat, name=f"mod{index}"), planes * expansion
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, *, return_features: bool = False):
@@ -284,7 +289,7 @@ class WideResNet(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
         def max_pool(v):
-            return nn.max_pool(v, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # -inf padding, as torch
+            return max_pool2d(v, 3, 2, 1)
 
         x = Conv2d(64, 3, padding=1, bias=False, name="mod1", **kw)(x)
         x = max_pool(x)  # pool2

@@ -76,7 +76,7 @@ import jax.numpy as jnp
 
 from jaxenc._checks import check_channels, check_positive_int
 from jaxenc.models.registry import build_named, register_model
-from jaxenc.models.resnet import he_fan_out_normal
+from jaxenc.models.resnet import check_remat, he_fan_out_normal, remat_call
 from jaxenc.nn.norm import BatchNorm
 from jaxenc.nn.torch_compat import Conv2d, torch_uniform_init
 
@@ -270,11 +270,12 @@ class _Blocks(nn.Module):
     """An ``nn.Sequential`` of :class:`XceptionBlock` children: ``configs`` = ((name, field items), ...)."""
 
     configs: tuple
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         for name, config in self.configs:
-            x = XceptionBlock(**dict(config), name=name)(x, train=train)
+            x = remat_call(XceptionBlock(**dict(config), name=name), self.remat, x, train=train)
         return x
 
 
@@ -286,6 +287,7 @@ def _validate_xception(self: "_AlignedXception") -> None:
     check_positive_int(self.num_classes, "num_classes", where)
     check_positive_int(self.num_middle_blocks, "num_middle_blocks", where)
     _check_norm_layer(self.norm_layer, where)
+    check_remat(self.remat, where)
 
 
 class _AlignedXception(nn.Module):
@@ -298,6 +300,7 @@ class _AlignedXception(nn.Module):
     inplace_relu: bool = False
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    remat: str = "none"
 
     _VARIANT = 65
 
@@ -332,30 +335,33 @@ class _AlignedXception(nn.Module):
         x = jax.nn.relu(norm(32, name="bn1", **kw)(x, train=train))
         x = Conv2d(64, 3, padding=1, bias=False, kernel_init=he_fan_out_normal, name="conv2", **kw)(x)
         x = jax.nn.relu(norm(64, name="bn2", **kw)(x, train=train))
-        x = block("block1", 64, 128, 2, stride=2, start_with_relu=False)(x, train=train)
+        x = remat_call(block("block1", 64, 128, 2, stride=2, start_with_relu=False), self.remat, x, train=train)
         c1 = x = jax.nn.relu(x)
         if self._VARIANT == 65:
-            x = block("block2", 128, 256, 2, stride=2, start_with_relu=False)(x, train=train)
+            block2 = block("block2", 128, 256, 2, stride=2, start_with_relu=False)
+            x = remat_call(block2, self.remat, x, train=train)
         else:
             configs = (
                 ("0", self._block_config(128, 256, 2, stride=1, start_with_relu=False)),
                 ("1", self._block_config(256, 256, 2, stride=2, start_with_relu=False)),
                 ("2", self._block_config(256, 728, 2, stride=1, start_with_relu=False)),
             )
-            x = _Blocks(configs, name="block2")(x, train=train)
+            x = _Blocks(configs, remat=self.remat, name="block2")(x, train=train)
         c2 = x
-        x = block("block3", x.shape[-1], 728, 2, stride=entry3_stride, is_last=True)(x, train=train)
+        block3 = block("block3", x.shape[-1], 728, 2, stride=entry3_stride, is_last=True)
+        x = remat_call(block3, self.remat, x, train=train)
 
         # Middle flow
         middle = tuple(
             (f"block{i}", self._block_config(728, 728, 3, dilation=middle_dilation))
             for i in range(4, 4 + self.num_middle_blocks)
         )
-        c3 = x = _Blocks(middle, name="midflow")(x, train=train)
+        c3 = x = _Blocks(middle, remat=self.remat, name="midflow")(x, train=train)
 
         # Exit flow
-        x = block("block20", 728, 1024, 2, stride=exit_stride, dilation=exit_dilation, grow_first=False,
-                  is_last=True)(x, train=train)
+        block20 = block("block20", 728, 1024, 2, stride=exit_stride, dilation=exit_dilation, grow_first=False,
+                        is_last=True)
+        x = remat_call(block20, self.remat, x, train=train)
         x = jax.nn.relu(x)
         for i, (cin, cout) in enumerate(((1024, 1536), (1536, 1536), (1536, 2048)), start=3):
             x = SeparableConv2d(cin, cout, 3, 1, conv_dilation, norm_layer=norm, name=f"conv{i}", **kw)(
@@ -384,7 +390,9 @@ class Xception65(_AlignedXception):
     synchronised statistics), ``num_classes`` (fc width, 1000), ``num_middle_blocks`` (16 =
     block4..block19; fewer for reduced configurations), ``inplace_relu`` (False: shortcuts read the
     un-activated block input as in the papers; True: upstream's in-place ReLU behaviour), ``dtype``
-    (compute dtype, e.g. bfloat16), ``param_dtype``.
+    (compute dtype, e.g. bfloat16), ``param_dtype``, ``remat`` ("none" | "block": every
+    :class:`XceptionBlock` rematerialised, recomputed in the backward pass to save activation memory;
+    same variables and results, see :func:`jaxenc.models.resnet.remat_call`).
 
     ``__call__(x, train=False, *, return_features=False)``: x (B, H, W, 3) -> logits (B, num_classes);
     with ``return_features`` the tuple (c1, c2, c3, c4) of shapes (B, H/4, W/4, 128),

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
+from jaxenc.nn.grouped_conv import conv2d_grouped
 from jaxenc._checks import (  # noqa: F401  (conv_args, conv_output_size re-exported)
     check_channels,
     check_divisible,
@@ -97,18 +98,10 @@ def conv2d_nhwc(x, kernel, bias, *, stride, padding, dilation, groups) -> jax.Ar
     """torch's conv2d on NHWC / HWIO arrays (the arguments :func:`torch_conv_inputs` returns).
 
     x (N, H, W, C_in), kernel (kh, kw, C_in/groups, C_out), bias (C_out) or None; stride, padding
-    (symmetric zero padding) and dilation are pairs -> (N, H_out, W_out, C_out).
+    (symmetric zero padding) and dilation are pairs -> (N, H_out, W_out, C_out). groups > 1 goes
+    through :func:`jaxenc.nn.grouped_conv.conv2d_grouped` (per-backend strategy, same numbers).
     """
-    (ph, pw) = padding
-    y = jax.lax.conv_general_dilated(
-        x,
-        kernel,
-        window_strides=stride,
-        padding=[(ph, ph), (pw, pw)],
-        rhs_dilation=dilation,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=groups,
-    )
+    y = conv2d_grouped(x, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups)
     return y if bias is None else y + bias
 
 

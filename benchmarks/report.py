@@ -1,0 +1,75 @@
+"""What every benchmark script shares: the machine description, timed calls, an aligned text table
+and the JSON report under ``benchmarks/results/``."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+
+__all__ = ["aligned_table", "machine_info", "time_calls", "timing_s", "write_report"]
+
+
+def _jaxlib_version() -> str | None:
+    try:
+        import jaxlib
+
+        return jaxlib.__version__
+    except (ImportError, AttributeError):
+        return None
+
+
+def machine_info(**extra: Any) -> dict:
+    """Backend, device kind and count, jax/jaxlib/Python versions, CPU count, platform (+ ``extra``)."""
+    device = jax.devices()[0]
+    return dict(backend=jax.default_backend(), device_kind=device.device_kind, device_count=jax.device_count(),
+                jax=jax.__version__, jaxlib=_jaxlib_version(), cpu_count=os.cpu_count(),
+                python=platform.python_version(), platform=platform.platform(), **extra)
+
+
+def time_calls(call: Callable[[], Any], repeats: int, warmup: int = 1, budget_s: float | None = None) -> list[float]:
+    """Seconds of each timed call of ``call`` after ``warmup`` untimed ones: ``repeats`` calls, or
+    fewer (at least one) when ``budget_s`` is given and the last warm-up call says they would take longer."""
+    warm = 0.0
+    for _ in range(warmup):
+        start = time.perf_counter()
+        call()
+        warm = time.perf_counter() - start
+    if budget_s is not None:
+        repeats = max(1, min(repeats, int(budget_s / max(warm, 1e-9))))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def timing_s(times: list[float]) -> dict:
+    """{'time_s': median, 'min_s', 'repeats'} of per-call seconds."""
+    return {"time_s": statistics.median(times), "min_s": min(times), "repeats": len(times)}
+
+
+def aligned_table(lines: list[list], left: int) -> str:
+    """Rows of cells (the first is the header) as aligned text: the first ``left`` columns
+    left-aligned, the others right-aligned, a dashed rule under the header."""
+    cells = [[str(c) for c in line] for line in lines]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
+    out = ["  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+           for line in cells]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def write_report(report: dict, out: Path) -> None:
+    """``report`` as indented JSON at ``out`` (parents created); says where on stderr."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {out}", file=sys.stderr)
