@@ -355,6 +355,16 @@ def test_check_config(tmp_path):
     assert not (tmp_path / "other").exists()
 
 
+def test_runs_started_before_the_remat_and_compile_cache_keys_resume(tmp_path):
+    """A workdir whose config.json predates ``model.remat`` / ``train.compile_cache`` resumes with them."""
+    assert check_config(tmp_path, _config()) is None
+    newer = _config()
+    newer.train.compile_cache = "user"
+    newer.model = ml_collections.ConfigDict({"remat": "block"})
+    msg = check_config(tmp_path, newer)
+    assert "train.compile_cache: '<absent>' -> 'user'" in msg and "model.remat: '<absent>' -> 'block'" in msg
+
+
 # ---------------------------------------------------------------------------------------------- signals
 
 

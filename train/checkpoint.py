@@ -76,7 +76,10 @@ RESUMABLE_CONFIG_KEYS = frozenset(
         "train.keep_checkpoints",
         "train.sample_predictions",
         "train.allow_config_change",
+        "train.compile_cache",
         "input.worker_count",
+        # Memory for compute; the same results (tests/test_models_remat.py).
+        "model.remat",
     }
 )
 
