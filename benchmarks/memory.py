@@ -34,10 +34,10 @@ temp_bytes with ``remat="block"`` over temp_bytes with ``remat="none"`` (same mo
 Backend caveats. XLA:CPU expands ``jax.checkpoint``'s optimization barriers early in its pipeline
 (the ``cse_barrier_expander`` pass), after which common-subexpression elimination merges much of
 the backward pass's recomputation with the forward pass and so undoes the rematerialisation; GPU and
-TPU keep the barriers. On CPU the step is therefore compiled with that pass disabled
-(``compiler_options={"xla_disable_hlo_passes": "cse_barrier_expander"}``, recorded per row), which
-gives the plan an accelerator makes; ``--cpu-barriers expand`` measures XLA:CPU's default pipeline
-instead. A GPU compile still fuses and schedules differently (and adds convolution workspaces), so
+TPU keep the barriers. The trainer's train step (:func:`jaxenc.compiler_options` with ``remat``) is
+therefore compiled on CPU with that pass disabled (``xla_disable_hlo_passes=cse_barrier_expander``,
+recorded per row), which gives the plan an accelerator makes; ``--cpu-barriers expand`` measures
+XLA:CPU's default pipeline instead. A GPU compile still fuses and schedules differently (and adds convolution workspaces), so
 its numbers differ: run this on the target device for its plan.
 """
 from __future__ import annotations
@@ -55,6 +55,7 @@ import numpy as np
 import optax
 
 from benchmarks.report import aligned_table, machine_info, write_report
+from jaxenc.compiler_options import compiler_options
 from jaxenc.models import get_segmentation_model
 from train.step import StepConfig, TrainState, make_mesh, make_train_step
 
@@ -75,8 +76,6 @@ REMATS = ("none", "block")
 NUM_CLASSES = 150  # ADE20K
 AUX_WEIGHT = SE_WEIGHT = 0.2
 CAPACITIES_GB = (16, 40, 80)
-#: XLA:CPU compile options that keep jax.checkpoint's optimization barriers (see the module docstring).
-CPU_KEEP_BARRIERS = {"xla_disable_hlo_passes": "cse_barrier_expander"}
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -140,12 +139,14 @@ def memory_plan(compiled) -> dict:
     return row
 
 
-def compiler_options(cpu_barriers: str = "keep") -> dict | None:
-    """The compile options of a measurement: :data:`CPU_KEEP_BARRIERS` on CPU unless ``cpu_barriers``
-    is "expand" (XLA:CPU's default pipeline); none on other backends."""
-    if jax.default_backend() == "cpu" and cpu_barriers == "keep":
-        return dict(CPU_KEEP_BARRIERS)
-    return None
+def step_compiler_options(remat: str, cpu_barriers: str = "keep") -> dict:
+    """The XLA options a measurement compiles with: the trainer's (:func:`jaxenc.compiler_options`,
+    which on CPU keep the remat barriers), or with ``cpu_barriers="expand"`` XLA:CPU's default
+    barrier pipeline."""
+    options = compiler_options(remat=remat != "none")
+    if jax.default_backend() == "cpu" and cpu_barriers == "expand":
+        options["xla_disable_hlo_passes"] = ""
+    return options
 
 
 def measure(name: str, dtype: str, remat: str, batch: int, size: int, backbone_kwargs: dict | None = None,
@@ -160,8 +161,8 @@ def measure(name: str, dtype: str, remat: str, batch: int, size: int, backbone_k
     start = time.perf_counter()
     lowered = step.lower(state, data)
     lower_s = time.perf_counter() - start
-    options = compiler_options(cpu_barriers)
-    compiled = lowered.compile(options) if options else lowered.compile()
+    options = step_compiler_options(remat, cpu_barriers)
+    compiled = lowered.compile(options)  # overrides the options make_train_step's jit carries
     compile_s = time.perf_counter() - start - lower_s
     row = dict(model=name, dtype=dtype, remat=remat, batch=batch, size=size,
                param_bytes=nbytes(state.params), batch_stats_bytes=nbytes(state.batch_stats),
@@ -269,7 +270,7 @@ def main(argv=None) -> int:
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         settings=dict(models=args.models, dtypes=args.dtypes, remat=args.remat, size=args.size, batch=args.batch,
                       backbone_kwargs=args.backbone_kwargs, num_classes=NUM_CLASSES, capacities_gb=CAPACITIES_GB,
-                      cpu_barriers=args.cpu_barriers, compiler_options=compiler_options(args.cpu_barriers)),
+                      cpu_barriers=args.cpu_barriers, compiler_options=step_compiler_options("block", args.cpu_barriers)),
         notes=__doc__,
         results=[],
     )

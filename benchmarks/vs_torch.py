@@ -42,6 +42,7 @@ import optax
 
 from benchmarks.report import machine_info, time_calls, timing_s, write_report
 from jaxenc import models
+from jaxenc.compiler_options import compiler_options
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "vs_torch_cpu.json"
@@ -113,10 +114,11 @@ def measure_jaxenc(case: Case, images: np.ndarray, labels: np.ndarray, repeats: 
         return model.apply(variables, x, train=False)
 
     start = time.perf_counter()
-    train = jax.jit(train_step, donate_argnums=0).lower(state, x, y).compile()
+    options = compiler_options()
+    train = jax.jit(train_step, donate_argnums=0, compiler_options=options).lower(state, x, y).compile()
     train_compile_s = time.perf_counter() - start
     start = time.perf_counter()
-    evaluate = jax.jit(eval_forward).lower(variables, x).compile()
+    evaluate = jax.jit(eval_forward, compiler_options=options).lower(variables, x).compile()
     eval_compile_s = time.perf_counter() - start
     holder = {"state": state}
 
@@ -124,7 +126,7 @@ def measure_jaxenc(case: Case, images: np.ndarray, labels: np.ndarray, repeats: 
         holder["state"], loss = train(holder["state"], x, y)
         jax.block_until_ready(loss)
 
-    row = {"init_s": init_s, "train_compile_s": train_compile_s, "eval_compile_s": eval_compile_s}
+    row = {"compiler_options": options, "init_s": init_s, "train_compile_s": train_compile_s, "eval_compile_s": eval_compile_s}
     row["train"] = timing_s(time_calls(train_call, repeats, warmup))
     trained = {"params": holder["state"][0], "batch_stats": holder["state"][1]}  # `variables` was donated
     row["eval"] = timing_s(time_calls(lambda: jax.block_until_ready(evaluate(trained, x)), repeats, warmup))

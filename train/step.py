@@ -32,6 +32,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxenc import metrics
+from jaxenc.compiler_options import compiler_options
 from jaxenc.nn.norm import batchnorm_axis_override
 from train import optim, tasks
 
@@ -153,6 +154,13 @@ def _local_gradients(model: nn.Module, cfg: StepConfig, state: TrainState, batch
     return parts, grads, batch_stats
 
 
+def _compiler_options(model: nn.Module, mesh, *, differentiated: bool) -> dict:
+    """jaxenc's XLA options for the mesh's backend; a differentiated program of a model built with
+    remat also keeps its rematerialisation barriers (forward-only programs recompute nothing)."""
+    remat = differentiated and getattr(model, "remat", "none") != "none"
+    return compiler_options(mesh.devices.flat[0].platform, remat=remat)
+
+
 def make_gradient_step(model: nn.Module, cfg: StepConfig, mesh):
     """jit(shard_map): (state, batch) -> (loss parts, gradients, new batch_stats), the first half of
     :func:`make_train_step` (no update); the same numbers on any device count, for checks."""
@@ -160,7 +168,8 @@ def make_gradient_step(model: nn.Module, cfg: StepConfig, mesh):
     def step(state: TrainState, batch):
         return _local_gradients(model, cfg, state, batch)
 
-    return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(), check_vma=False))
+    return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(), check_vma=False),
+                   compiler_options=_compiler_options(model, mesh, differentiated=True))
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, cfg: StepConfig, mesh,
@@ -187,7 +196,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, cfg: Ste
         return new_state, out
 
     mapped = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()), check_vma=False)
-    return jax.jit(mapped, donate_argnums=(0,))
+    return jax.jit(mapped, donate_argnums=(0,), compiler_options=_compiler_options(model, mesh, differentiated=True))
 
 
 def make_eval_step(model: nn.Module, cfg: StepConfig, mesh):
@@ -212,4 +221,4 @@ def make_eval_step(model: nn.Module, cfg: StepConfig, mesh):
         return jax.lax.psum(counts, AXIS), preds
 
     mapped = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P(AXIS)), check_vma=False)
-    return jax.jit(mapped)
+    return jax.jit(mapped, compiler_options=_compiler_options(model, mesh, differentiated=False))

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxenc.compiler_options import compiler_options
 from jaxenc.nn.resample import bilinear_weights
 
 __all__ = [
@@ -464,7 +465,8 @@ def make_sharded_predict(model, variables, *, mesh: jax.sharding.Mesh | None = N
         out = model.apply(v, x, **kwargs)
         return out[0] if isinstance(out, (tuple, list)) else out
 
-    jitted = jax.jit(apply, in_shardings=(replicated, split), out_shardings=split)
+    jitted = jax.jit(apply, in_shardings=(replicated, split), out_shardings=split,
+                     compiler_options=compiler_options(mesh.devices.flat[0].platform))
 
     def predict(images):
         b = int(np.shape(images)[0])
