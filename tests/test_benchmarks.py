@@ -196,6 +196,7 @@ def test_memory_command_line(memory_bench):
             memory_bench.parse_args(bad)
     # On CPU the plan is made keeping jax.checkpoint's optimization barriers (see the script's docstring).
     on_cpu = memory_bench.jax.default_backend() == "cpu"
-    keep = {"xla_disable_hlo_passes": "cse_barrier_expander"} if on_cpu else None
-    assert memory_bench.compiler_options("keep") == keep
-    assert memory_bench.compiler_options("expand") is None
+    keep = {"xla_disable_hlo_passes": "cse_barrier_expander"} if on_cpu else {}
+    assert memory_bench.step_compiler_options("block", "keep") == keep
+    assert memory_bench.step_compiler_options("block", "expand") == ({"xla_disable_hlo_passes": ""} if on_cpu else {})
+    assert "xla_disable_hlo_passes" not in memory_bench.step_compiler_options("none", "keep")
