@@ -164,7 +164,7 @@ def measure(name: str, dtype: str, remat: str, batch: int, size: int, backbone_k
     options = step_compiler_options(remat, cpu_barriers)
     compiled = lowered.compile(options)  # overrides the options make_train_step's jit carries
     compile_s = time.perf_counter() - start - lower_s
-    row = dict(model=name, dtype=dtype, remat=remat, batch=batch, size=size,
+    row = dict(model=name, dtype=dtype, remat=remat, batch=batch, size=size, cpu_barriers=cpu_barriers,
                param_bytes=nbytes(state.params), batch_stats_bytes=nbytes(state.batch_stats),
                opt_state_bytes=nbytes(state.opt_state), lower_s=round(lower_s, 2), compile_s=round(compile_s, 2),
                compiler_options=options)
@@ -178,8 +178,10 @@ def measure(name: str, dtype: str, remat: str, batch: int, size: int, backbone_k
 def add_ratios(results: list[dict]) -> None:
     """``temp_ratio`` / ``total_ratio`` of every non-"none" row against its "none" twin (same case)."""
     def key(r):
+        # Rows of one case differ in compiler options by remat (jaxenc.compiler_options), so the
+        # barrier setting, not the options, tells a "keep" run from an "expand" one.
         return (r["model"], r["dtype"], r["batch"], r["size"], json.dumps(r.get("backbone_kwargs")),
-                json.dumps(r.get("compiler_options")))
+                r.get("cpu_barriers", "keep"))
 
     base = {key(r): r for r in results if r["remat"] == "none" and r.get("temp_bytes") is not None}
     for r in results:
