@@ -1,4 +1,4 @@
-"""DeepLabV3, ResNeSt-50 backbone, ADE20K (150 classes): upstream's recipe (spec §6.2, §7.2).
+"""DeepLabV3, ResNeSt-50 backbone, ADE20K (150 classes): upstream's recipe (experiments/segmentation; model-zoo result).
 
     python -m train.main --config configs/ade20k_deeplab_resnest50.py --workdir runs/ade_deeplab_s50 \
         --config.dataset.data_dir=/data

@@ -1,4 +1,4 @@
-"""EncNet, ResNet-50s backbone, ADE20K (150 classes): upstream's recipe (spec §6.2, §7.2).
+"""EncNet, ResNet-50s backbone, ADE20K (150 classes): upstream's recipe (experiments/segmentation; model-zoo result).
 
     python -m train.main --config configs/ade20k_encnet_resnet50s.py --workdir runs/ade_encnet50 \
         --config.dataset.data_dir=/data

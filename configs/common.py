@@ -1,4 +1,4 @@
-"""Builders shared by the real-data recipes (spec/pytorch_encoding.md §6): upstream's segmentation
+"""Builders shared by the real-data recipes: upstream's segmentation
 recipe (``experiments/segmentation/train.py``) and recognition recipe (``experiments/recognition``).
 
 Not a recipe itself. Each recipe file calls one builder with its upstream hyper-parameters, so the

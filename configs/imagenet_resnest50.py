@@ -1,4 +1,4 @@
-"""ResNeSt-50 on ImageNet-2012: the published recipe (spec §6.1, §7.1).
+"""ResNeSt-50 on ImageNet-2012: the published recipe (experiments/recognition; model-zoo top-1).
 
     python -m train.main --config configs/imagenet_resnest50.py --workdir runs/imagenet_resnest50 \
         --config.dataset.data_dir=/data/tfds

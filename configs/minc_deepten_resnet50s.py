@@ -1,4 +1,4 @@
-"""Deep TEN (ResNet-50s + Encoding layer) on MINC-2500, split 1: the documented recipe (spec §7.1).
+"""Deep TEN (ResNet-50s + Encoding layer) on MINC-2500, split 1: the recipe PyTorch-Encoding documents.
 
     python -m train.main --config configs/minc_deepten_resnet50s.py --workdir runs/minc_deepten \
         --config.dataset.data_dir=/data

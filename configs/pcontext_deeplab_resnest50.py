@@ -1,4 +1,4 @@
-"""DeepLabV3, ResNeSt-50 backbone, Pascal Context (59 classes): upstream's recipe (spec §6.2, §7.2).
+"""DeepLabV3, ResNeSt-50 backbone, Pascal Context (59 classes): upstream's recipe (experiments/segmentation; model-zoo result).
 
     python -m train.main --config configs/pcontext_deeplab_resnest50.py --workdir runs/pc_deeplab_s50 \
         --config.dataset.data_dir=/data

@@ -1,7 +1,7 @@
 """Input validation shared by every jaxenc layer and loss.
 
-Errors name the layer, the argument, what was expected and what was given (DESIGN.md: the error
-message is part of the API). All checks run on static shapes at trace time, so they cost nothing
+Errors name the layer, the argument, what was expected and what was given (docs/DESIGN.md, Public conventions:
+the error message is part of the API). All checks run on static shapes at trace time, so they cost nothing
 inside a compiled program.
 """
 from __future__ import annotations

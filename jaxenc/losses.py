@@ -1,8 +1,8 @@
 """Losses as pure functions: logits with the class axis LAST, integer targets without it.
 
-JAX re-implementations of the ``holocron.nn`` losses (pylocron 0.3.0; spec/holocron_vit_syncbn.md
-§3.2) and of PyTorch-Encoding's ``encoding.nn`` losses (spec/pytorch_encoding.md §1.12). Shapes
-follow DESIGN.md:
+JAX re-implementations of the ``holocron.nn`` losses (pylocron 0.3.0)
+and of PyTorch-Encoding's ``encoding.nn`` losses (``encoding/nn/loss.py``). Shapes follow
+docs/DESIGN.md, Public conventions:
 
 - logits (and probabilities) are ``(N, K)`` or dense ``(N, *S, K)`` (any number of spatial axes);
 - integer (hard) targets are ``(N,)`` / ``(N, *S)``: the logits' shape minus the class axis;
@@ -456,7 +456,7 @@ def class_balanced_weights(num_samples, beta=0.99, weight=None) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------------------------
-# PyTorch-Encoding losses (encoding/nn/loss.py; spec/pytorch_encoding.md §1.12)
+# PyTorch-Encoding losses (encoding/nn/loss.py)
 
 
 def _check_smoothing(smoothing, where: str) -> None:

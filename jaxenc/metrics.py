@@ -15,7 +15,7 @@ Conventions: class axis last (logits ``(B, H, W, C)``), integer targets ``(B, H,
 target (``-1`` in jaxenc) is ignored. Every batch function takes ``valid`` ``(B,)`` (True = a real
 example) so the padded tail of the last evaluation batch counts for nothing.
 
-Upstream semantics reproduced exactly (spec §5.1): the prediction is zeroed at ignored pixels and
+Upstream semantics reproduced exactly (``encoding/utils/metrics.py``): the prediction is zeroed at ignored pixels and
 classes ``1..nclass`` are histogrammed after a ``+1`` shift. The consequence for **labels >=
 num_classes** (not ignore, not a class) is kept as upstream: such a pixel counts as *labeled* and is
 never correct for pixAcc; it adds to no class's label area, but the class predicted there gets the pixel

@@ -1,6 +1,6 @@
 """jaxenc.nn.attention (SAM, TripletAttention, LambdaLayer) against pylocron 0.3.0.
 
-Spec: spec/holocron_vit_syncbn.md §3.6 and §6.1 (test_nn_attention.py, the LambdaLayer parts of
+Upstream: pylocron 0.3.0's attention layers and its test suite (test_nn_attention.py, the LambdaLayer parts of
 test_nn_conv.py).
 """
 from __future__ import annotations
@@ -118,7 +118,7 @@ def test_lambda_position_parameters_are_standard_normal():
         assert abs(float(jnp.mean(p))) < 0.05 and abs(float(jnp.std(p)) - 1.0) < 0.05
 
 
-# --- upstream test-suite properties (§6.1) ------------------------------------------------------
+# --- upstream test-suite properties --------------------------------------------------------
 
 
 @pytest.mark.parametrize("module", [SAM(4), TripletAttention()], ids=["SAM", "TripletAttention"])

@@ -1,6 +1,6 @@
 """jaxenc.nn.conv (holocron.nn NormConv2d, Add2d, SlimConv2d, PyConv2d, Involution2d): parity with
 pylocron 0.3.0 (values, input and parameter gradients, BN statistics), grouped NormConv2d/Add2d
-against a restated torch reference, the upstream shape tests (spec §6.1), memory of involution,
+against a restated torch reference, the upstream shape tests (holocron's tests/test_nn_conv.py), memory of involution,
 bfloat16, jit, vmap and error messages."""
 from __future__ import annotations
 
@@ -182,7 +182,7 @@ def test_slim_conv2d_parity(hnn, kwargs, shape, train):
 # --------------------------------------------------------------------------------------------------
 # PyConv2d
 
-# spec §3.3 table, in=8, out=16, k=3, padding=1: (out_channels, kernel, groups) per level
+# pylocron 0.3.0 PyConv2d levels, in=8, out=16, k=3, padding=1: (out_channels, kernel, groups) per level
 PYCONV_TABLE = {
     1: [(16, 3, 1)],
     2: [(8, 3, 1), (8, 5, 4)],
@@ -312,7 +312,7 @@ def test_involution2d_module_memory():
 
 
 # --------------------------------------------------------------------------------------------------
-# Upstream test_nn_conv.py shapes (spec §6.1), NHWC, gradients flow
+# Upstream test_nn_conv.py shapes, NHWC, gradients flow
 
 
 def _shape_after_backward(module, x):
@@ -341,7 +341,7 @@ def test_upstream_shapes(module, expected):
 
 
 def test_slim_conv2d_state_dict_shapes(hnn):
-    # spec §3.3: the torch keys and shapes the converter must accept for C=8, k=3.
+    # pylocron 0.3.0 SlimConv2d: the torch keys and shapes the converter must accept for C=8, k=3.
     m = hnn.SlimConv2d(8, 3, padding=1)
     expected = {
         "fc1.weight": (2, 8, 1, 1), "fc2.weight": (8, 2, 1, 1), "conv_top.weight": (4, 4, 3, 3),

@@ -1,6 +1,6 @@
 """jaxenc.nn.customize (PyTorch-Encoding's encoding/nn/customize.py): Normalize, ConcurrentModule,
 PyramidPooling. PyTorch-Encoding is not installable, so the torch references below restate the
-upstream modules with their attribute names (spec/pytorch_encoding.md §1.13)."""
+upstream modules with their attribute names (encoding/nn/customize.py)."""
 from __future__ import annotations
 
 import functools

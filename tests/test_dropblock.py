@@ -1,7 +1,8 @@
 """jaxenc.nn.regularization: DropBlock2d / drop_block2d.
 
-holocron's DropBlock2d drops about p / block_size⁴ of the activations (double division, spec §3.4);
-DESIGN.md decides that the dropped fraction equals p, so instead of parity with a random mask these
+holocron's DropBlock2d drops about p / block_size⁴ of the activations (double division by block_size²);
+docs/DESIGN.md (Decisions on upstream bugs) decides that the dropped fraction equals p, so
+instead of parity with a random mask these
 tests check the distribution (overall and per position, borders included), the block structure, the
 rescaling and the upstream properties that do not depend on the rate (identity in eval and at p = 0,
 zeros at p = 1).

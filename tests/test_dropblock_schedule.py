@@ -1,10 +1,10 @@
 """jaxenc.nn.regularization.DropBlock2D: PyTorch-Encoding's DropBlock with a schedule that advances.
 
-Upstream (encoding/nn/dropblock.py, spec pytorch_encoding.md §1.8) keeps a step counter ``i`` and a
+Upstream (encoding/nn/dropblock.py) keeps a step counter ``i`` and a
 drop probability that rises linearly between ``start_step`` and ``start_step + nr_steps``, but
 returns early while the probability is 0 and only steps after that, so the shipped recipes
-(start_value 0) never drop anything. DESIGN.md decides: the schedule really advances, the dropped
-fraction equals the current probability, and the mask is shared by the batch. Masks are random, so
+(start_value 0) never drop anything. docs/DESIGN.md (Decisions on upstream bugs) decides: the schedule
+really advances and the dropped fraction equals the current probability. Masks are random, so
 these tests check the schedule values, the counter, the dropped fractions over many draws and the
 mask structure instead of values against torch.
 """

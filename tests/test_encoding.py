@@ -1,5 +1,5 @@
 """jaxenc.nn.encoding (PyTorch-Encoding Encoding, EncodingDrop, EncodingCosine, Inspiration, GramMatrix,
-UpsampleConv2d and the functional ops): parity with torch references restated from the spec
+UpsampleConv2d and the functional ops): parity with torch references restated from upstream's code
 (PyTorch-Encoding is not installable), the sign convention of the smoothing factors, memory of the
 residual encoding, bfloat16, jit, vmap and error messages."""
 from __future__ import annotations
@@ -31,7 +31,7 @@ from jaxenc.nn.encoding import (
 from jaxenc.port import torch_to_flax
 
 # --------------------------------------------------------------------------------------------------
-# Torch references, restated from spec/pytorch_encoding.md §1.1-§1.5 and §2.1 with upstream's
+# Torch references, restated from upstream encoding/nn (encoding.py, customize.py) and encoding.functions with upstream's
 # parameter names and shapes. Plain autograd gives the gradients (so d/ds has no division by s, the
 # jaxenc decision). They take torch layouts: B x D x H x W or B x D x N for the encoders.
 
@@ -57,7 +57,7 @@ def _torch_tokens(x, d):
 
 
 class TorchEncoding(torch.nn.Module):
-    """§1.1: codewords (K, D) ~ U(±1/sqrt(KD)), scale (K) ~ U[-1, 0); softmax over +s_k ||r||²."""
+    """Encoding: codewords (K, D) ~ U(±1/sqrt(KD)), scale (K) ~ U[-1, 0); softmax over +s_k ||r||²."""
 
     def __init__(self, D, K):
         super().__init__()
@@ -75,7 +75,7 @@ class TorchEncoding(torch.nn.Module):
 
 
 class TorchEncodingDrop(TorchEncoding):
-    """§1.2 as it behaves: the forward uses -0.5 in eval and a fresh U[-1, 0) draw in training; the
+    """EncodingDrop as it behaves: the forward uses -0.5 in eval and a fresh U[-1, 0) draw in training; the
     ``scale`` parameter's value never matters. ``drawn`` is the training draw (set by the test)."""
 
     drawn = None
@@ -85,7 +85,7 @@ class TorchEncodingDrop(TorchEncoding):
 
 
 class TorchEncodingCosine(torch.nn.Module):
-    """§1.3: codewords only; A = softmax_k(x · c_k) (pairwise_cosine with normalize=False)."""
+    """EncodingCosine: codewords only; A = softmax_k(x · c_k) (pairwise_cosine with normalize=False)."""
 
     def __init__(self, D, K):
         super().__init__()
@@ -99,7 +99,7 @@ class TorchEncodingCosine(torch.nn.Module):
 
 
 class TorchGramMatrix(torch.nn.Module):
-    """§1.4: F Fᵀ / (C H W) per sample of B x C x H x W features."""
+    """GramMatrix: F Fᵀ / (C H W) per sample of B x C x H x W features."""
 
     def forward(self, y):
         b, ch, h, w = y.size()
@@ -108,7 +108,7 @@ class TorchGramMatrix(torch.nn.Module):
 
 
 class TorchInspiration(torch.nn.Module):
-    """§1.4: weight (1, C, C) ~ U(0, 0.02); P = W G (batched), Y = Pᵀ X_flat, G set by setTarget."""
+    """Inspiration: weight (1, C, C) ~ U(0, 0.02); P = W G (batched), Y = Pᵀ X_flat, G set by setTarget."""
 
     def __init__(self, C, B=1):
         super().__init__()
@@ -126,7 +126,7 @@ class TorchInspiration(torch.nn.Module):
 
 
 class TorchUpsampleConv2d(torch.nn.Module):
-    """§1.5 as intended upstream (its own reset_parameters raises NameError: ``math`` is not imported):
+    """UpsampleConv2d as intended upstream (its own reset_parameters raises NameError: ``math`` is not imported):
     weight (out s², in/groups, kh, kw) and bias (out s²) ~ U(±1/sqrt(in kh kw)), conv, then
     pixel_shuffle(s)."""
 

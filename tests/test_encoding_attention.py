@@ -1,6 +1,6 @@
 """PyTorch-Encoding's ACFModule / MixtureOfSoftMaxACF and DANet's PAM_Module / CAM_Module
 (jaxenc.nn.attention) against torch references that restate the upstream maths with the upstream
-attribute names (spec/pytorch_encoding.md §1.9, §1.10; upstream encoding/nn/attention.py and
+attribute names (upstream encoding/nn/attention.py and
 junfu1115/DANet encoding/nn/da_att.py). PyTorch-Encoding itself is not installable."""
 from __future__ import annotations
 

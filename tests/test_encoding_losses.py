@@ -1,4 +1,4 @@
-"""jaxenc.losses: PyTorch-Encoding's losses (encoding/nn/loss.py, spec/pytorch_encoding.md §1.12).
+"""jaxenc.losses: PyTorch-Encoding's losses (encoding/nn/loss.py).
 
 PyTorch-Encoding does not install (CUDA extensions), so the oracles below restate upstream's
 ``LabelSmoothing``, ``NLLMultiLabelSmooth`` and ``SegmentationLosses`` with torch.nn.functional, in

@@ -1,6 +1,6 @@
 """Every Pallas kernel, for every shape class, lowers for CUDA on this CPU-only machine.
 
-Lowering for an abstract H100 (spec/jax_anchors.md §3.6) runs the real Pallas -> Triton lowering:
+Lowering for an abstract H100 (``use_abstract_mesh`` + ``lowering_platforms=("cuda",)``) runs the real Pallas -> Triton lowering:
 the power-of-two tile rule, the 16x16 matmul minimum, unsupported primitives and bad index maps
 all raise here, so GPU lowering errors fail CI even though no GPU is present. It stops before PTX
 compilation (that happens in XLA on a GPU). The negative control at the bottom proves the

@@ -1,7 +1,7 @@
 """The Pallas paths never hold the tensors they exist to avoid, forward + backward, at realistic sizes.
 
-Measured from XLA's buffer assignment of the compiled program (``memory_analysis``), as DESIGN.md
-asks. Without a GPU the Pallas path compiles in interpret mode: the program is the same wrapper
+Measured from XLA's buffer assignment of the compiled program (``memory_analysis``), as docs/DESIGN.md
+(Kernels) states. Without a GPU the Pallas path compiles in interpret mode: the program is the same wrapper
 (padding, dilated cotangents, (B, N, K) assignment gradients, per-slice partial sums, kernel
 outputs) with each kernel turned into a loop whose per-step block copies only add temporaries, so
 these numbers bound the GPU program's from above. The XLA twins' bounds are in test_encoding.py

@@ -4,7 +4,7 @@ jaxenc logits carry the class axis LAST; torch gets them with the class axis mov
 oracle runs in float64, so the comparisons measure jaxenc's float32 error only. Where pylocron 0.3.0
 crashes or is buggy (PolyLoss with -100 targets or reduction='none' on hard labels, PolyLoss soft
 targets with weights on dense inputs, ComplementCrossEntropy with -100 targets) the reference is
-restated from upstream's per-position values, and the spec §3.2.7 properties are tested.
+restated from upstream's per-position values, and PolyLoss's ignore_index fix (upstream, after 0.3.0) is tested.
 """
 from __future__ import annotations
 
@@ -375,7 +375,7 @@ def test_poly_loss_soft_parity(hF, shape, ignore, weighted, reduction):
 
 
 def test_poly_loss_ignore_index_fix():
-    """Spec §3.2.7 (upstream test_poly_loss_ignore_index, which fails on pylocron 0.3.0)."""
+    """PolyLoss ignore_index as fixed upstream after 0.3.0 (upstream test_poly_loss_ignore_index, which fails on pylocron 0.3.0)."""
     x = jnp.asarray(random_input((4, 5), seed=18, low=0.0))
     t = np.array([0, -100, 3, 1])
     loss, g = jax.value_and_grad(lambda a: L.poly_loss(a, t))(x)
@@ -415,7 +415,7 @@ def test_class_balanced_weights(hnn):
 
 
 # ----------------------------------------------------------------------------------------------
-# Upstream test-suite properties (spec §6.1, _test_loss_function and per-loss checks)
+# Upstream test-suite properties (holocron tests/test_nn_loss.py: _test_loss_function and per-loss checks)
 
 
 COMMON = {

@@ -14,7 +14,7 @@ EPS = np.spacing(1)
 
 
 # ---------------------------------------------------------------------------------------------------
-# numpy restatement of upstream encoding/utils/metrics.py (spec §5.1)
+# numpy restatement of upstream encoding/utils/metrics.py
 
 
 def upstream_batch_pix_accuracy(logits, target):

@@ -1,4 +1,4 @@
-"""jaxenc.models.resnet: PyTorch-Encoding's ResNet / ResNeXt / ResNeSt backbones (spec §3.1).
+"""jaxenc.models.resnet: PyTorch-Encoding's ResNet / ResNeXt / ResNeSt backbones (encoding/models/backbone).
 
 Oracle: the ``resnest`` package's torch ResNet (tests/torch_ref.py ``resnest_torch()``), the same
 design as PyTorch-Encoding's backbone except for the radix convention: its ``radix=0`` is the plain

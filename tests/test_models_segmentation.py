@@ -1,6 +1,6 @@
 """Segmentation heads and models (jaxenc.models.heads / segmentation) and Deep TEN (jaxenc.models.deepten)
 against torch restatements of PyTorch-Encoding's ``encoding/models/sseg`` (and DANet's head) with the
-upstream attribute names (spec/pytorch_encoding.md §3.2-3.4). PyTorch-Encoding is not installable, so
+upstream attribute names (encoding/models). PyTorch-Encoding is not installable, so
 the torch heads below restate upstream's modules; the torch backbone is the ``resnest`` package's
 ResNet (tests/torch_ref.py), the same design as upstream's backbone (its ``radix=0`` is the plain
 ResNet, jaxenc's ``radix=1``).

@@ -1,9 +1,10 @@
-"""jaxenc.models.wideresnet: PyTorch-Encoding's WideResNet-38/50 (spec §3.1).
+"""jaxenc.models.wideresnet: PyTorch-Encoding's WideResNet-38/50 (encoding/models/backbone).
 
 Oracle: a torch restatement of upstream ``encoding/models/backbone/wideresnet.py`` written below
 (upstream's package cannot be imported: its SyncBatchNorm needs CUDA extensions). Same attribute
 names, same ``_make_layer`` dilation rules; ABN is ``nn.BatchNorm2d`` + leaky ReLU 0.01 in training
-and inference (DESIGN.md's decision: upstream's in-place ABN drops the activation in inference), and
+and inference (docs/DESIGN.md, Decisions on upstream bugs: upstream's in-place ABN drops the
+activation in inference), and
 the basic block has no dropout (upstream's would crash on ``self.drops``; it never gets any).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""jaxenc.models.xception: PyTorch-Encoding's modified aligned Xception-65/71 (spec §3.1).
+"""jaxenc.models.xception: PyTorch-Encoding's modified aligned Xception-65/71 (encoding/models/backbone).
 
 Oracle: a torch restatement of upstream ``encoding/models/backbone/xception.py`` written below
 (upstream's package cannot be imported: its SyncBatchNorm needs CUDA extensions), with

@@ -1,4 +1,4 @@
-"""The real-data recipes in configs/ carry upstream's hyper-parameters (spec/pytorch_encoding.md §6)
+"""The real-data recipes in configs/ carry upstream's hyper-parameters (its experiments/ scripts)
 and build the very networks whose published weights the model store lists."""
 from __future__ import annotations
 

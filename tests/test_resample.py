@@ -1,5 +1,5 @@
 """jaxenc.nn.resample against torch.nn.functional: interpolate(mode='bilinear'), adaptive_avg_pool2d,
-avg_pool2d, max_pool2d. Values and input gradients on odd sizes, up- and down-sampling (spec/pytorch_encoding.md §9)."""
+avg_pool2d, max_pool2d. Values and input gradients on odd sizes, up- and down-sampling (torch semantics)."""
 from __future__ import annotations
 
 import jax

@@ -1,8 +1,7 @@
 """jaxenc.nn.conv, PyTorch-Encoding family: RFConv2d, SplAtConv2d (+ rSoftMax / r_softmax), ConvBnAct.
 
 PyTorch-Encoding is not installable (CUDA extensions), so the references below restate its modules
-in torch with the upstream attribute names and parameter shapes (spec pytorch_encoding.md §1.6,
-§1.7, §1.13; upstream encoding/nn/splat.py, rectify.py, customize.py, lib/gpu/rectify_cuda.cu):
+in torch with the upstream attribute names and parameter shapes (upstream encoding/nn/splat.py, rectify.py, customize.py, lib/gpu/rectify_cuda.cu):
 their state_dicts convert with ``torch_to_flax`` and ``check_module_parity`` compares values, input
 and parameter gradients and BatchNorm statistics. The rectification factors are restated from the
 CUDA kernel as a plain per-position loop (independent of jaxenc's vectorised numpy), and checked

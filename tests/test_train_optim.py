@@ -117,7 +117,7 @@ def test_adamw_matches_torch_adamw(no_bn_wd):
 
 
 # ---------------------------------------------------------------------------------------------------
-# schedules vs upstream LR_Scheduler (encoding/utils/lr_scheduler.py, spec §5.2)
+# schedules vs upstream LR_Scheduler (encoding/utils/lr_scheduler.py)
 
 
 def upstream_lr(mode, base_lr, num_epochs, iters_per_epoch, lr_step, warmup_epochs, i, epoch, power=0.9, gamma=0.1):

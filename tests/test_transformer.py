@@ -1,6 +1,6 @@
 """jaxenc.nn.transformer (CaiT Attention, XCAttention, MBConv family) against vit-pytorch 1.26.11.
 
-Spec: spec/holocron_vit_syncbn.md §4 (semantics), §6.2 (shapes). vit-pytorch has no tests for these
+Upstream: vit-pytorch 1.26.11's cait.py, xcit.py and max_vit.py. vit-pytorch has no tests for these
 layers; the parity checks below are the acceptance tests: converted weights, eval and train mode,
 outputs, input gradients and parameter gradients.
 """

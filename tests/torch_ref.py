@@ -1,7 +1,7 @@
 """Load upstream PyTorch implementations as parity oracles, bypassing their top-level ``__init__``.
 
 pylocron 0.3.0 and vit-pytorch 1.26.11 are installed with ``--no-deps``; their package
-``__init__`` imports torchvision, which is not installable here (spec/holocron_vit_syncbn.md §8).
+``__init__`` imports torchvision, which is not installable here (docs/DESIGN.md, Versions and dependencies).
 ``holocron.nn`` and ``vit_pytorch/{cait,max_vit,xcit}.py`` only need torch, numpy and einops.
 """
 from __future__ import annotations

@@ -4,9 +4,9 @@
         [--use_best] [--config.eval.scales='(0.75,1.0,1.25)'] [--mode single_scale] ...
 
 PyTorch-Encoding reports its segmentation numbers from ``experiments/segmentation/test.py --eval``
-(spec/pytorch_encoding.md §6.3): every validation image at full size ("testval"), multi-scale +
+(upstream ``experiments/segmentation/test.py``): every validation image at full size ("testval"), multi-scale +
 flip + sliding window (:mod:`jaxenc.models.multi_eval`), pixAcc / mIoU accumulated over the whole
-dataset (§5.1, :class:`jaxenc.metrics.SegmentationMetric`). The trainer's own held-out evaluation
+dataset (not averaged per image, :class:`jaxenc.metrics.SegmentationMetric`). The trainer's own held-out evaluation
 is a quick single-pass check at ``config.dataset.image_size``; this script gives the reportable numbers.
 
 Settings come from ``config.eval`` (every key optional; the defaults in brackets):

@@ -2,7 +2,7 @@
 
 :func:`make_optimizer` returns ``(tx, lr_schedule)``:
 
-* **Schedule** (upstream ``LR_Scheduler``, spec §5.2), in optimizer updates ``T``: linear warmup from 0,
+* **Schedule** (upstream ``LR_Scheduler``, ``encoding/utils/lr_scheduler.py``), in optimizer updates ``T``: linear warmup from 0,
   ``lr = base·T/W`` for ``T < W = warmup_steps``, then
 
   - ``"poly"``: ``base·(1 − (T−W)/(total−W))^poly_power`` (upstream: power 0.9, the segmentation default);

@@ -76,8 +76,9 @@ class StepConfig:
 
 
 def make_mesh(devices=None) -> jax.sharding.Mesh:
-    """A 1-D ``data`` mesh over all devices, in process-major order (Auto axis types, see
-    spec/jax_anchors.md §0.2), so process p's local rows land on its own devices."""
+    """A 1-D ``data`` mesh over all devices, in process-major order (Auto axis types: with
+    jax.make_mesh's default Explicit axes shard_map rejects unsharded inputs), so process p's local
+    rows land on its own devices."""
     devices = jax.devices() if devices is None else devices
     order = sorted(devices, key=lambda d: (d.process_index, d.id))
     return jax.sharding.Mesh(np.asarray(order), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,))

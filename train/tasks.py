@@ -6,7 +6,7 @@ step sums the per-device numerators' gradients (``psum``), so the gradient is th
 global-batch mean however the batch is split; a per-device mean averaged over devices would weight
 devices with few labelled pixels (segmentation ignore regions) too much.
 
-Segmentation (PyTorch-Encoding's ``SegmentationLosses``, spec §3.3 / §6.2): pixel cross-entropy
+Segmentation (PyTorch-Encoding's ``SegmentationLosses``, ``encoding/nn/loss.py``): pixel cross-entropy
 over labelled pixels (ignore label -1), plus ``aux_weight`` x the aux head's cross-entropy and
 ``se_weight`` x the semantic-encoding BCE (EncNet's SE loss: which classes occur in each image).
 Recognition: cross-entropy with optional label smoothing, or soft targets (mixup).

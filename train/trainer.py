@@ -1,6 +1,6 @@
 """``train_and_evaluate(config, workdir)``: the whole training job as one pure function.
 
-Shape of flax's examples/imagenet and big_vision (spec/jax_anchors.md §2): the config says
+Shape of flax's examples/imagenet and big_vision: the config says
 everything, the workdir holds everything the run produces:
 
     workdir/config.json         the run's config (a restart with an incompatible one is refused)
@@ -158,7 +158,7 @@ def _eval_variables(state: TrainState) -> dict:
 
 
 def evaluate(eval_step, state: TrainState, batches, mesh, config, *, samples: int = 0) -> tuple[dict, list]:
-    """One pass over the held-out split: dataset-accumulated metrics (spec §5.1) and, for
+    """One pass over the held-out split: dataset-accumulated metrics (sums over the split, as upstream) and, for
     segmentation, up to ``samples`` (image, mask, prediction) triples from this process's rows."""
     variables = _eval_variables(state)
     seg = config.task == "segmentation"

@@ -1,8 +1,8 @@
 """Segmentation heads of PyTorch-Encoding's ``encoding/models/sseg`` (and DANet's), NHWC, in Flax.
 
 FCNHead (+ image-pool branch), PSPHead, EncModule / EncHead (EncNet), ASPP_Module / DeepLabV3Head,
-FCFPNHead / UperNetHead, ATTENHead (CFNet) and DANetHead (spec/pytorch_encoding.md §3.3, §1.9,
-§1.10). Every head maps features (NHWC, class axis last) to logits at the feature resolution; the
+FCFPNHead / UperNetHead, ATTENHead (CFNet) and DANetHead (PAM/CAM from DANet). Every
+head maps features (NHWC, class axis last) to logits at the feature resolution; the
 models in :mod:`jaxenc.models.segmentation` upsample them to the input size.
 
 Names: every submodule is named as the upstream attribute, and every ``nn.Sequential`` /

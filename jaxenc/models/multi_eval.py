@@ -1,6 +1,6 @@
 """PyTorch-Encoding's segmentation evaluation protocol: multi-scale + flip + sliding window.
 
-Upstream ``MultiEvalModule.forward`` (``encoding/models/base.py``; spec/pytorch_encoding.md §3.2)
+Upstream ``MultiEvalModule.forward`` (``encoding/models/base.py``)
 for one image ``(H, W)``, restated here for any ``predict(images NHWC) -> logits NHWC`` callable:
 
 for every ``scale`` in ``scales``:

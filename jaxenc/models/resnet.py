@@ -6,7 +6,7 @@ Image Classification with CNNs", CVPR 2019 (deep stem, avg-down shortcut: ResNet
 "ResNeSt: Split-Attention Networks", arXiv:2004.08955 (radix, avd); Yu & Koltun, "Multi-Scale Context
 Aggregation by Dilated Convolutions", ICLR 2016 (dilated output stride 8/16).
 
-One :class:`ResNet` (upstream ``encoding/models/backbone/resnet.py``, spec/pytorch_encoding.md §3.1)
+One :class:`ResNet` (upstream ``encoding/models/backbone/resnet.py``)
 with the upstream knobs, a :class:`Bottleneck` (expansion 4) and a :class:`BasicBlock` (expansion 1,
 torchvision's ResNet-18/34 block, which upstream lacks). Submodule names are upstream's torch attribute
 names (``conv1``, ``bn1``, ``layer1.0.conv2.fc1``, ``downsample.1``, the deep stem's ``conv1.0`` ...
@@ -44,7 +44,7 @@ revision activated avd with ``stride > 1 or dilation > 1``, which differs only i
   :func:`he_fan_out_normal`); conv biases (SplAt's fc1/fc2) keep torch's default; norm scale 1,
   bias 0; ``fc`` torch's Linear default U(+-1/sqrt(fan_in)).
 
-Deliberate differences from upstream (DESIGN.md, "Decisions on upstream bugs"):
+Deliberate differences from upstream (docs/DESIGN.md, "Decisions on upstream bugs"):
 
 - ``last_gamma=True`` really zero-initialises the last norm's scale of every block (``bn3`` of a
   Bottleneck, ``bn2`` of a BasicBlock), so every residual branch outputs zero at init and a block

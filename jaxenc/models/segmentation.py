@@ -2,7 +2,7 @@
 
 :class:`BaseNet` holds the backbone (``pretrained``, a dilated :class:`jaxenc.models.resnet.ResNet`
 returning c1..c4), a ``head`` and, with ``aux``, an ``auxlayer`` (:class:`FCNHead` (1024) on c3).
-The models (spec/pytorch_encoding.md §3.2-3.3):
+The models (upstream's ``encoding/models/sseg``, on ``BaseNet``):
 
 =============  ===================================  =====================================================
 class          head                                 outputs (main and aux upsampled to the input size)
@@ -461,7 +461,7 @@ get_danet = _constructor("danet")
 _ADE = dict(dataset="ade20k")
 _PCONTEXT = dict(dataset="pcontext")
 
-# Upstream's model_zoo names (spec/pytorch_encoding.md §3.4) and their presets.
+# Upstream's model_zoo names (``encoding/models/model_zoo.py``, lower-cased) and their presets.
 _UPSTREAM_NAMES: dict[str, tuple[Callable[..., BaseNet], dict[str, Any]]] = {
     "encnet_resnet101s_coco": (get_encnet, dict(dataset="coco", backbone="resnet101s", aux=True, base_size=520,
                                                 crop_size=480, lateral=True)),

@@ -1,6 +1,6 @@
 """Pretrained-weight store: named checkpoints, a verified local cache, torch and native formats.
 
-The counterpart of PyTorch-Encoding's ``encoding/models/model_store.py`` (spec §3.5), with one
+The counterpart of PyTorch-Encoding's ``encoding/models/model_store.py``, with one
 deliberate difference: **nothing is ever downloaded implicitly**. A checkpoint comes from
 
 * the cache (``source=None``): ``cache_dir()/{file_name}``, where ``file_name`` is upstream's

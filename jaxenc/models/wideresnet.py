@@ -5,7 +5,7 @@ Wu et al., "Wider or Deeper: Revisiting the ResNet Model for Visual Recognition"
 Memory-Optimized Training of DNNs", CVPR 2018 (the activated BN "ABN" = BN + leaky ReLU 0.01, with
 which the pretrained weights were trained).
 
-Mirrors upstream ``encoding/models/backbone/wideresnet.py`` (spec/pytorch_encoding.md §3.1). Submodule
+Mirrors upstream ``encoding/models/backbone/wideresnet.py``. Submodule
 names are upstream's torch attribute names (``mod1``, ``mod2.0.bn1``, ``mod6.0.downsample.0``,
 ``bn_out``, ``fc``), so :func:`jaxenc.port.torch_to_flax` converts upstream's ``wideresnet38`` /
 ``wideresnet50`` state_dicts one to one.
@@ -45,7 +45,7 @@ Semantics settled against upstream at HEAD:
 - Initialisation: upstream has no init loop, so every conv and ``fc`` keep torch's defaults
   (U(+-1/sqrt(fan_in)) for weights and biases) and every norm scale 1, bias 0.
 
-Deliberate differences from upstream (DESIGN.md, "Decisions on upstream bugs"):
+Deliberate differences from upstream (docs/DESIGN.md, "Decisions on upstream bugs"):
 
 - ABN (``norm_layer`` default :data:`ABN`: :class:`jaxenc.nn.SyncBatchNorm` with
   ``activation="leaky_relu", slope=0.01``) applies its leaky ReLU in training AND inference; upstream's

@@ -6,7 +6,7 @@ ECCV 2018: the *modified aligned* Xception (deeper middle flow, every max pool r
 separable conv, BN after each depthwise conv, atrous separable convs for output stride 16/8).
 
 Mirrors upstream ``encoding/models/backbone/xception.py`` (itself adapted from jfzhang95's
-pytorch-deeplab-xception; spec/pytorch_encoding.md §3.1): :class:`SeparableConv2d`, the residual
+pytorch-deeplab-xception): :class:`SeparableConv2d`, the residual
 :class:`XceptionBlock` (upstream's ``Block``), :class:`Xception65` and :class:`Xception71`. Submodule
 names are upstream's torch attribute names, ``nn.Sequential`` indices included (``block1.rep.0.conv1``,
 ``block1.rep.1`` = the BN after the first separable conv, ``block1.skip``, ``block1.skipbn``,

@@ -2,7 +2,7 @@
 MixtureOfSoftMaxACF) and DANet (PAM_Module, CAM_Module), NHWC.
 
 Parameter names and layouts follow pylocron 0.3.0 so that :func:`jaxenc.port.torch_to_flax` maps a
-torch ``state_dict`` onto them unchanged (spec/holocron_vit_syncbn.md §3.6).
+torch ``state_dict`` onto them unchanged.
 """
 from __future__ import annotations
 
@@ -257,7 +257,7 @@ class LambdaLayer(nn.Module):
 
 
 # --- PyTorch-Encoding / DANet attention: ACFModule, MixtureOfSoftMaxACF, PAM_Module, CAM_Module -----
-# spec/pytorch_encoding.md §1.9 and §1.10. Torch parameter names are kept (conv_qs, conv_vs,
+# ACF from PyTorch-Encoding's encoding/nn/attention.py, PAM/CAM from DANet's da_att.py. Torch parameter names are kept (conv_qs, conv_vs,
 # attention.weight, conv, norm_layer; query_conv, key_conv, value_conv, gamma).
 
 _KQ_TRANSFORMS = ("conv", "ffn", "dffn")
@@ -351,7 +351,7 @@ class ACFModule(nn.Module):
     (optionally 2x average-pooled) keys and values, a 1x1 projection, norm and residual.
 
     Zhang et al., "Co-occurrent Features in Semantic Segmentation", CVPR 2019 (PyTorch-Encoding's
-    ``ACFModule``, spec/pytorch_encoding.md §1.9).
+    ``ACFModule``).
 
     - Keys and queries share ONE transform ``conv_qs`` (upstream also registers it as ``conv_ks``):
       'conv' = 1x1 conv d_model -> n_head·d_k (kernel N(0, 2/(d_model + d_k))); 'ffn' = 3x3 conv (no
@@ -461,7 +461,7 @@ class PAM_Module(nn.Module):  # noqa: N801 (upstream name)
     """Position attention module of DANet: every position attends over all H·W positions.
 
     Fu et al., "Dual Attention Network for Scene Segmentation", CVPR 2019 (``junfu1115/DANet``,
-    ``encoding/nn/da_att.py``; spec/pytorch_encoding.md §1.10).
+    ``encoding/nn/da_att.py``).
 
     ``q, k = query_conv(x), key_conv(x)`` (1x1, in_dim -> in_dim // 8, with bias), ``v = value_conv(x)``
     (1x1, in_dim -> in_dim); ``attn = softmax_j(q_i · k_j)`` (unscaled, N x N with N = H·W);
@@ -500,7 +500,7 @@ class CAM_Module(nn.Module):  # noqa: N801 (upstream name)
     """Channel attention module of DANet: every channel attends over all channels.
 
     Fu et al., "Dual Attention Network for Scene Segmentation", CVPR 2019 (``junfu1115/DANet``,
-    ``encoding/nn/da_att.py``; spec/pytorch_encoding.md §1.10).
+    ``encoding/nn/da_att.py``).
 
     With X the (C, N) features: ``E = X Xᵀ`` (C x C), ``attn = softmax_row(max_row(E) - E)``,
     ``out = gamma · attn X + x``; the scalar ``gamma`` (shape (1,)) starts at 0. No other parameters.

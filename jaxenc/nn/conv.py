@@ -5,7 +5,7 @@ Parameter names follow the torch modules, so :func:`jaxenc.port.torch_to_flax` m
 ``state_dict`` directly (``weight``/``bias`` of NormConv2d and Add2d are the Flax ``kernel``/``bias``;
 submodules carry the torch attribute names, PyConv2d's levels are ``"0"``, ``"1"``, ...).
 
-Deliberate differences from upstream (DESIGN.md, "Decisions on upstream bugs"):
+Deliberate differences from upstream (docs/DESIGN.md, "Decisions on upstream bugs"):
 - NormConv2d / Add2d honour ``groups``: each group's window (C_in/groups * kh * kw values) is
   normalised by its own statistics and compared with that group's filters. Upstream accepts
   ``groups`` but ignores it and fails for groups > 1.

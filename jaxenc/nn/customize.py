@@ -1,5 +1,5 @@
 """Small modules from PyTorch-Encoding's ``encoding/nn/customize.py``, NHWC: Normalize,
-ConcurrentModule, PyramidPooling (spec/pytorch_encoding.md §1.13).
+ConcurrentModule, PyramidPooling (PyTorch-Encoding's ``encoding/nn/customize.py``).
 
 Upstream's ``GlobalAvgPool2d`` (mean over H and W, returned as (B, C)) is
 ``jaxenc.nn.GlobalAvgPool2d(flatten=True)``; ``View``, ``Sum`` and ``Mean`` are one-line jnp calls

@@ -14,7 +14,7 @@ Parameter names and layouts follow the torch modules (``codewords`` (K, D), ``sc
 ``weight`` (1, C, C); UpsampleConv2d's torch ``weight``/``bias`` are the Flax ``kernel``/``bias``),
 so upstream state_dicts map one to one.
 
-Deliberate differences from upstream (DESIGN.md, "Decisions on upstream bugs"):
+Deliberate differences from upstream (docs/DESIGN.md, "Decisions on upstream bugs"):
 - The gradient of the smoothing factors comes from autodiff of s_k·||x - c_k||², so it is finite at
   s_k = 0 (upstream's hand-written backward divides by s_k).
 - EncodingDrop draws its training smoothing factors from the ``dropout`` rng stream and uses -0.5 in

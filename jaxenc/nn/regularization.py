@@ -2,7 +2,7 @@
 
 Ghiasi, Lin & Le, "DropBlock: A regularization method for convolutional networks", NeurIPS 2018.
 
-Deliberate change from holocron (DESIGN.md, decisions on upstream bugs): the expected fraction of
+Deliberate change from holocron (docs/DESIGN.md, Decisions on upstream bugs): the expected fraction of
 dropped activations EQUALS ``p``. Holocron divides ``p`` by block_size² twice (module property and
 functional), and even the paper's gamma = p / block_size² undershoots because blocks overlap and are
 clipped at the borders. Here block seeds are drawn on the grid extended by the block size, so every
@@ -171,7 +171,7 @@ class DropBlock2D(nn.Module):
     module needs ``batch_stats`` mutable in training (a ValueError says so otherwise): a schedule that
     silently does not advance is the upstream bug this class fixes.
 
-    Differences from PyTorch-Encoding, on purpose (DESIGN.md):
+    Differences from PyTorch-Encoding, on purpose (docs/DESIGN.md, Decisions on upstream bugs):
     - The schedule advances. Upstream returns early while its drop_prob is 0 and only steps after
       that, so the shipped recipes (start_value 0) never drop anything; here ``i`` counts every
       training call. Upstream (had it stepped) would stop one step short of ``stop_value``
@@ -182,8 +182,7 @@ class DropBlock2D(nn.Module):
       does not give p) and even block sizes work (upstream's padded max-pool changes the shape).
     - ``share_channel`` gives the intended per-sample channel-shared mask: upstream's branch samples
       (N, H, W) and broadcasts it against the CHANNEL axis (wrong, or a crash, unless N == C).
-      (The jaxenc spec describes upstream's mask as batch-shared; upstream's code draws one per
-      sample, so that is the default here and ``batch_shared=True`` is the option.)
+      (Upstream's code draws one mask per sample, so that is the default here and ``batch_shared=True`` is the option.)
     - Upstream keeps ``drop_prob`` as a buffer too; here it is a field. Upstream saves neither buffer, so
       :func:`jaxenc.port.torch_to_flax` starts ``i`` at 0.
     """

@@ -4,7 +4,7 @@ average pooling, max pooling.
 This is the one place in jaxenc that reproduces ``torch.nn.functional.interpolate(mode='bilinear')``,
 ``adaptive_avg_pool2d`` and ``avg_pool2d``. ``jax.image.resize`` uses half-pixel centres only and has
 no align_corners mode, and torch's adaptive pooling bins overlap for sizes that do not divide
-(spec/pytorch_encoding.md §9), so neither has a drop-in JAX equivalent.
+(upstream models resize with align_corners=True), so neither has a drop-in JAX equivalent.
 
 Every operation is separable over H and W. The per-axis weights are built in numpy from the static
 shapes (torch's index and weight formulas, float32 where torch computes in float32) and applied as
@@ -139,7 +139,7 @@ def interpolate_bilinear(
     """``F.interpolate(x, size, mode='bilinear', align_corners=...)`` on an NHWC tensor.
 
     Bilinear resizing as in PyTorch; PyTorch-Encoding's models use ``align_corners=True``
-    (spec/pytorch_encoding.md §9), which maps the corner pixels of input and output onto each other.
+    (PyTorch-Encoding's models resize this way), which maps the corner pixels of input and output onto each other.
     ``align_corners=False`` uses half-pixel centres and matches torch's (not jax.image's) border
     handling.
 

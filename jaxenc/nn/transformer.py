@@ -3,7 +3,7 @@ cross-covariance attention, and MaxViT's MBConv family (SqueezeExcitation, Drops
 MBConvResidual, MBConv). Token tensors are (B, N, D) (XCAttention: (B, ..., D)); images are NHWC.
 
 Parameter names and layouts follow the upstream modules, so :func:`jaxenc.port.torch_to_flax` maps
-their ``state_dict`` unchanged (spec/holocron_vit_syncbn.md §4): Flax submodules carry the torch
+their ``state_dict`` unchanged: Flax submodules carry the torch
 attribute names (``nn.Sequential`` indices included) and raw ``nn.Parameter`` tensors are kept in
 torch layout.
 
@@ -306,7 +306,8 @@ class Dropsample(nn.Module):
     draw per sample from the ``dropout`` rng stream) and kept samples are multiplied by 1 / (1 - prob),
     so the expectation is unchanged. ``prob == 1`` drops every sample (output and gradient zero).
 
-    Deviation from upstream, on purpose (DESIGN.md): upstream builds its mask with the legacy
+    Deviation from upstream, on purpose (docs/DESIGN.md, Decisions on upstream bugs): upstream builds its mask
+    with the legacy
     ``torch.FloatTensor((B, 1, 1, 1), device=...)`` call, which makes a 1-D tensor of the four values
     [B, 1, 1, 1] rather than a (B, 1, 1, 1) tensor. Its length-4 mask then broadcasts over the WIDTH
     axis of NCHW inputs: training raises unless W == 4 (or W == 1, which silently broadcasts to width

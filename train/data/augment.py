@@ -195,7 +195,7 @@ def _flip(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class UpstreamSegTrain:
     """Upstream's training augmentation for segmentation, ``BaseDataset._sync_transform``
-    (PyTorch-Encoding ``encoding/datasets/base.py``; spec §4.2).
+    (PyTorch-Encoding ``encoding/datasets/base.py``).
 
     ``{"image": uint8 (H, W, 3), "mask": int (H, W)}`` -> ``{"image": float32 (C, C, 3),
     "mask": int32 (C, C)}`` with ``C = crop_size``, in upstream's order:
@@ -214,7 +214,7 @@ class UpstreamSegTrain:
     ``mask_pad``: upstream pads the raw mask with 0 and then maps it per dataset, so padding is
     ignore for ADE20K/PContext/Cityscapes but *background* for PASCAL VOC. Our masks arrive already
     mapped to -1 = ignore, hence the default -1; ``mask_pad=0`` reproduces upstream VOC.
-    ``interpolation``: "bilinear" (the spec, and upstream's original code) or "bicubic" (what
+    ``interpolation``: "bilinear" (upstream's original code) or "bicubic" (what
     upstream's latest base.py uses for the image).
     """
 
@@ -287,7 +287,7 @@ class UpstreamSegTrain:
 @dataclasses.dataclass(frozen=True)
 class UpstreamSegVal:
     """Upstream's fast validation transform, ``BaseDataset._val_sync_transform`` (mode "val";
-    PyTorch-Encoding ``encoding/datasets/base.py``; spec §4.1).
+    PyTorch-Encoding ``encoding/datasets/base.py``).
 
     ``{"image": uint8 (H, W, 3), "mask": int (H, W)}`` -> ``{"image": float32 (C, C, 3),
     "mask": int32 (C, C)}``, ``C = crop_size``, deterministic (``rng`` ignored):
@@ -333,7 +333,7 @@ class UpstreamSegVal:
 
 @dataclasses.dataclass(frozen=True)
 class UpstreamSegTestval:
-    """Upstream's mode "testval" (spec §4.1): the full image and mask, no resize, for the
+    """Upstream's mode "testval" (``encoding/datasets/base.py``): the full image and mask, no resize, for the
     multi-scale evaluator. ``{"image": uint8 (H, W, 3), "mask": int (H, W)}`` ->
     ``{"image": float32 (H, W, 3) normalised, "mask": int32 (H, W)}``; variable size, so it is
     applied per image rather than batched. Deterministic (``rng`` ignored)."""
@@ -777,13 +777,13 @@ def _rand_aug(owner: str, value) -> tuple[int, float] | None:
 
 @dataclasses.dataclass(frozen=True)
 class ImageNetTrain:
-    """Upstream ImageNet training transform (``get_transform('imagenet', rand_aug=..., etrans=True)``;
-    spec §4.3): [RandAugment(n, m)] -> ERandomCrop(crop) (``etrans=False``: RandomResizedCrop) ->
+    """Upstream ImageNet training transform (``get_transform('imagenet', rand_aug=..., etrans=True)``,
+    ``encoding/transforms``): [RandAugment(n, m)] -> ERandomCrop(crop) (``etrans=False``: RandomResizedCrop) ->
     horizontal flip -> ColorJitter(jitter x3) -> to [0, 1] -> Lighting(lighting) -> normalise.
     ``{"image": uint8 (H, W, 3), "label": int}`` -> ``{"image": float32 (crop, crop, 3),
     "label": int32 ()}``. ``rand_aug``: None or (n, m), n = 0 meaning off.
     Upstream's latest get_transform has the ImageNet Lighting line commented out (an earlier
-    version and MINC keep it); the spec lists it, hence the default 0.1: ``lighting=0`` drops it."""
+    version and MINC keep it); jaxenc keeps it, hence the default 0.1: ``lighting=0`` drops it."""
 
     crop_size: int
     rand_aug: tuple[int, float] | None = None
