@@ -2,7 +2,8 @@
 
 Each op has forward and backward Pallas kernels under ``jax.custom_vjp``, a pure-jnp reference
 twin (also the XLA implementation) and ``impl="auto"|"pallas"|"xla"`` dispatch: "auto" runs the
-Pallas kernels on a GPU backend and XLA elsewhere; ``interpret=True`` runs the kernels in the
+Pallas kernels on a GPU whose device kind ``kernels/verified.json`` records as verified and faster,
+and XLA elsewhere; ``interpret=True`` runs the kernels in the
 Pallas interpreter on any backend (how CI tests them on CPU).
 
 - :func:`encoding` (x (B, N, D), codewords (K, D), scale (K) -> (B, K, D)); Deep TEN, CVPR 2017.

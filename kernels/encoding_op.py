@@ -121,7 +121,7 @@ def encoding(
       codewords: (K, D).
       scale: (K) smoothing factors (the sign lives here: negative favours near codewords).
       impl: "pallas" (fused kernels), "xla" (:func:`encoding_reference`) or "auto" (Pallas on a
-        GPU backend or when ``interpret`` is set, XLA otherwise).
+        GPU verified in ``kernels/verified.json`` or when ``interpret`` is set, XLA otherwise).
       interpret: run the Pallas kernels in the Pallas interpreter (any backend; for tests).
     Returns:
       (B, K, D) in the promoted dtype of x and codewords. Differentiable in all three inputs

@@ -90,8 +90,8 @@ def involution(
       x: (B, H, W, C).
       weights: (B, H', W', G, K, K), G dividing C; H', W' as torch's unfold (zero padding).
       kernel_size, stride, padding, dilation: torch conventions (int or pair; kernel square).
-      impl: "pallas", "xla" (:func:`involution_reference`) or "auto" (Pallas on a GPU backend or
-        when ``interpret`` is set, XLA otherwise).
+      impl: "pallas", "xla" (:func:`involution_reference`) or "auto" (Pallas on a GPU verified in
+        ``kernels/verified.json`` or when ``interpret`` is set, XLA otherwise).
       interpret: run the Pallas kernels in the Pallas interpreter (any backend; for tests).
     Returns:
       (B, H', W', C) in the promoted dtype of x and weights; float32 accumulation. Differentiable

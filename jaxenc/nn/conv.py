@@ -414,7 +414,8 @@ class Involution2d(nn.Module):
     The kernel source (x, average-pooled by ``stride`` when stride > 1) goes through ``reduce``
     (1x1 conv, C -> C / reduction_ratio) and ``span`` (1x1 conv -> K*K*groups, channel g*K*K + i*K + j;
     no BN or ReLU between them, as upstream), then :func:`jaxenc.kernels.involution` applies those
-    kernels (``impl``: "auto" = Pallas kernels on a GPU, XLA elsewhere; "pallas"; "xla").
+    kernels (``impl``: "auto" = Pallas kernels on a GPU verified in
+    ``kernels/verified.json``, XLA elsewhere; "pallas"; "xla").
     Shapes: x (N, H, W, C) -> (N, floor(H / stride), floor(W / stride), C); the padding must give the
     involution that output size, as upstream requires (padding = dilation * (kernel_size - 1) // 2
     for odd kernels and even sizes; upstream's other working combinations work too).
