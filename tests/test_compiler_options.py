@@ -70,4 +70,6 @@ def test_the_trainers_remat_step_keeps_its_memory_saving_on_cpu():
     none, block = _train_step_temp_bytes("none"), _train_step_temp_bytes("block")
     expanded = _train_step_temp_bytes("block", {"xla_disable_hlo_passes": ""})  # XLA:CPU's default pipeline
     assert block < 0.75 * none, (block, none)
-    assert block < expanded, (block, expanded)
+    # jax 0.10.2's XLA:CPU undoes the recomputation when it expands the barriers (146 MB here against
+    # 104 MB); jax 0.12's plans the same either way (to within a kilobyte). Keeping them never costs.
+    assert block <= 1.001 * expanded, (block, expanded)
