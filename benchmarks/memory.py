@@ -37,8 +37,8 @@ the backward pass's recomputation with the forward pass and so undoes the remate
 TPU keep the barriers. The trainer's train step (:func:`jaxenc.compiler_options` with ``remat``) is
 therefore compiled on CPU with that pass disabled (``xla_disable_hlo_passes=cse_barrier_expander``,
 recorded per row), which gives the plan an accelerator makes; ``--cpu-barriers expand`` measures
-XLA:CPU's default pipeline instead. A GPU compile still fuses and schedules differently (and adds convolution workspaces), so
-its numbers differ: run this on the target device for its plan.
+XLA:CPU's default pipeline instead. A GPU compile still fuses and schedules differently (and adds
+convolution workspaces), so its numbers differ: run this on the target device for its plan.
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ so :data:`CPU_CONV_NETS` keeps YNNPACK for everything except convolutions. Measu
 1.02 s -> 0.93 s, ResNeSt-50 1.43 s -> 1.31 s; a 3x3 conv 64 -> 64 channels at 56 x 56, forward
 10.3 ms -> 6.0 ms. The numbers are the same function up to float32 summation order. The price is
 memory: YNNPACK's convolutions take their BatchNorm / ReLU producers in, Eigen's need them
-materialised (deeplab_resnest50 train step, batch 2, 256 x 256: temporaries 1.43 GB -> 2.17 GB).
+materialised (deeplab_resnest50 train step, batch 2, 256 x 256: temporaries 1.37 GB -> 2.11 GB).
 
 ``remat=True`` (the program uses ``jax.checkpoint``: a model built with ``remat="block"``) asks for
 memory over speed: :data:`CPU_KEEP_REMAT` instead. XLA:CPU expands ``jax.checkpoint``'s
