@@ -21,6 +21,7 @@ Within about 8 minutes it
 On a machine without a GPU it exits at once (status 2) with a message. Stages that would run past
 the time budget are skipped and say so in the JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,9 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -119,19 +121,23 @@ def kernel_records(rows: list[dict]) -> list[dict]:
         if not op_rows or len(op_rows) != len(SWEEPS[op_name]["full"]):
             continue
         geo = lambda key: math.exp(statistics.fmean(math.log(r[key]) for r in op_rows))  # noqa: E731
-        records.append({
-            "op": op_name,
-            "backend": "triton",
-            "device_kind": device_kind(),
-            "jax": jax.__version__,
-            "verified": all(r["matches"] for r in op_rows),
-            "max_rel_err": max(max(r["max_rel_err_out"], r["max_rel_err_grads"]) for r in op_rows),
-            "speedup_fwd": geo("speedup_fwd"),
-            "speedup_fwd_bwd": geo("speedup_fwd_bwd"),
-            "shapes": [r["shape"] for r in op_rows],
-            "dtype": "float32",
-            "date": datetime.date.today().isoformat(),
-        })
+        records.append(
+            {
+                "op": op_name,
+                "backend": "triton",
+                "device_kind": device_kind(),
+                "jax": jax.__version__,
+                "verified": all(r["matches"] for r in op_rows),
+                "max_rel_err": max(
+                    max(r["max_rel_err_out"], r["max_rel_err_grads"]) for r in op_rows
+                ),
+                "speedup_fwd": geo("speedup_fwd"),
+                "speedup_fwd_bwd": geo("speedup_fwd_bwd"),
+                "shapes": [r["shape"] for r in op_rows],
+                "dtype": "float32",
+                "date": datetime.date.today().isoformat(),
+            }
+        )
     return records
 
 
@@ -139,7 +145,9 @@ def kernel_records(rows: list[dict]) -> list[dict]:
 # 2. jaxenc ResNeSt-50 train step
 
 
-def jaxenc_train_step(batch: int = 64, size: int = 224, name: str = "resnest50", num_calls: int = TIMED_CALLS) -> dict:
+def jaxenc_train_step(
+    batch: int = 64, size: int = 224, name: str = "resnest50", num_calls: int = TIMED_CALLS
+) -> dict:
     import optax
 
     from jaxenc.models import get_model
@@ -157,8 +165,12 @@ def jaxenc_train_step(batch: int = 64, size: int = 224, name: str = "resnest50",
         params, stats, opt = state
 
         def loss_fn(p):
-            logits, upd = model.apply({"params": p, "batch_stats": stats}, images, train=True, mutable=["batch_stats"])
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
+            logits, upd = model.apply(
+                {"params": p, "batch_stats": stats}, images, train=True, mutable=["batch_stats"]
+            )
+            loss = optax.softmax_cross_entropy_with_integer_labels(
+                logits.astype(jnp.float32), labels
+            ).mean()
             return loss, upd["batch_stats"]
 
         (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -182,9 +194,16 @@ def jaxenc_train_step(batch: int = 64, size: int = 224, name: str = "resnest50",
     peak = next((v for k, v in PEAK_BF16.items() if k in kind), None)
     step_s = timing["time_ms"] / 1e3
     return {
-        "model": name, "batch": batch, "image_size": size, "dtype": "bfloat16 compute, float32 params",
-        "init_s": init_s, "compile_s": compile_s, **timing,
-        "images_per_s": batch / step_s, "step_flops_xla": flops, "peak_bf16_flops": peak,
+        "model": name,
+        "batch": batch,
+        "image_size": size,
+        "dtype": "bfloat16 compute, float32 params",
+        "init_s": init_s,
+        "compile_s": compile_s,
+        **timing,
+        "images_per_s": batch / step_s,
+        "step_flops_xla": flops,
+        "peak_bf16_flops": peak,
         "mfu": flops / step_s / peak if peak else None,
     }
 
@@ -203,7 +222,11 @@ def torch_train_step(batch: int = 64, size: int = 224) -> dict:
         return {"skipped": "torch sees no CUDA device"}
     dev = torch.device("cuda")
     torch.backends.cudnn.benchmark = True
-    model = timm.create_model("resnest50d", num_classes=1000).to(dev).to(memory_format=torch.channels_last)
+    model = (
+        timm.create_model("resnest50d", num_classes=1000)
+        .to(dev)
+        .to(memory_format=torch.channels_last)
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     images = torch.randn(batch, 3, size, size, device=dev).to(memory_format=torch.channels_last)
     labels = torch.randint(0, 1000, (batch,), device=dev)
@@ -229,9 +252,16 @@ def torch_train_step(batch: int = 64, size: int = 224) -> dict:
         times.append(start.elapsed_time(end))
     ms = statistics.median(times)
     return {
-        "model": "timm resnest50d", "batch": batch, "image_size": size, "dtype": "bf16 autocast, channels_last",
-        "torch": torch.__version__, "timm": timm.__version__, "time_ms": ms, "min_ms": min(times),
-        "calls": TIMED_CALLS, "images_per_s": batch / (ms / 1e3),
+        "model": "timm resnest50d",
+        "batch": batch,
+        "image_size": size,
+        "dtype": "bf16 autocast, channels_last",
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "time_ms": ms,
+        "min_ms": min(times),
+        "calls": TIMED_CALLS,
+        "images_per_s": batch / (ms / 1e3),
     }
 
 
@@ -255,31 +285,45 @@ def merge_records(path: Path, new: list[dict]) -> None:
     """Replace the records of the same (op, device kind, jax version), keep the others."""
     data = json.loads(path.read_text()) if path.exists() else {"records": []}
     keys = {(r["op"], r["device_kind"], r["jax"]) for r in new}
-    data["records"] = [r for r in data["records"] if (r["op"], r["device_kind"], r["jax"]) not in keys] + new
+    data["records"] = [
+        r for r in data["records"] if (r["op"], r["device_kind"], r["jax"]) not in keys
+    ] + new
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="benchmarks/results/", help="folder for gpu_check-<device>.json")
-    parser.add_argument("--record", default="kernels/verified.json", help="kernel verification records to update")
+    parser.add_argument(
+        "--out", default="benchmarks/results/", help="folder for gpu_check-<device>.json"
+    )
+    parser.add_argument(
+        "--record", default="kernels/verified.json", help="kernel verification records to update"
+    )
     args = parser.parse_args(argv)
     if jax.default_backend() != "gpu":
-        print(f"benchmarks.gpu_check: no GPU here (jax backend {jax.default_backend()!r}); it needs a CUDA "
-              "GPU and jax with CUDA support. Nothing was measured.", file=sys.stderr)
+        print(
+            f"benchmarks.gpu_check: no GPU here (jax backend {jax.default_backend()!r}); it needs a CUDA "
+            "GPU and jax with CUDA support. Nothing was measured.",
+            file=sys.stderr,
+        )
         return 2
     kind = device_kind()
     results: dict[str, Any] = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device_kind": kind, "jax": jax.__version__, "python": platform.python_version(),
-        "skipped_stages": [], "kernels": [],
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "device_kind": kind,
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "skipped_stages": [],
+        "kernels": [],
     }
     print(f"gpu_check on {kind}, jax {jax.__version__}", flush=True)
     for op_name in OPS:
         for shape in SWEEPS[op_name]["full"]:
             row = stage(results, f"{op_name} {shape}", lambda: check_kernel(op_name, shape))
             if row is not None:
-                results["kernels"].append(row if "op" in row else {"op": op_name, "shape": shape, **row})
+                results["kernels"].append(
+                    row if "op" in row else {"op": op_name, "shape": shape, **row}
+                )
     results["jaxenc_resnest50"] = stage(results, "jaxenc resnest50 train step", jaxenc_train_step)
     results["torch_resnest50d"] = stage(results, "torch resnest50d train step", torch_train_step)
     jx, tc = results["jaxenc_resnest50"] or {}, results["torch_resnest50d"] or {}
@@ -294,21 +338,27 @@ def main(argv=None) -> int:
     if records:
         merge_records(Path(args.record), records)
     print_table(results)
-    print(f"wrote {path}; {len(records)} kernel record(s) to {args.record}; {elapsed():.0f} s in all")
+    print(
+        f"wrote {path}; {len(records)} kernel record(s) to {args.record}; {elapsed():.0f} s in all"
+    )
     return 0
 
 
 def print_table(results: dict) -> None:
-    print("\n| op | shape | err (out, grads) | fwd xla / pallas ms | fwd+bwd xla / pallas ms | speed-up fwd, fwd+bwd |")
+    print(
+        "\n| op | shape | err (out, grads) | fwd xla / pallas ms | fwd+bwd xla / pallas ms | speed-up fwd, fwd+bwd |"
+    )
     print("|---|---|---|---|---|---|")
     for r in results["kernels"]:
         if "error" in r:
             print(f"| {r['op']} | {r['shape']} | error: {r['error'][:80]} | | | |")
             continue
-        print(f"| {r['op']} | {r['shape']} | {r['max_rel_err_out']:.1e}, {r['max_rel_err_grads']:.1e} | "
-              f"{r['xla_fwd']['time_ms']:.3f} / {r['pallas_fwd']['time_ms']:.3f} | "
-              f"{r['xla_fwd_bwd']['time_ms']:.3f} / {r['pallas_fwd_bwd']['time_ms']:.3f} | "
-              f"{r['speedup_fwd']:.2f}, {r['speedup_fwd_bwd']:.2f} |")
+        print(
+            f"| {r['op']} | {r['shape']} | {r['max_rel_err_out']:.1e}, {r['max_rel_err_grads']:.1e} | "
+            f"{r['xla_fwd']['time_ms']:.3f} / {r['pallas_fwd']['time_ms']:.3f} | "
+            f"{r['xla_fwd_bwd']['time_ms']:.3f} / {r['pallas_fwd_bwd']['time_ms']:.3f} | "
+            f"{r['speedup_fwd']:.2f}, {r['speedup_fwd_bwd']:.2f} |"
+        )
     for key in ("jaxenc_resnest50", "torch_resnest50d"):
         print(f"{key}: {json.dumps(results.get(key))[:400]}")
     if "jaxenc_over_torch_time" in results:

@@ -40,6 +40,7 @@ respect to every input (x, codewords, scale / x, weights):
 
 Skipped (implementation, shape, pass) combinations appear in the JSON with ``skipped`` saying why.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -66,9 +68,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 PASSES = ("fwd", "fwd+bwd")
 DTYPES = ("float32", "bfloat16")
 
-MEASURE_BUDGET_S = 20.0  # repeats are cut so one (impl, shape, pass) measurement takes about this long
+MEASURE_BUDGET_S = (
+    20.0  # repeats are cut so one (impl, shape, pass) measurement takes about this long
+)
 INTERPRET_BUDGET_S = 30.0  # skip pallas-interpret where one call is estimated to take longer
-TORCH_MEMORY_FRACTION = 0.6  # skip torch where its estimated peak exceeds this share of available RAM
+TORCH_MEMORY_FRACTION = (
+    0.6  # skip torch where its estimated peak exceeds this share of available RAM
+)
 COPY_BANDWIDTH_BYTES = 1 << 30  # the array copied to measure the device's copy bandwidth
 # JAX keyword arguments of the GPU Pallas implementation (a module global so a CPU test can swap
 # in the interpreter and still exercise the GPU code path).
@@ -210,7 +216,12 @@ class InvolutionOp:
         x, weights = primals
         b, ho, wo, g, k, _ = weights.shape
         x_t = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(dtype)
-        w_t = torch.from_numpy(weights).reshape(b, ho, wo, g, k * k).permute(0, 3, 4, 1, 2).contiguous()
+        w_t = (
+            torch.from_numpy(weights)
+            .reshape(b, ho, wo, g, k * k)
+            .permute(0, 3, 4, 1, 2)
+            .contiguous()
+        )
         return x_t, w_t.to(dtype)
 
     @staticmethod
@@ -304,7 +315,9 @@ def with_gradients(fn: Callable) -> Callable:
 
 
 def nbytes(tree) -> int:
-    return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in jax.tree_util.tree_leaves(tree))
+    return sum(
+        int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in jax.tree_util.tree_leaves(tree)
+    )
 
 
 def measure_jax(fn: Callable, args: tuple, repeats: int) -> dict:
@@ -327,8 +340,10 @@ def memory_plan(compiled) -> dict:
         temp_bytes=stats.temp_size_in_bytes,
         argument_bytes=stats.argument_size_in_bytes,
         output_bytes=stats.output_size_in_bytes,
-        peak_bytes=stats.argument_size_in_bytes + stats.output_size_in_bytes
-        + stats.temp_size_in_bytes - stats.alias_size_in_bytes,
+        peak_bytes=stats.argument_size_in_bytes
+        + stats.output_size_in_bytes
+        + stats.temp_size_in_bytes
+        - stats.alias_size_in_bytes,
     )
 
 
@@ -340,9 +355,11 @@ def torch_call(op, shape: dict, dtype: str, pass_: str, primals_np, ct_np) -> Ca
     fn = op.torch_fn(shape)
     primals = op.torch_primals(primals_np, tdtype)
     if pass_ == "fwd":
+
         def call():
             with torch.no_grad():
                 return fn(*primals)
+
         return call
     leaves = [p.requires_grad_() for p in primals]
     cotangent = op.torch_cotangent(ct_np, tdtype)
@@ -389,9 +406,12 @@ def torch_rss_probe(op_name: str, shape: dict, dtype: str, pass_: str) -> dict:
     before = _proc_status_bytes("VmRSS")
     call()
     peak = _proc_status_bytes("VmHWM")
-    method = ("VmHWM after reset (clear_refs) minus VmRSS before, second call" if reset else
-              "VmHWM minus VmRSS before, second call; the peak mark could not be reset, so this "
-              "is at least the earlier peak of the process")
+    method = (
+        "VmHWM after reset (clear_refs) minus VmRSS before, second call"
+        if reset
+        else "VmHWM minus VmRSS before, second call; the peak mark could not be reset, so this "
+        "is at least the earlier peak of the process"
+    )
     return dict(rss_peak_delta_bytes=max(0, peak - before), rss_method=method)
 
 
@@ -402,10 +422,16 @@ def torch_rss_in_subprocess(op, shape: dict, dtype: str, pass_: str) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu", MALLOC_MMAP_THRESHOLD_="65536")
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.kernels", "--torch-rss-probe", spec],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     if proc.returncode != 0:
-        print(f"warning: torch RSS probe failed for {spec}:\n{proc.stderr[-2000:]}", file=sys.stderr)
+        print(
+            f"warning: torch RSS probe failed for {spec}:\n{proc.stderr[-2000:]}", file=sys.stderr
+        )
         return dict(rss_peak_delta_bytes=None, rss_method=f"probe failed (rc {proc.returncode})")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -434,8 +460,10 @@ def skip_reason(impl: Impl, op, shape: dict, pass_: str, itemsize: int) -> str |
         estimate = elements * itemsize * (2.5 if pass_ == "fwd" else 5)
         budget = TORCH_MEMORY_FRACTION * available_memory_bytes()
         if estimate > budget:
-            return (f"torch estimated at {estimate / 2**30:.1f} GiB (> {budget / 2**30:.1f} GiB, "
-                    f"{TORCH_MEMORY_FRACTION:.0%} of the available RAM)")
+            return (
+                f"torch estimated at {estimate / 2**30:.1f} GiB (> {budget / 2**30:.1f} GiB, "
+                f"{TORCH_MEMORY_FRACTION:.0%} of the available RAM)"
+            )
     return None
 
 
@@ -462,14 +490,20 @@ def add_bandwidth(row: dict, copy_gbps: float) -> None:
 # The sweep
 
 
-def measure_case(op, shape: dict, dtype: str, impls: list[Impl], repeats: int, copy_gbps: float | None) -> list[dict]:
+def measure_case(
+    op, shape: dict, dtype: str, impls: list[Impl], repeats: int, copy_gbps: float | None
+) -> list[dict]:
     """Every (impl, pass) of one op and shape."""
     itemsize = jnp.dtype(dtype).itemsize
     primals_np, ct_np = op.arrays(shape, np.random.default_rng(0))
     primals = op.jax_primals(primals_np, dtype)
     cotangent = jnp.asarray(ct_np, dtype)
-    common = dict(op=op.name, shape=dict(shape), dtype=dtype,
-                  avoided_tensor_bytes=op.avoided_elements(shape) * itemsize)
+    common = dict(
+        op=op.name,
+        shape=dict(shape),
+        dtype=dtype,
+        avoided_tensor_bytes=op.avoided_elements(shape) * itemsize,
+    )
     rows = []
     for pass_ in PASSES:
         for impl in impls:
@@ -487,8 +521,12 @@ def measure_case(op, shape: dict, dtype: str, impls: list[Impl], repeats: int, c
                 row.update(measure_torch(op, shape, dtype, pass_, primals_np, ct_np, repeats))
                 row["largest_intermediate_bytes"] = row["avoided_tensor_bytes"]
             rows.append(row)
-            print(f"  {op.name} {op.describe(shape)} {pass_:7s} {impl.name:16s} "
-                  f"{_fmt_ms(row.get('time_ms'))} ms", file=sys.stderr, flush=True)
+            print(
+                f"  {op.name} {op.describe(shape)} {pass_:7s} {impl.name:16s} "
+                f"{_fmt_ms(row.get('time_ms'))} ms",
+                file=sys.stderr,
+                flush=True,
+            )
     return rows
 
 
@@ -533,13 +571,19 @@ def table(results: list[dict], impls: list[Impl]) -> str:
     lines = [header]
     keys = list(dict.fromkeys((r["op"], json.dumps(r["shape"]), r["pass"]) for r in results))
     for op_name, shape_json, pass_ in keys:
-        rows = {r["impl"]: r for r in results
-                if (r["op"], json.dumps(r["shape"]), r["pass"]) == (op_name, shape_json, pass_)}
+        rows = {
+            r["impl"]: r
+            for r in results
+            if (r["op"], json.dumps(r["shape"]), r["pass"]) == (op_name, shape_json, pass_)
+        }
         shape = json.loads(shape_json)
         line = [op_name, OPS[op_name].describe(shape), pass_]
         for impl in impls:
             row = rows.get(impl.name, {})
-            line += [_fmt_ms(row.get("time_ms")), _fmt_mib(memory_of(row)) if "time_ms" in row else "-"]
+            line += [
+                _fmt_ms(row.get("time_ms")),
+                _fmt_mib(memory_of(row)) if "time_ms" in row else "-",
+            ]
         line.append(_fmt_mib(next(iter(rows.values()))["avoided_tensor_bytes"]))
         lines.append(line)
     return reporting.aligned_table(lines, left=3)
@@ -557,8 +601,10 @@ def bandwidth_table(results: list[dict]) -> str:
     lines = ["op      shape                              pass     impl     GB/s   of copy"]
     for r in results:
         if "bandwidth_gbps" in r:
-            lines.append(f"{r['op']:<8}{OPS[r['op']].describe(r['shape']):<35}{r['pass']:<9}{r['impl']:<8}"
-                         f"{r['bandwidth_gbps']:6.0f}   {r['bandwidth_fraction']:6.1%}")
+            lines.append(
+                f"{r['op']:<8}{OPS[r['op']].describe(r['shape']):<35}{r['pass']:<9}{r['impl']:<8}"
+                f"{r['bandwidth_gbps']:6.0f}   {r['bandwidth_fraction']:6.1%}"
+            )
     return "\n".join(lines)
 
 
@@ -567,11 +613,19 @@ def bandwidth_table(results: list[dict]) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.kernels", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.kernels", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test, seconds)")
-    parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/kernels-<backend>.json)")
-    parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (median reported)")
+    parser.add_argument(
+        "--out", type=Path, help="JSON path (default benchmarks/results/kernels-<backend>.json)"
+    )
+    parser.add_argument(
+        "--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed calls per measurement (median reported)"
+    )
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--torch-rss-probe", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -600,9 +654,15 @@ def run(args: argparse.Namespace) -> tuple[dict, list[Impl]]:
             results += measure_case(OPS[op_name], shape, args.dtype, impls, args.repeats, copy_gbps)
     report = dict(
         machine=machine_info(backend, impls),
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        settings=dict(quick=args.quick, repeats=args.repeats, dtype=args.dtype, ops=args.ops,
-                      measure_budget_s=MEASURE_BUDGET_S, interpret_budget_s=INTERPRET_BUDGET_S),
+        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        settings=dict(
+            quick=args.quick,
+            repeats=args.repeats,
+            dtype=args.dtype,
+            ops=args.ops,
+            measure_budget_s=MEASURE_BUDGET_S,
+            interpret_budget_s=INTERPRET_BUDGET_S,
+        ),
         notes=__doc__,
         implementations=[i.name for i in impls],
         results=results,
@@ -619,15 +679,23 @@ def main(argv=None) -> int:
         print(json.dumps(torch_rss_probe(spec["op"], spec["shape"], spec["dtype"], spec["pass_"])))
         return 0
     report, impls = run(args)
-    print(f"jaxenc.kernels on {report['machine']['backend']} ({report['machine']['device_kind']}), "
-          f"{args.dtype}, jax {report['machine']['jax']}")
+    print(
+        f"jaxenc.kernels on {report['machine']['backend']} ({report['machine']['device_kind']}), "
+        f"{args.dtype}, jax {report['machine']['jax']}"
+    )
     print(table(report["results"], impls))
     print(LEGEND)
     if "copy_bandwidth_gbps" in report:
         print(f"\ncopy bandwidth: {report['copy_bandwidth_gbps']:.0f} GB/s")
         print(bandwidth_table(report["results"]))
     suffix = "" if args.dtype == "float32" else f"-{args.dtype}"
-    out = args.out or REPO_ROOT / "benchmarks" / "results" / f"kernels-{report['machine']['backend']}{suffix}.json"
+    out = (
+        args.out
+        or REPO_ROOT
+        / "benchmarks"
+        / "results"
+        / f"kernels-{report['machine']['backend']}{suffix}.json"
+    )
     reporting.write_report(report, out)
     return 0
 

@@ -40,6 +40,7 @@ recorded per row), which gives the plan an accelerator makes; ``--cpu-barriers e
 XLA:CPU's default pipeline instead. A GPU compile still fuses and schedules differently (and adds
 convolution workspaces), so its numbers differ: run this on the target device for its plan.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,6 +64,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "memory.json"
 
 #: The recipes measured by default: (segmentation model, backbone) as ``<model>_<backbone>``.
+# fmt: off
 MODELS = (
     "deeplab_resnest50",
     "deeplab_resnest101",
@@ -71,6 +73,7 @@ MODELS = (
     "encnet_resnet101s",
     "psp_resnet50s",
 )
+# fmt: on
 DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 REMATS = ("none", "block")
 NUM_CLASSES = 150  # ADE20K
@@ -82,7 +85,9 @@ def split_name(name: str) -> tuple[str, str]:
     """'deeplab_resnest50' -> ('deeplab', 'resnest50')."""
     model, sep, backbone = name.partition("_")
     if not sep or not backbone:
-        raise ValueError(f"model names are <model>_<backbone> (e.g. deeplab_resnest50), got {name!r}")
+        raise ValueError(
+            f"model names are <model>_<backbone> (e.g. deeplab_resnest50), got {name!r}"
+        )
     return model, backbone
 
 
@@ -94,7 +99,9 @@ def build(name: str, dtype: str, remat: str, backbone_kwargs: dict | None = None
         kwargs["se_loss"] = True
     if backbone_kwargs:
         kwargs["backbone_kwargs"] = backbone_kwargs
-    return get_segmentation_model(model, dataset="ade20k", backbone=backbone, nclass=NUM_CLASSES, **kwargs)
+    return get_segmentation_model(
+        model, dataset="ade20k", backbone=backbone, nclass=NUM_CLASSES, **kwargs
+    )
 
 
 def abstract_step_inputs(model, batch: int, size: int, tx):
@@ -104,9 +111,14 @@ def abstract_step_inputs(model, batch: int, size: int, tx):
     def init_state():
         variables = model.init(jax.random.key(0), jnp.zeros(image.shape, image.dtype), train=False)
         params = variables["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
-                          opt_state=tx.init(params), ema_params={},
-                          rng=jax.random.key_data(jax.random.key(0)))
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            batch_stats=variables.get("batch_stats", {}),
+            opt_state=tx.init(params),
+            ema_params={},
+            rng=jax.random.key_data(jax.random.key(0)),
+        )
 
     state = jax.eval_shape(init_state)
     data = {"image": image, "mask": jax.ShapeDtypeStruct((batch, size, size), jnp.int32)}
@@ -114,7 +126,9 @@ def abstract_step_inputs(model, batch: int, size: int, tx):
 
 
 def nbytes(tree) -> int:
-    return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in jax.tree_util.tree_leaves(tree))
+    return sum(
+        int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in jax.tree_util.tree_leaves(tree)
+    )
 
 
 def fits(total_bytes: int | None) -> list[int]:
@@ -128,14 +142,22 @@ def memory_plan(compiled) -> dict:
     """argument / output / temp / alias bytes of a compiled program and total = arg + out + temp - alias."""
     stats = compiled.memory_analysis()
     if stats is None:
-        return dict(argument_bytes=None, output_bytes=None, temp_bytes=None, alias_bytes=None, total_bytes=None)
+        return dict(
+            argument_bytes=None,
+            output_bytes=None,
+            temp_bytes=None,
+            alias_bytes=None,
+            total_bytes=None,
+        )
     row = dict(
         argument_bytes=int(stats.argument_size_in_bytes),
         output_bytes=int(stats.output_size_in_bytes),
         temp_bytes=int(stats.temp_size_in_bytes),
         alias_bytes=int(stats.alias_size_in_bytes),
     )
-    row["total_bytes"] = row["argument_bytes"] + row["output_bytes"] + row["temp_bytes"] - row["alias_bytes"]
+    row["total_bytes"] = (
+        row["argument_bytes"] + row["output_bytes"] + row["temp_bytes"] - row["alias_bytes"]
+    )
     return row
 
 
@@ -149,13 +171,27 @@ def step_compiler_options(remat: str, cpu_barriers: str = "keep") -> dict:
     return options
 
 
-def measure(name: str, dtype: str, remat: str, batch: int, size: int, backbone_kwargs: dict | None = None,
-            cpu_barriers: str = "keep") -> dict:
+def measure(
+    name: str,
+    dtype: str,
+    remat: str,
+    batch: int,
+    size: int,
+    backbone_kwargs: dict | None = None,
+    cpu_barriers: str = "keep",
+) -> dict:
     """Lower and compile the train step of one case (never run it); its memory plan and timings."""
     model = build(name, dtype, remat, backbone_kwargs)
     tx = optax.sgd(0.01, momentum=0.9)
-    cfg = StepConfig(task="segmentation", num_classes=NUM_CLASSES, aux=model.aux, se_loss=model.se_loss,
-                     aux_weight=AUX_WEIGHT, se_weight=SE_WEIGHT, sync_bn=True)
+    cfg = StepConfig(
+        task="segmentation",
+        num_classes=NUM_CLASSES,
+        aux=model.aux,
+        se_loss=model.se_loss,
+        aux_weight=AUX_WEIGHT,
+        se_weight=SE_WEIGHT,
+        sync_bn=True,
+    )
     step = make_train_step(model, tx, cfg, make_mesh(jax.devices()[:1]))
     state, data = abstract_step_inputs(model, batch, size, tx)
     start = time.perf_counter()
@@ -164,10 +200,20 @@ def measure(name: str, dtype: str, remat: str, batch: int, size: int, backbone_k
     options = step_compiler_options(remat, cpu_barriers)
     compiled = lowered.compile(options)  # overrides the options make_train_step's jit carries
     compile_s = time.perf_counter() - start - lower_s
-    row = dict(model=name, dtype=dtype, remat=remat, batch=batch, size=size, cpu_barriers=cpu_barriers,
-               param_bytes=nbytes(state.params), batch_stats_bytes=nbytes(state.batch_stats),
-               opt_state_bytes=nbytes(state.opt_state), lower_s=round(lower_s, 2), compile_s=round(compile_s, 2),
-               compiler_options=options)
+    row = dict(
+        model=name,
+        dtype=dtype,
+        remat=remat,
+        batch=batch,
+        size=size,
+        cpu_barriers=cpu_barriers,
+        param_bytes=nbytes(state.params),
+        batch_stats_bytes=nbytes(state.batch_stats),
+        opt_state_bytes=nbytes(state.opt_state),
+        lower_s=round(lower_s, 2),
+        compile_s=round(compile_s, 2),
+        compiler_options=options,
+    )
     if backbone_kwargs:
         row["backbone_kwargs"] = backbone_kwargs
     row.update(memory_plan(compiled))
@@ -177,11 +223,18 @@ def measure(name: str, dtype: str, remat: str, batch: int, size: int, backbone_k
 
 def add_ratios(results: list[dict]) -> None:
     """``temp_ratio`` / ``total_ratio`` of every non-"none" row against its "none" twin (same case)."""
+
     def key(r):
         # Rows of one case differ in compiler options by remat (jaxenc.compiler_options), so the
         # barrier setting, not the options, tells a "keep" run from an "expand" one.
-        return (r["model"], r["dtype"], r["batch"], r["size"], json.dumps(r.get("backbone_kwargs")),
-                r.get("cpu_barriers", "keep"))
+        return (
+            r["model"],
+            r["dtype"],
+            r["batch"],
+            r["size"],
+            json.dumps(r.get("backbone_kwargs")),
+            r.get("cpu_barriers", "keep"),
+        )
 
     base = {key(r): r for r in results if r["remat"] == "none" and r.get("temp_bytes") is not None}
     for r in results:
@@ -204,17 +257,37 @@ def _fmt_fits(gbs) -> str:
 
 
 def table(results: list[dict]) -> str:
-    header = ["model", "dtype", "remat", "input", "arg GiB", "out GiB", "temp GiB", "total GiB", "temp ratio",
-              "fits (GB)", "compile s"]
+    header = [
+        "model",
+        "dtype",
+        "remat",
+        "input",
+        "arg GiB",
+        "out GiB",
+        "temp GiB",
+        "total GiB",
+        "temp ratio",
+        "fits (GB)",
+        "compile s",
+    ]
     lines = [header]
     for r in results:
         ratio = r.get("temp_ratio")
-        lines.append([
-            r["model"], r["dtype"], r["remat"], f"{r['batch']}x{r['size']}x{r['size']}",
-            _fmt_gib(r.get("argument_bytes")), _fmt_gib(r.get("output_bytes")), _fmt_gib(r.get("temp_bytes")),
-            _fmt_gib(r.get("total_bytes")), "-" if ratio is None else f"{ratio:.3f}", _fmt_fits(r.get("fits_gb")),
-            f"{r.get('compile_s', 0):.0f}",
-        ])
+        lines.append(
+            [
+                r["model"],
+                r["dtype"],
+                r["remat"],
+                f"{r['batch']}x{r['size']}x{r['size']}",
+                _fmt_gib(r.get("argument_bytes")),
+                _fmt_gib(r.get("output_bytes")),
+                _fmt_gib(r.get("temp_bytes")),
+                _fmt_gib(r.get("total_bytes")),
+                "-" if ratio is None else f"{ratio:.3f}",
+                _fmt_fits(r.get("fits_gb")),
+                f"{r.get('compile_s', 0):.0f}",
+            ]
+        )
     return aligned_table(lines, left=4)
 
 
@@ -238,19 +311,38 @@ def _csv(value: str, allowed, what: str, parser) -> list[str]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default=",".join(MODELS),
-                        help="comma-separated <model>_<backbone> names (default: the six upstream recipes)")
-    parser.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated subset of float32,bfloat16")
-    parser.add_argument("--remat", default=",".join(REMATS), help="comma-separated subset of none,block")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.memory", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--models",
+        default=",".join(MODELS),
+        help="comma-separated <model>_<backbone> names (default: the six upstream recipes)",
+    )
+    parser.add_argument(
+        "--dtypes", default=",".join(DTYPES), help="comma-separated subset of float32,bfloat16"
+    )
+    parser.add_argument(
+        "--remat", default=",".join(REMATS), help="comma-separated subset of none,block"
+    )
     parser.add_argument("--size", type=int, default=480, help="square crop size (upstream: 480)")
     parser.add_argument("--batch", type=int, default=2, help="images per device (upstream: 2)")
-    parser.add_argument("--backbone-kwargs", type=json.loads, default=None,
-                        help='JSON ResNet overrides, e.g. \'{"layers": [1, 1, 1, 1]}\' (shrunk smoke runs)')
-    parser.add_argument("--cpu-barriers", choices=("keep", "expand"), default="keep",
-                        help="CPU only: keep jax.checkpoint's optimization barriers (default, an accelerator's "
-                             "behaviour) or let XLA:CPU expand them (its default pipeline)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON path (default {DEFAULT_OUT})")
+    parser.add_argument(
+        "--backbone-kwargs",
+        type=json.loads,
+        default=None,
+        help="JSON ResNet overrides, e.g. '{\"layers\": [1, 1, 1, 1]}' (shrunk smoke runs)",
+    )
+    parser.add_argument(
+        "--cpu-barriers",
+        choices=("keep", "expand"),
+        default="keep",
+        help="CPU only: keep jax.checkpoint's optimization barriers (default, an accelerator's "
+        "behaviour) or let XLA:CPU expand them (its default pipeline)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help=f"JSON path (default {DEFAULT_OUT})"
+    )
     args = parser.parse_args(argv)
     args.models = _csv(args.models, None, "models", parser)
     for name in args.models:
@@ -269,10 +361,19 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     report = dict(
         machine=machine_info(),
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        settings=dict(models=args.models, dtypes=args.dtypes, remat=args.remat, size=args.size, batch=args.batch,
-                      backbone_kwargs=args.backbone_kwargs, num_classes=NUM_CLASSES, capacities_gb=CAPACITIES_GB,
-                      cpu_barriers=args.cpu_barriers, compiler_options=step_compiler_options("block", args.cpu_barriers)),
+        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        settings=dict(
+            models=args.models,
+            dtypes=args.dtypes,
+            remat=args.remat,
+            size=args.size,
+            batch=args.batch,
+            backbone_kwargs=args.backbone_kwargs,
+            num_classes=NUM_CLASSES,
+            capacities_gb=CAPACITIES_GB,
+            cpu_barriers=args.cpu_barriers,
+            compiler_options=step_compiler_options("block", args.cpu_barriers),
+        ),
         notes=__doc__,
         results=[],
     )
@@ -280,15 +381,30 @@ def main(argv=None) -> int:
         for dtype in args.dtypes:
             for remat in args.remat:
                 start = time.perf_counter()
-                row = measure(name, dtype, remat, args.batch, args.size, args.backbone_kwargs, args.cpu_barriers)
+                row = measure(
+                    name,
+                    dtype,
+                    remat,
+                    args.batch,
+                    args.size,
+                    args.backbone_kwargs,
+                    args.cpu_barriers,
+                )
                 report["results"].append(row)
                 add_ratios(report["results"])
-                write_report(report, args.out)  # after every case: an interrupted run keeps what it measured
-                print(f"  {name} {dtype} remat={remat}: temp {_fmt_gib(row['temp_bytes'])} GiB, total "
-                      f"{_fmt_gib(row['total_bytes'])} GiB ({time.perf_counter() - start:.0f} s)",
-                      file=sys.stderr, flush=True)
-    print(f"segmentation train step memory on {report['machine']['backend']} ({report['machine']['device_kind']}), "
-          f"batch {args.batch} per device, {args.size}x{args.size}, jax {report['machine']['jax']}")
+                write_report(
+                    report, args.out
+                )  # after every case: an interrupted run keeps what it measured
+                print(
+                    f"  {name} {dtype} remat={remat}: temp {_fmt_gib(row['temp_bytes'])} GiB, total "
+                    f"{_fmt_gib(row['total_bytes'])} GiB ({time.perf_counter() - start:.0f} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    print(
+        f"segmentation train step memory on {report['machine']['backend']} ({report['machine']['device_kind']}), "
+        f"batch {args.batch} per device, {args.size}x{args.size}, jax {report['machine']['jax']}"
+    )
     print(table(report["results"]))
     print(LEGEND)
     return 0

@@ -1,5 +1,6 @@
 """What every benchmark script shares: the machine description, timed calls, an aligned text table
 and the JSON report under ``benchmarks/results/``."""
+
 from __future__ import annotations
 
 import json
@@ -8,8 +9,9 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 
@@ -28,12 +30,22 @@ def _jaxlib_version() -> str | None:
 def machine_info(**extra: Any) -> dict:
     """Backend, device kind and count, jax/jaxlib/Python versions, CPU count, platform (+ ``extra``)."""
     device = jax.devices()[0]
-    return dict(backend=jax.default_backend(), device_kind=device.device_kind, device_count=jax.device_count(),
-                jax=jax.__version__, jaxlib=_jaxlib_version(), cpu_count=os.cpu_count(),
-                python=platform.python_version(), platform=platform.platform(), **extra)
+    return dict(
+        backend=jax.default_backend(),
+        device_kind=device.device_kind,
+        device_count=jax.device_count(),
+        jax=jax.__version__,
+        jaxlib=_jaxlib_version(),
+        cpu_count=os.cpu_count(),
+        python=platform.python_version(),
+        platform=platform.platform(),
+        **extra,
+    )
 
 
-def time_calls(call: Callable[[], Any], repeats: int, warmup: int = 1, budget_s: float | None = None) -> list[float]:
+def time_calls(
+    call: Callable[[], Any], repeats: int, warmup: int = 1, budget_s: float | None = None
+) -> list[float]:
     """Seconds of each timed call of ``call`` after ``warmup`` untimed ones: ``repeats`` calls, or
     fewer (at least one) when ``budget_s`` is given and the last warm-up call says they would take longer."""
     warm = 0.0
@@ -61,8 +73,12 @@ def aligned_table(lines: list[list], left: int) -> str:
     left-aligned, the others right-aligned, a dashed rule under the header."""
     cells = [[str(c) for c in line] for line in lines]
     widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
-    out = ["  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
-           for line in cells]
+    out = [
+        "  ".join(
+            c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))
+        )
+        for line in cells
+    ]
     out.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(out)
 

@@ -51,6 +51,7 @@ What is measured, per configuration:
 ``--configs default --steps 4 --log-every 2`` is a smoke run of about a minute on a 2-core CPU
 (mostly compilation); resnest50 adds about two minutes (ResNeSt-50 compilation).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -107,7 +108,9 @@ def _time_trainer(config, steps: int, log_every: int, workdir: Path) -> tuple[di
     config.train.eval_every = config.train.num_steps
     config.train.checkpoint_every = config.train.num_steps
     config.train.sample_predictions = 0
-    config.optim.warmup_steps = 1  # the recipes' warmup is longer than a short run; the lr does not change the time
+    config.optim.warmup_steps = (
+        1  # the recipes' warmup is longer than a short run; the lr does not change the time
+    )
     captured = {}
     real = trainer.make_train_step
 
@@ -130,23 +133,39 @@ def _time_trainer(config, steps: int, log_every: int, workdir: Path) -> tuple[di
     finally:
         trainer.make_train_step = real
     rows = observe.read_metrics(workdir, split="train")
-    windows = [(r["step"] - prev["step"], r["steps_per_sec"]) for prev, r in zip(rows, rows[1:])
-               if r["step"] > log_every]
+    windows = [
+        (r["step"] - prev["step"], r["steps_per_sec"])
+        for prev, r in zip(rows, rows[1:])
+        if r["step"] > log_every
+    ]
     n = sum(k for k, _ in windows)
     assert n == steps and rows[0]["step"] == log_every, (n, steps, [r["step"] for r in rows])
-    rates = dict(trainer_steps_per_s=n / sum(k / rate for k, rate in windows),
-                 trainer_window_steps_per_s=[rate for _, rate in windows],
-                 first_window_s=log_every / rows[0]["steps_per_sec"], trainer_total_s=total_s)
+    rates = dict(
+        trainer_steps_per_s=n / sum(k / rate for k, rate in windows),
+        trainer_window_steps_per_s=[rate for _, rate in windows],
+        first_window_s=log_every / rows[0]["steps_per_sec"],
+        trainer_total_s=total_s,
+    )
     return rates, captured
 
 
 def _time_step_alone(config, captured: dict, steps: int) -> dict:
     """The captured step from the trainer's final state: alone on one batch, then with fresh input."""
-    step_fn, mesh, state, batch = captured["step"], captured["mesh"], captured["state"], captured["batch"]
+    step_fn, mesh, state, batch = (
+        captured["step"],
+        captured["mesh"],
+        captured["state"],
+        captured["batch"],
+    )
     batches = pipeline.train_iterator(
-        pipeline.get_source(config.dataset, "train"), global_batch_size=config.input.global_batch_size,
-        seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
-        transform=trainer._transform(config, True), worker_count=config.input.worker_count)
+        pipeline.get_source(config.dataset, "train"),
+        global_batch_size=config.input.global_batch_size,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        transform=trainer._transform(config, True),
+        worker_count=config.input.worker_count,
+    )
     host_ms = []
     for _ in range(steps):
         t = time.perf_counter()
@@ -172,16 +191,27 @@ def _time_step_alone(config, captured: dict, steps: int) -> dict:
         prev = out
     jax.block_until_ready((state, out))
     with_input_s = time.perf_counter() - t0
-    return dict(step_alone_steps_per_s=steps / alone_s, step_with_input_steps_per_s=steps / with_input_s,
-                host_batch_ms=statistics.median(host_ms))
+    return dict(
+        step_alone_steps_per_s=steps / alone_s,
+        step_with_input_steps_per_s=steps / with_input_s,
+        host_batch_ms=statistics.median(host_ms),
+    )
 
 
 def measure(name: str, args: argparse.Namespace) -> dict:
     config = make_config(name, image_size=args.image_size, worker_count=args.worker_count)
-    row = dict(config=name, recipe=f"configs/{'default' if name == 'default' else 'imagenet_resnest50'}.py",
-               task=config.task, model=config.model.name, dataset=config.dataset.name,
-               image_size=config.dataset.image_size, global_batch_size=config.input.global_batch_size,
-               worker_count=config.input.worker_count, steps=args.steps, log_every=args.log_every)
+    row = dict(
+        config=name,
+        recipe=f"configs/{'default' if name == 'default' else 'imagenet_resnest50'}.py",
+        task=config.task,
+        model=config.model.name,
+        dataset=config.dataset.name,
+        image_size=config.dataset.image_size,
+        global_batch_size=config.input.global_batch_size,
+        worker_count=config.input.worker_count,
+        steps=args.steps,
+        log_every=args.log_every,
+    )
     with tempfile.TemporaryDirectory(prefix=f"train_loop_{name}_") as workdir:
         rates, captured = _time_trainer(config, args.steps, args.log_every, Path(workdir))
     row.update(rates)
@@ -190,22 +220,50 @@ def measure(name: str, args: argparse.Namespace) -> dict:
     row["input_overhead"] = 1.0 - row["step_with_input_steps_per_s"] / row["step_alone_steps_per_s"]
     row["trainer_ms_per_step"] = 1e3 / row["trainer_steps_per_s"]
     row["step_alone_ms_per_step"] = 1e3 / row["step_alone_steps_per_s"]
-    print(f"{name}: trainer {row['trainer_steps_per_s']:.3g} steps/s, alone {row['step_alone_steps_per_s']:.3g} "
-          f"steps/s, overhead {row['overhead']:+.1%}", file=sys.stderr, flush=True)
+    print(
+        f"{name}: trainer {row['trainer_steps_per_s']:.3g} steps/s, alone {row['step_alone_steps_per_s']:.3g} "
+        f"steps/s, overhead {row['overhead']:+.1%}",
+        file=sys.stderr,
+        flush=True,
+    )
     return row
 
 
 def table(results: list[dict]) -> str:
-    header = ["config", "model", "image", "batch", "steps", "trainer steps/s", "alone steps/s",
-              "trainer ms", "alone ms", "overhead", "+input steps/s", "input overhead", "host batch ms"]
+    header = [
+        "config",
+        "model",
+        "image",
+        "batch",
+        "steps",
+        "trainer steps/s",
+        "alone steps/s",
+        "trainer ms",
+        "alone ms",
+        "overhead",
+        "+input steps/s",
+        "input overhead",
+        "host batch ms",
+    ]
     lines = [header]
     for r in results:
-        lines.append([r["config"], r["model"], str(r["image_size"]), str(r["global_batch_size"]),
-                      f"{r['steps']} (log {r['log_every']})", f"{r['trainer_steps_per_s']:.3g}",
-                      f"{r['step_alone_steps_per_s']:.3g}", f"{r['trainer_ms_per_step']:.4g}",
-                      f"{r['step_alone_ms_per_step']:.4g}", f"{r['overhead']:+.1%}",
-                      f"{r['step_with_input_steps_per_s']:.3g}", f"{r['input_overhead']:+.1%}",
-                      f"{r['host_batch_ms']:.3g}"])
+        lines.append(
+            [
+                r["config"],
+                r["model"],
+                str(r["image_size"]),
+                str(r["global_batch_size"]),
+                f"{r['steps']} (log {r['log_every']})",
+                f"{r['trainer_steps_per_s']:.3g}",
+                f"{r['step_alone_steps_per_s']:.3g}",
+                f"{r['trainer_ms_per_step']:.4g}",
+                f"{r['step_alone_ms_per_step']:.4g}",
+                f"{r['overhead']:+.1%}",
+                f"{r['step_with_input_steps_per_s']:.3g}",
+                f"{r['input_overhead']:+.1%}",
+                f"{r['host_batch_ms']:.3g}",
+            ]
+        )
     return aligned_table(lines, left=2)
 
 
@@ -219,23 +277,47 @@ a CPU backend it shares the cores with the step, so it cannot be fully hidden th
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.train_loop", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {','.join(CONFIGS)}")
-    parser.add_argument("--steps", type=int, default=50,
-                        help="measured steps per configuration (after the first window)")
-    parser.add_argument("--log-every", type=int, default=10,
-                        help="trainer log (metric fetch) interval; the first window is compilation, not measured")
-    parser.add_argument("--image-size", type=int, default=64, help="resnest50's image size (default 64 px)")
-    parser.add_argument("--worker-count", type=int, default=0,
-                        help="grain worker processes (config.input.worker_count)")
-    parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/train_loop.json)")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.train_loop", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--configs",
+        default=",".join(CONFIGS),
+        help=f"comma-separated subset of {','.join(CONFIGS)}",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=50,
+        help="measured steps per configuration (after the first window)",
+    )
+    parser.add_argument(
+        "--log-every",
+        type=int,
+        default=10,
+        help="trainer log (metric fetch) interval; the first window is compilation, not measured",
+    )
+    parser.add_argument(
+        "--image-size", type=int, default=64, help="resnest50's image size (default 64 px)"
+    )
+    parser.add_argument(
+        "--worker-count",
+        type=int,
+        default=0,
+        help="grain worker processes (config.input.worker_count)",
+    )
+    parser.add_argument(
+        "--out", type=Path, help="JSON path (default benchmarks/results/train_loop.json)"
+    )
     args = parser.parse_args(argv)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown or not configs:
         parser.error(f"--configs must name some of {', '.join(CONFIGS)}; got {args.configs!r}")
     if args.log_every < 1 or args.steps < args.log_every or args.steps % args.log_every:
-        parser.error(f"--steps must be a positive multiple of --log-every; got {args.steps} and {args.log_every}")
+        parser.error(
+            f"--steps must be a positive multiple of --log-every; got {args.steps} and {args.log_every}"
+        )
     if args.image_size < 16 or args.worker_count < 0:
         parser.error("--image-size must be >= 16 and --worker-count >= 0")
     args.configs = configs
@@ -247,14 +329,22 @@ def main(argv=None) -> int:
     results = [measure(name, args) for name in args.configs]
     report = dict(
         machine=machine_info(),
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        settings=dict(configs=args.configs, steps=args.steps, log_every=args.log_every, image_size=args.image_size,
-                      worker_count=args.worker_count, warmup_calls=WARMUP_CALLS),
+        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        settings=dict(
+            configs=args.configs,
+            steps=args.steps,
+            log_every=args.log_every,
+            image_size=args.image_size,
+            worker_count=args.worker_count,
+            warmup_calls=WARMUP_CALLS,
+        ),
         notes=__doc__,
         results=results,
     )
-    print(f"train loop overhead on {report['machine']['backend']} ({report['machine']['device_kind']}), "
-          f"jax {report['machine']['jax']}, {report['date']}")
+    print(
+        f"train loop overhead on {report['machine']['backend']} ({report['machine']['device_kind']}), "
+        f"jax {report['machine']['jax']}, {report['date']}"
+    )
     print(table(results))
     print(LEGEND)
     write_report(report, args.out or REPO_ROOT / "benchmarks" / "results" / "train_loop.json")

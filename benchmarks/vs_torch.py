@@ -25,6 +25,7 @@ backbone PyTorch-Encoding restates: ``radix=0`` plain ResNet / ResNeXt, ``resnes
 PyTorch-Encoding's DeepLabV3 (``tests/test_models_segmentation.py``: ``torch_model_for``) on that
 backbone, dilated to output stride 8. Weights are random on both sides (times do not depend on them).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,18 +79,27 @@ CASES = {
 
 def jaxenc_model(case: Case):
     if case.task == "segmentation":
-        return models.get_segmentation_model(case.name.split("_", 1)[0], dataset="ade20k",
-                                             backbone=case.name.split("_", 1)[1], nclass=SEG_CLASSES)
+        return models.get_segmentation_model(
+            case.name.split("_", 1)[0],
+            dataset="ade20k",
+            backbone=case.name.split("_", 1)[1],
+            nclass=SEG_CLASSES,
+        )
     return models.get_model(case.name, num_classes=NUM_CLASSES)
 
 
 def cross_entropy(outputs, labels) -> jax.Array:
     """Mean cross-entropy of every output (class axis last) against integer ``labels``."""
     outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
-    return sum(optax.softmax_cross_entropy_with_integer_labels(o.astype(jnp.float32), labels).mean() for o in outputs)
+    return sum(
+        optax.softmax_cross_entropy_with_integer_labels(o.astype(jnp.float32), labels).mean()
+        for o in outputs
+    )
 
 
-def measure_jaxenc(case: Case, images: np.ndarray, labels: np.ndarray, repeats: int, warmup: int) -> dict:
+def measure_jaxenc(
+    case: Case, images: np.ndarray, labels: np.ndarray, repeats: int, warmup: int
+) -> dict:
     model = jaxenc_model(case)
     start = time.perf_counter()
     variables = jax.block_until_ready(models.init_variables(model, jax.random.key(0), images[:1]))
@@ -102,8 +112,13 @@ def measure_jaxenc(case: Case, images: np.ndarray, labels: np.ndarray, repeats: 
         params, stats, opt = state
 
         def loss_fn(p):
-            out, upd = model.apply({"params": p, "batch_stats": stats}, x, train=True, mutable=["batch_stats"],
-                                   rngs={"dropout": jax.random.key(1)})
+            out, upd = model.apply(
+                {"params": p, "batch_stats": stats},
+                x,
+                train=True,
+                mutable=["batch_stats"],
+                rngs={"dropout": jax.random.key(1)},
+            )
             return cross_entropy(out, y), upd["batch_stats"]
 
         (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -115,7 +130,9 @@ def measure_jaxenc(case: Case, images: np.ndarray, labels: np.ndarray, repeats: 
 
     start = time.perf_counter()
     options = compiler_options()
-    train = jax.jit(train_step, donate_argnums=0, compiler_options=options).lower(state, x, y).compile()
+    train = (
+        jax.jit(train_step, donate_argnums=0, compiler_options=options).lower(state, x, y).compile()
+    )
     train_compile_s = time.perf_counter() - start
     start = time.perf_counter()
     evaluate = jax.jit(eval_forward, compiler_options=options).lower(variables, x).compile()
@@ -126,10 +143,20 @@ def measure_jaxenc(case: Case, images: np.ndarray, labels: np.ndarray, repeats: 
         holder["state"], loss = train(holder["state"], x, y)
         jax.block_until_ready(loss)
 
-    row = {"compiler_options": options, "init_s": init_s, "train_compile_s": train_compile_s, "eval_compile_s": eval_compile_s}
+    row = {
+        "compiler_options": options,
+        "init_s": init_s,
+        "train_compile_s": train_compile_s,
+        "eval_compile_s": eval_compile_s,
+    }
     row["train"] = timing_s(time_calls(train_call, repeats, warmup))
-    trained = {"params": holder["state"][0], "batch_stats": holder["state"][1]}  # `variables` was donated
-    row["eval"] = timing_s(time_calls(lambda: jax.block_until_ready(evaluate(trained, x)), repeats, warmup))
+    trained = {
+        "params": holder["state"][0],
+        "batch_stats": holder["state"][1],
+    }  # `variables` was donated
+    row["eval"] = timing_s(
+        time_calls(lambda: jax.block_until_ready(evaluate(trained, x)), repeats, warmup)
+    )
     return row
 
 
@@ -155,11 +182,15 @@ def torch_model(case: Case):
     if case.name == "resnet50":
         return ref.resnet.ResNet(ref.resnet.Bottleneck, [3, 4, 6, 3], **plain)
     if case.name == "resnext50_32x4d":
-        return ref.resnet.ResNet(ref.resnet.Bottleneck, [3, 4, 6, 3], groups=32, bottleneck_width=4, **plain)
+        return ref.resnet.ResNet(
+            ref.resnet.Bottleneck, [3, 4, 6, 3], groups=32, bottleneck_width=4, **plain
+        )
     raise ValueError(f"no torch definition for {case.name!r}")
 
 
-def measure_torch(case: Case, images: np.ndarray, labels: np.ndarray, repeats: int, warmup: int) -> dict:
+def measure_torch(
+    case: Case, images: np.ndarray, labels: np.ndarray, repeats: int, warmup: int
+) -> dict:
     import torch
 
     torch.manual_seed(0)
@@ -188,8 +219,10 @@ def measure_torch(case: Case, images: np.ndarray, labels: np.ndarray, repeats: i
             with torch.no_grad():
                 model(x)
 
-        rows[layout] = {"train": timing_s(time_calls(train_call, repeats, warmup)),
-                        "eval": timing_s(time_calls(eval_call, repeats, warmup))}
+        rows[layout] = {
+            "train": timing_s(time_calls(train_call, repeats, warmup)),
+            "eval": timing_s(time_calls(eval_call, repeats, warmup)),
+        }
     return rows
 
 
@@ -210,8 +243,15 @@ def compare(case: Case, repeats: int, warmup: int) -> dict:
     images, labels = inputs(case)
     torch_rows = measure_torch(case, images, labels, repeats, warmup)
     jax_row = measure_jaxenc(case, images, labels, repeats, warmup)
-    row = {"model": case.name, "task": case.task, "batch": case.batch, "image_size": case.size, "dtype": "float32",
-           "torch": torch_rows, "jaxenc": jax_row}
+    row = {
+        "model": case.name,
+        "task": case.task,
+        "batch": case.batch,
+        "image_size": case.size,
+        "dtype": "float32",
+        "torch": torch_rows,
+        "jaxenc": jax_row,
+    }
     for mode in ("train", "eval"):
         best = min(torch_rows, key=lambda layout: torch_rows[layout][mode]["time_s"])
         row[f"{mode}_reference"] = best
@@ -220,25 +260,35 @@ def compare(case: Case, repeats: int, warmup: int) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| model | mode | torch NCHW s | torch channels_last s | jaxenc s | jaxenc / best torch |"
-            "\n|---|---|---|---|---|---|")
+    head = (
+        "| model | mode | torch NCHW s | torch channels_last s | jaxenc s | jaxenc / best torch |"
+        "\n|---|---|---|---|---|---|"
+    )
     lines = [head]
     for r in rows:
         for mode in ("train", "eval"):
             t = r["torch"]
-            lines.append(f"| {r['model']} (b{r['batch']}, {r['image_size']}) | {mode} | {t['nchw'][mode]['time_s']:.3f} | "
-                         f"{t['channels_last'][mode]['time_s']:.3f} | {r['jaxenc'][mode]['time_s']:.3f} | "
-                         f"{r[mode + '_ratio']:.2f}x |")
-    lines.append("\n| model | jaxenc init s | train-step compile s | eval compile s |\n|---|---|---|---|")
+            lines.append(
+                f"| {r['model']} (b{r['batch']}, {r['image_size']}) | {mode} | {t['nchw'][mode]['time_s']:.3f} | "
+                f"{t['channels_last'][mode]['time_s']:.3f} | {r['jaxenc'][mode]['time_s']:.3f} | "
+                f"{r[mode + '_ratio']:.2f}x |"
+            )
+    lines.append(
+        "\n| model | jaxenc init s | train-step compile s | eval compile s |\n|---|---|---|---|"
+    )
     for r in rows:
         j = r["jaxenc"]
-        lines.append(f"| {r['model']} | {j['init_s']:.1f} | {j['train_compile_s']:.1f} | {j['eval_compile_s']:.1f} |")
+        lines.append(
+            f"| {r['model']} | {j['init_s']:.1f} | {j['train_compile_s']:.1f} | {j['eval_compile_s']:.1f} |"
+        )
     return "\n".join(lines)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", default=",".join(CASES), help=f"comma-separated subset of {list(CASES)}")
+    p.add_argument(
+        "--models", default=",".join(CASES), help=f"comma-separated subset of {list(CASES)}"
+    )
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -260,8 +310,16 @@ def main(argv=None) -> int:
         rows.append(compare(CASES[name], args.repeats, args.warmup))
     print(table(rows))
     info = machine_info(torch=torch.__version__, torch_threads=torch.get_num_threads())
-    write_report({"date": datetime.date.today().isoformat(), "machine": info, "repeats": args.repeats,
-                  "warmup": args.warmup, "results": rows}, args.out)
+    write_report(
+        {
+            "date": datetime.date.today().isoformat(),
+            "machine": info,
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "results": rows,
+        },
+        args.out,
+    )
     return 0
 
 

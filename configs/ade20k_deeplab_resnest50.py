@@ -7,10 +7,18 @@
 train.py defaults with --aux: batch 16, crop 480 / base 520, SGD lr 0.004 (10x on the heads), poly,
 180 epochs. Published (multi-scale + flip): pixAcc 81.17, mIoU 45.12 (store ``deeplab_resnest50_ade``).
 """
+
 from configs import common
 
 
 def get_config():
-    return common.upstream_segmentation(name="ade20k_deeplab_resnest50", dataset="ade20k", num_classes=150,
-                                        num_train=20210, model="deeplab", backbone="resnest50", epochs=180,
-                                        lr=0.004)
+    return common.upstream_segmentation(
+        name="ade20k_deeplab_resnest50",
+        dataset="ade20k",
+        num_classes=150,
+        num_train=20210,
+        model="deeplab",
+        backbone="resnest50",
+        epochs=180,
+        lr=0.004,
+    )

@@ -7,9 +7,18 @@
 train.py defaults with --aux: batch 16, crop 480 / base 520, SGD lr 0.004 (10x on the heads), poly,
 180 epochs. Published (multi-scale + flip): pixAcc 80.18, mIoU 42.94 (store ``fcn_resnest50_ade``).
 """
+
 from configs import common
 
 
 def get_config():
-    return common.upstream_segmentation(name="ade20k_fcn_resnest50", dataset="ade20k", num_classes=150,
-                                        num_train=20210, model="fcn", backbone="resnest50", epochs=180, lr=0.004)
+    return common.upstream_segmentation(
+        name="ade20k_fcn_resnest50",
+        dataset="ade20k",
+        num_classes=150,
+        num_train=20210,
+        model="fcn",
+        backbone="resnest50",
+        epochs=180,
+        lr=0.004,
+    )

@@ -10,10 +10,19 @@ elsewhere usually trains at base 1024 / crop 768: override ``--config.input.base
 training images; evaluation at upstream's Cityscapes scales 0.75..2.25. Upstream publishes no
 Cityscapes number for this code (issue #290), so there is nothing to compare against.
 """
+
 from configs import common
 
 
 def get_config():
-    return common.upstream_segmentation(name="cityscapes_deeplab_resnest50", dataset="cityscapes", num_classes=19,
-                                        num_train=2975, model="deeplab", backbone="resnest50", epochs=240,
-                                        lr=0.004, scales=common.CITYSCAPES_SCALES)
+    return common.upstream_segmentation(
+        name="cityscapes_deeplab_resnest50",
+        dataset="cityscapes",
+        num_classes=19,
+        num_train=2975,
+        model="deeplab",
+        backbone="resnest50",
+        epochs=240,
+        lr=0.004,
+        scales=common.CITYSCAPES_SCALES,
+    )

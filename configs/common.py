@@ -5,6 +5,7 @@ Not a recipe itself. Each recipe file calls one builder with its upstream hyper-
 fields every recipe has (and that ``--config.x=y`` can override) are defined once, here and in
 ``configs/default.py``.
 """
+
 from __future__ import annotations
 
 import ml_collections
@@ -30,9 +31,22 @@ def _base(name: str, task: str) -> ml_collections.ConfigDict:
     return c
 
 
-def upstream_segmentation(*, name: str, dataset: str, num_classes: int, num_train: int, model: str, backbone: str,
-                          epochs: int, lr: float, se_loss: bool = False, scales=SEG_SCALES, base_size: int = 520,
-                          crop_size: int = 480, batch_size: int = 16) -> ml_collections.ConfigDict:
+def upstream_segmentation(
+    *,
+    name: str,
+    dataset: str,
+    num_classes: int,
+    num_train: int,
+    model: str,
+    backbone: str,
+    epochs: int,
+    lr: float,
+    se_loss: bool = False,
+    scales=SEG_SCALES,
+    base_size: int = 520,
+    crop_size: int = 480,
+    batch_size: int = 16,
+) -> ml_collections.ConfigDict:
     """Upstream's segmentation recipe: SGD (momentum 0.9, wd 1e-4), poly(0.9) with no warmup, lr given
     for a total batch of 16 and scaled linearly with it, 10x lr on the head and aux head, SyncBN, aux
     loss 0.2 (+ SE loss 0.2 for EncNet), ``epochs`` x floor(num_train / batch) steps (drop_last),
@@ -41,7 +55,9 @@ def upstream_segmentation(*, name: str, dataset: str, num_classes: int, num_trai
     c = _base(name, "segmentation")
     c.dataset.name = dataset
     c.dataset.num_classes = num_classes
-    c.dataset.image_size = crop_size  # the training crop, the validation centre crop and the eval window
+    c.dataset.image_size = (
+        crop_size  # the training crop, the validation centre crop and the eval window
+    )
 
     c.input.global_batch_size = batch_size
     c.input.eval_batch_size = batch_size
@@ -76,7 +92,9 @@ def upstream_segmentation(*, name: str, dataset: str, num_classes: int, num_trai
     steps_per_epoch = num_train // batch_size
     c.train.num_steps = epochs * steps_per_epoch
     c.train.log_every = 50
-    c.train.eval_every = 10 * steps_per_epoch  # train_dist.py validates every 10 epochs (single scale)
+    c.train.eval_every = (
+        10 * steps_per_epoch
+    )  # train_dist.py validates every 10 epochs (single scale)
     c.train.checkpoint_every = steps_per_epoch
     c.train.best_metric = "mIoU"
     c.train.sample_predictions = 8
@@ -94,9 +112,21 @@ def upstream_segmentation(*, name: str, dataset: str, num_classes: int, num_trai
     return c
 
 
-def upstream_recognition(*, name: str, dataset: str, num_classes: int, num_train: int, model: str, epochs: int,
-                         lr: float, lr_batch_reference: int, batch_size: int, crop_size: int = 224,
-                         augment: str = "imagenet", base_size: int | None = None) -> ml_collections.ConfigDict:
+def upstream_recognition(
+    *,
+    name: str,
+    dataset: str,
+    num_classes: int,
+    num_train: int,
+    model: str,
+    epochs: int,
+    lr: float,
+    lr_batch_reference: int,
+    batch_size: int,
+    crop_size: int = 224,
+    augment: str = "imagenet",
+    base_size: int | None = None,
+) -> ml_collections.ConfigDict:
     """Upstream's recognition recipe skeleton (train_dist.py): SGD momentum 0.9 (not Nesterov), wd 1e-4,
     cosine, no warmup, CE; recipes add their regularisation (label smoothing, mixup, RandAugment...)."""
     c = _base(name, "recognition")

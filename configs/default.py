@@ -11,12 +11,12 @@ real-data recipes keep): 0.15 held-out mIoU after 200 SGD steps, 0.34 after 600 
 steps. Every field can be overridden on the command line (``--config.optim.lr=0.02``); unknown keys
 are rejected.
 """
+
 from __future__ import annotations
 
 import ml_collections
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from jaxenc.constants import IMAGENET_MEAN, IMAGENET_STD
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -47,12 +47,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.name = "encnet"
     c.model.backbone = "resnet18"
-    c.model.kwargs = ml_collections.ConfigDict({
-        "aux": True,
-        "se_loss": True,
-        "lateral": False,
-        "backbone_kwargs": {"layers": (1, 1, 1, 1), "stage_planes": (32, 64, 128, 256)},
-    })
+    c.model.kwargs = ml_collections.ConfigDict(
+        {
+            "aux": True,
+            "se_loss": True,
+            "lateral": False,
+            "backbone_kwargs": {"layers": (1, 1, 1, 1), "stage_planes": (32, 64, 128, 256)},
+        }
+    )
     c.model.norm = "sync_bn"
     c.model.dtype = "float32"
     # "block": every residual block (and the segmentation heads) rematerialised, i.e. recomputed in the

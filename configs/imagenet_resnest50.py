@@ -9,6 +9,7 @@ each block (--last-gamma), label smoothing 0.1, mixup 0.2, RandAugment(2, 12), E
 crop 224 + flip + ColorJitter 0.4 + PCA lighting 0.1; evaluation: centre crop 224/(224+32).
 Published top-1 at 224: 81.03 (weights trained in MXNet; store ``resnest50``).
 """
+
 from configs import common
 
 NUM_TRAIN = 1_281_167
@@ -16,9 +17,18 @@ BATCH = 2048
 
 
 def get_config():
-    c = common.upstream_recognition(name="imagenet_resnest50", dataset="imagenet2012", num_classes=1000,
-                                    num_train=NUM_TRAIN, model="resnest50", epochs=270, lr=0.1,
-                                    lr_batch_reference=256, batch_size=BATCH, crop_size=224)
+    c = common.upstream_recognition(
+        name="imagenet_resnest50",
+        dataset="imagenet2012",
+        num_classes=1000,
+        num_train=NUM_TRAIN,
+        model="resnest50",
+        epochs=270,
+        lr=0.1,
+        lr_batch_reference=256,
+        batch_size=BATCH,
+        crop_size=224,
+    )
     c.input.rand_augment = (2, 12)
     c.model.kwargs = {"last_gamma": True}
     c.loss.label_smoothing = 0.1

@@ -8,6 +8,7 @@ Batch 512 at lr 0.004, 80 epochs, lr x0.1 at epoch 60, wd 5e-4, SGD momentum 0.9
 Published top-1 on test-1 at 224: 81.04 (store ``deepten_resnet50_minc``). 48,875 training images
 (2,125 per class x 23).
 """
+
 from configs import common
 
 NUM_TRAIN = 48_875
@@ -15,10 +16,20 @@ BATCH = 512
 
 
 def get_config():
-    c = common.upstream_recognition(name="minc_deepten_resnet50s", dataset="minc", num_classes=23,
-                                    num_train=NUM_TRAIN, model="deepten_resnet50_minc", epochs=80, lr=0.004,
-                                    lr_batch_reference=BATCH, batch_size=BATCH, crop_size=224, augment="minc",
-                                    base_size=256)
+    c = common.upstream_recognition(
+        name="minc_deepten_resnet50s",
+        dataset="minc",
+        num_classes=23,
+        num_train=NUM_TRAIN,
+        model="deepten_resnet50_minc",
+        epochs=80,
+        lr=0.004,
+        lr_batch_reference=BATCH,
+        batch_size=BATCH,
+        crop_size=224,
+        augment="minc",
+        base_size=256,
+    )
     c.dataset.fold = 1
     c.optim.weight_decay = 5e-4
     c.optim.schedule = "step"

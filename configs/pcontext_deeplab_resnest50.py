@@ -8,9 +8,18 @@ train.py defaults for pcontext with --aux: batch 16, crop 480 / base 520, SGD lr
 poly, 80 epochs. Published (multi-scale + flip): pixAcc 80.41, mIoU 53.19 (store
 ``deeplab_resnest50_pcontext``).
 """
+
 from configs import common
 
 
 def get_config():
-    return common.upstream_segmentation(name="pcontext_deeplab_resnest50", dataset="pcontext", num_classes=59,
-                                        num_train=4998, model="deeplab", backbone="resnest50", epochs=80, lr=0.001)
+    return common.upstream_segmentation(
+        name="pcontext_deeplab_resnest50",
+        dataset="pcontext",
+        num_classes=59,
+        num_train=4998,
+        model="deeplab",
+        backbone="resnest50",
+        epochs=80,
+        lr=0.001,
+    )

@@ -8,10 +8,19 @@ train.py defaults for pcontext: batch 16, crop 480 / base 520, SGD lr 0.001 (10x
 80 epochs, aux + SE losses. Published (multi-scale + flip): pixAcc 79.2, mIoU 51.0 (store
 ``encnet_resnet50s_pcontext``). 4,998 training images (VOC2010 train split).
 """
+
 from configs import common
 
 
 def get_config():
-    return common.upstream_segmentation(name="pcontext_encnet_resnet50s", dataset="pcontext", num_classes=59,
-                                        num_train=4998, model="encnet", backbone="resnet50s", epochs=80, lr=0.001,
-                                        se_loss=True)
+    return common.upstream_segmentation(
+        name="pcontext_encnet_resnet50s",
+        dataset="pcontext",
+        num_classes=59,
+        num_train=4998,
+        model="encnet",
+        backbone="resnet50s",
+        epochs=80,
+        lr=0.001,
+        se_loss=True,
+    )

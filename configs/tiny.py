@@ -5,6 +5,7 @@
 Checks an installation end to end (input pipeline, train step, evaluation, checkpoints, metrics
 files, prediction PNG) and is what the trainer's tests run. Not a recipe that learns much.
 """
+
 from __future__ import annotations
 
 from configs import default

@@ -3,6 +3,7 @@
 Subpackages: ``jaxenc.nn`` (Flax linen layers, NHWC), ``jaxenc.losses`` (pure functions, class axis
 last), ``jaxenc.port`` (PyTorch state_dict -> Flax variables), ``jaxenc.kernels`` (Pallas kernels).
 """
+
 __version__ = "0.1.0"
 
 from jaxenc import kernels, losses, nn, port  # noqa: E402,F401

@@ -23,6 +23,7 @@ keeps the barriers, as GPU and TPU do.
 An option this jaxlib does not know (they are experimental flags) is dropped with a warning, so a
 newer jax still compiles.
 """
+
 from __future__ import annotations
 
 import functools
@@ -33,10 +34,12 @@ import jax.numpy as jnp
 
 __all__ = ["CPU_CONV_NETS", "CPU_KEEP_REMAT", "compiler_options", "supported_options"]
 
+# fmt: off
 CPU_CONV_NETS = {
     "xla_cpu_experimental_ynn_fusion_type":
         "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE",
 }
+# fmt: on
 CPU_KEEP_REMAT = {"xla_disable_hlo_passes": "cse_barrier_expander"}
 
 
@@ -61,11 +64,16 @@ def supported_options(options: dict, backend: str | None = None) -> dict:
 @functools.cache
 def _accepted(key: str, value, backend: str) -> bool:
     sharding = jax.sharding.SingleDeviceSharding(jax.devices(backend)[0])
-    probe = jax.jit(lambda x: x + 1).lower(jax.ShapeDtypeStruct((1,), jnp.float32, sharding=sharding))
+    probe = jax.jit(lambda x: x + 1).lower(
+        jax.ShapeDtypeStruct((1,), jnp.float32, sharding=sharding)
+    )
     try:
         probe.compile(compiler_options={key: value})
     except Exception as err:  # noqa: BLE001 - XLA raises a bare runtime error for unknown options
-        warnings.warn(f"jaxenc.compiler_options: this jaxlib rejects {key}={value!r} ({err}); compiling without it",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"jaxenc.compiler_options: this jaxlib rejects {key}={value!r} ({err}); compiling without it",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return False
     return True

@@ -18,6 +18,7 @@ flow, so it may be traced. ``reduction``, ``xi`` and ``train`` are static (Pytho
 Hard targets must lie in ``[0, K)`` or equal ``ignore_index``; other values cannot be checked under
 jit and give undefined results.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,7 +26,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxenc._checks import check_positive_int, check_reduction
+from jaxenc.validation import check_positive_int, check_reduction
 
 __all__ = [
     "class_balanced_weights",
@@ -144,7 +145,9 @@ def _reduce_columns(loss: jax.Array, columns: jax.Array, reduction: str) -> jax.
 # Losses
 
 
-def cross_entropy(logits, targets, *, weight=None, ignore_index=-100, reduction="mean") -> jax.Array:
+def cross_entropy(
+    logits, targets, *, weight=None, ignore_index=-100, reduction="mean"
+) -> jax.Array:
     """Cross-entropy with hard labels, with ``torch.nn.functional.cross_entropy`` semantics.
 
     ℓ_i = -w[t_i] · log softmax(x_i)[t_i], 0 where t_i == ignore_index (any value). 'mean' is
@@ -175,7 +178,9 @@ def cross_entropy(logits, targets, *, weight=None, ignore_index=-100, reduction=
     return total / jnp.where(denominator == 0, 1.0, denominator)
 
 
-def focal_loss(logits, targets, *, gamma=2.0, weight=None, ignore_index=-100, reduction="mean") -> jax.Array:
+def focal_loss(
+    logits, targets, *, gamma=2.0, weight=None, ignore_index=-100, reduction="mean"
+) -> jax.Array:
     """Focal loss, "Focal Loss for Dense Object Detection" (Lin et al., 2017, arXiv:1708.02002).
 
     ℓ_i = -(1 - p_t)^γ · w[t] · log p_t with p_t = softmax(x_i)[t_i] (pylocron 0.3.0: the weight
@@ -205,7 +210,9 @@ def focal_loss(logits, targets, *, gamma=2.0, weight=None, ignore_index=-100, re
     return _reduce_over_valid(loss, valid, reduction)
 
 
-def multilabel_cross_entropy(logits, targets, *, weight=None, ignore_index=-100, reduction="mean") -> jax.Array:
+def multilabel_cross_entropy(
+    logits, targets, *, weight=None, ignore_index=-100, reduction="mean"
+) -> jax.Array:
     """Cross-entropy for multi-label (multi-hot or soft) targets, as holocron's.
 
     ℓ_{i,k} = -t_{i,k} · w_k · log softmax(x_i)_k. ``ignore_index`` in [0, K) removes that class
@@ -261,7 +268,9 @@ def complement_cross_entropy(
     check_reduction(reduction, where)
     x, k = _logits(logits, where)
     if k < 2:
-        raise ValueError(f"{where}: needs at least 2 classes on the logits' last axis, got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{where}: needs at least 2 classes on the logits' last axis, got shape {tuple(x.shape)}"
+        )
     t = _hard_targets(targets, x, where)
     w = _class_weights(weight, k, where)
     ce = cross_entropy(x, t, weight=w, ignore_index=ignore_index, reduction=reduction)
@@ -332,7 +341,9 @@ def mutual_channel_loss(
             f"multiple of xi={xi} (K classes x xi features)"
         )
     if train and rng is None:
-        raise ValueError(f"{where}: train=True draws a random channel mask and needs a PRNG key, got rng=None")
+        raise ValueError(
+            f"{where}: train=True draws a random channel mask and needs a PRNG key, got rng=None"
+        )
     t = _hard_targets(targets, x, where)
     k = channels // xi
     w = _class_weights(weight, k, where)
@@ -344,7 +355,9 @@ def mutual_channel_loss(
     if train:
         features = jnp.where(_mc_channel_mask(rng, k, xi), grouped, lowest)
     pooled = jnp.max(features, axis=-1).reshape(*x.shape[:-1], k)
-    discriminality = cross_entropy(pooled, t, weight=w, ignore_index=ignore_index, reduction=reduction)
+    discriminality = cross_entropy(
+        pooled, t, weight=w, ignore_index=ignore_index, reduction=reduction
+    )
 
     valid = (t != ignore_index).reshape(n, -1)  # (N, L)
     attention = jax.nn.softmax(jnp.where(valid[..., None, None], grouped, lowest), axis=1)
@@ -384,7 +397,9 @@ def dice_loss(probs, targets, *, gamma=1.0, eps=1e-8, weight=None) -> jax.Array:
     return 1.0 - (1.0 + 1.0 / gamma) * jnp.sum(w * dice) / jnp.sum(w)
 
 
-def poly_loss(logits, targets, *, eps=2.0, weight=None, ignore_index=-100, reduction="mean") -> jax.Array:
+def poly_loss(
+    logits, targets, *, eps=2.0, weight=None, ignore_index=-100, reduction="mean"
+) -> jax.Array:
     """Poly-1 loss, "PolyLoss: A Polynomial Expansion Perspective of Classification Loss Functions"
     (Leng et al., 2022, arXiv:2204.12511).
 
@@ -448,7 +463,9 @@ def class_balanced_weights(num_samples, beta=0.99, weight=None) -> jax.Array:
     where = "class_balanced_weights"
     n = jnp.asarray(num_samples, dtype=_F32)
     if n.ndim != 1:
-        raise ValueError(f"{where}: num_samples must be a 1-D (K,) vector, got shape {tuple(n.shape)}")
+        raise ValueError(
+            f"{where}: num_samples must be a 1-D (K,) vector, got shape {tuple(n.shape)}"
+        )
     cb = (1.0 - beta) / (1.0 - jnp.power(jnp.asarray(beta, _F32), n))
     if weight is None:
         return cb
@@ -555,7 +572,9 @@ def se_targets(targets, num_classes, ignore_index=-1) -> jax.Array:
     check_positive_int(num_classes, "num_classes", where)
     t = jnp.asarray(targets)
     if t.ndim < 1:
-        raise ValueError(f"{where}: expected integer targets of shape (N, *S) (e.g. (N, H, W)), got a scalar")
+        raise ValueError(
+            f"{where}: expected integer targets of shape (N, *S) (e.g. (N, H, W)), got a scalar"
+        )
     if not jnp.issubdtype(t.dtype, jnp.integer):
         raise TypeError(f"{where}: targets must have an integer dtype, got {t.dtype}")
     n = t.shape[0]
@@ -586,7 +605,9 @@ def _segmentation_outputs(outputs, se_loss: bool, aux: bool, where: str):
     return named["pred"], named.get("se_pred"), named.get("aux_pred")
 
 
-def _binary_cross_entropy_with_sigmoid(scores: jax.Array, targets: jax.Array, weight: jax.Array) -> jax.Array:
+def _binary_cross_entropy_with_sigmoid(
+    scores: jax.Array, targets: jax.Array, weight: jax.Array
+) -> jax.Array:
     """mean(-w·(y log σ(s) + (1 - y) log(1 - σ(s)))) over all elements, from the logits s."""
     loss = -(targets * jax.nn.log_sigmoid(scores) + (1.0 - targets) * jax.nn.log_sigmoid(-scores))
     return jnp.mean(weight * loss)
@@ -664,7 +685,9 @@ def segmentation_loss(
             )
     if se_loss:
         if num_classes is None:
-            raise ValueError(f"{where}: se_loss=True needs num_classes (upstream's nclass), got None")
+            raise ValueError(
+                f"{where}: se_loss=True needs num_classes (upstream's nclass), got None"
+            )
         check_positive_int(num_classes, "num_classes", where)
         if num_classes != k:
             raise ValueError(

@@ -25,10 +25,11 @@ in the input pipeline if they are meant to be ignored (upstream datasets do that
 Counts are int32 under jax's default (x64 disabled): one batch may hold up to 2**31 - 1 pixels.
 The accumulator keeps int64 sums.
 """
+
 from __future__ import annotations
 
 import threading
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +52,11 @@ _STATE_KEYS = ("correct", "labeled", "inter", "pred_area", "label_area")
 
 
 def _check_num_classes(num_classes, where: str) -> int:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+    if (
+        isinstance(num_classes, bool)
+        or not isinstance(num_classes, (int, np.integer))
+        or num_classes < 1
+    ):
         raise ValueError(f"{where}: num_classes must be a positive integer, got {num_classes!r}")
     return int(num_classes)
 
@@ -63,11 +68,15 @@ def _check_target(target, where: str, name: str = "target") -> jax.Array:
             f"{where}: {name} must be an integer array (class ids, negative = ignore), got dtype {target.dtype}"
         )
     if target.ndim < 1:
-        raise ValueError(f"{where}: {name} must have a leading batch axis, got shape {tuple(target.shape)}")
+        raise ValueError(
+            f"{where}: {name} must have a leading batch axis, got shape {tuple(target.shape)}"
+        )
     return target
 
 
-def _as_prediction(pred_or_logits, target: jax.Array, where: str, num_classes: int | None = None) -> jax.Array:
+def _as_prediction(
+    pred_or_logits, target: jax.Array, where: str, num_classes: int | None = None
+) -> jax.Array:
     """Integer prediction with the target's shape: argmax over the last axis of logits, or the int input."""
     x = jnp.asarray(pred_or_logits)
     if x.ndim == target.ndim + 1:
@@ -171,7 +180,9 @@ def intersection_union_counts(pred_or_logits, target, num_classes: int, valid=No
     return area_inter, area_pred, area_label
 
 
-def segmentation_counts(pred_or_logits, target, num_classes: int, valid=None) -> dict[str, jax.Array]:
+def segmentation_counts(
+    pred_or_logits, target, num_classes: int, valid=None
+) -> dict[str, jax.Array]:
     """Both segmentation counts in one pass (one argmax), keyed like :meth:`SegmentationMetric.update`.
 
     Returns ``dict(correct=(), labeled=(), inter=(C,), pred_area=(C,), label_area=(C,))`` so that
@@ -184,7 +195,9 @@ def segmentation_counts(pred_or_logits, target, num_classes: int, valid=None) ->
     pred = _as_prediction(pred_or_logits, target, where, num_classes)
     correct, labeled = pixel_accuracy_counts(pred, target)
     inter, pred_area, label_area = intersection_union_counts(pred, target, num_classes)
-    return dict(correct=correct, labeled=labeled, inter=inter, pred_area=pred_area, label_area=label_area)
+    return dict(
+        correct=correct, labeled=labeled, inter=inter, pred_area=pred_area, label_area=label_area
+    )
 
 
 def topk_correct(logits, labels, ks: Sequence[int] = (1, 5), valid=None) -> dict[int, jax.Array]:
@@ -202,7 +215,9 @@ def topk_correct(logits, labels, ks: Sequence[int] = (1, 5), valid=None) -> dict
     where = "topk_correct"
     logits = jnp.asarray(logits)
     if logits.ndim != 2:
-        raise ValueError(f"{where}: expected logits of rank 2 (B, C), got shape {tuple(logits.shape)}")
+        raise ValueError(
+            f"{where}: expected logits of rank 2 (B, C), got shape {tuple(logits.shape)}"
+        )
     labels = jnp.asarray(labels)
     if labels.ndim == 2:
         if labels.shape != logits.shape:
@@ -220,7 +235,9 @@ def topk_correct(logits, labels, ks: Sequence[int] = (1, 5), valid=None) -> dict
     if isinstance(ks, (int, np.integer)):
         ks = (ks,)
     ks = tuple(ks)
-    if not ks or any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 for k in ks):
+    if not ks or any(
+        isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 for k in ks
+    ):
         raise ValueError(f"{where}: ks must be a non-empty sequence of positive ints, got {ks!r}")
     num_classes = logits.shape[1]
     _, top = jax.lax.top_k(logits, min(max(ks), num_classes))  # (B, maxk) class ids, best first
@@ -228,7 +245,9 @@ def topk_correct(logits, labels, ks: Sequence[int] = (1, 5), valid=None) -> dict
     if valid is not None:
         valid = jnp.asarray(valid)
         if valid.shape != labels.shape:
-            raise ValueError(f"{where}: valid must have shape (B,) = {tuple(labels.shape)}, got {tuple(valid.shape)}")
+            raise ValueError(
+                f"{where}: valid must have shape (B,) = {tuple(labels.shape)}, got {tuple(valid.shape)}"
+            )
         hit_rank = hit_rank & valid.astype(bool)[:, None]
     return {int(k): jnp.sum(jnp.any(hit_rank[:, : min(int(k), num_classes)], axis=-1)) for k in ks}
 
@@ -273,7 +292,9 @@ class SegmentationMetric:
         missing = [k for k in _STATE_KEYS if k not in counts]
         extra = [k for k in counts if k not in _STATE_KEYS]
         if missing or extra:
-            raise KeyError(f"{where}: expected keys {_STATE_KEYS}, missing {missing}, unexpected {extra}")
+            raise KeyError(
+                f"{where}: expected keys {_STATE_KEYS}, missing {missing}, unexpected {extra}"
+            )
         out = {}
         for key in _STATE_KEYS:
             value = np.asarray(jax.device_get(counts[key]))
@@ -290,13 +311,19 @@ class SegmentationMetric:
     def update(self, correct, labeled, inter, pred_area, label_area) -> None:
         """Add one batch's counts (see the class docstring for shapes)."""
         counts = self._checked(
-            dict(correct=correct, labeled=labeled, inter=inter, pred_area=pred_area, label_area=label_area)
+            dict(
+                correct=correct,
+                labeled=labeled,
+                inter=inter,
+                pred_area=pred_area,
+                label_area=label_area,
+            )
         )
         with self._lock:
             for key, value in counts.items():
                 self._sums[key] = self._sums[key] + value
 
-    def merge(self, other: "SegmentationMetric | Mapping") -> "SegmentationMetric":
+    def merge(self, other: SegmentationMetric | Mapping) -> SegmentationMetric:
         """Add another accumulator (or a :meth:`state` dict) into this one; returns self."""
         if isinstance(other, SegmentationMetric):
             if other.num_classes != self.num_classes:
@@ -314,10 +341,12 @@ class SegmentationMetric:
             return {k: v.copy() for k, v in self._sums.items()}
 
     @classmethod
-    def from_state(cls, state: Mapping) -> "SegmentationMetric":
+    def from_state(cls, state: Mapping) -> SegmentationMetric:
         """Accumulator holding the sums of a :meth:`state` dict (num_classes from its ``inter``)."""
         if "inter" not in state:
-            raise KeyError(f"SegmentationMetric.from_state: expected keys {_STATE_KEYS}, got {list(state)}")
+            raise KeyError(
+                f"SegmentationMetric.from_state: expected keys {_STATE_KEYS}, got {list(state)}"
+            )
         metric = cls(int(np.shape(state["inter"])[0]))
         metric.update(**state)
         return metric
@@ -341,7 +370,11 @@ class SegmentationMetric:
     def result(self) -> dict:
         """``{"pixAcc": float, "mIoU": float, "IoU": [float] * num_classes}``."""
         iou = self.iou()
-        return {"pixAcc": self.pixel_accuracy(), "mIoU": float(np.mean(iou)), "IoU": [float(v) for v in iou]}
+        return {
+            "pixAcc": self.pixel_accuracy(),
+            "mIoU": float(np.mean(iou)),
+            "IoU": [float(v) for v in iou],
+        }
 
     def __repr__(self) -> str:
         r = self.result()

@@ -24,9 +24,11 @@ registers under two names are declared with :func:`register_torch_aliases`; a cl
 the generic rules (a raw parameter called ``scale``) declares its names with
 :func:`register_torch_leaf_names`.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -34,12 +36,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-__all__ = ["torch_to_flax", "torch_key", "to_numpy", "register_absent_in_torch", "register_torch_leaf_names",
-           "register_torch_aliases"]
+__all__ = [
+    "torch_to_flax",
+    "torch_key",
+    "to_numpy",
+    "register_absent_in_torch",
+    "register_torch_leaf_names",
+    "register_torch_aliases",
+]
 
 _IGNORED_SUFFIXES = ("num_batches_tracked",)
 
 # (collection, leaf name) -> torch leaf name. Leaves not listed keep their own name.
+# fmt: off
 _LEAF_NAMES = {
     ("params", "kernel"): "weight",
     ("params", "scale"): "weight",
@@ -48,10 +57,13 @@ _LEAF_NAMES = {
     ("batch_stats", "mean"): "running_mean",
     ("batch_stats", "var"): "running_var",
 }
+# fmt: on
 
 # Module class -> rule(relative flax path, torch array, flax shape) -> flax array or None (None: use
 # the generic rule). Filled by later layer families whose torch layout needs a permutation.
-_MODULE_RULES: dict[type, Callable[[tuple[str, ...], np.ndarray, tuple[int, ...]], np.ndarray | None]] = {}
+_MODULE_RULES: dict[
+    type, Callable[[tuple[str, ...], np.ndarray, tuple[int, ...]], np.ndarray | None]
+] = {}
 
 
 # Module class -> names of its Flax leaves that upstream never writes to a state_dict (e.g.
@@ -130,7 +142,9 @@ def _to_flax_layout(collection: str, leaf: str, array: np.ndarray) -> np.ndarray
     return array
 
 
-def _module_types(module: nn.Module, init_fn: Callable[[], Any]) -> tuple[dict[tuple[str, ...], type], Any]:
+def _module_types(
+    module: nn.Module, init_fn: Callable[[], Any]
+) -> tuple[dict[tuple[str, ...], type], Any]:
     """The class of every submodule (by path) and the variable shapes, from tracing ``init_fn``."""
     types: dict[tuple[str, ...], type] = {}
 
@@ -143,7 +157,9 @@ def _module_types(module: nn.Module, init_fn: Callable[[], Any]) -> tuple[dict[t
     return types, shapes
 
 
-def torch_to_flax(module: nn.Module, state_dict: Mapping[str, Any], *example_args, **example_kwargs) -> dict:
+def torch_to_flax(
+    module: nn.Module, state_dict: Mapping[str, Any], *example_args, **example_kwargs
+) -> dict:
     """Convert a torch ``state_dict`` into the Flax variables of ``module``.
 
     Args:
@@ -161,7 +177,9 @@ def torch_to_flax(module: nn.Module, state_dict: Mapping[str, Any], *example_arg
         shape differs from what the module expects. The message names every offending key.
     """
     rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
-    types, shapes = _module_types(module, lambda: module.init(rngs, *example_args, **example_kwargs))
+    types, shapes = _module_types(
+        module, lambda: module.init(rngs, *example_args, **example_kwargs)
+    )
     flat_shapes = flatten_dict(dict(shapes))
     remaining = {k: v for k, v in state_dict.items() if not k.endswith(_IGNORED_SUFFIXES)}
     where = f"torch_to_flax({type(module).__name__})"
@@ -171,7 +189,7 @@ def torch_to_flax(module: nn.Module, state_dict: Mapping[str, Any], *example_arg
         for alias, canonical in _ALIASES.get(cls, {}).items():
             prefix = ".".join([*module_path, alias]) + "."
             for k in [k for k in remaining if k.startswith(prefix)]:
-                canonical_key = ".".join([*module_path, canonical]) + "." + k[len(prefix):]
+                canonical_key = ".".join([*module_path, canonical]) + "." + k[len(prefix) :]
                 value = remaining.pop(k)
                 if canonical_key not in state_dict or not np.array_equal(
                     to_numpy(value), to_numpy(state_dict[canonical_key])
@@ -205,7 +223,9 @@ def torch_to_flax(module: nn.Module, state_dict: Mapping[str, Any], *example_arg
                 continue
             converted = _to_flax_layout(collection, path[-1], array)
         if tuple(converted.shape) != flax_shape:
-            mismatched.append(f"{key!r}: converted shape {tuple(converted.shape)}, expected {flax_shape}")
+            mismatched.append(
+                f"{key!r}: converted shape {tuple(converted.shape)}, expected {flax_shape}"
+            )
             continue
         out[flat_key] = jnp.asarray(converted, dtype=spec.dtype)
 

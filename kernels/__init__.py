@@ -9,6 +9,7 @@ Pallas interpreter on any backend (how CI tests them on CPU).
 - :func:`encoding` (x (B, N, D), codewords (K, D), scale (K) -> (B, K, D)); Deep TEN, CVPR 2017.
 - :func:`involution` (x (B, H, W, C), weights (B, H', W', G, K, K) -> (B, H', W', C)); CVPR 2021.
 """
+
 from jaxenc.kernels.encoding_op import encoding, encoding_reference
 from jaxenc.kernels.involution_op import involution, involution_reference
 

@@ -14,6 +14,7 @@ array a kernel loads, stores or computes with to have a power-of-two number of e
 matmul operands to be at least 16 x 16; the block sizes chosen here respect both, and the wrappers
 pad the operands to whole blocks (padding is masked out inside the kernels).
 """
+
 from __future__ import annotations
 
 import functools
@@ -47,7 +48,9 @@ def _minor(version: str) -> tuple[str, ...]:
     return tuple(version.split(".")[:2])
 
 
-def kernel_is_verified(op: str, device_kind: str, jax_version: str | None = None, records=None) -> bool:
+def kernel_is_verified(
+    op: str, device_kind: str, jax_version: str | None = None, records=None
+) -> bool:
     """True when a record shows ``op``'s kernels verified and faster than XLA (forward and
     forward+backward) on ``device_kind`` with the same jax minor version."""
     jax_version = jax_version or jax.__version__

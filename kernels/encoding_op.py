@@ -26,6 +26,7 @@ Shapes: x (B, N, D), codewords (K, D), scale (K) -> (B, K, D). Activations and c
 float32 or bfloat16 (promoted to a common dtype); all accumulation is float32 and the result has
 the promoted dtype.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,8 +36,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from jaxenc._checks import check_rank
 from jaxenc.kernels._common import HIGHEST, compiler_params, pow2_block, resolve_impl, round_up
+from jaxenc.validation import check_rank
 
 __all__ = ["aggregate_reference", "encoding", "encoding_reference", "scaled_l2_reference"]
 
@@ -102,7 +103,9 @@ def check_encoding_args(x, codewords, scale, where: str) -> tuple[int, int]:
     k, d = check_codebook(x, codewords, where)
     check_rank(scale, 1, "K", where, name="scale")
     if scale.shape[0] != k:
-        raise ValueError(f"{where}: scale has {scale.shape[0]} entries but there are K={k} codewords")
+        raise ValueError(
+            f"{where}: scale has {scale.shape[0]} entries but there are K={k} codewords"
+        )
     return k, d
 
 
@@ -131,7 +134,9 @@ def encoding(
     k, d = check_encoding_args(x, codewords, scale, where)
     dtype = jnp.result_type(x, codewords)
     if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(f"{where}: x and codewords must be floating point, got {x.dtype} and {codewords.dtype}")
+        raise TypeError(
+            f"{where}: x and codewords must be floating point, got {x.dtype} and {codewords.dtype}"
+        )
     x, codewords = x.astype(dtype), codewords.astype(dtype)
     if resolve_impl(impl, interpret, where, "encoding") == "xla":
         return encoding_reference(x, codewords, scale)
@@ -185,7 +190,17 @@ def _plan(b: int, n: int, k: int, d: int) -> _Plan:
     splits = max(1, min(tiles, _TARGET_PROGRAMS // max(1, b)))
     tiles_per_split = -(-tiles // splits)
     splits = -(-tiles // tiles_per_split)
-    return _Plan(n=n, k=k, d=d, kp=kp, bn=bn, bd=bd, dp=round_up(d, bd), splits=splits, tiles_per_split=tiles_per_split)
+    return _Plan(
+        n=n,
+        k=k,
+        d=d,
+        kp=kp,
+        bn=bn,
+        bd=bd,
+        dp=round_up(d, bd),
+        splits=splits,
+        tiles_per_split=tiles_per_split,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -195,7 +210,9 @@ def _plan(b: int, n: int, k: int, d: int) -> _Plan:
 def _dot(a, b, contract):
     """2-D matmul with float32 accumulation; IEEE float32 products for float32 operands."""
     precision = HIGHEST if a.dtype == _F32 else None
-    return jax.lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=_F32, precision=precision)
+    return jax.lax.dot_general(
+        a, b, (contract, ((), ())), preferred_element_type=_F32, precision=precision
+    )
 
 
 def _codeword_norms(c_ref, plan: _Plan):
@@ -228,7 +245,9 @@ def _row_statistics(x_ref, c_ref, g_ref, n0, plan: _Plan):
         return cross, x_sq, xg, gc
 
     zeros = (jnp.zeros((bn, kp), _F32), jnp.zeros((bn,), _F32))
-    extra = (jnp.zeros((bn, kp), _F32), jnp.zeros((kp,), _F32)) if g_ref is not None else (None, None)
+    extra = (
+        (jnp.zeros((bn, kp), _F32), jnp.zeros((kp,), _F32)) if g_ref is not None else (None, None)
+    )
     return jax.lax.fori_loop(0, plan.nd, body, zeros + extra)
 
 

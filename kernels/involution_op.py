@@ -24,6 +24,7 @@ Pallas kernels (one program per output row, tile of output columns, group and ch
 Shapes: x (B, H, W, C), weights (B, H', W', G, K, K) with G | C -> (B, H', W', C), H' and W' as
 torch's unfold. float32 or bfloat16 (promoted to a common dtype), float32 accumulation.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,8 +34,14 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from jaxenc._checks import check_divisible, check_positive_int, check_rank, conv_args, conv_output_hw
 from jaxenc.kernels._common import compiler_params, pow2_block, resolve_impl, round_up
+from jaxenc.validation import (
+    check_divisible,
+    check_positive_int,
+    check_rank,
+    conv_args,
+    conv_output_hw,
+)
 
 __all__ = ["involution", "involution_reference", "strided_taps"]
 
@@ -114,7 +121,9 @@ def involution(
         )
     dtype = jnp.result_type(x, weights)
     if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(f"{where}: x and weights must be floating point, got {x.dtype} and {weights.dtype}")
+        raise TypeError(
+            f"{where}: x and weights must be floating point, got {x.dtype} and {weights.dtype}"
+        )
     x, weights = x.astype(dtype), weights.astype(dtype)
     if resolve_impl(impl, interpret, where, "involution") == "xla":
         return _reference_jit(x, weights, k, stride, padding, dilation)
@@ -182,7 +191,12 @@ def _reference_bwd(kernel_size, stride, padding, dilation, residuals, ct):
         g_xp = g_xp + jax.lax.pad(
             contrib,
             jnp.float32(0),
-            [(0, 0, 0), (i * dh, hp - i * dh - span_h, sh - 1), (j * dw, wp - j * dw - span_w, sw - 1), (0, 0, 0)],
+            [
+                (0, 0, 0),
+                (i * dh, hp - i * dh - span_h, sh - 1),
+                (j * dw, wp - j * dw - span_w, sw - 1),
+                (0, 0, 0),
+            ],
         )
     g_x = g_xp[:, ph : ph + h, pw : pw + w]
     return g_x.astype(x.dtype), g_weights.astype(weights.dtype)
@@ -232,7 +246,9 @@ class _Geometry:
     def padded_x_hw(self) -> tuple[int, int]:
         """Rows and columns of the padded input that the forward tiles read."""
         (sh, sw), (dh, dw) = self.stride, self.dilation
-        return (self.ho - 1) * sh + (self.k - 1) * dh + 1, (self.wop - 1) * sw + (self.k - 1) * dw + 1
+        return (self.ho - 1) * sh + (self.k - 1) * dh + 1, (self.wop - 1) * sw + (
+            self.k - 1
+        ) * dw + 1
 
 
 def _geometry(x_shape, groups: int, k: int, stride, padding, dilation) -> _Geometry:
@@ -242,8 +258,18 @@ def _geometry(x_shape, groups: int, k: int, stride, padding, dilation) -> _Geome
     bc = pow2_block(cg, lo=1, hi=64)
     tw = pow2_block(max(wo, w), lo=1, hi=max(1, min(32, 1024 // bc)))
     return _Geometry(
-        h=h, w=w, groups=groups, cg=cg, k=k, stride=stride, padding=padding, dilation=dilation,
-        ho=ho, wo=wo, bc=bc, tw=tw,
+        h=h,
+        w=w,
+        groups=groups,
+        cg=cg,
+        k=k,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        ho=ho,
+        wo=wo,
+        bc=bc,
+        tw=tw,
     )
 
 
@@ -293,7 +319,8 @@ def _forward_kernel(x_ref, w_ref, o_ref, *, geo: _Geometry):
     h, t = pl.program_id(1), pl.program_id(2)
     (sh, sw), (dh, dw) = geo.stride, geo.dilation
     acc = _gather_taps(
-        x_ref, w_ref,
+        x_ref,
+        w_ref,
         row_of=lambda i: h * sh + i * dh,
         col_of=lambda j: pl.ds(t * geo.tw * sw + j * dw, geo.tw, sw),
         geo=geo,
@@ -306,7 +333,8 @@ def _input_grad_kernel(ct_ref, w_ref, dx_ref, *, geo: _Geometry):
     r, t = pl.program_id(1), pl.program_id(2)
     k, (dh, dw) = geo.k, geo.dilation
     acc = _gather_taps(
-        ct_ref, w_ref,
+        ct_ref,
+        w_ref,
         row_of=lambda i: r + (k - 1 - i) * dh,
         col_of=lambda j: pl.ds(t * geo.tw + (k - 1 - j) * dw, geo.tw),
         geo=geo,
@@ -335,7 +363,9 @@ def _weight_grad_kernel(x_ref, ct_ref, dw_ref, *, geo: _Geometry):
 # pallas_call wrappers
 
 
-def _gather_call(kernel, src, w, w_spec, rows: int, cols: int, geo: _Geometry, dtype, interpret: bool, name: str):
+def _gather_call(
+    kernel, src, w, w_spec, rows: int, cols: int, geo: _Geometry, dtype, interpret: bool, name: str
+):
     """Launch a tap-gather kernel over the (B, rows, column tiles, G, channel blocks) grid.
 
     ``src`` (B, rows', cols', G, cgp) is seen whole per (batch, group, channel block); each program
@@ -345,8 +375,13 @@ def _gather_call(kernel, src, w, w_spec, rows: int, cols: int, geo: _Geometry, d
     return pl.pallas_call(
         functools.partial(kernel, geo=geo),
         grid=(b, rows, cols // geo.tw, geo.groups, geo.cgp // geo.bc),
-        in_specs=[pl.BlockSpec((None, hn, wn, None, geo.bc), lambda b, r, t, g, cb: (b, 0, 0, g, cb)), w_spec],
-        out_specs=pl.BlockSpec((None, None, geo.tw, None, geo.bc), lambda b, r, t, g, cb: (b, r, t, g, cb)),
+        in_specs=[
+            pl.BlockSpec((None, hn, wn, None, geo.bc), lambda b, r, t, g, cb: (b, 0, 0, g, cb)),
+            w_spec,
+        ],
+        out_specs=pl.BlockSpec(
+            (None, None, geo.tw, None, geo.bc), lambda b, r, t, g, cb: (b, r, t, g, cb)
+        ),
         out_shape=jax.ShapeDtypeStruct((b, rows, cols, geo.groups, geo.cgp), dtype),
         interpret=interpret,
         compiler_params=compiler_params(),
@@ -356,8 +391,12 @@ def _gather_call(kernel, src, w, w_spec, rows: int, cols: int, geo: _Geometry, d
 
 def _forward_call(xg, w, geo: _Geometry, dtype, interpret: bool):
     # This output row's (tw, K²) weights.
-    w_spec = pl.BlockSpec((None, None, geo.tw, None, geo.k * geo.k), lambda b, h, t, g, cb: (b, h, t, g, 0))
-    return _gather_call(_forward_kernel, xg, w, w_spec, geo.ho, geo.wop, geo, dtype, interpret, "involution_forward")
+    w_spec = pl.BlockSpec(
+        (None, None, geo.tw, None, geo.k * geo.k), lambda b, h, t, g, cb: (b, h, t, g, 0)
+    )
+    return _gather_call(
+        _forward_kernel, xg, w, w_spec, geo.ho, geo.wop, geo, dtype, interpret, "involution_forward"
+    )
 
 
 def _input_grad_call(ct, w, geo: _Geometry, dtype, interpret: bool):
@@ -367,8 +406,21 @@ def _input_grad_call(ct, w, geo: _Geometry, dtype, interpret: bool):
     interior = (sh - 1, sw - 1)
     ctd, wd = _pad_to(ct, low, total, interior), _pad_to(w, low, total, interior)
     # The dilated weights are read at the same (shifted) positions as the cotangent.
-    w_spec = pl.BlockSpec((None, *total, None, geo.k * geo.k), lambda b, r, t, g, cb: (b, 0, 0, g, 0))
-    return _gather_call(_input_grad_kernel, ctd, wd, w_spec, geo.h, geo.wip, geo, dtype, interpret, "involution_input_grad")
+    w_spec = pl.BlockSpec(
+        (None, *total, None, geo.k * geo.k), lambda b, r, t, g, cb: (b, 0, 0, g, 0)
+    )
+    return _gather_call(
+        _input_grad_kernel,
+        ctd,
+        wd,
+        w_spec,
+        geo.h,
+        geo.wip,
+        geo,
+        dtype,
+        interpret,
+        "involution_input_grad",
+    )
 
 
 def _weight_grad_call(xg, ct, geo: _Geometry, dtype, interpret: bool):

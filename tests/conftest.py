@@ -2,6 +2,7 @@
 ``optional_torch`` (torch when installed, else a stand-in that skips the test touching it),
 ``torch_ref`` (upstream oracles), ``parity`` (value/gradient comparisons), ``multidevice``
 (N CPU devices in a subprocess)."""
+
 from __future__ import annotations
 
 import atexit
@@ -21,7 +22,6 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from optional_torch import HAVE_TORCH, torch  # noqa: E402
-
 from torch_ref import holocron_functional, holocron_nn  # noqa: E402
 
 if HAVE_TORCH:

@@ -6,6 +6,7 @@ state and first global batch exactly as ``train.trainer.train_and_evaluate`` doe
 and every new BN statistic to OUT.npz. Run by tests/test_train_main.py with 1 device, 4 devices
 and 2 processes x 2 devices.
 """
+
 from __future__ import annotations
 
 import ast
@@ -14,8 +15,8 @@ import sys
 import jax
 import numpy as np
 from flax.traverse_util import flatten_dict
-
 from tiny_config import tiny_config
+
 from train import optim, trainer
 from train.data import pipeline
 from train.step import make_gradient_step, make_mesh, shard_batch
@@ -36,15 +37,28 @@ def main(out: str, *pairs: str) -> None:
     cfg = trainer._step_config(config, model)
     source = pipeline.get_source(config.dataset, "train")
     batches = pipeline.train_iterator(
-        source, global_batch_size=config.input.global_batch_size, seed=config.seed,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        transform=trainer._transform(config, True), worker_count=0)
+        source,
+        global_batch_size=config.input.global_batch_size,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        transform=trainer._transform(config, True),
+        worker_count=0,
+    )
     size = config.dataset.image_size
-    variables = trainer._init_variables(model, config, np.zeros((1, size, size, 3), np.float32), mesh)
-    tx, _ = optim.make_optimizer(config.optim, params=variables["params"], total_steps=config.train.num_steps,
-                                 global_batch_size=config.input.global_batch_size)
+    variables = trainer._init_variables(
+        model, config, np.zeros((1, size, size, 3), np.float32), mesh
+    )
+    tx, _ = optim.make_optimizer(
+        config.optim,
+        params=variables["params"],
+        total_steps=config.train.num_steps,
+        global_batch_size=config.input.global_batch_size,
+    )
     state = trainer._init_state(variables, config, tx, mesh)
-    parts, grads, stats = make_gradient_step(model, cfg, mesh)(state, shard_batch(mesh, next(iter(batches))))
+    parts, grads, stats = make_gradient_step(model, cfg, mesh)(
+        state, shard_batch(mesh, next(iter(batches)))
+    )
     tree = {"loss": dict(parts), "grads": grads, "batch_stats": stats}
     flat = {"/".join(k): np.asarray(v) for k, v in flatten_dict(jax.device_get(tree)).items()}
     if jax.process_index() == 0:

@@ -3,6 +3,7 @@
 ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` only takes effect before jax initialises
 its backend, so a multi-device body cannot run in the pytest process itself.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -40,16 +41,29 @@ def run_with_cpu_devices(
     else:
         code = textwrap.dedent(body)
     full_env = dict(os.environ)
-    full_env["XLA_FLAGS"] = (full_env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n_devices}").strip()
+    full_env["XLA_FLAGS"] = (
+        full_env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n_devices}"
+    ).strip()
     full_env["JAX_PLATFORMS"] = "cpu"
-    full_env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests"), full_env.get("PYTHONPATH", "")])
+    full_env["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO), str(REPO / "tests"), full_env.get("PYTHONPATH", "")]
+    )
     full_env.update(env or {})
     try:
         proc = subprocess.run(
-            [sys.executable, "-c", code], env=full_env, capture_output=True, text=True, timeout=timeout, cwd=str(REPO)
+            [sys.executable, "-c", code],
+            env=full_env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=str(REPO),
         )
     except subprocess.TimeoutExpired as exc:
-        raise AssertionError(f"multi-device body timed out after {timeout}s:\n{exc.stdout}\n{exc.stderr}") from None
+        raise AssertionError(
+            f"multi-device body timed out after {timeout}s:\n{exc.stdout}\n{exc.stderr}"
+        ) from None
     if proc.returncode != 0:
-        raise AssertionError(f"multi-device body exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"multi-device body exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc.stdout

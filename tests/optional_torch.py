@@ -4,6 +4,7 @@
 they are stand-ins that skip the running test ("needs torch") when used, so a test that touches
 the oracle is reported as skipped and every other test in the same file still runs.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -4,16 +4,18 @@ Conventions: inputs are generated in jaxenc's layout (NHWC images) and transpose
 (NCHW); outputs of rank 4 are transposed back. Gradients are compared as vector-Jacobian products
 with one shared random cotangent, for the input and (through ``torch_to_flax``) for every parameter.
 """
+
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from optional_torch import torch
 from flax.traverse_util import flatten_dict
+from optional_torch import torch
 
 from jaxenc.port import torch_to_flax
 
@@ -31,7 +33,12 @@ def nhwc(x: np.ndarray) -> np.ndarray:
 
 
 def assert_close(
-    actual, expected, rtol: float = RTOL, atol: float | None = None, what: str = "", scale: float = 0.0
+    actual,
+    expected,
+    rtol: float = RTOL,
+    atol: float | None = None,
+    what: str = "",
+    scale: float = 0.0,
 ) -> None:
     """allclose with an absolute floor relative to the reference's scale (``rtol * max|expected|``).
 
@@ -90,11 +97,15 @@ def check_module_parity(
     if "train" in inspect.signature(type(flax_module).__call__).parameters:
         apply_kwargs["train"] = train
     elif train:
-        raise TypeError(f"{type(flax_module).__name__}.__call__ takes no `train` argument; compare it with train=False")
+        raise TypeError(
+            f"{type(flax_module).__name__}.__call__ takes no `train` argument; compare it with train=False"
+        )
 
     def forward(p, xx):
         if train:
-            return flax_module.apply({"params": p, **rest}, xx, mutable=["batch_stats"], **apply_kwargs)
+            return flax_module.apply(
+                {"params": p, **rest}, xx, mutable=["batch_stats"], **apply_kwargs
+            )
         return flax_module.apply({"params": p, **rest}, xx, **apply_kwargs), {}
 
     yj, vjp_fn, new_state = jax.vjp(forward, params, jnp.asarray(x), has_aux=True)
@@ -104,14 +115,17 @@ def check_module_parity(
     assert_close(g_x, nhwc(xt.grad.numpy()), grad_rtol, what="input gradient")
     if param_grads and params:
         torch_grads = {
-            k: (p.grad if p.grad is not None else torch.zeros_like(p)) for k, p in torch_module.named_parameters()
+            k: (p.grad if p.grad is not None else torch.zeros_like(p))
+            for k, p in torch_module.named_parameters()
         }
         buffers = {k: b for k, b in torch_module.named_buffers()}
         converted = torch_to_flax(flax_module, {**torch_grads, **buffers}, x)["params"]
         expected = flatten_dict(converted)
         scale = max(float(np.max(np.abs(np.asarray(v)))) for v in expected.values())
         for key, g in flatten_dict(g_params).items():
-            assert_close(g, expected[key], grad_rtol, what=f"gradient of params/{'/'.join(key)}", scale=scale)
+            assert_close(
+                g, expected[key], grad_rtol, what=f"gradient of params/{'/'.join(key)}", scale=scale
+            )
     if train and "batch_stats" in variables:
         updated = torch_to_flax(flax_module, torch_module.state_dict(), x)["batch_stats"]
         expected = flatten_dict(updated)

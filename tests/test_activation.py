@@ -1,4 +1,5 @@
 """jaxenc.nn.activation vs holocron.nn 0.3.0: HardMish, NLReLU, FReLU."""
+
 from __future__ import annotations
 
 import functools
@@ -54,11 +55,14 @@ def test_nl_relu_functional_matches_upstream(hF):
 
 @pytest.mark.parametrize("train", [False, True])
 @pytest.mark.parametrize(
-    "shape,kernel_size", [((2, 7, 9, 4), 3), ((3, 5, 5, 3), 5), ((2, 6, 8, 2), 1), ((1, 8, 8, 8), 3)]
+    "shape,kernel_size",
+    [((2, 7, 9, 4), 3), ((3, 5, 5, 3), 5), ((2, 6, 8, 2), 1), ((1, 8, 8, 8), 3)],
 )
 def test_frelu_parity(hnn, shape, kernel_size, train):
     torch_module = _torch_frelu(hnn, shape[-1], kernel_size)
-    check_module_parity(torch_module, FReLU(shape[-1], kernel_size), random_input(shape, seed=4), train=train)
+    check_module_parity(
+        torch_module, FReLU(shape[-1], kernel_size), random_input(shape, seed=4), train=train
+    )
 
 
 def test_frelu_train_and_eval_differ(hnn):
@@ -68,14 +72,19 @@ def test_frelu_train_and_eval_differ(hnn):
     eval_out = module.apply(variables, x)
     train_out, state = module.apply(variables, x, train=True, mutable=["batch_stats"])
     assert not np.allclose(eval_out, train_out)
-    assert not np.allclose(state["batch_stats"]["bn"]["mean"], variables["batch_stats"]["bn"]["mean"])
+    assert not np.allclose(
+        state["batch_stats"]["bn"]["mean"], variables["batch_stats"]["bn"]["mean"]
+    )
 
 
 def test_frelu_variable_layout(hnn):
     variables = FReLU(8, 5).init(jax.random.key(0), jnp.zeros((1, 9, 9, 8)))
     shapes = jax.tree_util.tree_map(jnp.shape, variables)
     assert shapes == {
-        "params": {"conv": {"kernel": (5, 5, 1, 8), "bias": (8,)}, "bn": {"scale": (8,), "bias": (8,)}},
+        "params": {
+            "conv": {"kernel": (5, 5, 1, 8), "bias": (8,)},
+            "bn": {"scale": (8,), "bias": (8,)},
+        },
         "batch_stats": {"bn": {"mean": (8,), "var": (8,)}},
     }
     # Upstream property: FReLU(8) in eval mode keeps the shape.
@@ -135,7 +144,9 @@ def test_jit_and_vmap(name):
         fn = functools.partial(module.apply, train=True, mutable=["batch_stats"])
         (jit_out, jit_state), (out, state) = jax.jit(fn)(variables, xs[0]), fn(variables, xs[0])
         assert_close(jit_out, out, rtol=1e-6, what="jit train")
-        assert_close(jit_state["batch_stats"]["bn"]["var"], state["batch_stats"]["bn"]["var"], rtol=1e-6)
+        assert_close(
+            jit_state["batch_stats"]["bn"]["var"], state["batch_stats"]["bn"]["var"], rtol=1e-6
+        )
     batched = jax.vmap(lambda v: module.apply(variables, v))(xs)
     looped = jnp.stack([module.apply(variables, v) for v in xs])
     assert_close(batched, looped, rtol=1e-6, what="vmap")
@@ -148,10 +159,11 @@ def test_frelu_bad_input():
     x = jnp.zeros((2, 8, 8, 4))
     with pytest.raises(ValueError, match=r"FReLU: in_channels=3 but the input has 4 channels"):
         FReLU(3).init(jax.random.key(0), x)
-    with pytest.raises(ValueError, match=r"FReLU: expected x of rank 4 \(N, H, W, C\), got shape \(8, 8, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"FReLU: expected x of rank 4 \(N, H, W, C\), got shape \(8, 8, 4\)"
+    ):
         FReLU(4).init(jax.random.key(0), x[0])
     with pytest.raises(ValueError, match=r"FReLU: kernel_size must be odd .* got 4"):
         FReLU(4, 4).init(jax.random.key(0), x)
     with pytest.raises(ValueError, match=r"FReLU: kernel_size must be a positive integer, got 0"):
         FReLU(4, 0).init(jax.random.key(0), x)
-

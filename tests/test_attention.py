@@ -3,23 +3,26 @@
 Upstream: pylocron 0.3.0's attention layers and its test suite (test_nn_attention.py, the LambdaLayer parts of
 test_nn_conv.py).
 """
+
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import pytest
-from optional_torch import torch
 from flax.traverse_util import flatten_dict
+from optional_torch import torch
+from parity import assert_close, check_module_parity, random_input, randomise_batchnorm
 
 from jaxenc.nn.attention import SAM, DimAttention, LambdaLayer, TripletAttention
 from jaxenc.port import torch_key
-from parity import assert_close, check_module_parity, random_input, randomise_batchnorm
 
 
 def init(module, x, train: bool = False):
     """``module.init`` compiled as one program (eager init dispatches and compiles op by op)."""
     kwargs = {"train": True} if train else {}
-    return jax.jit(lambda key, xx: module.init(key, xx, **kwargs))(jax.random.key(0), jnp.asarray(x))
+    return jax.jit(lambda key, xx: module.init(key, xx, **kwargs))(
+        jax.random.key(0), jnp.asarray(x)
+    )
 
 
 # --- parity ---------------------------------------------------------------------------------------
@@ -32,7 +35,9 @@ def test_sam_parity(hnn, shape):
 
 # Non-square odd sizes make the rotated h/w branches distinguishable: a wrong (row, col) order of
 # their 7x7 planes (or swapped branches) fails here, not only on square inputs.
-@pytest.mark.parametrize("shape, train", [((2, 7, 9, 4), False), ((2, 7, 9, 4), True), ((2, 8, 8, 4), True)])
+@pytest.mark.parametrize(
+    "shape, train", [((2, 7, 9, 4), False), ((2, 7, 9, 4), True), ((2, 8, 8, 4), True)]
+)
 def test_triplet_attention_parity(hnn, shape, train):
     torch_module = randomise_batchnorm(hnn.TripletAttention())
     check_module_parity(torch_module, TripletAttention(), random_input(shape, seed=2), train=train)
@@ -51,7 +56,9 @@ def test_triplet_attention_parity(hnn, shape, train):
 def test_lambda_layer_local_parity(hnn, shape, kwargs, train):
     c = shape[-1]
     torch_module = randomise_batchnorm(hnn.LambdaLayer(c, **kwargs))
-    check_module_parity(torch_module, LambdaLayer(c, **kwargs), random_input(shape, seed=4), train=train)
+    check_module_parity(
+        torch_module, LambdaLayer(c, **kwargs), random_input(shape, seed=4), train=train
+    )
 
 
 @pytest.mark.parametrize(
@@ -65,7 +72,9 @@ def test_lambda_layer_local_parity(hnn, shape, kwargs, train):
 def test_lambda_layer_global_parity(hnn, shape, kwargs, train):
     c = shape[-1]
     torch_module = randomise_batchnorm(hnn.LambdaLayer(c, **kwargs))
-    check_module_parity(torch_module, LambdaLayer(c, **kwargs), random_input(shape, seed=5), train=train)
+    check_module_parity(
+        torch_module, LambdaLayer(c, **kwargs), random_input(shape, seed=5), train=train
+    )
 
 
 # Batch 1 is compared in eval mode through a batch of 2 whose second example gets no cotangent:
@@ -141,7 +150,9 @@ def test_upstream_lambda_layer_shape():
     module = LambdaLayer(8, 32, 16, r=13)
     x = jnp.asarray(random_input((2, 32, 32, 8), low=0.0))
     variables = init(module, x, train=True)
-    out = jax.eval_shape(lambda v, xx: module.apply(v, xx, train=True, mutable=["batch_stats"])[0], variables, x)
+    out = jax.eval_shape(
+        lambda v, xx: module.apply(v, xx, train=True, mutable=["batch_stats"])[0], variables, x
+    )
     assert out.shape == (2, 32, 32, 32)
 
 
@@ -178,7 +189,9 @@ def test_bfloat16_close_to_float32(name, train):
     module = MODULES[name]
     x = jnp.asarray(random_input((2, 5, 7, 6), seed=7))
     variables = init(module, x)
-    kwargs = {"train": True, "mutable": ["batch_stats"]} if train and "batch_stats" in variables else {}
+    kwargs = (
+        {"train": True, "mutable": ["batch_stats"]} if train and "batch_stats" in variables else {}
+    )
     ref = jax.jit(lambda v, xx: module.apply(v, xx, **kwargs))(variables, x)
     bf16 = module.clone(dtype=jnp.bfloat16)
     out = jax.jit(lambda v, xx: bf16.apply(v, xx, **kwargs))(variables, x)
@@ -209,7 +222,9 @@ def test_jit_and_vmap(name):
 @pytest.mark.parametrize("name", list(MODULES))
 def test_bad_rank(name):
     module = MODULES[name]
-    with pytest.raises(ValueError, match=r"expected x of rank 4 \(N, H, W, C\), got shape \(5, 7, 6\)"):
+    with pytest.raises(
+        ValueError, match=r"expected x of rank 4 \(N, H, W, C\), got shape \(5, 7, 6\)"
+    ):
         init(module, jnp.zeros((5, 7, 6)))
 
 
@@ -230,11 +245,23 @@ def test_lambda_global_size_mismatch():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(in_channels=0, out_channels=8, dim_k=4, r=3), r"in_channels must be a positive integer, got 0"),
-        (dict(in_channels=4, out_channels=8, dim_k=4, r=3, num_heads=0), r"num_heads must be a positive integer"),
-        (dict(in_channels=4, out_channels=8, dim_k=4, r=-1), r"r must be a positive integer, got -1"),
+        (
+            dict(in_channels=0, out_channels=8, dim_k=4, r=3),
+            r"in_channels must be a positive integer, got 0",
+        ),
+        (
+            dict(in_channels=4, out_channels=8, dim_k=4, r=3, num_heads=0),
+            r"num_heads must be a positive integer",
+        ),
+        (
+            dict(in_channels=4, out_channels=8, dim_k=4, r=-1),
+            r"r must be a positive integer, got -1",
+        ),
         (dict(in_channels=4, out_channels=8, dim_k=4, n=0), r"n must be a positive integer, got 0"),
-        (dict(in_channels=4, out_channels=8, dim_k=4, r=3, dim_u=2.0), r"dim_u must be a positive integer, got 2.0"),
+        (
+            dict(in_channels=4, out_channels=8, dim_k=4, r=3, dim_u=2.0),
+            r"dim_u must be a positive integer, got 2.0",
+        ),
     ],
 )
 def test_lambda_layer_invalid_arguments(kwargs, match):

@@ -7,6 +7,7 @@ GPU-only code path (copy bandwidth, achieved bandwidth per result, the "pallas" 
 cannot run here, so it is driven in-process with the backend reported as "gpu" and the Pallas
 kernels swapped for the interpreter.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -43,12 +44,24 @@ def test_quick_run_writes_every_cpu_measurement(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.kernels", "--quick", "--out", str(out)],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     header = next(line for line in proc.stdout.splitlines() if line.startswith("op "))
     torch_columns = ("torch ms", "torch rssΔ MiB") if HAVE_TORCH else ()
-    for column in ("shape", "pass", "xla ms", "xla peak MiB", "pallas-interpret ms", *torch_columns, "avoided MiB"):
+    for column in (
+        "shape",
+        "pass",
+        "xla ms",
+        "xla peak MiB",
+        "pallas-interpret ms",
+        *torch_columns,
+        "avoided MiB",
+    ):
         assert column in header
 
     report = json.loads(out.read_text())
@@ -65,7 +78,9 @@ def test_quick_run_writes_every_cpu_measurement(tmp_path):
                 assert row["avoided_tensor_bytes"] > 0
                 if impl == "torch":
                     assert row["largest_intermediate_bytes"] == row["avoided_tensor_bytes"]
-                    assert row["rss_peak_delta_bytes"] is not None and row["rss_peak_delta_bytes"] >= 0
+                    assert (
+                        row["rss_peak_delta_bytes"] is not None and row["rss_peak_delta_bytes"] >= 0
+                    )
                 else:
                     assert row["peak_bytes"] >= row["argument_bytes"] + row["output_bytes"] > 0
                     assert row["temp_bytes"] >= 0
@@ -85,8 +100,15 @@ def test_avoided_tensor_sizes(bench):
 
 
 def test_implementations_per_backend(bench):
-    assert [i.name for i in bench.implementations("cpu", torch_available=True)] == ["xla", "pallas-interpret", "torch"]
-    assert [i.name for i in bench.implementations("cpu", torch_available=False)] == ["xla", "pallas-interpret"]
+    assert [i.name for i in bench.implementations("cpu", torch_available=True)] == [
+        "xla",
+        "pallas-interpret",
+        "torch",
+    ]
+    assert [i.name for i in bench.implementations("cpu", torch_available=False)] == [
+        "xla",
+        "pallas-interpret",
+    ]
     gpu = bench.implementations("gpu", torch_available=True)
     assert [i.name for i in gpu] == ["xla", "pallas"]
     assert dict(gpu[1].kwargs) == {"impl": "pallas"} and not gpu[1].interpreted
@@ -95,15 +117,24 @@ def test_implementations_per_backend(bench):
 def test_skips_are_reported_with_a_reason(bench, monkeypatch):
     interp = bench.Impl("pallas-interpret", "jax", (("impl", "pallas"), ("interpret", True)))
     huge = dict(B=64, N=128 * 128, K=64, D=1024)
-    assert "Pallas interpreter estimated" in bench.skip_reason(interp, bench.EncodingOp, huge, "fwd", 4)
+    assert "Pallas interpreter estimated" in bench.skip_reason(
+        interp, bench.EncodingOp, huge, "fwd", 4
+    )
     monkeypatch.setattr(bench, "available_memory_bytes", lambda: 2**30)
     torch_impl = bench.Impl("torch", "torch")
     assert "of the available RAM" in bench.skip_reason(torch_impl, bench.EncodingOp, huge, "fwd", 4)
     tiny = dict(B=1, N=4, K=2, D=4)
     assert bench.skip_reason(torch_impl, bench.EncodingOp, tiny, "fwd+bwd", 4) is None
 
-    skipped = dict(op="encoding", impl="torch", shape=huge, dtype="float32", avoided_tensor_bytes=4,
-                   skipped="too big", **{"pass": "fwd"})
+    skipped = dict(
+        op="encoding",
+        impl="torch",
+        shape=huge,
+        dtype="float32",
+        avoided_tensor_bytes=4,
+        skipped="too big",
+        **{"pass": "fwd"},
+    )
     measured = dict(skipped, impl="xla", time_ms=1.5, peak_bytes=2**20)
     del measured["skipped"]
     text = bench.table([measured, skipped], bench.implementations("cpu", torch_available=True))
@@ -145,7 +176,9 @@ def test_gpu_code_path_with_the_interpreter(bench, monkeypatch, tmp_path, capsys
     assert len(report["results"]) == len(OPS) * 2 * len(PASSES)
     for row in report["results"]:
         assert row["bandwidth_gbps"] > 0
-        assert row["bandwidth_fraction"] == pytest.approx(row["bandwidth_gbps"] / report["copy_bandwidth_gbps"])
+        assert row["bandwidth_fraction"] == pytest.approx(
+            row["bandwidth_gbps"] / report["copy_bandwidth_gbps"]
+        )
         assert row["bandwidth_gbps"] == pytest.approx(row["min_io_bytes"] / row["time_ms"] / 1e6)
 
 
@@ -160,43 +193,99 @@ def memory_bench(monkeypatch):
 
 def test_memory_plan_total_ratio_and_fits(memory_bench):
     class Stats:
-        argument_size_in_bytes, output_size_in_bytes, temp_size_in_bytes, alias_size_in_bytes = 30, 20, 100, 15
+        argument_size_in_bytes, output_size_in_bytes, temp_size_in_bytes, alias_size_in_bytes = (
+            30,
+            20,
+            100,
+            15,
+        )
 
     class Compiled:
         def memory_analysis(self):
             return Stats()
 
     plan = memory_bench.memory_plan(Compiled())
-    assert plan == dict(argument_bytes=30, output_bytes=20, temp_bytes=100, alias_bytes=15, total_bytes=135)
+    assert plan == dict(
+        argument_bytes=30, output_bytes=20, temp_bytes=100, alias_bytes=15, total_bytes=135
+    )
     assert memory_bench.fits(15 * 10**9) == [16, 40, 80]
     assert memory_bench.fits(16 * 10**9) == [40, 80]  # total < capacity, decimal GB
     assert memory_bench.fits(90 * 10**9) == [] and memory_bench.fits(None) == []
 
-    case = dict(model="deeplab_resnest50", dtype="float32", batch=2, size=480, compiler_options=None)
-    rows = [dict(case, remat="none", temp_bytes=10 * 2**30, total_bytes=12 * 2**30, argument_bytes=2**30,
-                 output_bytes=2**30, fits_gb=[16, 40, 80], compile_s=3.0),
-            dict(case, remat="block", temp_bytes=4 * 2**30, total_bytes=6 * 2**30, argument_bytes=2**30,
-                 output_bytes=2**30, fits_gb=[16, 40, 80], compile_s=4.0),
-            dict(case, dtype="bfloat16", remat="block", temp_bytes=2**30, total_bytes=3 * 2**30)]
+    case = dict(
+        model="deeplab_resnest50", dtype="float32", batch=2, size=480, compiler_options=None
+    )
+    rows = [
+        dict(
+            case,
+            remat="none",
+            temp_bytes=10 * 2**30,
+            total_bytes=12 * 2**30,
+            argument_bytes=2**30,
+            output_bytes=2**30,
+            fits_gb=[16, 40, 80],
+            compile_s=3.0,
+        ),
+        dict(
+            case,
+            remat="block",
+            temp_bytes=4 * 2**30,
+            total_bytes=6 * 2**30,
+            argument_bytes=2**30,
+            output_bytes=2**30,
+            fits_gb=[16, 40, 80],
+            compile_s=4.0,
+        ),
+        dict(case, dtype="bfloat16", remat="block", temp_bytes=2**30, total_bytes=3 * 2**30),
+    ]
     memory_bench.add_ratios(rows)
-    assert rows[1]["temp_ratio"] == pytest.approx(0.4) and rows[1]["total_ratio"] == pytest.approx(0.5)
-    assert "temp_ratio" not in rows[0] and "temp_ratio" not in rows[2]  # no float32/none twin for bfloat16
+    assert rows[1]["temp_ratio"] == pytest.approx(0.4) and rows[1]["total_ratio"] == pytest.approx(
+        0.5
+    )
+    assert (
+        "temp_ratio" not in rows[0] and "temp_ratio" not in rows[2]
+    )  # no float32/none twin for bfloat16
     line = memory_bench.table(rows[:2]).splitlines()[3].split()
-    assert line == ["deeplab_resnest50", "float32", "block", "2x480x480", "1.00", "1.00", "4.00", "6.00", "0.400",
-                    "16,40,80", "4"]
+    assert line == [
+        "deeplab_resnest50",
+        "float32",
+        "block",
+        "2x480x480",
+        "1.00",
+        "1.00",
+        "4.00",
+        "6.00",
+        "0.400",
+        "16,40,80",
+        "4",
+    ]
 
 
 def test_memory_command_line(memory_bench):
-    args = memory_bench.parse_args(["--models", "psp_resnet50s", "--dtypes", "bfloat16", "--size", "256"])
-    assert (args.models, args.dtypes, args.remat, args.size, args.batch) == (["psp_resnet50s"], ["bfloat16"],
-                                                                              ["none", "block"], 256, 2)
+    args = memory_bench.parse_args(
+        ["--models", "psp_resnet50s", "--dtypes", "bfloat16", "--size", "256"]
+    )
+    assert (args.models, args.dtypes, args.remat, args.size, args.batch) == (
+        ["psp_resnet50s"],
+        ["bfloat16"],
+        ["none", "block"],
+        256,
+        2,
+    )
     assert memory_bench.split_name("deeplab_resnest269") == ("deeplab", "resnest269")
-    for bad in (["--models", "deeplab"], ["--dtypes", "float16"], ["--remat", "dots"], ["--batch", "0"]):
+    for bad in (
+        ["--models", "deeplab"],
+        ["--dtypes", "float16"],
+        ["--remat", "dots"],
+        ["--batch", "0"],
+    ):
         with pytest.raises(SystemExit):
             memory_bench.parse_args(bad)
     # On CPU the plan is made keeping jax.checkpoint's optimization barriers (see the script's docstring).
     on_cpu = memory_bench.jax.default_backend() == "cpu"
     keep = {"xla_disable_hlo_passes": "cse_barrier_expander"} if on_cpu else {}
     assert memory_bench.step_compiler_options("block", "keep") == keep
-    assert memory_bench.step_compiler_options("block", "expand") == ({"xla_disable_hlo_passes": ""} if on_cpu else {})
+    assert memory_bench.step_compiler_options("block", "expand") == (
+        {"xla_disable_hlo_passes": ""} if on_cpu else {}
+    )
     assert "xla_disable_hlo_passes" not in memory_bench.step_compiler_options("none", "keep")

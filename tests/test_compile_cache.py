@@ -1,5 +1,6 @@
 """train.compile_cache: where the persistent XLA cache goes, the off switch, and that a second
 process reads what the first wrote."""
+
 from __future__ import annotations
 
 import os
@@ -43,8 +44,14 @@ _PROBE = textwrap.dedent("""
 
 def _probe(setting: str) -> str:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
-    out = subprocess.run([sys.executable, "-c", _PROBE, setting], env=env, capture_output=True, text=True,
-                         timeout=120, cwd=REPO)
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE, setting],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout.strip()
 

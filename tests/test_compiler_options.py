@@ -1,5 +1,6 @@
 """jaxenc.compiler_options: the per-backend XLA options, their fallback on an unknown option, and
 what they do on CPU (same numbers for a conv net; remat keeps its memory saving)."""
+
 from __future__ import annotations
 
 import jax
@@ -37,11 +38,15 @@ def test_a_conv_net_computes_the_same_numbers_with_the_options():
     variables = model.init(jax.random.key(0), x)
 
     def loss(params):
-        out, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+        out, _ = model.apply(
+            {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
+        )
         return jnp.sum(out**2)
 
     plain = jax.jit(jax.value_and_grad(loss))(variables["params"])
-    tuned = jax.jit(jax.value_and_grad(loss), compiler_options=co.compiler_options())(variables["params"])
+    tuned = jax.jit(jax.value_and_grad(loss), compiler_options=co.compiler_options())(
+        variables["params"]
+    )
     np.testing.assert_allclose(tuned[0], plain[0], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(plain[1]), jax.tree.leaves(tuned[1])):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(a))))
@@ -54,12 +59,22 @@ def _train_step_temp_bytes(remat: str, options_override: dict | None = None) -> 
 
     def init_state():
         variables = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
-        return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                          batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
-                          ema_params={}, rng=jax.random.key_data(jax.random.key(0)))
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=variables["params"],
+            batch_stats=variables["batch_stats"],
+            opt_state=tx.init(variables["params"]),
+            ema_params={},
+            rng=jax.random.key_data(jax.random.key(0)),
+        )
 
-    batch = {"image": jax.ShapeDtypeStruct((8, 160, 160, 3), jnp.float32), "label": jax.ShapeDtypeStruct((8,), jnp.int32)}
-    step = make_train_step(model, tx, StepConfig(task="recognition", num_classes=10), make_mesh(jax.devices()[:1]))
+    batch = {
+        "image": jax.ShapeDtypeStruct((8, 160, 160, 3), jnp.float32),
+        "label": jax.ShapeDtypeStruct((8,), jnp.int32),
+    }
+    step = make_train_step(
+        model, tx, StepConfig(task="recognition", num_classes=10), make_mesh(jax.devices()[:1])
+    )
     lowered = step.lower(jax.eval_shape(init_state), batch)
     compiled = lowered.compile(options_override) if options_override else lowered.compile()
     return compiled.memory_analysis().temp_size_in_bytes
@@ -68,7 +83,9 @@ def _train_step_temp_bytes(remat: str, options_override: dict | None = None) -> 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the XLA:CPU barrier pass")
 def test_the_trainers_remat_step_keeps_its_memory_saving_on_cpu():
     none, block = _train_step_temp_bytes("none"), _train_step_temp_bytes("block")
-    expanded = _train_step_temp_bytes("block", {"xla_disable_hlo_passes": ""})  # XLA:CPU's default pipeline
+    expanded = _train_step_temp_bytes(
+        "block", {"xla_disable_hlo_passes": ""}
+    )  # XLA:CPU's default pipeline
     assert block < 0.75 * none, (block, none)
     # jax 0.10.2's XLA:CPU undoes the recomputation when it expands the barriers (146 MB here against
     # 104 MB); jax 0.12's plans the same either way (to within a kilobyte). Keeping them never costs.

@@ -2,18 +2,26 @@
 pylocron 0.3.0 (values, input and parameter gradients, BN statistics), grouped NormConv2d/Add2d
 against a restated torch reference, the upstream shape tests (holocron's tests/test_nn_conv.py), memory of involution,
 bfloat16, jit, vmap and error messages."""
+
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from optional_torch import torch
-from optional_torch import F
-
-from jaxenc.nn.conv import Add2d, Involution2d, NormConv2d, PyConv2d, SlimConv2d, add2d, involution, norm_conv2d
+from optional_torch import F, torch
 from parity import assert_close, check_module_parity, nchw, nhwc, random_input, randomise_batchnorm
 
+from jaxenc.nn.conv import (
+    Add2d,
+    Involution2d,
+    NormConv2d,
+    PyConv2d,
+    SlimConv2d,
+    add2d,
+    involution,
+    norm_conv2d,
+)
 
 # --------------------------------------------------------------------------------------------------
 # Torch references
@@ -37,9 +45,13 @@ def _window_reference(m: torch.nn.Module, x: torch.Tensor, *, adder: bool) -> to
     normalise = (not adder) or m.normalize_slices
     outs = []
     for gi in range(g):
-        v = F.unfold(x[:, gi * cg : (gi + 1) * cg], weight.shape[-2:], m.dilation, padding, m.stride).transpose(1, 2)
+        v = F.unfold(
+            x[:, gi * cg : (gi + 1) * cg], weight.shape[-2:], m.dilation, padding, m.stride
+        ).transpose(1, 2)
         if normalise:
-            v = (v - v.mean(-1, keepdim=True)) * (v.var(-1, unbiased=False, keepdim=True) + m.eps).rsqrt()
+            v = (v - v.mean(-1, keepdim=True)) * (
+                v.var(-1, unbiased=False, keepdim=True) + m.eps
+            ).rsqrt()
         wg = weight[gi * og : (gi + 1) * og].reshape(og, -1)
         outs.append(-(v.unsqueeze(2) - wg).abs().sum(-1) if adder else v @ wg.t())
     y = torch.cat(outs, -1)
@@ -59,7 +71,10 @@ def _window_parity(hnn, name, kwargs, shape, seed=0):
     flax_module = (Add2d if adder else NormConv2d)(**kwargs)
     x = random_input(shape, seed=seed)
     result = check_module_parity(
-        torch_module, flax_module, x, torch_forward=lambda m, xt: _window_reference(m, xt, adder=adder)
+        torch_module,
+        flax_module,
+        x,
+        torch_forward=lambda m, xt: _window_reference(m, xt, adder=adder),
     )
     if kwargs.get("groups", 1) == 1:
         torch_module.eval()
@@ -77,11 +92,32 @@ WINDOW_CASES = [
     (dict(in_channels=8, out_channels=16, kernel_size=3, padding=1), (2, 7, 9, 8)),
     (dict(in_channels=4, out_channels=6, kernel_size=3, stride=2), (1, 13, 13, 4)),
     (dict(in_channels=4, out_channels=8, kernel_size=3, dilation=2, padding=2), (2, 9, 7, 4)),
-    (dict(in_channels=8, out_channels=16, kernel_size=3, padding=1, padding_mode="reflect"), (2, 7, 9, 8)),
-    (dict(in_channels=6, out_channels=5, kernel_size=(3, 5), stride=(2, 1), padding=(1, 2), bias=False), (1, 9, 8, 6)),
+    (
+        dict(in_channels=8, out_channels=16, kernel_size=3, padding=1, padding_mode="reflect"),
+        (2, 7, 9, 8),
+    ),
+    (
+        dict(
+            in_channels=6,
+            out_channels=5,
+            kernel_size=(3, 5),
+            stride=(2, 1),
+            padding=(1, 2),
+            bias=False,
+        ),
+        (1, 9, 8, 6),
+    ),
     (dict(in_channels=8, out_channels=12, kernel_size=3, padding=1, groups=4), (2, 7, 9, 8)),
     (
-        dict(in_channels=8, out_channels=4, kernel_size=3, stride=2, padding=1, groups=2, padding_mode="reflect"),
+        dict(
+            in_channels=8,
+            out_channels=4,
+            kernel_size=3,
+            stride=2,
+            padding=1,
+            groups=2,
+            padding_mode="reflect",
+        ),
         (1, 13, 11, 8),
     ),
 ]
@@ -112,7 +148,9 @@ def test_functional_forms_match_upstream(hF):
     kernel = np.transpose(w, (2, 3, 1, 0))
     args = dict(stride=2, padding=1, dilation=1)
     with torch.no_grad():
-        assert_close(norm_conv2d(x, kernel, b, **args), nhwc(hF.norm_conv2d(xt, wt, bt, **args).numpy()))
+        assert_close(
+            norm_conv2d(x, kernel, b, **args), nhwc(hF.norm_conv2d(xt, wt, bt, **args).numpy())
+        )
         for norm in (False, True):
             expected = hF.add2d(xt, wt, bt, normalize_slices=norm, **args).numpy()
             assert_close(add2d(x, kernel, b, normalize_slices=norm, **args), nhwc(expected))
@@ -138,9 +176,14 @@ def test_norm_conv2d_all_zero_windows_give_the_bias(hnn):
     m = hnn.NormConv2d(3, 4, 3, padding=1)
     x = np.zeros((1, 5, 5, 3), np.float32)
     out = check_module_parity(
-        m, NormConv2d(3, 4, 3, padding=1), x, torch_forward=lambda m, xt: _window_reference(m, xt, adder=False)
+        m,
+        NormConv2d(3, 4, 3, padding=1),
+        x,
+        torch_forward=lambda m, xt: _window_reference(m, xt, adder=False),
     )
-    np.testing.assert_array_equal(np.asarray(out["output"]), np.broadcast_to(m.bias.detach().numpy(), (1, 5, 5, 4)))
+    np.testing.assert_array_equal(
+        np.asarray(out["output"]), np.broadcast_to(m.bias.detach().numpy(), (1, 5, 5, 4))
+    )
 
 
 def test_norm_conv2d_large_mean_keeps_precision(hnn):
@@ -166,8 +209,22 @@ def test_norm_conv2d_large_mean_keeps_precision(hnn):
 
 SLIM_CASES = [
     (dict(in_channels=8, kernel_size=3, padding=1), (2, 7, 9, 8)),
-    (dict(in_channels=16, kernel_size=3, stride=2, dilation=2, padding=2, groups=2, r=4, L=2), (3, 13, 13, 16)),
-    (dict(in_channels=12, kernel_size=3, stride=2, padding=1, padding_mode="reflect", bias=False, L=5), (2, 9, 11, 12)),
+    (
+        dict(in_channels=16, kernel_size=3, stride=2, dilation=2, padding=2, groups=2, r=4, L=2),
+        (3, 13, 13, 16),
+    ),
+    (
+        dict(
+            in_channels=12,
+            kernel_size=3,
+            stride=2,
+            padding=1,
+            padding_mode="reflect",
+            bias=False,
+            L=5,
+        ),
+        (2, 9, 11, 12),
+    ),
 ]
 
 
@@ -183,6 +240,7 @@ def test_slim_conv2d_parity(hnn, kwargs, shape, train):
 # PyConv2d
 
 # pylocron 0.3.0 PyConv2d levels, in=8, out=16, k=3, padding=1: (out_channels, kernel, groups) per level
+# fmt: off
 PYCONV_TABLE = {
     1: [(16, 3, 1)],
     2: [(8, 3, 1), (8, 5, 4)],
@@ -190,12 +248,15 @@ PYCONV_TABLE = {
     4: [(4, 3, 1), (4, 5, 4), (4, 7, 4), (4, 9, 4)],
     5: [(2, 3, 1), (2, 5, 2), (4, 7, 4), (4, 9, 4), (4, 11, 4)],
 }
+# fmt: on
 
 
 @pytest.mark.parametrize("num_levels", [1, 2, 3, 4, 5])
 def test_pyconv2d_parity_and_level_table(hnn, num_levels):
     m = hnn.PyConv2d(8, 16, 3, num_levels, padding=1)
-    result = check_module_parity(m, PyConv2d(8, 16, 3, num_levels, padding=1), random_input((2, 7, 9, 8), seed=9))
+    result = check_module_parity(
+        m, PyConv2d(8, 16, 3, num_levels, padding=1), random_input((2, 7, 9, 8), seed=9)
+    )
     params = result["variables"]["params"]
     assert sorted(params) == [str(i) for i in range(num_levels)]
     state = m.state_dict()
@@ -256,7 +317,9 @@ def _involution_unfolded(x, weights, k, stride, padding, dilation):
         ],
         axis=-1,
     ).reshape(b, ho, wo, g, c // g, k * k)
-    return jnp.einsum("bhwgck,bhwgk->bhwgc", cols, weights.reshape(b, ho, wo, g, k * k)).reshape(b, ho, wo, c)
+    return jnp.einsum("bhwgck,bhwgk->bhwgc", cols, weights.reshape(b, ho, wo, g, k * k)).reshape(
+        b, ho, wo, c
+    )
 
 
 @pytest.mark.parametrize(
@@ -277,7 +340,9 @@ def test_involution_function_values_and_custom_vjp(k, stride, padding, dilation,
     assert_close(y, _involution_unfolded(x, w, k, stride, padding, dilation), what="values")
     cot = jnp.asarray(random_input(y.shape, seed=14))
     grads = jax.vjp(lambda a, b: involution(a, b, **args), x, w)[1](cot)
-    expected = jax.vjp(lambda a, b: _involution_unfolded(a, b, k, stride, padding, dilation), x, w)[1](cot)
+    expected = jax.vjp(lambda a, b: _involution_unfolded(a, b, k, stride, padding, dilation), x, w)[
+        1
+    ](cot)
     assert_close(grads[0], expected[0], what="input gradient")
     assert_close(grads[1], expected[1], what="kernel gradient")
 
@@ -296,7 +361,9 @@ def test_involution_never_materialises_the_unfolded_tensor(stride):
     temp = compiled.memory_analysis().temp_size_in_bytes
     unfolded = b * c * k * k * ho * wo * 4
     # Half the unfolded size: storing it in any float dtype of >= 16 bits would exceed this.
-    assert temp < unfolded / 2, f"forward+backward temporaries {temp} B vs unfolded tensor {unfolded} B"
+    assert temp < unfolded / 2, (
+        f"forward+backward temporaries {temp} B vs unfolded tensor {unfolded} B"
+    )
 
 
 def test_involution2d_module_memory():
@@ -317,7 +384,11 @@ def test_involution2d_module_memory():
 
 def _shape_after_backward(module, x):
     variables = module.init(jax.random.key(0), x)
-    grad_fn = jax.jit(jax.grad(lambda p, xx: jnp.sum(module.apply({**variables, "params": p}, xx)), argnums=(0, 1)))
+    grad_fn = jax.jit(
+        jax.grad(
+            lambda p, xx: jnp.sum(module.apply({**variables, "params": p}, xx)), argnums=(0, 1)
+        )
+    )
     grads = grad_fn(variables["params"], x)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))
     return module.apply(variables, x).shape
@@ -337,21 +408,28 @@ def _shape_after_backward(module, x):
     ],
 )
 def test_upstream_shapes(module, expected):
-    assert _shape_after_backward(module, jnp.asarray(random_input((2, 16, 16, 8), seed=15))) == expected
+    assert (
+        _shape_after_backward(module, jnp.asarray(random_input((2, 16, 16, 8), seed=15)))
+        == expected
+    )
 
 
 def test_slim_conv2d_state_dict_shapes(hnn):
     # pylocron 0.3.0 SlimConv2d: the torch keys and shapes the converter must accept for C=8, k=3.
     m = hnn.SlimConv2d(8, 3, padding=1)
+    # fmt: off
     expected = {
         "fc1.weight": (2, 8, 1, 1), "fc2.weight": (8, 2, 1, 1), "conv_top.weight": (4, 4, 3, 3),
         "conv_bot1.weight": (2, 4, 1, 1), "conv_bot2.weight": (2, 2, 3, 3), "bn.running_var": (2,),
     }
+    # fmt: on
     state = m.state_dict()
     assert {k: tuple(state[k].shape) for k in expected} == expected
     from jaxenc.port import torch_to_flax
 
-    variables = torch_to_flax(SlimConv2d(8, 3, padding=1), state, np.zeros((1, 5, 5, 8), np.float32))
+    variables = torch_to_flax(
+        SlimConv2d(8, 3, padding=1), state, np.zeros((1, 5, 5, 8), np.float32)
+    )
     assert variables["params"]["conv_bot2"]["kernel"].shape == (3, 3, 2, 2)
 
 
@@ -359,12 +437,28 @@ def test_slim_conv2d_state_dict_shapes(hnn):
 # bfloat16, jit, vmap
 
 ALL_MODULES = [
-    (NormConv2d, dict(in_channels=8, out_channels=16, kernel_size=3, padding=1, groups=2), (2, 9, 7, 8)),
-    (Add2d, dict(in_channels=8, out_channels=16, kernel_size=3, stride=2, normalize_slices=True), (2, 9, 7, 8)),
+    (
+        NormConv2d,
+        dict(in_channels=8, out_channels=16, kernel_size=3, padding=1, groups=2),
+        (2, 9, 7, 8),
+    ),
+    (
+        Add2d,
+        dict(in_channels=8, out_channels=16, kernel_size=3, stride=2, normalize_slices=True),
+        (2, 9, 7, 8),
+    ),
     (Add2d, dict(in_channels=8, out_channels=6, kernel_size=3, padding=1), (2, 9, 7, 8)),
     (SlimConv2d, dict(in_channels=8, kernel_size=3, padding=1), (2, 9, 7, 8)),
-    (PyConv2d, dict(in_channels=8, out_channels=16, kernel_size=3, num_levels=3, padding=1), (2, 9, 7, 8)),
-    (Involution2d, dict(in_channels=8, kernel_size=5, padding=2, stride=2, groups=4), (2, 10, 8, 8)),
+    (
+        PyConv2d,
+        dict(in_channels=8, out_channels=16, kernel_size=3, num_levels=3, padding=1),
+        (2, 9, 7, 8),
+    ),
+    (
+        Involution2d,
+        dict(in_channels=8, kernel_size=5, padding=2, stride=2, groups=4),
+        (2, 10, 8, 8),
+    ),
 ]
 _IDS = ["NormConv2d", "Add2d-norm", "Add2d", "SlimConv2d", "PyConv2d", "Involution2d"]
 
@@ -377,11 +471,16 @@ def test_bfloat16(cls, kwargs, shape):
     y16 = cls(**kwargs, dtype=jnp.bfloat16).apply(variables, x.astype(jnp.bfloat16))
     assert y16.dtype == jnp.bfloat16
     scale = float(jnp.max(jnp.abs(y32)))
-    np.testing.assert_allclose(np.asarray(y16, np.float32), np.asarray(y32), rtol=0, atol=2e-2 * scale)
+    np.testing.assert_allclose(
+        np.asarray(y16, np.float32), np.asarray(y32), rtol=0, atol=2e-2 * scale
+    )
     bf16 = cls(**kwargs, dtype=jnp.bfloat16)
     grad_fn = jax.jit(jax.grad(lambda p: jnp.sum(bf16.apply({**variables, "params": p}, x))))
     grads = grad_fn(variables["params"])
-    assert all(g.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))
+    assert all(
+        g.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(g)))
+        for g in jax.tree_util.tree_leaves(grads)
+    )
 
 
 @pytest.mark.parametrize("cls,kwargs,shape", ALL_MODULES, ids=_IDS)
@@ -414,7 +513,11 @@ def test_window_conv_errors(cls):
     _raises(cls(8, 16, 0), (1, 8, 8, 8), r"kernel_size must be positive")
     _raises(cls(8, 16, 3, stride=0), (1, 8, 8, 8), r"stride must be positive")
     _raises(cls(8, 16, 5), (1, 3, 8, 8), r"smaller than the dilated kernel")
-    _raises(cls(8, 16, 3, padding=1, padding_mode="mirror"), (1, 8, 8, 8), r"padding_mode must be one of")
+    _raises(
+        cls(8, 16, 3, padding=1, padding_mode="mirror"),
+        (1, 8, 8, 8),
+        r"padding_mode must be one of",
+    )
 
 
 def test_functional_errors():
@@ -422,38 +525,85 @@ def test_functional_errors():
         norm_conv2d(jnp.zeros((1, 5, 5, 8)), jnp.zeros((3, 3, 4, 6)))
     with pytest.raises(ValueError, match=r"add2d: bias must have shape \(6,\)"):
         add2d(jnp.zeros((1, 5, 5, 8)), jnp.zeros((3, 3, 4, 6)), jnp.zeros(5), groups=2)
-    with pytest.raises(ValueError, match=r"involution: weights must have shape \(B, H_out, W_out, G, K, K\) = \(1, 5, 5, 2"):
+    with pytest.raises(
+        ValueError,
+        match=r"involution: weights must have shape \(B, H_out, W_out, G, K, K\) = \(1, 5, 5, 2",
+    ):
         involution(jnp.zeros((1, 5, 5, 8)), jnp.zeros((1, 3, 3, 2, 3, 3)), kernel_size=3, padding=1)
-    with pytest.raises(ValueError, match=r"involution: channels=6 is not divisible by weight groups"):
+    with pytest.raises(
+        ValueError, match=r"involution: channels=6 is not divisible by weight groups"
+    ):
         involution(jnp.zeros((1, 5, 5, 6)), jnp.zeros((1, 5, 5, 4, 3, 3)), kernel_size=3, padding=1)
 
 
 def test_slim_conv2d_errors():
-    _raises(SlimConv2d(8, 3), (1, 8, 8, 6), r"SlimConv2d: in_channels=8 but the input has 6 channels")
+    _raises(
+        SlimConv2d(8, 3), (1, 8, 8, 6), r"SlimConv2d: in_channels=8 but the input has 6 channels"
+    )
     _raises(SlimConv2d(7, 3), (1, 8, 8, 7), r"SlimConv2d: in_channels must be even and >= 4")
-    _raises(SlimConv2d(8, 3, groups=4), (1, 8, 8, 8), r"in_channels // 4=2 is not divisible by groups=4")
+    _raises(
+        SlimConv2d(8, 3, groups=4), (1, 8, 8, 8), r"in_channels // 4=2 is not divisible by groups=4"
+    )
     _raises(SlimConv2d(8, 3), (8, 8, 8), r"SlimConv2d: expected x of rank 4")
     _raises(SlimConv2d(8, 3), (1, 8, 8, 8), r"training needs a batch of at least 2", train=True)
 
 
 def test_pyconv2d_errors():
-    _raises(PyConv2d(8, 16, 3, 3, groups=[1, 2]), (1, 8, 8, 8), r"groups must be None or a list of num_levels=3")
+    _raises(
+        PyConv2d(8, 16, 3, 3, groups=[1, 2]),
+        (1, 8, 8, 8),
+        r"groups must be None or a list of num_levels=3",
+    )
     _raises(PyConv2d(8, 16, 3, 1, groups=[1, 2]), (1, 8, 8, 8), r"num_levels=1")
-    _raises(PyConv2d(8, 10, 3, 3), (1, 8, 8, 8), r"out_channels=10 cannot be split over num_levels=3.*\[2, 2, 5\]")
-    _raises(PyConv2d(6, 16, 3, 2), (1, 8, 8, 6), r"level 1 has in_channels=6, not divisible by its groups=4")
-    _raises(PyConv2d(8, 16, 3, 2, padding=1, dilation=2), (1, 9, 9, 8), r"different output sizes \[\(7, 7\), \(5, 5\)\]")
+    _raises(
+        PyConv2d(8, 10, 3, 3),
+        (1, 8, 8, 8),
+        r"out_channels=10 cannot be split over num_levels=3.*\[2, 2, 5\]",
+    )
+    _raises(
+        PyConv2d(6, 16, 3, 2),
+        (1, 8, 8, 6),
+        r"level 1 has in_channels=6, not divisible by its groups=4",
+    )
+    _raises(
+        PyConv2d(8, 16, 3, 2, padding=1, dilation=2),
+        (1, 9, 9, 8),
+        r"different output sizes \[\(7, 7\), \(5, 5\)\]",
+    )
     _raises(PyConv2d(8, 16, 0), (1, 8, 8, 8), r"kernel_size must be positive")
     _raises(PyConv2d(8, 16, 3, stride=-1), (1, 8, 8, 8), r"stride must be positive")
-    _raises(PyConv2d(8, 16, 3, num_levels=0), (1, 8, 8, 8), r"num_levels must be a positive integer")
-    _raises(PyConv2d(8, 16, 3), (1, 8, 8, 4), r"PyConv2d: in_channels=8 but the input has 4 channels")
+    _raises(
+        PyConv2d(8, 16, 3, num_levels=0), (1, 8, 8, 8), r"num_levels must be a positive integer"
+    )
+    _raises(
+        PyConv2d(8, 16, 3), (1, 8, 8, 4), r"PyConv2d: in_channels=8 but the input has 4 channels"
+    )
 
 
 def test_involution2d_errors():
-    _raises(Involution2d(8, 3, 1, groups=3), (1, 8, 8, 8), r"in_channels=8 is not divisible by groups=3")
-    _raises(Involution2d(8, 3, 1, reduction_ratio=3), (1, 8, 8, 8), r"reduction_ratio must be .* dividing in_channels=8")
-    _raises(Involution2d(8, 3, 1, stride=2), (1, 9, 8, 8), r"output is 5x4 but the kernels are generated at 4x4 \(floor\(H/stride\)")
-    _raises(Involution2d(8, 3, 0), (1, 8, 8, 8), r"output is 6x6 but the kernels are generated at 8x8.*use padding=1")
+    _raises(
+        Involution2d(8, 3, 1, groups=3), (1, 8, 8, 8), r"in_channels=8 is not divisible by groups=3"
+    )
+    _raises(
+        Involution2d(8, 3, 1, reduction_ratio=3),
+        (1, 8, 8, 8),
+        r"reduction_ratio must be .* dividing in_channels=8",
+    )
+    _raises(
+        Involution2d(8, 3, 1, stride=2),
+        (1, 9, 8, 8),
+        r"output is 5x4 but the kernels are generated at 4x4 \(floor\(H/stride\)",
+    )
+    _raises(
+        Involution2d(8, 3, 0),
+        (1, 8, 8, 8),
+        r"output is 6x6 but the kernels are generated at 8x8.*use padding=1",
+    )
     _raises(Involution2d(8, 5, 1, dilation=2), (1, 8, 8, 8), r"use padding=4")
-    _raises(Involution2d(8, 3, 1), (1, 8, 8, 4), r"Involution2d: in_channels=8 but the input has 4 channels")
+    _raises(
+        Involution2d(8, 3, 1),
+        (1, 8, 8, 4),
+        r"Involution2d: in_channels=8 but the input has 4 channels",
+    )
     _raises(Involution2d(8, 0), (1, 8, 8, 8), r"kernel_size must be a positive integer")
     _raises(Involution2d(8, 3, 1), (8, 8, 8), r"Involution2d: expected x of rank 4")

@@ -1,6 +1,7 @@
 """jaxenc.nn.customize (PyTorch-Encoding's encoding/nn/customize.py): Normalize, ConcurrentModule,
 PyramidPooling. PyTorch-Encoding is not installable, so the torch references below restate the
 upstream modules with their attribute names (encoding/nn/customize.py)."""
+
 from __future__ import annotations
 
 import functools
@@ -10,8 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from optional_torch import torch
-from optional_torch import F
+from optional_torch import F, torch
 from parity import assert_close, check_module_parity, nchw, random_input, randomise_batchnorm
 
 from jaxenc.nn.customize import ConcurrentModule, Normalize, PyramidPooling, lp_normalize
@@ -30,7 +30,9 @@ class TorchPyramidPooling(torch.nn.Module):
         out_channels = int(in_channels / 4)
         for i in range(1, 5):
             block = torch.nn.Sequential(
-                torch.nn.Conv2d(in_channels, out_channels, 1, bias=False), norm_layer(out_channels), torch.nn.ReLU(True)
+                torch.nn.Conv2d(in_channels, out_channels, 1, bias=False),
+                norm_layer(out_channels),
+                torch.nn.ReLU(True),
             )
             setattr(self, f"conv{i}", block)
         self._up_kwargs = up_kwargs or {"mode": "bilinear", "align_corners": True}
@@ -96,7 +98,10 @@ def test_normalize_unit_norm_and_bfloat16():
 
 
 def test_normalize_bad_input():
-    with pytest.raises(ValueError, match=r"Normalize: dim=3 is out of range for an input of rank 2 \(shape \(2, 3\)\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"Normalize: dim=3 is out of range for an input of rank 2 \(shape \(2, 3\)\)",
+    ):
         Normalize(dim=3).apply({}, jnp.ones((2, 3)))
     with pytest.raises(ValueError, match=r"lp_normalize: p must be a number >= 0 or inf, got -1"):
         lp_normalize(jnp.ones((2, 3)), p=-1)
@@ -112,14 +117,21 @@ def test_normalize_bad_input():
 def test_pyramid_pooling_parity(shape, train):
     c = shape[-1]
     torch_module = randomise_batchnorm(TorchPyramidPooling(c))
-    out = check_module_parity(torch_module, PyramidPooling(c), random_input(shape, seed=c), train=train)
+    out = check_module_parity(
+        torch_module, PyramidPooling(c), random_input(shape, seed=c), train=train
+    )
     assert out["output"].shape == (*shape[:3], c + 4 * (c // 4))
 
 
 def test_pyramid_pooling_align_corners_false():
     up = {"mode": "bilinear", "align_corners": False}
     torch_module = randomise_batchnorm(TorchPyramidPooling(8, up_kwargs=up))
-    check_module_parity(torch_module, PyramidPooling(8, up_kwargs=up), random_input((2, 13, 11, 8), seed=1), train=True)
+    check_module_parity(
+        torch_module,
+        PyramidPooling(8, up_kwargs=up),
+        random_input((2, 13, 11, 8), seed=1),
+        train=True,
+    )
 
 
 def test_pyramid_pooling_keys_and_norm_layer():
@@ -130,7 +142,9 @@ def test_pyramid_pooling_keys_and_norm_layer():
     # A norm_layer factory (here a synchronised-BN style partial) is used for every level.
     module = PyramidPooling(8, norm_layer=functools.partial(BatchNorm, momentum=0.5))
     v = module.init(jax.random.key(0), x)
-    _, state = module.apply(v, x + jnp.arange(5.0)[None, None, :, None], train=True, mutable=["batch_stats"])
+    _, state = module.apply(
+        v, x + jnp.arange(5.0)[None, None, :, None], train=True, mutable=["batch_stats"]
+    )
     assert float(state["batch_stats"]["conv1"]["1"]["var"][0]) != 1.0
 
 
@@ -159,15 +173,22 @@ def test_pyramid_pooling_bf16_jit_vmap():
 
 def test_pyramid_pooling_bad_input():
     x = jnp.ones((2, 7, 5, 8))
-    with pytest.raises(ValueError, match="PyramidPooling: in_channels=16 but the input has 8 channels"):
+    with pytest.raises(
+        ValueError, match="PyramidPooling: in_channels=16 but the input has 8 channels"
+    ):
         PyramidPooling(16).init(jax.random.key(0), x)
     with pytest.raises(ValueError, match=r"PyramidPooling: in_channels must be >= 4 .* got 3"):
         PyramidPooling(3).init(jax.random.key(0), jnp.ones((2, 7, 5, 3)))
     with pytest.raises(ValueError, match=r"PyramidPooling: expected x of rank 4 \(N, H, W, C\)"):
         PyramidPooling(8).init(jax.random.key(0), x[0])
-    with pytest.raises(ValueError, match=r"PyramidPooling: up_kwargs\['mode'\] must be 'bilinear'.* got 'nearest'"):
+    with pytest.raises(
+        ValueError, match=r"PyramidPooling: up_kwargs\['mode'\] must be 'bilinear'.* got 'nearest'"
+    ):
         PyramidPooling(8, up_kwargs={"mode": "nearest"}).init(jax.random.key(0), x)
-    with pytest.raises(ValueError, match=r"PyramidPooling: up_kwargs accepts 'mode' and 'align_corners', got unknown keys \['size'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"PyramidPooling: up_kwargs accepts 'mode' and 'align_corners', got unknown keys \['size'\]",
+    ):
         PyramidPooling(8, up_kwargs={"mode": "bilinear", "size": 3}).init(jax.random.key(0), x)
 
 
@@ -181,20 +202,27 @@ def test_concurrent_module_parity(train):
         [torch.nn.Conv2d(8, 5, 3, padding=1), bn, torch.nn.Conv2d(8, 2, 1, bias=False)]
     )
     # BatchNorm takes `train`, the convs do not: ConcurrentModule forwards it only where accepted.
-    flax_module = ConcurrentModule([Conv2d(5, 3, padding=1), BatchNorm(8), Conv2d(2, 1, bias=False)])
-    out = check_module_parity(torch_module, flax_module, random_input((2, 9, 7, 8), seed=2), train=train)
+    flax_module = ConcurrentModule(
+        [Conv2d(5, 3, padding=1), BatchNorm(8), Conv2d(2, 1, bias=False)]
+    )
+    out = check_module_parity(
+        torch_module, flax_module, random_input((2, 9, 7, 8), seed=2), train=train
+    )
     assert out["output"].shape == (2, 9, 7, 5 + 8 + 2)
     assert set(out["variables"]["params"]) == {"0", "1", "2"}  # the ModuleList indices
 
 
 def test_concurrent_module_with_pyramid_pooling_keys():
     # Nested upstream names: torch "1.conv3.1.running_mean" <-> Flax batch_stats/1/conv3/1/mean.
-    torch_module = TorchConcurrentModule([torch.nn.Conv2d(8, 5, 1), randomise_batchnorm(TorchPyramidPooling(8))])
+    torch_module = TorchConcurrentModule(
+        [torch.nn.Conv2d(8, 5, 1), randomise_batchnorm(TorchPyramidPooling(8))]
+    )
     flax_module = ConcurrentModule([Conv2d(5, 1), PyramidPooling(8)])
     x = random_input((2, 6, 5, 8), seed=6)
     variables = torch_to_flax(flax_module, torch_module.eval().state_dict(), x)
     np.testing.assert_array_equal(
-        np.asarray(variables["batch_stats"]["1"]["conv3"]["1"]["mean"]), torch_module[1].conv3[1].running_mean.numpy()
+        np.asarray(variables["batch_stats"]["1"]["conv3"]["1"]["mean"]),
+        torch_module[1].conv3[1].running_mean.numpy(),
     )
     expected = np.transpose(torch_module(torch.tensor(nchw(x))).detach().numpy(), (0, 2, 3, 1))
     assert_close(jax.jit(flax_module.apply)(variables, x), expected, 1e-5)
@@ -207,8 +235,14 @@ def test_concurrent_module_jit_vmap_bf16():
     ref = module.apply(v, x)
     assert_close(jax.jit(module.apply)(v, x), ref, rtol=1e-6, what="jit")
     xs = jnp.asarray(random_input((3, 2, 6, 5, 4), seed=4))
-    assert_close(jax.vmap(lambda t: module.apply(v, t))(xs), jnp.stack([module.apply(v, t) for t in xs]), 1e-6)
-    out = ConcurrentModule([Conv2d(3, 1, dtype=jnp.bfloat16), Conv2d(4, 3, padding=1, dtype=jnp.bfloat16)]).apply(v, x)
+    assert_close(
+        jax.vmap(lambda t: module.apply(v, t))(xs),
+        jnp.stack([module.apply(v, t) for t in xs]),
+        1e-6,
+    )
+    out = ConcurrentModule(
+        [Conv2d(3, 1, dtype=jnp.bfloat16), Conv2d(4, 3, padding=1, dtype=jnp.bfloat16)]
+    ).apply(v, x)
     assert out.dtype == jnp.bfloat16
     assert_close(out.astype(jnp.float32), ref, rtol=2e-2)
 
@@ -217,7 +251,12 @@ def test_concurrent_module_bad_input():
     x = jnp.ones((2, 6, 5, 4))
     with pytest.raises(ValueError, match="ConcurrentModule: modules is empty"):
         ConcurrentModule([]).init(jax.random.key(0), x)
-    with pytest.raises(ValueError, match=r"ConcurrentModule: outputs must agree on every axis but the last .* modules\[1\] gave \(2, 3, 3, 2\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"ConcurrentModule: outputs must agree on every axis but the last .* modules\[1\] gave \(2, 3, 3, 2\)",
+    ):
         ConcurrentModule([Conv2d(3, 1), Conv2d(2, 1, stride=2)]).init(jax.random.key(0), x)
-    with pytest.raises(TypeError, match=r"ConcurrentModule: modules\[0\] must be a flax.linen Module, got function"):
+    with pytest.raises(
+        TypeError, match=r"ConcurrentModule: modules\[0\] must be a flax.linen Module, got function"
+    ):
         ConcurrentModule([lambda v: v]).init(jax.random.key(0), x)

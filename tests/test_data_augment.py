@@ -6,6 +6,7 @@ torchvision's RandomResizedCrop / RandomCrop / Resize / CenterCrop), driven by a
 same seed (draws in upstream's order) or by a scripted rng. torchvision comparisons skip when
 torchvision cannot be imported.
 """
+
 from __future__ import annotations
 
 import math
@@ -63,14 +64,15 @@ class ScriptedRng:
 
 def torchvision_or_skip():
     try:
-        import torchvision.transforms.functional as F  # noqa: F401
         import torchvision.transforms as T
+        import torchvision.transforms.functional as F  # noqa: F401
     except Exception as err:  # absent, or an extension built for another torch
         pytest.skip(f"torchvision unavailable: {err!r}")
     return T, F
 
 
 # == segmentation: train =============================================================================
+
 
 def upstream_sync_restated(image, mask, base, crop, seed, mask_pad=-1):
     """base.py ``_sync_transform`` restated with numpy/PIL, draws from Generator(seed)."""
@@ -84,7 +86,9 @@ def upstream_sync_restated(image, mask, base, crop, seed, mask_pad=-1):
     else:
         ow, oh = long_size, int(1.0 * h * long_size / w + 0.5)
     image = pil_resize(image, ow, oh)
-    mask = np.asarray(Image.fromarray(np.ascontiguousarray(mask)).resize((ow, oh), Image.Resampling.NEAREST))
+    mask = np.asarray(
+        Image.fromarray(np.ascontiguousarray(mask)).resize((ow, oh), Image.Resampling.NEAREST)
+    )
     if min(ow, oh) < crop:
         padh, padw = max(crop - oh, 0), max(crop - ow, 0)
         image = np.pad(image, ((0, padh), (0, padw), (0, 0)))
@@ -92,7 +96,7 @@ def upstream_sync_restated(image, mask, base, crop, seed, mask_pad=-1):
     hh, ww = mask.shape
     x1 = int(r.integers(0, ww - crop + 1))
     y1 = int(r.integers(0, hh - crop + 1))
-    return norm(image[y1:y1 + crop, x1:x1 + crop]), mask[y1:y1 + crop, x1:x1 + crop]
+    return norm(image[y1 : y1 + crop, x1 : x1 + crop]), mask[y1 : y1 + crop, x1 : x1 + crop]
 
 
 @pytest.mark.parametrize("shape", [(30, 44), (44, 30), (25, 25)])
@@ -112,23 +116,35 @@ def test_seg_train_matches_upstream_restatement(shape):
 def test_seg_train_long_side_range_is_inclusive():
     t = A.UpstreamSegTrain(base_size=10, crop_size=4)
     assert t.long_side_range() == (5, 20)
-    longs = {max(p["width"], p["height"]) for p in
-             (t.params(6, 9, np.random.default_rng(s)) for s in range(600))}
+    longs = {
+        max(p["width"], p["height"])
+        for p in (t.params(6, 9, np.random.default_rng(s)) for s in range(600))
+    }
     assert longs == set(range(5, 21))
-    t = A.UpstreamSegTrain(base_size=9, crop_size=4, scale=(0.5, 2.0))  # int(4.5) = 4, int(18.0) = 18
+    t = A.UpstreamSegTrain(
+        base_size=9, crop_size=4, scale=(0.5, 2.0)
+    )  # int(4.5) = 4, int(18.0) = 18
     assert t.long_side_range() == (4, 18)
 
 
 def test_seg_train_scaled_size_rounds_half_up_like_upstream():
     # h > w: height is the long side; otherwise (landscape and square) the width is.
-    assert A.UpstreamSegTrain.scaled_size(3, 2, 7) == (7, 5)   # 2*7/3 = 4.67 -> 5 (truncation gives 4)
+    assert A.UpstreamSegTrain.scaled_size(3, 2, 7) == (
+        7,
+        5,
+    )  # 2*7/3 = 4.67 -> 5 (truncation gives 4)
     assert A.UpstreamSegTrain.scaled_size(2, 3, 7) == (5, 7)
     assert A.UpstreamSegTrain.scaled_size(4, 4, 9) == (9, 9)
-    assert A.UpstreamSegTrain.scaled_size(4, 2, 5) == (5, 3)   # 2.5 -> 3 (round half up, not to even)
+    assert A.UpstreamSegTrain.scaled_size(4, 2, 5) == (
+        5,
+        3,
+    )  # 2.5 -> 3 (round half up, not to even)
     for w in range(1, 13):
         for h in range(1, 13):
             for long_size in (5, 8, 13, 20):
-                short = max(1, math.floor(min(w, h) * long_size / max(w, h) + 0.5))  # upstream: a 0 px side
+                short = max(
+                    1, math.floor(min(w, h) * long_size / max(w, h) + 0.5)
+                )  # upstream: a 0 px side
                 expected = (short, long_size) if h > w else (long_size, short)
                 assert A.UpstreamSegTrain.scaled_size(w, h, long_size) == expected
 
@@ -142,11 +158,17 @@ def test_seg_train_pads_bottom_right_with_black_and_mask_pad():
     assert out["mask"].shape == (8, 8)
     np.testing.assert_array_equal(out["mask"][:6], 7)
     np.testing.assert_array_equal(out["mask"][6:], -1)
-    np.testing.assert_allclose(out["image"][:6], np.broadcast_to((1 - MEAN) / STD, (6, 8, 3)), rtol=1e-6)
+    np.testing.assert_allclose(
+        out["image"][:6], np.broadcast_to((1 - MEAN) / STD, (6, 8, 3)), rtol=1e-6
+    )
     np.testing.assert_allclose(out["image"][6:], np.broadcast_to(-MEAN / STD, (2, 8, 3)), rtol=1e-6)
     # upstream VOC: padding is background 0
-    rng = ScriptedRng(random=[0.9], integers=[5, 0, 0])  # long 5 -> (5, 3): pad 3 cols right, 5 rows below
-    out = A.UpstreamSegTrain(base_size=10, crop_size=8, mask_pad=0)({"image": image, "mask": mask}, rng)
+    rng = ScriptedRng(
+        random=[0.9], integers=[5, 0, 0]
+    )  # long 5 -> (5, 3): pad 3 cols right, 5 rows below
+    out = A.UpstreamSegTrain(base_size=10, crop_size=8, mask_pad=0)(
+        {"image": image, "mask": mask}, rng
+    )
     expected = np.zeros((8, 8), np.int32)
     expected[:3, :5] = 7
     np.testing.assert_array_equal(out["mask"], expected)
@@ -193,11 +215,17 @@ def test_seg_train_determinism_and_rng_required():
 
 # == segmentation: val / testval ======================================================================
 
+
 def test_seg_val_geometry_truncates_and_rounds_centre_half_to_even():
     t = A.UpstreamSegVal(crop_size=4)
     # w > h: height -> 4, width int(9*4/4) = 9; x = round(2.5) = 2 (Python round), y = 0
     assert t.geometry(height=4, width=9) == {"width": 9, "height": 4, "x": 2, "y": 0}
-    assert t.geometry(height=4, width=11) == {"width": 11, "height": 4, "x": 4, "y": 0}  # round(3.5) = 4
+    assert t.geometry(height=4, width=11) == {
+        "width": 11,
+        "height": 4,
+        "x": 4,
+        "y": 0,
+    }  # round(3.5) = 4
     # truncation, no +0.5: 10*4/3 = 13.33 -> 13 and 5*4/3 = 6.67 -> 6
     assert t.geometry(height=3, width=10) == {"width": 13, "height": 4, "x": 4, "y": 0}
     assert t.geometry(height=5, width=3) == {"width": 4, "height": 6, "x": 0, "y": 1}
@@ -214,15 +242,19 @@ def test_seg_val_geometry_truncates_and_rounds_centre_half_to_even():
 
 def test_seg_val_output_matches_restatement():
     image, mask = random_image(4, 9), coord_mask(4, 9)
-    out = A.UpstreamSegVal(crop_size=4)({"image": image, "mask": mask}, None)  # no resample: exact slice
+    out = A.UpstreamSegVal(crop_size=4)(
+        {"image": image, "mask": mask}, None
+    )  # no resample: exact slice
     np.testing.assert_array_equal(out["mask"], mask[:, 2:6])
     np.testing.assert_array_equal(out["image"], norm(image[:, 2:6]))
     image, mask = random_image(17, 23, seed=3), coord_mask(17, 23)
     out = A.UpstreamSegVal(crop_size=8, interpolation="bicubic")({"image": image, "mask": mask})
     ow = int(23 * 8 / 17)
     x = int(round((ow - 8) / 2.0))
-    exp_image = pil_resize(image, ow, 8, Image.Resampling.BICUBIC)[:, x:x + 8]
-    exp_mask = np.asarray(Image.fromarray(mask).resize((ow, 8), Image.Resampling.NEAREST))[:, x:x + 8]
+    exp_image = pil_resize(image, ow, 8, Image.Resampling.BICUBIC)[:, x : x + 8]
+    exp_mask = np.asarray(Image.fromarray(mask).resize((ow, 8), Image.Resampling.NEAREST))[
+        :, x : x + 8
+    ]
     np.testing.assert_array_equal(out["image"], norm(exp_image))
     np.testing.assert_array_equal(out["mask"], exp_mask)
     assert out["image"].dtype == np.float32 and out["mask"].dtype == np.int32
@@ -236,11 +268,14 @@ def test_seg_testval_is_full_image_normalised():
     assert out["image"].dtype == np.float32 and out["mask"].dtype == np.int32
     # torch's ToTensor + Normalize, channels last
     x = torch.from_numpy(image).permute(2, 0, 1).float().div(255)
-    x = (x - torch.tensor(A.IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(A.IMAGENET_STD).view(3, 1, 1)
+    x = (x - torch.tensor(A.IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(A.IMAGENET_STD).view(
+        3, 1, 1
+    )
     np.testing.assert_allclose(out["image"], x.permute(1, 2, 0).numpy(), rtol=0, atol=1e-6)
 
 
 # == recognition building blocks ======================================================================
+
 
 def test_ecentercrop_geometry():
     t = A.ECenterCrop(32)
@@ -253,7 +288,7 @@ def test_ecentercrop_geometry():
     out = A.ECenterCrop(24)(image)
     side = 24 / 56 * 75
     top, left = int(round((75 - side) / 2)), int(round((100 - side) / 2))
-    crop = image[top:int(round(top + side)), left:int(round(left + side))]
+    crop = image[top : int(round(top + side)), left : int(round(left + side))]
     np.testing.assert_array_equal(out, pil_resize(crop, 24, 24, Image.Resampling.BICUBIC))
     assert out.shape == (24, 24, 3) and out.dtype == np.uint8
 
@@ -284,7 +319,7 @@ def erandom_box_restated(h, w, seed):
 
 def test_erandomcrop_geometry_and_fallback():
     t = A.ERandomCrop(16)
-    for (h, w) in [(40, 60), (60, 40), (7, 9)]:
+    for h, w in [(40, 60), (60, 40), (7, 9)]:
         for seed in range(40):
             box = t.box(h, w, np.random.default_rng(seed))
             assert box == erandom_box_restated(h, w, seed)
@@ -295,8 +330,10 @@ def test_erandomcrop_geometry_and_fallback():
     image = random_image(40, 60)
     seed = next(s for s in range(40) if erandom_box_restated(40, 60, s) is not None)
     x, y, cw, ch = erandom_box_restated(40, 60, seed)
-    np.testing.assert_array_equal(t(image, np.random.default_rng(seed)),
-                                  pil_resize(image[y:y + ch, x:x + cw], 16, 16, Image.Resampling.BICUBIC))
+    np.testing.assert_array_equal(
+        t(image, np.random.default_rng(seed)),
+        pil_resize(image[y : y + ch, x : x + cw], 16, 16, Image.Resampling.BICUBIC),
+    )
     # a 1-pixel-high strip cannot hold 10% of its area at aspect [3/4, 4/3]: ECenterCrop fallback
     strip = random_image(1, 50)
     assert t.box(1, 50, np.random.default_rng(0)) is None
@@ -308,12 +345,20 @@ def test_lighting_matches_formula_and_upstream_torch():
     out = A.Lighting(0.1)(image01, np.random.default_rng(3))
     alpha = np.random.default_rng(3).normal(0, 0.1, 3)
     eigval = np.array([0.2175, 0.0188, 0.0045])
-    eigvec = np.array([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]])
+    eigvec = np.array(
+        [[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]]
+    )
     rgb = np.array([sum(eigvec[c, j] * alpha[j] * eigval[j] for j in range(3)) for c in range(3)])
     np.testing.assert_allclose(out, image01 + rgb, rtol=0, atol=1e-6)
     # upstream's torch expression on a CHW tensor
-    ev, evec, a = torch.tensor(eigval).float(), torch.tensor(eigvec).float(), torch.tensor(alpha).float()
-    delta = evec.clone().mul(a.view(1, 3).expand(3, 3)).mul(ev.view(1, 3).expand(3, 3)).sum(1).squeeze()
+    ev, evec, a = (
+        torch.tensor(eigval).float(),
+        torch.tensor(eigvec).float(),
+        torch.tensor(alpha).float(),
+    )
+    delta = (
+        evec.clone().mul(a.view(1, 3).expand(3, 3)).mul(ev.view(1, 3).expand(3, 3)).sum(1).squeeze()
+    )
     ref = torch.from_numpy(image01).permute(2, 0, 1).add(delta.view(3, 1, 1))
     np.testing.assert_allclose(out, ref.permute(1, 2, 0).numpy(), rtol=0, atol=1e-6)
     assert out.dtype == np.float32
@@ -334,7 +379,11 @@ def test_colorjitter_params_and_pil_semantics():
     out = t(image, np.random.default_rng(4))
     order, (b, c, s) = t.params(np.random.default_rng(4))
     pil = Image.fromarray(image)
-    enhancers = {0: (ImageEnhance.Brightness, b), 1: (ImageEnhance.Contrast, c), 2: (ImageEnhance.Color, s)}
+    enhancers = {
+        0: (ImageEnhance.Brightness, b),
+        1: (ImageEnhance.Contrast, c),
+        2: (ImageEnhance.Color, s),
+    }
     for i in order:
         if i < 3:
             pil = enhancers[i][0](pil).enhance(enhancers[i][1])
@@ -350,13 +399,15 @@ def test_randomresizedcrop_and_randomcrop_geometry():
     # torchvision's central fallback (every try too large), aspect clamped to the ratio range
     big = A.RandomResizedCrop(8, scale=(5.0, 5.0))
     assert big.box(30, 40, np.random.default_rng(0)) == (0, 0, 30, 40)
-    assert big.box(10, 40, np.random.default_rng(0)) == (0, 13, 10, 13)   # w = round(10 * 4/3)
-    assert big.box(40, 10, np.random.default_rng(0)) == (13, 0, 13, 10)   # h = round(10 / (3/4))
+    assert big.box(10, 40, np.random.default_rng(0)) == (0, 13, 10, 13)  # w = round(10 * 4/3)
+    assert big.box(40, 10, np.random.default_rng(0)) == (13, 0, 13, 10)  # h = round(10 / (3/4))
     image = random_image(6, 6)
     out = A.RandomCrop(6, padding=2)(image, np.random.default_rng(1))
     r = np.random.default_rng(1)
     top, left = int(r.integers(0, 5)), int(r.integers(0, 5))
-    np.testing.assert_array_equal(out, np.pad(image, ((2, 2), (2, 2), (0, 0)))[top:top + 6, left:left + 6])
+    np.testing.assert_array_equal(
+        out, np.pad(image, ((2, 2), (2, 2), (0, 0)))[top : top + 6, left : left + 6]
+    )
     with pytest.raises(ValueError, match="larger than the padded image"):
         A.RandomCrop(20, padding=2)(image, np.random.default_rng(0))
 
@@ -364,9 +415,11 @@ def test_randomresizedcrop_and_randomcrop_geometry():
 def test_resize_and_centercrop_geometry():
     assert A.Resize(8).output_size(height=10, width=25) == (8, 20)
     assert A.Resize(8).output_size(height=25, width=10) == (20, 8)
-    assert A.Resize(7).output_size(height=10, width=13) == (7, 9)   # 7*13/10 = 9.1 -> 9
+    assert A.Resize(7).output_size(height=10, width=13) == (7, 9)  # 7*13/10 = 9.1 -> 9
     image = random_image(9, 12)
-    np.testing.assert_array_equal(A.CenterCrop(4)(image), image[2:6, 4:8])   # round(2.5) = 2, round(4.0)
+    np.testing.assert_array_equal(
+        A.CenterCrop(4)(image), image[2:6, 4:8]
+    )  # round(2.5) = 2, round(4.0)
     small = A.CenterCrop(5)(random_image(2, 3))
     assert small.shape == (5, 5, 3) and small[0].sum() == 0 and small[-1].sum() == 0
 
@@ -380,41 +433,70 @@ def test_torchvision_parity():
     np.testing.assert_array_equal(A.CenterCrop(30)(image), np.asarray(T.CenterCrop(30)(pil)))
     np.testing.assert_array_equal(A.CenterCrop(60)(image), np.asarray(T.CenterCrop(60)(pil)))
     out = A.MincVal(40, 32)({"image": image, "label": 1})["image"]
-    ref = T.Compose([T.Resize(40), T.CenterCrop(32), T.ToTensor(), T.Normalize(A.IMAGENET_MEAN, A.IMAGENET_STD)])(pil)
+    ref = T.Compose(
+        [T.Resize(40), T.CenterCrop(32), T.ToTensor(), T.Normalize(A.IMAGENET_MEAN, A.IMAGENET_STD)]
+    )(pil)
     np.testing.assert_allclose(out, ref.permute(1, 2, 0).numpy(), rtol=0, atol=1e-6)
     # ColorJitter: same order and factors -> the same pixels as torchvision's adjust_* on PIL
     order, (b, c, s) = A.ColorJitter(0.4, 0.4, 0.4).params(np.random.default_rng(2))
     ref_pil = pil
     for i in order:
-        fn = {0: lambda x: F.adjust_brightness(x, b), 1: lambda x: F.adjust_contrast(x, c),
-              2: lambda x: F.adjust_saturation(x, s), 3: lambda x: x}[i]
+        fn = {
+            0: lambda x: F.adjust_brightness(x, b),
+            1: lambda x: F.adjust_contrast(x, c),
+            2: lambda x: F.adjust_saturation(x, s),
+            3: lambda x: x,
+        }[i]
         ref_pil = fn(ref_pil)
     np.testing.assert_array_equal(A.ColorJitter.apply(image, order, (b, c, s)), np.asarray(ref_pil))
     # RandomResizedCrop: crop + bilinear resize, and the central fallback box
     top, left, h, w = A.RandomResizedCrop(16).box(37, 53, np.random.default_rng(3))
-    np.testing.assert_array_equal(A.RandomResizedCrop(16)(image, np.random.default_rng(3)),
-                                  np.asarray(F.resized_crop(pil, top, left, h, w, [16, 16])))
+    np.testing.assert_array_equal(
+        A.RandomResizedCrop(16)(image, np.random.default_rng(3)),
+        np.asarray(F.resized_crop(pil, top, left, h, w, [16, 16])),
+    )
     for shape in [(30, 40), (10, 40), (40, 10)]:
         strip = Image.fromarray(random_image(*shape))
-        assert A.RandomResizedCrop(8, scale=(5.0, 5.0)).box(*shape, np.random.default_rng(0)) == \
-            T.RandomResizedCrop.get_params(strip, scale=(5.0, 5.0), ratio=(3 / 4, 4 / 3))
+        assert A.RandomResizedCrop(8, scale=(5.0, 5.0)).box(
+            *shape, np.random.default_rng(0)
+        ) == T.RandomResizedCrop.get_params(strip, scale=(5.0, 5.0), ratio=(3 / 4, 4 / 3))
     # RandomCrop(32, padding=4) at a given offset
     cifar = random_image(32, 32)
     r = np.random.default_rng(9)
     top, left = int(r.integers(0, 9)), int(r.integers(0, 9))
-    np.testing.assert_array_equal(A.RandomCrop(32, padding=4)(cifar, np.random.default_rng(9)),
-                                  np.asarray(F.crop(F.pad(Image.fromarray(cifar), 4), top, left, 32, 32)))
+    np.testing.assert_array_equal(
+        A.RandomCrop(32, padding=4)(cifar, np.random.default_rng(9)),
+        np.asarray(F.crop(F.pad(Image.fromarray(cifar), 4), top, left, 32, 32)),
+    )
 
 
 # == RandAugment ======================================================================================
 
+
 def test_rand_augment_op_list_and_magnitudes():
     assert A.RAND_AUGMENT_OPS == (
-        "AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd", "Color",
-        "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "CutoutAbs", "TranslateXabs", "TranslateYabs")
+        "AutoContrast",
+        "Equalize",
+        "Invert",
+        "Rotate",
+        "Posterize",
+        "Solarize",
+        "SolarizeAdd",
+        "Color",
+        "Contrast",
+        "Brightness",
+        "Sharpness",
+        "ShearX",
+        "ShearY",
+        "CutoutAbs",
+        "TranslateXabs",
+        "TranslateYabs",
+    )
     assert A.rand_augment_value("Rotate", 12) == pytest.approx(12.0)
     assert A.rand_augment_value("Color", 12) == pytest.approx(0.1 + 0.4 * 1.8)
-    assert A.rand_augment_value("Solarize", 30) == 256.0 and A.rand_augment_value("Solarize", 0) == 0.0
+    assert (
+        A.rand_augment_value("Solarize", 30) == 256.0 and A.rand_augment_value("Solarize", 0) == 0.0
+    )
     assert A.rand_augment_value("TranslateXabs", 15) == pytest.approx(50.0)
     image = random_image(24, 20)
     for name in A.RAND_AUGMENT_OPS:
@@ -423,17 +505,24 @@ def test_rand_augment_op_list_and_magnitudes():
             assert out.shape == image.shape and out.dtype == np.uint8, (name, m)
     rng = np.random.default_rng(0)
     np.testing.assert_array_equal(A.rand_augment_op(image, "Invert", 12, rng), 255 - image)
-    np.testing.assert_array_equal(A.rand_augment_op(image, "Posterize", 0, rng), 0)         # 0 bits
+    np.testing.assert_array_equal(A.rand_augment_op(image, "Posterize", 0, rng), 0)  # 0 bits
     np.testing.assert_array_equal(A.rand_augment_op(image, "Posterize", 30, rng), image & 0xF0)
-    np.testing.assert_array_equal(A.rand_augment_op(image, "Solarize", 30, rng), image)      # threshold 256
+    np.testing.assert_array_equal(
+        A.rand_augment_op(image, "Solarize", 30, rng), image
+    )  # threshold 256
     np.testing.assert_array_equal(A.rand_augment_op(image, "Solarize", 0, rng), 255 - image)
     added = np.clip(image.astype(int) + 44, 0, 255)
-    np.testing.assert_array_equal(A.rand_augment_op(image, "SolarizeAdd", 12, rng),
-                                  np.where(added < 128, added, 255 - added))
+    np.testing.assert_array_equal(
+        A.rand_augment_op(image, "SolarizeAdd", 12, rng), np.where(added < 128, added, 255 - added)
+    )
     # translations by a whole number of pixels, either sign
-    shifted = A.rand_augment_op(image, "TranslateXabs", 3, np.random.default_rng(0))   # 10 px
-    assert np.array_equal(shifted[:, :10], image[:, 10:]) or np.array_equal(shifted[:, 10:], image[:, :10])
-    cut = A.rand_augment_op(np.zeros((30, 30, 3), np.uint8), "CutoutAbs", 30, np.random.default_rng(1))
+    shifted = A.rand_augment_op(image, "TranslateXabs", 3, np.random.default_rng(0))  # 10 px
+    assert np.array_equal(shifted[:, :10], image[:, 10:]) or np.array_equal(
+        shifted[:, 10:], image[:, :10]
+    )
+    cut = A.rand_augment_op(
+        np.zeros((30, 30, 3), np.uint8), "CutoutAbs", 30, np.random.default_rng(1)
+    )
     ys, xs = np.nonzero(cut[..., 0])
     assert (cut[ys, xs] == (125, 123, 114)).all() and 0 < len(ys) <= 41 * 41
 
@@ -452,8 +541,11 @@ def test_rand_augment_sampling():
 # == example transforms ===============================================================================
 
 RECOGNITION_TRAIN = [
-    A.ImageNetTrain(24), A.ImageNetTrain(24, rand_aug=(2, 12)), A.ImageNetTrain(24, etrans=False),
-    A.CifarTrain(24), A.MincTrain(30, 24),
+    A.ImageNetTrain(24),
+    A.ImageNetTrain(24, rand_aug=(2, 12)),
+    A.ImageNetTrain(24, etrans=False),
+    A.CifarTrain(24),
+    A.MincTrain(30, 24),
 ]
 RECOGNITION_VAL = [A.ImageNetVal(24), A.ImageNetVal(24, etrans=False), A.MincVal(30, 24)]
 
@@ -475,7 +567,9 @@ def test_recognition_train_shapes_and_determinism(t):
 def test_recognition_val_shapes(t):
     ex = {"image": random_image(40, 56)[..., :1], "label": 2}  # grayscale becomes RGB
     out = t(ex, None)
-    assert out["image"].shape == (24, 24, 3) and out["image"].dtype == np.float32 and out["label"] == 2
+    assert (
+        out["image"].shape == (24, 24, 3) and out["image"].dtype == np.float32 and out["label"] == 2
+    )
 
 
 def test_imagenet_train_pipeline_order():
@@ -503,35 +597,39 @@ def test_cifar_uses_cifar_statistics():
 
 # == bad arguments ====================================================================================
 
-@pytest.mark.parametrize("build, arg", [
-    (lambda: A.UpstreamSegTrain(0, 10), "base_size"),
-    (lambda: A.UpstreamSegTrain(10, 2.5), "crop_size"),
-    (lambda: A.UpstreamSegTrain(10, 8, scale=(2.0, 0.5)), "scale"),
-    (lambda: A.UpstreamSegTrain(10, 8, scale=(0.01, 1.0)), "scale"),
-    (lambda: A.UpstreamSegTrain(10, 8, mask_pad=0.5), "mask_pad"),
-    (lambda: A.UpstreamSegTrain(10, 8, mean=(0.5, 0.5)), "mean"),
-    (lambda: A.UpstreamSegTrain(10, 8, std=(1.0, 0.0, 1.0)), "std"),
-    (lambda: A.UpstreamSegVal(8, interpolation="lanczos"), "interpolation"),
-    (lambda: A.UpstreamSegVal(-1), "crop_size"),
-    (lambda: A.UpstreamSegTestval(std=(1, 1)), "std"),
-    (lambda: A.ECenterCrop(0), "crop_size"),
-    (lambda: A.ERandomCrop(8, min_covered=0), "min_covered"),
-    (lambda: A.ERandomCrop(8, area_range=(0.5, 0.1)), "area_range"),
-    (lambda: A.ColorJitter(brightness=-0.1), "brightness"),
-    (lambda: A.Lighting(alphastd=-1), "alphastd"),
-    (lambda: A.RandAugment(n=-1), "n"),
-    (lambda: A.RandAugment(n=2, m=31), "m"),
-    (lambda: A.RandomCrop(32, padding=-4), "padding"),
-    (lambda: A.RandomResizedCrop(8, ratio=(0, 1)), "ratio"),
-    (lambda: A.ImageNetTrain(24, rand_aug=(2, 40)), "m"),
-    (lambda: A.ImageNetTrain(24, rand_aug=5), "rand_aug"),
-    (lambda: A.ImageNetTrain(24, jitter=-1), "jitter"),
-    (lambda: A.ImageNetTrain(24, lighting=float("nan")), "lighting"),
-    (lambda: A.CifarTrain(32, padding=-1), "padding"),
-    (lambda: A.MincTrain(0, 24), "base_size"),
-    (lambda: A.MincVal(30, 0), "crop_size"),
-    (lambda: A.rand_augment_value("Blur", 3), "name"),
-])
+
+@pytest.mark.parametrize(
+    "build, arg",
+    [
+        (lambda: A.UpstreamSegTrain(0, 10), "base_size"),
+        (lambda: A.UpstreamSegTrain(10, 2.5), "crop_size"),
+        (lambda: A.UpstreamSegTrain(10, 8, scale=(2.0, 0.5)), "scale"),
+        (lambda: A.UpstreamSegTrain(10, 8, scale=(0.01, 1.0)), "scale"),
+        (lambda: A.UpstreamSegTrain(10, 8, mask_pad=0.5), "mask_pad"),
+        (lambda: A.UpstreamSegTrain(10, 8, mean=(0.5, 0.5)), "mean"),
+        (lambda: A.UpstreamSegTrain(10, 8, std=(1.0, 0.0, 1.0)), "std"),
+        (lambda: A.UpstreamSegVal(8, interpolation="lanczos"), "interpolation"),
+        (lambda: A.UpstreamSegVal(-1), "crop_size"),
+        (lambda: A.UpstreamSegTestval(std=(1, 1)), "std"),
+        (lambda: A.ECenterCrop(0), "crop_size"),
+        (lambda: A.ERandomCrop(8, min_covered=0), "min_covered"),
+        (lambda: A.ERandomCrop(8, area_range=(0.5, 0.1)), "area_range"),
+        (lambda: A.ColorJitter(brightness=-0.1), "brightness"),
+        (lambda: A.Lighting(alphastd=-1), "alphastd"),
+        (lambda: A.RandAugment(n=-1), "n"),
+        (lambda: A.RandAugment(n=2, m=31), "m"),
+        (lambda: A.RandomCrop(32, padding=-4), "padding"),
+        (lambda: A.RandomResizedCrop(8, ratio=(0, 1)), "ratio"),
+        (lambda: A.ImageNetTrain(24, rand_aug=(2, 40)), "m"),
+        (lambda: A.ImageNetTrain(24, rand_aug=5), "rand_aug"),
+        (lambda: A.ImageNetTrain(24, jitter=-1), "jitter"),
+        (lambda: A.ImageNetTrain(24, lighting=float("nan")), "lighting"),
+        (lambda: A.CifarTrain(32, padding=-1), "padding"),
+        (lambda: A.MincTrain(0, 24), "base_size"),
+        (lambda: A.MincVal(30, 0), "crop_size"),
+        (lambda: A.rand_augment_value("Blur", 3), "name"),
+    ],
+)
 def test_bad_arguments_raise_value_error_naming_them(build, arg):
     with pytest.raises(ValueError, match=rf"\b{arg}\b"):
         build()
@@ -547,58 +645,92 @@ def test_bad_examples():
 
 # == config dispatch ==================================================================================
 
+
 def input_config(**kw):
     return ml_collections.ConfigDict(kw)
 
 
 def test_transform_from_config_defaults_to_basic():
-    for task, cls in (("segmentation", pipeline.SegmentationTransform), ("recognition", pipeline.RecognitionTransform)):
+    for task, cls in (
+        ("segmentation", pipeline.SegmentationTransform),
+        ("recognition", pipeline.RecognitionTransform),
+    ):
         for train in (True, False):
-            t = pipeline.transform_from_config(input_config(flip=True, scale_range=(0.5, 2.0)), task=task,
-                                               image_size=16, train=train)
+            t = pipeline.transform_from_config(
+                input_config(flip=True, scale_range=(0.5, 2.0)),
+                task=task,
+                image_size=16,
+                train=train,
+            )
             assert type(t) is cls and t.train is train
-    t = pipeline.transform_from_config(input_config(augment="basic"), task="segmentation", image_size=16, train=True)
+    t = pipeline.transform_from_config(
+        input_config(augment="basic"), task="segmentation", image_size=16, train=True
+    )
     assert type(t) is pipeline.SegmentationTransform
 
 
 def test_transform_from_config_upstream_recipes():
-    cfg = input_config(augment="upstream", base_size=64, mask_pad=0, flip=False, mean=(0.5,) * 3, std=(0.25,) * 3)
+    cfg = input_config(
+        augment="upstream", base_size=64, mask_pad=0, flip=False, mean=(0.5,) * 3, std=(0.25,) * 3
+    )
     train = pipeline.transform_from_config(cfg, task="segmentation", image_size=48, train=True)
-    assert train == A.UpstreamSegTrain(64, 48, flip=False, mask_pad=0, mean=(0.5,) * 3, std=(0.25,) * 3)
+    assert train == A.UpstreamSegTrain(
+        64, 48, flip=False, mask_pad=0, mean=(0.5,) * 3, std=(0.25,) * 3
+    )
     val = pipeline.transform_from_config(cfg, task="segmentation", image_size=48, train=False)
     assert val == A.UpstreamSegVal(48, mean=(0.5,) * 3, std=(0.25,) * 3)
-    default = pipeline.transform_from_config(input_config(augment="upstream"), task="segmentation",
-                                             image_size=480, train=True)
-    assert (default.base_size, default.crop_size, default.mask_pad, default.scale) == (520, 480, -1, (0.5, 2.0))
+    default = pipeline.transform_from_config(
+        input_config(augment="upstream"), task="segmentation", image_size=480, train=True
+    )
+    assert (default.base_size, default.crop_size, default.mask_pad, default.scale) == (
+        520,
+        480,
+        -1,
+        (0.5, 2.0),
+    )
     assert pipeline.testval_transform(input_config()) == A.UpstreamSegTestval()
 
-    rec = lambda **kw: pipeline.transform_from_config(input_config(**kw), task="recognition",  # noqa: E731
-                                                      image_size=224, train=kw.pop("train", True))
+    rec = lambda **kw: pipeline.transform_from_config(
+        input_config(**kw),
+        task="recognition",  # noqa: E731
+        image_size=224,
+        train=kw.pop("train", True),
+    )
     assert rec(augment="imagenet", rand_augment=(0, 0)) == A.ImageNetTrain(224, rand_aug=None)
-    assert rec(augment="imagenet", rand_augment=(2, 12), color_jitter=0.3, lighting=0.0) == \
-        A.ImageNetTrain(224, rand_aug=(2, 12), jitter=0.3, lighting=0.0)
+    assert rec(
+        augment="imagenet", rand_augment=(2, 12), color_jitter=0.3, lighting=0.0
+    ) == A.ImageNetTrain(224, rand_aug=(2, 12), jitter=0.3, lighting=0.0)
     assert rec(augment="imagenet", train=False) == A.ImageNetVal(224)
     assert rec(augment="cifar") == A.CifarTrain(224, mean=A.CIFAR_MEAN, std=A.CIFAR_STD)
     assert rec(augment="cifar", train=False) == A.CifarVal()
-    assert rec(augment="minc") == A.MincTrain(256, 224)                 # base int(224 / 0.875)
+    assert rec(augment="minc") == A.MincTrain(256, 224)  # base int(224 / 0.875)
     assert rec(augment="minc", base_size=300, train=False) == A.MincVal(300, 224)
 
 
 def test_transform_from_config_rejects_unknown_names():
-    with pytest.raises(ValueError, match=r"config.input.augment must be one of \['basic', 'upstream'\]"):
-        pipeline.transform_from_config(input_config(augment="imagenet"), task="segmentation", image_size=16,
-                                       train=True)
+    with pytest.raises(
+        ValueError, match=r"config.input.augment must be one of \['basic', 'upstream'\]"
+    ):
+        pipeline.transform_from_config(
+            input_config(augment="imagenet"), task="segmentation", image_size=16, train=True
+        )
     with pytest.raises(ValueError, match=r"\['basic', 'imagenet', 'cifar', 'minc'\]"):
-        pipeline.transform_from_config(input_config(augment="autoaug"), task="recognition", image_size=16,
-                                       train=True)
+        pipeline.transform_from_config(
+            input_config(augment="autoaug"), task="recognition", image_size=16, train=True
+        )
     with pytest.raises(ValueError, match="config.task"):
         pipeline.transform_from_config(input_config(), task="detection", image_size=16, train=True)
     with pytest.raises(ValueError, match="rand_aug"):
-        pipeline.transform_from_config(input_config(augment="imagenet", rand_augment=(1, 2, 3)),
-                                       task="recognition", image_size=16, train=True)
+        pipeline.transform_from_config(
+            input_config(augment="imagenet", rand_augment=(1, 2, 3)),
+            task="recognition",
+            image_size=16,
+            train=True,
+        )
 
 
 # == grain workers ====================================================================================
+
 
 def take(it, k):
     return [next(it) for _ in range(k)]
@@ -607,13 +739,19 @@ def take(it, k):
 @pytest.mark.slow
 def test_batches_do_not_depend_on_worker_count():
     cases = [
-        (ShapesSegmentation("train", num_examples=7, image_size=20, seed=1),
-         A.UpstreamSegTrain(base_size=20, crop_size=16)),
-        (ShapesRecognition("train", num_examples=7, image_size=20, seed=1),
-         A.ImageNetTrain(16, rand_aug=(2, 12))),
+        (
+            ShapesSegmentation("train", num_examples=7, image_size=20, seed=1),
+            A.UpstreamSegTrain(base_size=20, crop_size=16),
+        ),
+        (
+            ShapesRecognition("train", num_examples=7, image_size=20, seed=1),
+            A.ImageNetTrain(16, rand_aug=(2, 12)),
+        ),
     ]
     for source, transform in cases:
-        kw = dict(global_batch_size=4, seed=3, process_index=0, process_count=1, transform=transform)
+        kw = dict(
+            global_batch_size=4, seed=3, process_index=0, process_count=1, transform=transform
+        )
         expected = take(pipeline.train_iterator(source, **kw, worker_count=0), 3)
         it = pipeline.train_iterator(source, **kw, worker_count=2)
         try:

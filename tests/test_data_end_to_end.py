@@ -7,6 +7,7 @@ Cityscapes at 1024 x 2048); folder adapters on tiny generated trees in upstream'
 non-square images of mixed sizes. A tiny model (8-channel stages) trains 2 steps; the point is that
 every path runs and its outputs are well formed, not what it learns.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,7 +51,9 @@ def _voc_like(root, year, mask_dir, sets_dir, classes, ignore):
             _rgb(base / "JPEGImages" / f"{stem}.jpg", h, w, seed=k)
             _labels(base / mask_dir / f"{stem}.png", h, w, classes, seed=k, ignore=ignore)
         (base / "ImageSets" / sets_dir).mkdir(parents=True, exist_ok=True)
-        (base / "ImageSets" / sets_dir / f"{split}.txt").write_text("".join(s + "\n" for s in stems))
+        (base / "ImageSets" / sets_dir / f"{split}.txt").write_text(
+            "".join(s + "\n" for s in stems)
+        )
 
 
 def make_pascal_voc(root):
@@ -189,12 +192,27 @@ def _run(config, workdir, task):
     quiet = lambda msg: None  # noqa: E731
     if task != "segmentation":
         # Single-crop top-k of the same checkpoint: the trainer's own held-out numbers.
-        return result, {"single_crop": evaluate.evaluate_checkpoint(config, workdir, workdir / "eval", log=quiet,
-                                                                    overrides={"batch_size": 2})}
+        return result, {
+            "single_crop": evaluate.evaluate_checkpoint(
+                config, workdir, workdir / "eval", log=quiet, overrides={"batch_size": 2}
+            )
+        }
     common = {"num_images": 2, "crop_size": 32, "base_size": 40, "batch_size": 4}
     # Two scales + flip: the small scale takes the pad branch, 1.5 x 40 = 60 > 32 slides windows.
     # (Single-scale mode is the same code with one scale: tests/test_evaluate.py.)
-    out = {"multi": evaluate.evaluate_checkpoint(config, workdir, workdir / "eval_ms", log=quiet,
-                                                 overrides={**common, "mode": "multi_scale", "scales": (0.5, 1.5),
-                                                            "flip": True, "save_predictions": 1})}
+    out = {
+        "multi": evaluate.evaluate_checkpoint(
+            config,
+            workdir,
+            workdir / "eval_ms",
+            log=quiet,
+            overrides={
+                **common,
+                "mode": "multi_scale",
+                "scales": (0.5, 1.5),
+                "flip": True,
+                "save_predictions": 1,
+            },
+        )
+    }
     return result, out

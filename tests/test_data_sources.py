@@ -1,6 +1,7 @@
 """Dataset adapters (train.data.sources): label mappings on crafted masks, folder layouts built in
 tmp_path with PIL, TFDS adapters under ``tfds.testing.mock_data`` (no TensorFlow, no network), clear
 errors for missing data and unknown splits, pickling, and one batch of each through the pipeline."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,8 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from train.data import pipeline
-from train.observe import voc_palette
 from train.data.sources import _base, ade20k, cityscapes, coco, folders, pascal, recognition
+from train.observe import voc_palette
 
 SEG_NAMES = ("ade20k", "cityscapes", "pascal_voc", "pcontext", "coco", "seg_folder")
 CLS_NAMES = ("imagenet2012", "cifar10", "minc", "image_folder")
@@ -59,8 +60,14 @@ def _check_cls(example, num_classes):
 
 def _one_batch(source, seg=True):
     make = pipeline.segmentation_transform if seg else pipeline.recognition_transform
-    it = pipeline.train_iterator(source, global_batch_size=2, seed=0, process_index=0, process_count=1,
-                                 transform=make(train=True, image_size=32))
+    it = pipeline.train_iterator(
+        source,
+        global_batch_size=2,
+        seed=0,
+        process_index=0,
+        process_count=1,
+        transform=make(train=True, image_size=32),
+    )
     batch = next(it)
     assert batch["image"].shape == (2, 32, 32, 3) and batch["image"].dtype == np.float32
     if seg:
@@ -82,6 +89,7 @@ def _check_pickle(source):
 
 # -- registry ------------------------------------------------------------------------------------
 
+
 def test_all_adapters_registered_with_palettes():
     known = pipeline.known_sources()
     for name in SEG_NAMES + CLS_NAMES:
@@ -92,7 +100,9 @@ def test_all_adapters_registered_with_palettes():
         assert pal.shape == (k, 3) and pal.dtype == np.uint8
     np.testing.assert_array_equal(pipeline.palette({"name": "cityscapes"})[0], [128, 64, 128])
     np.testing.assert_array_equal(pipeline.palette({"name": "ade20k"})[0], [120, 120, 120])
-    np.testing.assert_array_equal(pipeline.palette({"name": "pascal_voc"})[:3], [[0, 0, 0], [128, 0, 0], [0, 128, 0]])
+    np.testing.assert_array_equal(
+        pipeline.palette({"name": "pascal_voc"})[:3], [[0, 0, 0], [128, 0, 0], [0, 128, 0]]
+    )
     # seg_folder has no registered palette: the VOC map for config.dataset.num_classes.
     assert pipeline.palette({"name": "seg_folder", "num_classes": 4}).shape == (4, 3)
     assert len(ade20k.CLASS_NAMES) == 150 and len(cityscapes.CLASS_NAMES) == 19
@@ -100,14 +110,17 @@ def test_all_adapters_registered_with_palettes():
 
 
 def test_importing_pipeline_registers_without_importing_tfds():
-    code = ("import sys; from train.data import pipeline; "
-            "assert 'ade20k' in pipeline.known_sources(), pipeline.known_sources(); "
-            "assert 'tensorflow_datasets' not in sys.modules")
+    code = (
+        "import sys; from train.data import pipeline; "
+        "assert 'ade20k' in pipeline.known_sources(), pipeline.known_sources(); "
+        "assert 'tensorflow_datasets' not in sys.modules"
+    )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root, timeout=120)
 
 
 # -- label mappings on crafted masks -------------------------------------------------------------
+
 
 def test_ade20k_semantic_shift():
     raw = np.arange(256, dtype=np.uint8).reshape(16, 16)
@@ -120,7 +133,9 @@ def test_ade20k_semantic_shift():
 
 def test_ade20k_tfds_instance_mapping_by_name():
     r = np.array([[0, 1, 4, 100], [101, 254, 85, 52]], np.uint8)
-    raw = np.stack([r, np.full_like(r, 7), np.full_like(r, 200)], axis=-1)  # G, B: instance ids, ignored
+    raw = np.stack(
+        [r, np.full_like(r, 7), np.full_like(r, 200)], axis=-1
+    )  # G, B: instance ids, ignored
     out = ade20k.INSTANCE_LABELS(raw)
     names = ade20k.CLASS_NAMES
     assert out[0, 0] == -1 and out[1, 0] == -1 and out[1, 1] == -1
@@ -133,8 +148,42 @@ def test_ade20k_tfds_instance_mapping_by_name():
 
 
 def test_cityscapes_full_label_id_table():
-    expected = [-1, -1, -1, -1, -1, -1, -1, 0, 1, -1, -1, 2, 3, 4, -1, -1, -1, 5, -1, 6, 7, 8, 9, 10, 11, 12, 13,
-                14, 15, -1, -1, 16, 17, 18]
+    expected = [
+        -1,
+        -1,
+        -1,
+        -1,
+        -1,
+        -1,
+        -1,
+        0,
+        1,
+        -1,
+        -1,
+        2,
+        3,
+        4,
+        -1,
+        -1,
+        -1,
+        5,
+        -1,
+        6,
+        7,
+        8,
+        9,
+        10,
+        11,
+        12,
+        13,
+        14,
+        15,
+        -1,
+        -1,
+        16,
+        17,
+        18,
+    ]
     raw = np.array([list(range(34)) + [34, 100, 255]], np.uint8)
     out = cityscapes.TRAIN_IDS(raw[..., None])  # TFDS gives (H, W, 1)
     np.testing.assert_array_equal(out[0], expected + [-1, -1, -1])
@@ -165,6 +214,7 @@ def test_seg_folder_labels_strict():
 
 
 # -- TFDS adapters under mock_data ---------------------------------------------------------------
+
 
 @pytest.fixture
 def mock_tfds(tmp_path):
@@ -227,8 +277,15 @@ def test_tfds_recognition_mock(mock_tfds, name, num_classes):
     _one_batch(src, seg=False)
 
 
-@pytest.mark.parametrize("name,builder", [("ade20k", "scene_parse150"), ("cityscapes", "cityscapes"),
-                                          ("imagenet2012", "imagenet2012"), ("cifar10", "cifar10")])
+@pytest.mark.parametrize(
+    "name,builder",
+    [
+        ("ade20k", "scene_parse150"),
+        ("cityscapes", "cityscapes"),
+        ("imagenet2012", "imagenet2012"),
+        ("cifar10", "cifar10"),
+    ],
+)
 def test_tfds_missing_data_is_file_not_found(tmp_path, name, builder):
     with pytest.raises(FileNotFoundError) as info:
         pipeline.get_source(_cfg(name, tmp_path), "train")
@@ -243,16 +300,21 @@ def test_tfds_missing_data_is_file_not_found(tmp_path, name, builder):
 def test_tfds_prepared_as_tfrecord_is_reported(tmp_path):
     version_dir = tmp_path / "cifar10" / "3.0.2"
     os.makedirs(version_dir)
+    # fmt: off
     info = {"name": "cifar10", "version": "3.0.2", "fileFormat": "tfrecord",
             "splits": [{"name": "train", "numBytes": "1", "shardLengths": ["3"],
                         "filepathTemplate": "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"}]}
+    # fmt: on
     (version_dir / "dataset_info.json").write_text(json.dumps(info))
-    with pytest.raises(FileNotFoundError, match="'tfrecord' format, which has no random access") as err:
+    with pytest.raises(
+        FileNotFoundError, match="'tfrecord' format, which has no random access"
+    ) as err:
         pipeline.get_source(_cfg("cifar10", tmp_path), "train")
     assert "--file_format=array_record" in str(err.value)
 
 
 # -- folder adapters -----------------------------------------------------------------------------
+
 
 def _ade_folder(root):
     base = root / "ADEChallengeData2016"
@@ -281,14 +343,21 @@ def test_ade20k_folder(tmp_path):
 def test_cityscapes_folder(tmp_path):
     ids = np.array([list(range(34)) + [255, 255]], np.uint8).reshape(4, 9)
     root = tmp_path / "cityscapes"
-    for split, city in (("train", "aachen"), ("train", "bonn"), ("val", "lindau"), ("test", "berlin")):
+    for split, city in (
+        ("train", "aachen"),
+        ("train", "bonn"),
+        ("val", "lindau"),
+        ("test", "berlin"),
+    ):
         stem = f"{city}_000000_000019"
         _rgb(str(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png"), 4, 9)
         _label_png(str(root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png"), ids)
     src = pipeline.get_source(_cfg("cityscapes", tmp_path), "train")
     assert isinstance(src, _base.FileSegmentation) and len(src) == 2
-    assert [os.path.basename(p) for p in src.image_paths] == ["aachen_000000_000019_leftImg8bit.png",
-                                                              "bonn_000000_000019_leftImg8bit.png"]
+    assert [os.path.basename(p) for p in src.image_paths] == [
+        "aachen_000000_000019_leftImg8bit.png",
+        "bonn_000000_000019_leftImg8bit.png",
+    ]
     expected = np.asarray(cityscapes.TRAIN_IDS(ids))
     np.testing.assert_array_equal(src[0]["mask"], expected)
     np.testing.assert_array_equal(np.sort(np.unique(expected)), np.arange(-1, 19))
@@ -305,7 +374,9 @@ def _voc_tree(root, year, mask_dir, sets_dir, lists, raw, mode):
     base = root / "VOCdevkit" / year
     ids = sorted({i for v in lists.values() for i in v})
     for k, i in enumerate(ids):
-        _rgb(str(base / "JPEGImages" / f"{i}.jpg"), 3, 4, mode="L" if k == 0 else "RGB", seed=k)  # one grayscale
+        _rgb(
+            str(base / "JPEGImages" / f"{i}.jpg"), 3, 4, mode="L" if k == 0 else "RGB", seed=k
+        )  # one grayscale
         _label_png(str(base / mask_dir / f"{i}.png"), raw, mode=mode)
     os.makedirs(base / "ImageSets" / sets_dir, exist_ok=True)
     for name, v in lists.items():
@@ -314,9 +385,19 @@ def _voc_tree(root, year, mask_dir, sets_dir, lists, raw, mode):
 
 def test_pascal_voc_folder_train_is_train_txt(tmp_path):
     raw = np.array([[0, 1, 15, 255], [20, 255, 0, 3], [0, 0, 0, 0]], np.uint8)
-    _voc_tree(tmp_path, "VOC2012", "SegmentationClass", "Segmentation",
-              {"train": ["2007_000032"], "val": ["2007_000033", "2007_000039"],
-               "trainval": ["2007_000032", "2007_000033", "2007_000039"]}, raw, mode="P")
+    _voc_tree(
+        tmp_path,
+        "VOC2012",
+        "SegmentationClass",
+        "Segmentation",
+        {
+            "train": ["2007_000032"],
+            "val": ["2007_000033", "2007_000039"],
+            "trainval": ["2007_000032", "2007_000033", "2007_000039"],
+        },
+        raw,
+        mode="P",
+    )
     src = pipeline.get_source(_cfg("pascal_voc", tmp_path, num_classes=21), "train")
     assert len(src) == 1  # train.txt, not upstream's trainval.txt
     ex = src[0]
@@ -331,7 +412,15 @@ def test_pascal_voc_folder_train_is_train_txt(tmp_path):
 
 
 def test_pascal_voc_refuses_colour_masks(tmp_path):
-    _voc_tree(tmp_path, "VOC2012", "SegmentationClass", "Segmentation", {"train": ["a"]}, np.zeros((3, 4)), "L")
+    _voc_tree(
+        tmp_path,
+        "VOC2012",
+        "SegmentationClass",
+        "Segmentation",
+        {"train": ["a"]},
+        np.zeros((3, 4)),
+        "L",
+    )
     _rgb(str(tmp_path / "VOCdevkit/VOC2012/SegmentationClass/a.png"), 3, 4)
     src = pipeline.get_source(_cfg("pascal_voc", tmp_path), "train")
     with pytest.raises(ValueError, match="single-channel"):
@@ -340,12 +429,21 @@ def test_pascal_voc_refuses_colour_masks(tmp_path):
 
 def test_pcontext_folder(tmp_path):
     raw = np.array([[0, 1, 59, 60], [2, 2, 0, 30], [0, 0, 0, 0]], np.uint8)
-    _voc_tree(tmp_path, "VOC2010", "SegmentationClassContext", "SegmentationContext",
-              {"train": ["2008_000002", "2008_000003"], "val": ["2008_000007"]}, raw, mode="L")
+    _voc_tree(
+        tmp_path,
+        "VOC2010",
+        "SegmentationClassContext",
+        "SegmentationContext",
+        {"train": ["2008_000002", "2008_000003"], "val": ["2008_000007"]},
+        raw,
+        mode="L",
+    )
     src = pipeline.get_source(_cfg("pcontext", tmp_path, num_classes=59), "train")
     assert len(src) == 2
     _check_seg(src[0], 59)
-    np.testing.assert_array_equal(src[0]["mask"], [[-1, 0, 58, -1], [1, 1, -1, 29], [-1, -1, -1, -1]])
+    np.testing.assert_array_equal(
+        src[0]["mask"], [[-1, 0, 58, -1], [1, 1, -1, 29], [-1, -1, -1, -1]]
+    )
     assert len(pipeline.get_source(_cfg("pcontext", tmp_path), "validation")) == 1
     _check_pickle(src)
     _one_batch(src)
@@ -377,7 +475,16 @@ def test_coco_rle_decoding():
 
 def test_coco_render_first_instance_wins_and_prepare(tmp_path):
     h, w = 40, 50
-    square = [10, 10, 29, 10, 29, 29, 10, 29]  # x, y pairs: pixels 10..29 (PIL fills the outline too)
+    square = [
+        10,
+        10,
+        29,
+        10,
+        29,
+        29,
+        10,
+        29,
+    ]  # x, y pairs: pixels 10..29 (PIL fills the outline too)
     shifted = [20, 20, 39, 20, 39, 39, 20, 39]
     crowd = np.zeros((h, w), bool)
     crowd[0:5, 40:50] = True
@@ -385,12 +492,28 @@ def test_coco_render_first_instance_wins_and_prepare(tmp_path):
     edges = np.flatnonzero(np.diff(np.concatenate([[0], flat, [1 - flat[-1]]])) != 0)
     counts = np.diff(np.concatenate([[0], edges])).tolist()
     anns = [
-        {"image_id": 1, "category_id": 90, "segmentation": [[0, 0, 49, 0, 49, 39, 0, 39]]},  # toothbrush: skipped
+        {
+            "image_id": 1,
+            "category_id": 90,
+            "segmentation": [[0, 0, 49, 0, 49, 39, 0, 39]],
+        },  # toothbrush: skipped
         {"image_id": 1, "category_id": 18, "segmentation": [square]},  # dog -> 12, painted first
-        {"image_id": 1, "category_id": 1, "segmentation": [shifted]},  # person -> 15, loses the overlap
-        {"image_id": 1, "category_id": 72, "iscrowd": 1,
-         "segmentation": {"size": [h, w], "counts": _rle_string(counts)}},  # tv -> 20, compressed RLE
-        {"image_id": 2, "category_id": 5, "segmentation": {"size": [h, w], "counts": [0, 4, h * w - 4]}},
+        {
+            "image_id": 1,
+            "category_id": 1,
+            "segmentation": [shifted],
+        },  # person -> 15, loses the overlap
+        {
+            "image_id": 1,
+            "category_id": 72,
+            "iscrowd": 1,
+            "segmentation": {"size": [h, w], "counts": _rle_string(counts)},
+        },  # tv -> 20, compressed RLE
+        {
+            "image_id": 2,
+            "category_id": 5,
+            "segmentation": {"size": [h, w], "counts": [0, 4, h * w - 4]},
+        },
     ]
     mask = coco.render_voc_mask([a for a in anns if a["image_id"] == 1], h, w)
     assert (mask[10:30, 10:30] == 12).all()
@@ -400,8 +523,10 @@ def test_coco_render_first_instance_wins_and_prepare(tmp_path):
     assert coco.CAT_LIST[12] == 18 and coco.CLASS_NAMES[12] == "dog"
 
     os.makedirs(tmp_path / "annotations")
-    images = [{"id": 1, "file_name": "000000000001.jpg", "height": h, "width": w},
-              {"id": 2, "file_name": "000000000002.jpg", "height": h, "width": w}]  # 4 fg pixels: dropped
+    images = [
+        {"id": 1, "file_name": "000000000001.jpg", "height": h, "width": w},
+        {"id": 2, "file_name": "000000000002.jpg", "height": h, "width": w},
+    ]  # 4 fg pixels: dropped
     ann_file = tmp_path / "annotations" / "instances_val2017.json"
     ann_file.write_text(json.dumps({"images": images, "annotations": anns}))
     assert coco.prepare_voc_masks(str(tmp_path), "val2017", min_foreground_pixels=100) == 1
@@ -419,7 +544,9 @@ def test_coco_render_first_instance_wins_and_prepare(tmp_path):
 def test_coco_folder_ignore_and_batch(tmp_path):
     raw = np.array([[0, 5, 255, 20], [1, 1, 255, 0], [0, 0, 0, 0]], np.uint8)
     for i in range(2):
-        _rgb(str(tmp_path / "train2017" / f"{i:012d}.jpg"), 3, 4, mode="CMYK" if i else "RGB")  # CMYK JPEG -> RGB
+        _rgb(
+            str(tmp_path / "train2017" / f"{i:012d}.jpg"), 3, 4, mode="CMYK" if i else "RGB"
+        )  # CMYK JPEG -> RGB
         _label_png(str(tmp_path / "masks_voc" / "train2017" / f"{i:012d}.png"), raw, mode="P")
     _rgb(str(tmp_path / "train2017" / "unlabelled_extra.jpg"), 3, 4)  # no mask: not an example
     src = pipeline.get_source(_cfg("coco", tmp_path), "train")
@@ -433,8 +560,11 @@ def _minc_tree(root):
     base = root / "minc-2500"
     for cls in recognition.MINC_CLASS_NAMES:
         os.makedirs(base / "images" / cls, exist_ok=True)
-    entries = {"train1": ["brick/brick_000001", "wood/wood_000001", "sky/sky_000003"],
-               "validate1": ["carpet/carpet_000002"], "test1": ["wood/wood_000009"]}
+    entries = {
+        "train1": ["brick/brick_000001", "wood/wood_000001", "sky/sky_000003"],
+        "validate1": ["carpet/carpet_000002"],
+        "test1": ["wood/wood_000009"],
+    }
     for name, items in entries.items():
         for item in items:
             _rgb(str(base / "images" / f"{item}.jpg"), 6, 5)
@@ -447,10 +577,18 @@ def test_minc_folder(tmp_path):
     src = pipeline.get_source(_cfg("minc", tmp_path, num_classes=23), "train")
     assert len(src) == 3 and src.class_names == recognition.MINC_CLASS_NAMES
     names = recognition.MINC_CLASS_NAMES
-    assert [int(src[i]["label"]) for i in range(3)] == [names.index("brick"), names.index("wood"), names.index("sky")]
+    assert [int(src[i]["label"]) for i in range(3)] == [
+        names.index("brick"),
+        names.index("wood"),
+        names.index("sky"),
+    ]
     _check_cls(src[0], 23)
-    assert int(pipeline.get_source(_cfg("minc", tmp_path), "validation")[0]["label"]) == names.index("carpet")
-    assert int(pipeline.get_source(_cfg("minc", tmp_path), "test")[0]["label"]) == names.index("wood")
+    assert int(
+        pipeline.get_source(_cfg("minc", tmp_path), "validation")[0]["label"]
+    ) == names.index("carpet")
+    assert int(pipeline.get_source(_cfg("minc", tmp_path), "test")[0]["label"]) == names.index(
+        "wood"
+    )
     with pytest.raises(FileNotFoundError, match="train2.txt"):
         pipeline.get_source(_cfg("minc", tmp_path, fold=2), "train")
     _check_pickle(src)
@@ -458,10 +596,19 @@ def test_minc_folder(tmp_path):
 
 
 def test_image_folder(tmp_path):
-    for split, cls, mode in (("train", "cat", "RGB"), ("train", "dog", "RGBA"), ("train", "dog", "L"),
-                             ("val", "dog", "P")):
+    for split, cls, mode in (
+        ("train", "cat", "RGB"),
+        ("train", "dog", "RGBA"),
+        ("train", "dog", "L"),
+        ("val", "dog", "P"),
+    ):
         directory = tmp_path / split / cls
-        _rgb(str(directory / f"{len(list(directory.glob('*'))) if directory.exists() else 0}.png"), 7, 9, mode=mode)
+        _rgb(
+            str(directory / f"{len(list(directory.glob('*'))) if directory.exists() else 0}.png"),
+            7,
+            9,
+            mode=mode,
+        )
     src = pipeline.get_source(_cfg("image_folder", tmp_path, num_classes=2), "train")
     assert src.class_names == ("cat", "dog") and len(src) == 3
     assert [int(src[i]["label"]) for i in range(3)] == [0, 1, 1]
@@ -507,15 +654,28 @@ def test_mismatched_image_and_mask_sizes_in_folders_are_reported(tmp_path):
 
 # -- errors --------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", SEG_NAMES + CLS_NAMES)
 def test_unknown_split(name):
-    with pytest.raises(ValueError, match=r"has no split 'bogus'; available splits: \[.*'train'.*'validation'"):
-        pipeline.get_source(_cfg(name, None, num_classes=3 if name == "seg_folder" else None), "bogus")
+    with pytest.raises(
+        ValueError, match=r"has no split 'bogus'; available splits: \[.*'train'.*'validation'"
+    ):
+        pipeline.get_source(
+            _cfg(name, None, num_classes=3 if name == "seg_folder" else None), "bogus"
+        )
 
 
-@pytest.mark.parametrize("name,needle", [
-    ("pascal_voc", "VOCdevkit/VOC2012"), ("pcontext", "SegmentationClassContext"), ("coco", "masks_voc"),
-    ("minc", "minc-2500"), ("image_folder", "<class>"), ("seg_folder", "masks")])
+@pytest.mark.parametrize(
+    "name,needle",
+    [
+        ("pascal_voc", "VOCdevkit/VOC2012"),
+        ("pcontext", "SegmentationClassContext"),
+        ("coco", "masks_voc"),
+        ("minc", "minc-2500"),
+        ("image_folder", "<class>"),
+        ("seg_folder", "masks"),
+    ],
+)
 def test_folder_adapters_missing_data(tmp_path, name, needle):
     extra = {"num_classes": 3} if name == "seg_folder" else {}
     with pytest.raises(FileNotFoundError, match="data_dir is not set") as info:

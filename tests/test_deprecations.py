@@ -1,6 +1,7 @@
 """No DeprecationWarning or FutureWarning from anywhere while jaxenc imports, builds, initialises
 and applies a model with the default implementation (the acceptance command of the jax 0.12
 stack, in a fresh interpreter so no earlier import hides a warning)."""
+
 from __future__ import annotations
 
 import os
@@ -26,7 +27,19 @@ assert out[0].shape == (1, 32, 32, 21), out[0].shape
 def test_encnet_init_and_apply_raise_no_deprecation_warning():
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(
-        [sys.executable, "-W", "error::DeprecationWarning", "-W", "error::FutureWarning", "-c", SCRIPT],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-W",
+            "error::DeprecationWarning",
+            "-W",
+            "error::FutureWarning",
+            "-c",
+            SCRIPT,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]

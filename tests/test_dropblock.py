@@ -7,6 +7,7 @@ tests check the distribution (overall and per position, borders included), the b
 rescaling and the upstream properties that do not depend on the rate (identity in eval and at p = 0,
 zeros at p = 1).
 """
+
 from __future__ import annotations
 
 import functools
@@ -73,7 +74,9 @@ def test_seed_rate():
     for p in (1e-6, 0.1, 0.3, 0.9):
         for bs in (1, 2, 3, 7):
             gamma = dropblock_seed_rate(p, bs)
-            np.testing.assert_allclose(-np.expm1(bs * bs * np.log1p(-gamma)), p, rtol=1e-12)  # 1-(1-g)^n
+            np.testing.assert_allclose(
+                -np.expm1(bs * bs * np.log1p(-gamma)), p, rtol=1e-12
+            )  # 1-(1-g)^n
     assert dropblock_seed_rate(0.1, 1) == pytest.approx(0.1, rel=1e-15)
     # A traced p (e.g. a schedule) gives the same rate in float32.
     traced = jax.jit(dropblock_seed_rate, static_argnums=1)(0.3, 7)
@@ -87,7 +90,9 @@ def test_dropped_fraction_equals_p(p, block_size, batch_shared):
     # 4 seeds x 256 masks of 32x32. The mean dropped fraction must be within 10% of p; its standard
     # error is at most 0.0019 (p = 0.1, block 7: a 32x32 mask's fraction has a std of 0.06), so the
     # tolerance is >= 5 standard errors.
-    fractions = [_dropped_fraction(seed, 256, (32, 32), p, block_size, batch_shared) for seed in range(4)]
+    fractions = [
+        _dropped_fraction(seed, 256, (32, 32), p, block_size, batch_shared) for seed in range(4)
+    ]
     assert abs(np.mean(fractions) - p) < 0.1 * p, (fractions, p)
 
 
@@ -133,7 +138,9 @@ def test_dropped_regions_are_blocks_shared_across_channels(block_size):
     out = np.asarray(_drop(x, jax.random.key(5), 0.15, block_size))
     dropped = out == 0
     assert dropped.any() and not dropped.all()
-    np.testing.assert_array_equal(dropped, np.broadcast_to(dropped[..., :1], dropped.shape))  # channels
+    np.testing.assert_array_equal(
+        dropped, np.broadcast_to(dropped[..., :1], dropped.shape)
+    )  # channels
     assert not all(np.array_equal(dropped[0], dropped[i]) for i in range(1, 3))  # per sample
     for i in range(3):
         assert _is_union_of_blocks(dropped[i, :, :, 0], block_size)
@@ -151,7 +158,9 @@ def test_rng_controls_the_mask():
     module = DropBlock2d(0.2, 3)
     a, b = _train_jit(module, x, jax.random.key(0)), _train_jit(module, x, jax.random.key(1))
     assert not np.array_equal(np.asarray(a == 0), np.asarray(b == 0))
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(_train_jit(module, x, jax.random.key(0))))
+    np.testing.assert_array_equal(
+        np.asarray(a), np.asarray(_train_jit(module, x, jax.random.key(0)))
+    )
 
 
 def test_rescaling_and_gradient():
@@ -190,12 +199,16 @@ def test_jit_and_vmap():
     keys = jax.random.split(jax.random.key(15), 3)
     fn = functools.partial(module.apply, train=True)
     eager = fn({}, xs[0], rngs={"dropout": keys[0]})
-    np.testing.assert_array_equal(np.asarray(jax.jit(fn)({}, xs[0], rngs={"dropout": keys[0]})), np.asarray(eager))
+    np.testing.assert_array_equal(
+        np.asarray(jax.jit(fn)({}, xs[0], rngs={"dropout": keys[0]})), np.asarray(eager)
+    )
     batched = jax.vmap(lambda v, k: fn({}, v, rngs={"dropout": k}))(xs, keys)
     jitted = jax.jit(fn)
     looped = jnp.stack([jitted({}, v, rngs={"dropout": k}) for v, k in zip(xs, keys)])
     assert_close(batched, looped, rtol=1e-6, what="vmap")
-    np.testing.assert_array_equal(np.asarray(jax.jit(module.apply)({}, xs[0])), np.asarray(xs[0]))  # eval
+    np.testing.assert_array_equal(
+        np.asarray(jax.jit(module.apply)({}, xs[0])), np.asarray(xs[0])
+    )  # eval
 
 
 def test_traced_drop_prob():
@@ -215,15 +228,27 @@ def test_bad_input():
     x = jnp.ones((2, 8, 8, 3))
     key = jax.random.key(0)
     for p in (-0.1, 1.5, float("nan")):
-        with pytest.raises(ValueError, match=r"DropBlock2d: p must be a probability in \[0, 1\], got"):
+        with pytest.raises(
+            ValueError, match=r"DropBlock2d: p must be a probability in \[0, 1\], got"
+        ):
             DropBlock2d(p, 3).apply({}, x)
-        with pytest.raises(ValueError, match=r"drop_block2d: drop_prob must be a probability in \[0, 1\], got"):
+        with pytest.raises(
+            ValueError, match=r"drop_block2d: drop_prob must be a probability in \[0, 1\], got"
+        ):
             drop_block2d(x, key, p, 3)
-    with pytest.raises(ValueError, match=r"DropBlock2d: block_size must be a positive integer, got 0"):
+    with pytest.raises(
+        ValueError, match=r"DropBlock2d: block_size must be a positive integer, got 0"
+    ):
         _train(DropBlock2d(0.1, 0), x, key)
-    with pytest.raises(ValueError, match=r"drop_block2d: block_size must be a positive integer, got 2.5"):
+    with pytest.raises(
+        ValueError, match=r"drop_block2d: block_size must be a positive integer, got 2.5"
+    ):
         drop_block2d(x, key, 0.1, 2.5)
-    with pytest.raises(ValueError, match=r"DropBlock2d: expected x of rank 4 \(N, H, W, C\), got shape \(8, 8, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"DropBlock2d: expected x of rank 4 \(N, H, W, C\), got shape \(8, 8, 3\)"
+    ):
         _train(DropBlock2d(0.1, 3), x[0], key)
-    with pytest.raises(ValueError, match=r"drop_block2d: drop_prob must be a scalar probability, got shape \(2,\)"):
+    with pytest.raises(
+        ValueError, match=r"drop_block2d: drop_prob must be a scalar probability, got shape \(2,\)"
+    ):
         drop_block2d(x, key, np.array([0.1, 0.2]), 3)

@@ -8,6 +8,7 @@ really advances and the dropped fraction equals the current probability. Masks a
 these tests check the schedule values, the counter, the dropped fractions over many draws and the
 mask structure instead of values against torch.
 """
+
 from __future__ import annotations
 
 import functools
@@ -28,7 +29,9 @@ def _train_step(module):
 
     @jax.jit
     def step(variables, x, key):
-        y, state = module.apply(variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": key})
+        y, state = module.apply(
+            variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": key}
+        )
         return y, {**variables, **state}
 
     return step
@@ -53,7 +56,11 @@ def _upstream_schedule(start_step, nr_steps, start_value, stop_value, calls):
 
 def test_identity_in_eval():
     x = jnp.asarray(random_input((2, 12, 10, 4), seed=0))
-    for m in (DropBlock2D(0.5, 3), DropBlock2D(0.5, 3, nr_steps=10), DropBlock2D(1.0, 3, share_channel=True)):
+    for m in (
+        DropBlock2D(0.5, 3),
+        DropBlock2D(0.5, 3, nr_steps=10),
+        DropBlock2D(1.0, 3, share_channel=True),
+    ):
         v = m.init(jax.random.key(0), x)
         assert m.apply(v, x) is x
         y, state = m.apply(v, x, mutable=["batch_stats"])  # eval does not advance the schedule
@@ -73,7 +80,9 @@ def test_counter_counts_training_calls_not_init():
         _, v = step(v, x, jax.random.key(n))
         assert int(v["batch_stats"]["i"]) == n
     # Eagerly too, and without a schedule the counter still counts.
-    _, state = DropBlock2D(0.2, 3).apply(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(0)})
+    _, state = DropBlock2D(0.2, 3).apply(
+        v, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(0)}
+    )
     assert int(state["batch_stats"]["i"]) == 4
 
 
@@ -84,10 +93,15 @@ def test_schedule_values():
     m = DropBlock2D(0.3, 3, start_step=10, nr_steps=20)  # start_value 0, stop_value = drop_prob
     assert float(m.drop_prob_at(0)) == 0.0 and float(m.drop_prob_at(10)) == 0.0
     assert float(m.drop_prob_at(20)) == pytest.approx(0.15, rel=1e-6)  # mid
-    assert float(m.drop_prob_at(30)) == np.float32(0.3) and float(m.drop_prob_at(10**6)) == np.float32(0.3)
+    assert float(m.drop_prob_at(30)) == np.float32(0.3) and float(
+        m.drop_prob_at(10**6)
+    ) == np.float32(0.3)
     decreasing = DropBlock2D(0.9, 3, nr_steps=4, start_value=0.2, stop_value=0.1)
-    np.testing.assert_allclose([float(decreasing.drop_prob_at(i)) for i in range(6)],
-                               [0.2, 0.175, 0.15, 0.125, 0.1, 0.1], rtol=1e-6)
+    np.testing.assert_allclose(
+        [float(decreasing.drop_prob_at(i)) for i in range(6)],
+        [0.2, 0.175, 0.15, 0.125, 0.1, 0.1],
+        rtol=1e-6,
+    )
     assert DropBlock2D(0.3, 3).drop_prob_at(123) == 0.3  # no schedule: constant, a Python float
     traced = jax.jit(m.drop_prob_at)(jnp.int32(25))
     assert float(traced) == pytest.approx(0.225, rel=1e-6)
@@ -138,7 +152,9 @@ def test_dropped_fraction_follows_the_schedule(share_channel):
     @jax.jit
     def fraction(step):
         def one(key):
-            y, _ = m.apply(_at_step(None, step), x, train=True, mutable=["batch_stats"], rngs={"dropout": key})
+            y, _ = m.apply(
+                _at_step(None, step), x, train=True, mutable=["batch_stats"], rngs={"dropout": key}
+            )
             return jnp.mean(y[0] == 0)
 
         return jnp.mean(jax.vmap(one)(keys))
@@ -154,7 +170,9 @@ def test_dropped_fraction_follows_the_schedule(share_channel):
 
 def _dropped(module, x, key=0):
     v = {"batch_stats": {"i": jnp.int32(0)}}
-    y, _ = module.apply(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(key)})
+    y, _ = module.apply(
+        v, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(key)}
+    )
     return np.asarray(y == 0)
 
 
@@ -162,13 +180,26 @@ def test_mask_shared_by_the_batch_per_channel():
     x = jnp.asarray(random_input((5, 16, 16, 6), seed=1, low=1.0))  # no zeros in the input
     dropped = _dropped(DropBlock2D(0.2, 3, batch_shared=True), x)
     assert dropped.any() and not dropped.all()
-    np.testing.assert_array_equal(dropped, np.broadcast_to(dropped[:1], dropped.shape))  # all samples
-    assert not all(np.array_equal(dropped[..., 0], dropped[..., c]) for c in range(1, 6))  # per channel
+    np.testing.assert_array_equal(
+        dropped, np.broadcast_to(dropped[:1], dropped.shape)
+    )  # all samples
+    assert not all(
+        np.array_equal(dropped[..., 0], dropped[..., c]) for c in range(1, 6)
+    )  # per channel
     # Kept values are rescaled by numel / kept of the (1, H, W, C) mask.
-    y = np.asarray(DropBlock2D(0.2, 3, batch_shared=True).apply({"batch_stats": {"i": 0}}, x, train=True, mutable=["batch_stats"],
-                                             rngs={"dropout": jax.random.key(0)})[0])
+    y = np.asarray(
+        DropBlock2D(0.2, 3, batch_shared=True).apply(
+            {"batch_stats": {"i": 0}},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": jax.random.key(0)},
+        )[0]
+    )
     keep = ~dropped[0]
-    np.testing.assert_allclose(y[0][keep] / np.asarray(x)[0][keep], keep.size / keep.sum(), rtol=1e-6)
+    np.testing.assert_allclose(
+        y[0][keep] / np.asarray(x)[0][keep], keep.size / keep.sum(), rtol=1e-6
+    )
 
 
 def test_share_channel_and_per_sample_masks():
@@ -178,11 +209,17 @@ def test_share_channel_and_per_sample_masks():
     np.testing.assert_array_equal(dropped, np.broadcast_to(dropped[:1, :, :, :1], dropped.shape))
     # The default: one mask per sample (what upstream's code draws), channel-shared or not.
     per_sample = _dropped(DropBlock2D(0.2, 3, share_channel=True), x)
-    np.testing.assert_array_equal(per_sample, np.broadcast_to(per_sample[..., :1], per_sample.shape))
+    np.testing.assert_array_equal(
+        per_sample, np.broadcast_to(per_sample[..., :1], per_sample.shape)
+    )
     assert not all(np.array_equal(per_sample[0], per_sample[n]) for n in range(1, 5))
     per_sample_channel = _dropped(DropBlock2D(0.2, 3), x)
-    assert not all(np.array_equal(per_sample_channel[0], per_sample_channel[n]) for n in range(1, 5))
-    assert not all(np.array_equal(per_sample_channel[..., 0], per_sample_channel[..., c]) for c in range(1, 6))
+    assert not all(
+        np.array_equal(per_sample_channel[0], per_sample_channel[n]) for n in range(1, 5)
+    )
+    assert not all(
+        np.array_equal(per_sample_channel[..., 0], per_sample_channel[..., c]) for c in range(1, 6)
+    )
 
 
 @pytest.mark.parametrize("share_channel", [False, True])
@@ -198,7 +235,9 @@ def test_p1_block1_gives_zeros(share_channel):
 def test_traced_zero_probability_is_exactly_the_input():
     x = jnp.asarray(random_input((2, 9, 11, 3), seed=4))
     for dtype in (jnp.float32, jnp.bfloat16):
-        m = DropBlock2D(0.3, 5, nr_steps=10, dtype=dtype)  # start_value 0: p(0) == 0, traced under jit
+        m = DropBlock2D(
+            0.3, 5, nr_steps=10, dtype=dtype
+        )  # start_value 0: p(0) == 0, traced under jit
         y, v = _train_step(m)(m.init(jax.random.key(0), x), x, jax.random.key(2))
         assert y.dtype == dtype
         np.testing.assert_array_equal(np.asarray(y), np.asarray(x.astype(dtype)))
@@ -214,12 +253,20 @@ def test_drop_block2d_per_channel_keyword():
     keep = 1.0 - jax.lax.reduce_window(seeds, 0.0, jax.lax.max, (1, bs, bs), (1, 1, 1), "VALID")
     old = x * (keep * (keep.size / jnp.sum(keep)))[..., None]
     np.testing.assert_array_equal(np.asarray(drop_block2d(x, key, p, bs)), np.asarray(old))
-    np.testing.assert_array_equal(np.asarray(drop_block2d(x, key, p, bs, per_channel=False)), np.asarray(old))
+    np.testing.assert_array_equal(
+        np.asarray(drop_block2d(x, key, p, bs, per_channel=False)), np.asarray(old)
+    )
     # per_channel: channels differ, each channel's mask is made of blocks, the fraction is p.
     dropped = np.asarray(drop_block2d(x, key, p, bs, per_channel=True) == 0)
     assert not all(np.array_equal(dropped[..., 0], dropped[..., c]) for c in range(1, 4))
-    many = jax.jit(functools.partial(drop_block2d, drop_prob=p, block_size=bs, per_channel=True, batch_shared=True))
-    fraction = np.mean([float(jnp.mean(many(jnp.ones((1, 32, 32, 64)), jax.random.key(k)) == 0)) for k in range(8)])
+    many = jax.jit(
+        functools.partial(
+            drop_block2d, drop_prob=p, block_size=bs, per_channel=True, batch_shared=True
+        )
+    )
+    fraction = np.mean(
+        [float(jnp.mean(many(jnp.ones((1, 32, 32, 64)), jax.random.key(k)) == 0)) for k in range(8)]
+    )
     assert abs(fraction - p) < 0.1 * p
 
 
@@ -284,24 +331,43 @@ def test_bad_input():
     v = {"batch_stats": {"i": jnp.int32(0)}}
     rngs = {"dropout": jax.random.key(0)}
     for p in (-0.1, 1.5):
-        with pytest.raises(ValueError, match=r"DropBlock2D: drop_prob must be a probability in \[0, 1\], got"):
+        with pytest.raises(
+            ValueError, match=r"DropBlock2D: drop_prob must be a probability in \[0, 1\], got"
+        ):
             DropBlock2D(p, 3).apply(v, x)
-    with pytest.raises(ValueError, match=r"DropBlock2D: start_value must be a probability in \[0, 1\], got 2"):
+    with pytest.raises(
+        ValueError, match=r"DropBlock2D: start_value must be a probability in \[0, 1\], got 2"
+    ):
         DropBlock2D(0.1, 3, nr_steps=5, start_value=2).apply(v, x)
-    with pytest.raises(ValueError, match=r"DropBlock2D: stop_value must be a probability in \[0, 1\], got -0.1"):
+    with pytest.raises(
+        ValueError, match=r"DropBlock2D: stop_value must be a probability in \[0, 1\], got -0.1"
+    ):
         DropBlock2D(0.1, 3, nr_steps=5, stop_value=-0.1).apply(v, x)
-    with pytest.raises(ValueError, match=r"DropBlock2D: nr_steps must be a non-negative integer, got -1"):
+    with pytest.raises(
+        ValueError, match=r"DropBlock2D: nr_steps must be a non-negative integer, got -1"
+    ):
         DropBlock2D(0.1, 3, nr_steps=-1).apply(v, x)
-    with pytest.raises(ValueError, match=r"DropBlock2D: start_step must be a non-negative integer, got 1.5"):
+    with pytest.raises(
+        ValueError, match=r"DropBlock2D: start_step must be a non-negative integer, got 1.5"
+    ):
         DropBlock2D(0.1, 3, start_step=1.5, nr_steps=3).apply(v, x)
-    with pytest.raises(ValueError, match=r"DropBlock2D: block_size must be a positive integer, got 0"):
+    with pytest.raises(
+        ValueError, match=r"DropBlock2D: block_size must be a positive integer, got 0"
+    ):
         DropBlock2D(0.1, 0).apply(v, x)
-    with pytest.raises(ValueError, match=r"DropBlock2D: expected x of rank 4 \(N, H, W, C\), got shape \(8, 8, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"DropBlock2D: expected x of rank 4 \(N, H, W, C\), got shape \(8, 8, 3\)"
+    ):
         DropBlock2D(0.1, 3).apply(v, x[0])
     # A schedule that cannot advance is an error, not a silent constant.
-    with pytest.raises(ValueError, match=r"DropBlock2D: a drop-probability schedule \(nr_steps=5\) needs .* mutable"):
+    with pytest.raises(
+        ValueError,
+        match=r"DropBlock2D: a drop-probability schedule \(nr_steps=5\) needs .* mutable",
+    ):
         DropBlock2D(0.1, 3, nr_steps=5).apply(v, x, train=True, rngs=rngs)
-    with pytest.raises(ValueError, match=r"DropBlock2D: a drop-probability schedule \(nr_steps=5\) needs its step"):
+    with pytest.raises(
+        ValueError, match=r"DropBlock2D: a drop-probability schedule \(nr_steps=5\) needs its step"
+    ):
         DropBlock2D(0.1, 3, nr_steps=5).apply({}, x, train=True, rngs=rngs)
     # Without a schedule, training works with frozen or absent batch_stats (the counter just does not move).
     assert DropBlock2D(0.1, 3).apply(v, x, train=True, rngs=rngs).shape == x.shape

@@ -6,6 +6,7 @@ float64 (the comparisons measure jaxenc's float32 error only). Values and gradie
 logits input are compared. The label-smoothing oracles keep jaxenc's class-last layout (upstream
 applies ``log_softmax(dim=-1)``, i.e. class last, too); the segmentation oracle takes NCHW as upstream.
 """
+
 from __future__ import annotations
 
 import functools
@@ -14,9 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from optional_torch import torch
 from optional_torch import F as tF
-
+from optional_torch import torch
 from parity import RTOL, assert_close, random_input
 
 from jaxenc import losses as L
@@ -74,8 +74,16 @@ def torch_se_target(target, nclass):
 class TorchSegmentationLosses(torch.nn.CrossEntropyLoss):
     """Upstream SegmentationLosses (NCHW): CE(ignore_index) + aux CE + BCE(sigmoid(se), se_target)."""
 
-    def __init__(self, se_loss=False, se_weight=0.2, nclass=-1, aux=False, aux_weight=0.4, weight=None,
-                 ignore_index=-1):
+    def __init__(
+        self,
+        se_loss=False,
+        se_weight=0.2,
+        nclass=-1,
+        aux=False,
+        aux_weight=0.4,
+        weight=None,
+        ignore_index=-1,
+    ):
         super().__init__(weight=weight, ignore_index=ignore_index)
         self.se_loss, self.se_weight, self.nclass = se_loss, se_weight, nclass
         self.aux, self.aux_weight = aux, aux_weight
@@ -95,8 +103,11 @@ class TorchSegmentationLosses(torch.nn.CrossEntropyLoss):
             pred, se_pred = preds
             return ce(pred, target) + self.se_weight * self.bce(torch.sigmoid(se_pred), se_target)
         pred, se_pred, aux_pred = preds
-        return (ce(pred, target) + self.aux_weight * ce(aux_pred, target)
-                + self.se_weight * self.bce(torch.sigmoid(se_pred), se_target))
+        return (
+            ce(pred, target)
+            + self.aux_weight * ce(aux_pred, target)
+            + self.se_weight * self.bce(torch.sigmoid(se_pred), se_target)
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,7 +161,9 @@ def soft_labels(shape, seed=0, mixup=True):
         return rng.dirichlet(np.ones(k), shape[:-1]).astype(np.float32)
     eye = np.eye(k, dtype=np.float32)
     lam = np.float32(rng.beta(0.2, 0.2))
-    return lam * eye[rng.integers(0, k, shape[:-1])] + (1 - lam) * eye[rng.integers(0, k, shape[:-1])]
+    return (
+        lam * eye[rng.integers(0, k, shape[:-1])] + (1 - lam) * eye[rng.integers(0, k, shape[:-1])]
+    )
 
 
 def class_weight(k=K, seed=7):
@@ -171,7 +184,9 @@ def test_label_smoothing_parity(shape, reduction, smoothing):
     check_parity(
         lambda a: L.label_smoothing_cross_entropy(a, t, smoothing=smoothing, reduction=reduction),
         lambda a: ref(a, torch.tensor(t)),
-        [x], [t64], [class_last],
+        [x],
+        [t64],
+        [class_last],
     )
 
 
@@ -180,10 +195,16 @@ def test_label_smoothing_properties():
     t = labels((8,))
     # ε = 0 is the cross-entropy; uniform logits give log K for any ε.
     assert_close(L.label_smoothing_cross_entropy(x, t, smoothing=0.0), L.cross_entropy(x, t), 1e-6)
-    uniform = L.label_smoothing_cross_entropy(np.zeros((3, K), np.float32), t[:3], smoothing=0.3, reduction="none")
+    uniform = L.label_smoothing_cross_entropy(
+        np.zeros((3, K), np.float32), t[:3], smoothing=0.3, reduction="none"
+    )
     assert_close(uniform, np.full(3, np.log(K)), 1e-6, what="log K")
     # The default ε is upstream's 0.1.
-    assert_close(L.label_smoothing_cross_entropy(x, t), L.label_smoothing_cross_entropy(x, t, smoothing=0.1), 0)
+    assert_close(
+        L.label_smoothing_cross_entropy(x, t),
+        L.label_smoothing_cross_entropy(x, t, smoothing=0.1),
+        0,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,7 +221,9 @@ def test_soft_target_parity(shape, reduction, mixup):
     check_parity(
         lambda a: L.soft_target_cross_entropy(a, y, reduction=reduction),
         lambda a: ref(a, t64(y)),
-        [x], [t64], [class_last],
+        [x],
+        [t64],
+        [class_last],
     )
 
 
@@ -209,13 +232,20 @@ def test_soft_target_properties():
     t = labels((6,))
     onehot = np.eye(K, dtype=np.float32)[t]
     # One-hot targets reduce to LabelSmoothing; smoothing=0 to multilabel CE.
-    assert_close(L.soft_target_cross_entropy(x, onehot, smoothing=0.2),
-                 L.label_smoothing_cross_entropy(x, t, smoothing=0.2), 1e-6)
+    assert_close(
+        L.soft_target_cross_entropy(x, onehot, smoothing=0.2),
+        L.label_smoothing_cross_entropy(x, t, smoothing=0.2),
+        1e-6,
+    )
     y = soft_labels((6, K), seed=6)
-    assert_close(L.soft_target_cross_entropy(x, y, smoothing=0.0), L.multilabel_cross_entropy(x, y), 1e-6)
+    assert_close(
+        L.soft_target_cross_entropy(x, y, smoothing=0.0), L.multilabel_cross_entropy(x, y), 1e-6
+    )
     # Upstream's eval branch is F.cross_entropy on hard targets: jaxenc's cross_entropy.
     ref = TorchNLLMultiLabelSmooth().eval()
-    assert_close(L.cross_entropy(x, t), ref(t64(x), torch.tensor(t)).numpy(), RTOL, what="eval fallback")
+    assert_close(
+        L.cross_entropy(x, t), ref(t64(x), torch.tensor(t)).numpy(), RTOL, what="eval fallback"
+    )
     # Integer-valued (e.g. multi-hot int) targets are upcast like upstream's target.float().
     assert L.soft_target_cross_entropy(x, onehot.astype(np.int32)).dtype == jnp.float32
 
@@ -229,7 +259,10 @@ def test_se_targets_crafted_masks():
         [
             [[0, 0, 2], [2, -1, -1]],  # classes 0, 2; ignore pixels
             [[-1, -1, -1], [-1, -1, -1]],  # only ignored pixels: nothing present
-            [[3, 255, 4], [4, 4, 5]],  # K-1 = 3 is the last histc bin; 4, 5 and 255 are out of range
+            [
+                [3, 255, 4],
+                [4, 4, 5],
+            ],  # K-1 = 3 is the last histc bin; 4, 5 and 255 are out of range
         ]
     )
     expected = np.array([[1, 0, 1, 0], [0, 0, 0, 0], [0, 0, 0, 1]], np.float32)
@@ -246,8 +279,11 @@ def test_se_targets_crafted_masks():
 def test_se_targets_match_histc(num_classes):
     rng = np.random.default_rng(num_classes)
     # Sparse masks so that some classes are absent; -1 and 255 pixels planted.
-    masks = rng.integers(0, num_classes, (4, 9, 11)) if num_classes < 7 else rng.choice(
-        rng.integers(0, num_classes, 5), (4, 9, 11))
+    masks = (
+        rng.integers(0, num_classes, (4, 9, 11))
+        if num_classes < 7
+        else rng.choice(rng.integers(0, num_classes, 5), (4, 9, 11))
+    )
     masks[rng.random(masks.shape) < 0.2] = -1
     masks[rng.random(masks.shape) < 0.1] = 255
     masks[1] = -1  # one image with only ignored pixels
@@ -257,18 +293,22 @@ def test_se_targets_match_histc(num_classes):
         # counts class-0 pixels only (documented in se_targets).
         expected = (masks == 0).any(axis=(1, 2))[:, None].astype(np.float64)
     np.testing.assert_array_equal(L.se_targets(masks, num_classes), expected)
-    np.testing.assert_array_equal(jax.jit(L.se_targets, static_argnums=1)(masks, num_classes), expected)
+    np.testing.assert_array_equal(
+        jax.jit(L.se_targets, static_argnums=1)(masks, num_classes), expected
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # segmentation_loss (SegmentationLosses)
 
+# fmt: off
 FORMS = {  # (se_loss, aux) -> names of the outputs, upstream's argument order
     "plain": (False, False),
     "aux": (False, True),
     "se": (True, False),
     "se_aux": (True, True),
 }
+# fmt: on
 SEG_SHAPE = (2, 5, 7, 4)  # (N, H, W, K), odd spatial sizes
 
 
@@ -297,13 +337,24 @@ def test_segmentation_loss_parity(form, weighted, ignore_index):
     se, aux, arrays, t, to_t, back = seg_case(form, ignore_index)
     k = SEG_SHAPE[-1]
     w = class_weight(k) if weighted else None
-    kw = dict(se_loss=se, aux=aux, se_weight=0.3, aux_weight=0.2, weight=w, ignore_index=ignore_index)
-    ref = TorchSegmentationLosses(nclass=k, weight=None if w is None else t64(w), se_weight=0.3, aux_weight=0.2,
-                                  se_loss=se, aux=aux, ignore_index=ignore_index)
+    kw = dict(
+        se_loss=se, aux=aux, se_weight=0.3, aux_weight=0.2, weight=w, ignore_index=ignore_index
+    )
+    ref = TorchSegmentationLosses(
+        nclass=k,
+        weight=None if w is None else t64(w),
+        se_weight=0.3,
+        aux_weight=0.2,
+        se_loss=se,
+        aux=aux,
+        ignore_index=ignore_index,
+    )
     check_parity(
         lambda *outs: L.segmentation_loss(outs, t, num_classes=k if se else None, **kw),
         lambda *outs: ref(*outs, torch.tensor(t)),
-        arrays, to_t, back,
+        arrays,
+        to_t,
+        back,
     )
 
 
@@ -324,8 +375,14 @@ def test_segmentation_loss_forms_and_defaults():
     bce = L.segmentation_loss((pred, se_pred), t, se_loss=True, num_classes=k, se_weight=1.0) - ce
     assert_close(full, ce + 0.4 * ce_aux + 0.2 * bce, 1e-6, what="term decomposition")
     # weight=ones is the unweighted loss.
-    ones = L.segmentation_loss([pred, se_pred, aux_pred], t, se_loss=True, aux=True, num_classes=k,
-                               weight=np.ones(k, np.float32))
+    ones = L.segmentation_loss(
+        [pred, se_pred, aux_pred],
+        t,
+        se_loss=True,
+        aux=True,
+        num_classes=k,
+        weight=np.ones(k, np.float32),
+    )
     assert_close(ones, full, 1e-7)
 
 
@@ -358,18 +415,29 @@ def test_jit_matches_eager():
     y = soft_labels((2, 3, 4, K), seed=9)
     for reduction in REDUCTIONS:
         f = functools.partial(L.label_smoothing_cross_entropy, reduction=reduction)
-        assert_close(jax.jit(f)(x, t, smoothing=0.2), f(x, t, smoothing=0.2), 1e-6, what=f"LS {reduction}")
+        assert_close(
+            jax.jit(f)(x, t, smoothing=0.2), f(x, t, smoothing=0.2), 1e-6, what=f"LS {reduction}"
+        )
         g = functools.partial(L.soft_target_cross_entropy, reduction=reduction)
         assert_close(jax.jit(g)(x, y), g(x, y), 1e-6, what=f"soft {reduction}")
     # smoothing may be traced
-    assert_close(jax.jit(lambda e: L.label_smoothing_cross_entropy(x, t, smoothing=e))(0.2),
-                 L.label_smoothing_cross_entropy(x, t, smoothing=0.2), 1e-6)
+    assert_close(
+        jax.jit(lambda e: L.label_smoothing_cross_entropy(x, t, smoothing=e))(0.2),
+        L.label_smoothing_cross_entropy(x, t, smoothing=0.2),
+        1e-6,
+    )
     for form, (se, aux) in FORMS.items():
         _, _, arrays, tt, _, _ = seg_case(form)
-        kw = dict(se_loss=se, aux=aux, num_classes=SEG_SHAPE[-1], weight=class_weight(SEG_SHAPE[-1]))
+        kw = dict(
+            se_loss=se, aux=aux, num_classes=SEG_SHAPE[-1], weight=class_weight(SEG_SHAPE[-1])
+        )
         eager = L.segmentation_loss(tuple(arrays), tt, **kw)
-        jitted = jax.jit(lambda outs, targ, ii: L.segmentation_loss(outs, targ, ignore_index=ii, **kw))
-        assert_close(jitted(tuple(arrays), tt, -1), eager, 1e-6, what=f"jit {form} (traced ignore_index)")
+        jitted = jax.jit(
+            lambda outs, targ, ii: L.segmentation_loss(outs, targ, ignore_index=ii, **kw)
+        )
+        assert_close(
+            jitted(tuple(arrays), tt, -1), eager, 1e-6, what=f"jit {form} (traced ignore_index)"
+        )
 
 
 def test_bfloat16_logits():
@@ -398,43 +466,73 @@ def test_bfloat16_logits():
 def test_bad_inputs():
     x = random_input((4, K))
     t = labels((4,))
-    with pytest.raises(ValueError, match=r"label_smoothing_cross_entropy: smoothing must lie in \[0, 1\], got 1.5"):
+    with pytest.raises(
+        ValueError, match=r"label_smoothing_cross_entropy: smoothing must lie in \[0, 1\], got 1.5"
+    ):
         L.label_smoothing_cross_entropy(x, t, smoothing=1.5)
-    with pytest.raises(ValueError, match=r"label_smoothing_cross_entropy: expected integer targets of shape \(4,\)"):
+    with pytest.raises(
+        ValueError, match=r"label_smoothing_cross_entropy: expected integer targets of shape \(4,\)"
+    ):
         L.label_smoothing_cross_entropy(x, t[:3])
-    with pytest.raises(TypeError, match="label_smoothing_cross_entropy: hard targets must have an integer dtype"):
+    with pytest.raises(
+        TypeError, match="label_smoothing_cross_entropy: hard targets must have an integer dtype"
+    ):
         L.label_smoothing_cross_entropy(x, t.astype(np.float32))
     with pytest.raises(ValueError, match="label_smoothing_cross_entropy: reduction must be one of"):
         L.label_smoothing_cross_entropy(x, t, reduction="avg")
-    with pytest.raises(ValueError, match=r"soft_target_cross_entropy: expected targets of the logits' shape \(4, 5\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"soft_target_cross_entropy: expected targets of the logits' shape \(4, 5\)",
+    ):
         L.soft_target_cross_entropy(x, t)
     with pytest.raises(ValueError, match="soft_target_cross_entropy: smoothing must lie in"):
         L.soft_target_cross_entropy(x, np.eye(K)[t], smoothing=-0.1)
 
-    with pytest.raises(ValueError, match="se_targets: num_classes must be a positive integer, got 0"):
+    with pytest.raises(
+        ValueError, match="se_targets: num_classes must be a positive integer, got 0"
+    ):
         L.se_targets(np.zeros((2, 3, 3), int), 0)
-    with pytest.raises(TypeError, match="se_targets: targets must have an integer dtype, got float32"):
+    with pytest.raises(
+        TypeError, match="se_targets: targets must have an integer dtype, got float32"
+    ):
         L.se_targets(np.zeros((2, 3, 3), np.float32), 4)
     with pytest.raises(ValueError, match="se_targets: expected integer targets of shape"):
         L.se_targets(np.int32(3), 4)
 
     _, _, (pred, se_pred, aux_pred), seg_t, _, _ = seg_case("se_aux")
     k = SEG_SHAPE[-1]
-    with pytest.raises(ValueError, match=r"se_loss=True, aux=True expected 3 outputs \(pred, se_pred, aux_pred\), got 2"):
+    with pytest.raises(
+        ValueError,
+        match=r"se_loss=True, aux=True expected 3 outputs \(pred, se_pred, aux_pred\), got 2",
+    ):
         L.segmentation_loss((pred, se_pred), seg_t, se_loss=True, aux=True, num_classes=k)
-    with pytest.raises(ValueError, match=r"se_loss=False, aux=False expected 1 outputs \(pred\), got 2"):
+    with pytest.raises(
+        ValueError, match=r"se_loss=False, aux=False expected 1 outputs \(pred\), got 2"
+    ):
         L.segmentation_loss((pred, aux_pred), seg_t)
-    with pytest.raises(ValueError, match=r"se_loss=False, aux=True expected outputs \(pred, aux_pred\), got a single"):
+    with pytest.raises(
+        ValueError,
+        match=r"se_loss=False, aux=True expected outputs \(pred, aux_pred\), got a single",
+    ):
         L.segmentation_loss(pred, seg_t, aux=True)
     with pytest.raises(ValueError, match="segmentation_loss: se_loss=True needs num_classes"):
         L.segmentation_loss((pred, se_pred), seg_t, se_loss=True)
-    with pytest.raises(ValueError, match="segmentation_loss: num_classes=3 must equal the class count of pred"):
+    with pytest.raises(
+        ValueError, match="segmentation_loss: num_classes=3 must equal the class count of pred"
+    ):
         L.segmentation_loss((pred, se_pred), seg_t, se_loss=True, num_classes=3)
-    with pytest.raises(ValueError, match=r"segmentation_loss: expected se_pred of shape \(N, num_classes\) = \(2, 4\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"segmentation_loss: expected se_pred of shape \(N, num_classes\) = \(2, 4\)",
+    ):
         L.segmentation_loss((pred, se_pred[:, :3]), seg_t, se_loss=True, num_classes=k)
-    with pytest.raises(ValueError, match=r"segmentation_loss: expected aux_pred of pred's shape \(2, 5, 7, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"segmentation_loss: expected aux_pred of pred's shape \(2, 5, 7, 4\)"
+    ):
         L.segmentation_loss((pred, aux_pred[:, :4]), seg_t, aux=True)
-    with pytest.raises(ValueError, match=r"segmentation_loss: expected integer targets of shape \(2, 5, 7\)"):
+    with pytest.raises(
+        ValueError, match=r"segmentation_loss: expected integer targets of shape \(2, 5, 7\)"
+    ):
         L.segmentation_loss(pred, seg_t[:, :4])
     with pytest.raises(ValueError, match=r"segmentation_loss: weight must have shape \(4,\)"):
         L.segmentation_loss(pred, seg_t, weight=np.ones(3))

@@ -6,6 +6,7 @@ must reproduce the trainer's own held-out numbers exactly: the shapes images are
 image_size, so both paths run the same forward pass on the same pixels (exp is monotonic, so the
 argmax of exp(logits) is that of the logits).
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,8 @@ import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
-
 from tiny_config import tiny_config
+
 from train import evaluate
 from train.trainer import train_and_evaluate
 
@@ -36,8 +37,14 @@ def trained(tmp_path_factory):
     # A negligible lr keeps the checkpoint near its random initialisation, whose predictions cover
     # every class; a few real steps collapse the tiny model to all-background, which would make the
     # comparison with the trainer's numbers trivially true.
-    config = _config(**{"train.num_steps": 2, "optim.warmup_steps": 1, "optim.lr": 1e-6,
-                        "train.sample_predictions": 0})
+    config = _config(
+        **{
+            "train.num_steps": 2,
+            "optim.warmup_steps": 1,
+            "optim.lr": 1e-6,
+            "train.sample_predictions": 0,
+        }
+    )
     result = train_and_evaluate(config, workdir)
     return config, workdir, result
 
@@ -45,17 +52,28 @@ def trained(tmp_path_factory):
 def test_single_scale_equals_trainer_eval(trained, tmp_path):
     config, workdir, result = trained
     out = evaluate.evaluate_checkpoint(
-        config, workdir, tmp_path / "ss",
-        overrides={"mode": "single_scale", "base_size": SIZE, "crop_size": SIZE, "save_predictions": 12,
-                   "batch_size": 3},
-        log=lambda msg: None)
+        config,
+        workdir,
+        tmp_path / "ss",
+        overrides={
+            "mode": "single_scale",
+            "base_size": SIZE,
+            "crop_size": SIZE,
+            "save_predictions": 12,
+            "batch_size": 3,
+        },
+        log=lambda msg: None,
+    )
     assert out["step"] == 2 and out["num_images"] == config.dataset.num_val
     assert out["mode"] == "single_scale" and out["scales"] == [1.0] and out["flip"] is False
     assert out["mIoU"] == pytest.approx(result["mIoU"], abs=1e-12)
     assert out["pixAcc"] == pytest.approx(result["pixAcc"], abs=1e-12)
     written = json.loads((tmp_path / "ss" / "eval_metrics.json").read_text())
     assert written["mIoU"] == out["mIoU"] and written["IoU"] == out["IoU"]
-    assert written["class_names"][0] == "background" and len(written["IoU"]) == config.dataset.num_classes
+    assert (
+        written["class_names"][0] == "background"
+        and len(written["IoU"]) == config.dataset.num_classes
+    )
     pngs = sorted(p.name for p in (tmp_path / "ss" / "predictions").iterdir())
     assert pngs == sorted(f"{i:05d}{suffix}.png" for i in range(12) for suffix in ("", "_pred"))
     predicted = set()
@@ -72,10 +90,21 @@ def test_single_scale_equals_trainer_eval(trained, tmp_path):
 def test_multi_scale_from_config_eval(trained, tmp_path):
     config, workdir, _ = trained
     config = ml_collections.ConfigDict(config.to_dict())
-    config.eval = ml_collections.ConfigDict(dict(
-        mode="multi_scale", scales=(0.5, 1.0, 1.5), flip=True, base_size=SIZE, crop_size=SIZE, num_images=5,
-        save_predictions=1, batch_size=4))
-    out = evaluate.evaluate_checkpoint(config, workdir / "best", tmp_path / "ms", log=lambda msg: None)
+    config.eval = ml_collections.ConfigDict(
+        dict(
+            mode="multi_scale",
+            scales=(0.5, 1.0, 1.5),
+            flip=True,
+            base_size=SIZE,
+            crop_size=SIZE,
+            num_images=5,
+            save_predictions=1,
+            batch_size=4,
+        )
+    )
+    out = evaluate.evaluate_checkpoint(
+        config, workdir / "best", tmp_path / "ms", log=lambda msg: None
+    )
     assert out["step"] == 2 and out["num_images"] == 5
     assert out["scales"] == [0.5, 1.0, 1.5] and out["flip"] is True and out["mode"] == "multi_scale"
     for key in ("pixAcc", "mIoU"):
@@ -96,7 +125,12 @@ def test_settings_defaults_and_errors():
     del c["eval"]  # a config without an eval section gets upstream's defaults
     s = evaluate.eval_settings(c)
     assert s.mode == "multi_scale" and s.scales == (0.5, 0.75, 1.0, 1.25, 1.5, 1.75) and s.flip
-    assert (s.base_size, s.crop_size, s.split, s.num_images) == (520, c.dataset.image_size, "validation", 0)
+    assert (s.base_size, s.crop_size, s.split, s.num_images) == (
+        520,
+        c.dataset.image_size,
+        "validation",
+        0,
+    )
     assert evaluate.eval_settings(c, {"mode": "single_scale", "flip": True}).scales == (1.0,)
     with pytest.raises(ValueError, match="config.eval.mode"):
         evaluate.eval_settings(c, {"mode": "ms"})
@@ -114,18 +148,41 @@ def test_resolve_checkpoint(trained, tmp_path):
     assert evaluate.resolve_checkpoint(workdir / "checkpoints" / "2")[1] == 2
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         evaluate.resolve_checkpoint(tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"(?s)does not exist.*not a model-store name.*deeplab_resnest50_ade"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"(?s)does not exist.*not a model-store name.*deeplab_resnest50_ade",
+    ):
         evaluate.resolve_checkpoint("deeplab_resnest50_adee")
 
 
 @pytest.mark.slow
 def test_cli_smoke(trained, tmp_path):
     _, workdir, _ = trained
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAXENC_NO_PROGRESS="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "train.evaluate", "--config", "configs/tiny.py", "--checkpoint", str(workdir),
-           "--outdir", str(tmp_path), "--scales", "0.75,1.25", "--base_size", str(SIZE), "--num_images", "2",
-           "--save_predictions", "1"]
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        JAXENC_NO_PROGRESS="1",
+        PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "train.evaluate",
+        "--config",
+        "configs/tiny.py",
+        "--checkpoint",
+        str(workdir),
+        "--outdir",
+        str(tmp_path),
+        "--scales",
+        "0.75,1.25",
+        "--base_size",
+        str(SIZE),
+        "--num_images",
+        "2",
+        "--save_predictions",
+        "1",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "mIoU" in proc.stdout and "background" in proc.stdout
@@ -143,14 +200,24 @@ def test_published_weights_file_gives_the_checkpoints_numbers(trained, tmp_path)
     from train.trainer import build_model
 
     config, workdir, _ = trained
-    shapes = jax.eval_shape(lambda: build_model(config).init(jax.random.key(0), np.zeros((1, SIZE, SIZE, 3),
-                                                                                         np.float32)))
+    shapes = jax.eval_shape(
+        lambda: build_model(config).init(
+            jax.random.key(0), np.zeros((1, SIZE, SIZE, 3), np.float32)
+        )
+    )
     target = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
     variables = checkpoint.load_params_for_finetune(workdir, dict(target))
     store.save_checkpoint(tmp_path / "exported.msgpack", jax.tree.map(np.asarray, variables))
     settings = {"mode": "single_scale", "base_size": SIZE, "crop_size": SIZE, "save_predictions": 0}
-    from_ckpt = evaluate.evaluate_checkpoint(config, workdir, tmp_path / "a", overrides=settings, log=lambda m: None)
-    from_file = evaluate.evaluate_checkpoint(config, tmp_path / "exported.msgpack", tmp_path / "b", overrides=settings,
-                                             log=lambda m: None)
+    from_ckpt = evaluate.evaluate_checkpoint(
+        config, workdir, tmp_path / "a", overrides=settings, log=lambda m: None
+    )
+    from_file = evaluate.evaluate_checkpoint(
+        config,
+        tmp_path / "exported.msgpack",
+        tmp_path / "b",
+        overrides=settings,
+        log=lambda m: None,
+    )
     assert from_file["mIoU"] == from_ckpt["mIoU"] and from_file["IoU"] == from_ckpt["IoU"]
     assert from_file["step"] is None and from_file["checkpoint"].endswith("exported.msgpack")

@@ -1,5 +1,6 @@
 """benchmarks.gpu_check on a CPU-only machine: it refuses at once, and its pieces run (kernels
 interpreted, a small model's train step) so the GPU run does not fail on a typo."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,20 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_exits_at_once_without_a_gpu(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.gpu_check", "--out", str(tmp_path), "--record", str(tmp_path / "r.json")],
-        cwd=REPO, capture_output=True, text=True, timeout=120, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"},
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.gpu_check",
+            "--out",
+            str(tmp_path),
+            "--record",
+            str(tmp_path / "r.json"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"},
     )
     assert proc.returncode == 2, proc.stderr
     assert "no GPU here" in proc.stderr
@@ -28,8 +41,13 @@ def test_exits_at_once_without_a_gpu(tmp_path):
 def test_kernel_check_and_records_with_interpreted_kernels(monkeypatch, tmp_path):
     monkeypatch.setattr(gpu_check, "PALLAS_KWARGS", {"impl": "pallas", "interpret": True})
     monkeypatch.setattr(gpu_check, "TIMED_CALLS", 1)
-    monkeypatch.setattr(gpu_check, "time_compiled", lambda call, n=1: {"time_ms": 1.0, "min_ms": 1.0, "calls": 1})
-    small = {"encoding": [dict(B=1, N=40, K=5, D=24)], "involution": [dict(B=1, H=6, W=6, C=8, G=2, K=3, stride=1)]}
+    monkeypatch.setattr(
+        gpu_check, "time_compiled", lambda call, n=1: {"time_ms": 1.0, "min_ms": 1.0, "calls": 1}
+    )
+    small = {
+        "encoding": [dict(B=1, N=40, K=5, D=24)],
+        "involution": [dict(B=1, H=6, W=6, C=8, G=2, K=3, stride=1)],
+    }
     monkeypatch.setitem(gpu_check.SWEEPS["encoding"], "full", small["encoding"])
     monkeypatch.setitem(gpu_check.SWEEPS["involution"], "full", small["involution"])
     rows = [gpu_check.check_kernel(op, shape) for op, shapes in small.items() for shape in shapes]
@@ -52,4 +70,6 @@ def test_kernel_check_and_records_with_interpreted_kernels(monkeypatch, tmp_path
 @pytest.mark.slow
 def test_train_step_stage_runs_on_a_small_model():
     row = gpu_check.jaxenc_train_step(batch=2, size=32, name="resnet18", num_calls=1)
-    assert row["step_flops_xla"] > 0 and row["time_ms"] > 0 and row["mfu"] is None  # no peak known for a CPU
+    assert (
+        row["step_flops_xla"] > 0 and row["time_ms"] > 0 and row["mfu"] is None
+    )  # no peak known for a CPU

@@ -1,5 +1,6 @@
 """jaxenc.nn.grouped_conv: every strategy computes torch's grouped / pointwise conv2d (values, input
 and kernel gradients), ``auto`` picks the per-backend form, and the override / error paths."""
+
 from __future__ import annotations
 
 import jax
@@ -7,14 +8,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from optional_torch import F, torch
+from parity import assert_close, nchw, nhwc
 
 from jaxenc.nn import Conv2d
 from jaxenc.nn.grouped_conv import IMPLS, conv2d_grouped, grouped_conv_impl, resolve_grouped_impl
-from parity import assert_close, nchw, nhwc
 
 # (x shape NHWC, C_out, kernel, groups, stride, padding, dilation): ResNeSt's radix-2 conv, ResNeXt's
 # 32 narrow groups, wide groups (chunk cap), depthwise with and without a channel multiplier, grouped
 # 1x1; then dense 1x1 convolutions (the "dot" form) with strides that do and do not divide the size.
+# fmt: off
 CASES = [
     ((2, 9, 11, 8), 6, 3, 2, (1, 1), (1, 1), (1, 1)),
     ((2, 9, 11, 64), 64, 3, 32, (2, 1), (1, 2), (2, 1)),
@@ -26,15 +28,21 @@ CASES = [
     ((2, 9, 11, 8), 6, 1, 1, (2, 2), (0, 0), (2, 2)),
     ((2, 9, 11, 8), 5, 1, 1, (3, 2), (0, 0), (1, 1)),
 ]
+# fmt: on
 
 
 def _kernel(shape, c_out, k, groups, seed=1):
-    return np.random.default_rng(seed).normal(size=(k, k, shape[-1] // groups, c_out)).astype(np.float32)
+    return (
+        np.random.default_rng(seed)
+        .normal(size=(k, k, shape[-1] // groups, c_out))
+        .astype(np.float32)
+    )
 
 
 def _conv(impl, stride, padding, dilation, groups):
-    return lambda x, w: conv2d_grouped(x, w, stride=stride, padding=padding, dilation=dilation, groups=groups,
-                                       impl=impl)
+    return lambda x, w: conv2d_grouped(
+        x, w, stride=stride, padding=padding, dilation=dilation, groups=groups, impl=impl
+    )
 
 
 def _strategy(case):
@@ -57,11 +65,15 @@ def test_strategies_match_torch_values_and_gradients(case):
     ct = rng.normal(size=tuple(yt.shape)).astype(np.float32)
     yt.backward(torch.tensor(ct))
     for impl in ("xla", _strategy(case)):
-        y, vjp = jax.vjp(_conv(impl, stride, padding, dilation, groups), jnp.asarray(x), jnp.asarray(w))
+        y, vjp = jax.vjp(
+            _conv(impl, stride, padding, dilation, groups), jnp.asarray(x), jnp.asarray(w)
+        )
         gx, gw = vjp(jnp.asarray(nhwc(ct)))
         assert_close(y, nhwc(yt.detach().numpy()), what=f"{impl} output")
         assert_close(gx, nhwc(xt.grad.numpy()), what=f"{impl} input gradient")
-        assert_close(gw, np.transpose(wt.grad.numpy(), (2, 3, 1, 0)), what=f"{impl} kernel gradient")
+        assert_close(
+            gw, np.transpose(wt.grad.numpy(), (2, 3, 1, 0)), what=f"{impl} kernel gradient"
+        )
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -70,8 +82,13 @@ def test_strategies_match_the_grouped_xla_conv(case):
     shape, c_out, k, groups, stride, padding, dilation = case
     x = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)
     w = jnp.asarray(_kernel(shape, c_out, k, groups))
-    ref, fast = _conv("xla", stride, padding, dilation, groups), _conv(_strategy(case), stride, padding, dilation, groups)
-    np.testing.assert_allclose(fast(x, w), ref(x, w), rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(ref(x, w)))))
+    ref, fast = (
+        _conv("xla", stride, padding, dilation, groups),
+        _conv(_strategy(case), stride, padding, dilation, groups),
+    )
+    np.testing.assert_allclose(
+        fast(x, w), ref(x, w), rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(ref(x, w))))
+    )
     grads = [jax.grad(lambda x, w, f=f: jnp.sum(f(x, w) ** 2), (0, 1))(x, w) for f in (ref, fast)]
     for a, b in zip(*grads):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(a))))
@@ -82,13 +99,20 @@ def test_bfloat16_jit_and_vmap(case):
     shape, c_out, k, groups, stride, padding, dilation = case
     x = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)
     w = jnp.asarray(_kernel(shape, c_out, k, groups))
-    ref, fast = _conv("xla", stride, padding, dilation, groups), _conv(_strategy(case), stride, padding, dilation, groups)
+    ref, fast = (
+        _conv("xla", stride, padding, dilation, groups),
+        _conv(_strategy(case), stride, padding, dilation, groups),
+    )
     yb = jax.jit(fast)(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
     assert yb.dtype == jnp.bfloat16
     expected = ref(x, w)
-    np.testing.assert_allclose(yb.astype(jnp.float32), expected, atol=0.05 * float(jnp.max(jnp.abs(expected))))
+    np.testing.assert_allclose(
+        yb.astype(jnp.float32), expected, atol=0.05 * float(jnp.max(jnp.abs(expected)))
+    )
     batched = jax.vmap(fast, in_axes=(0, None))(x[:, None], w)
-    np.testing.assert_allclose(batched[:, 0], expected, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(expected))))
+    np.testing.assert_allclose(
+        batched[:, 0], expected, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(expected)))
+    )
 
 
 def _conv_primitives(fn, *args):
@@ -117,9 +141,16 @@ def test_auto_on_cpu_runs_1x1_convolutions_as_matmuls():
         eqns = jax.make_jaxpr(lambda p: conv.apply(p, x))(params).eqns
         assert not _conv_primitives(lambda p: conv.apply(p, x), params)
         assert [e.primitive.name for e in eqns].count("dot_general") == 1
-        assert conv.apply(params, x).shape == (1, 7 if stride == 1 else 4, 7 if stride == 1 else 4, 8)
+        assert conv.apply(params, x).shape == (
+            1,
+            7 if stride == 1 else 4,
+            7 if stride == 1 else 4,
+            8,
+        )
     padded = Conv2d(8, 1, padding=1)  # zero padding is not a matmul: the XLA convolution stays
-    assert len(_conv_primitives(lambda p: padded.apply(p, x), padded.init(jax.random.key(0), x))) == 1
+    assert (
+        len(_conv_primitives(lambda p: padded.apply(p, x), padded.init(jax.random.key(0), x))) == 1
+    )
 
 
 def test_resolution_rule():
@@ -135,19 +166,41 @@ def test_resolution_rule():
     assert resolve_grouped_impl(64, 2, "chunks", backend="gpu") == "chunks"
     with grouped_conv_impl("chunks"):
         assert resolve_grouped_impl(64, 64, backend="cpu") == "chunks"
-    assert resolve_grouped_impl(64, 64, backend="cpu") == "taps"  # the override ended with the block
+    assert (
+        resolve_grouped_impl(64, 64, backend="cpu") == "taps"
+    )  # the override ended with the block
 
 
 def test_errors():
     x, w = jnp.ones((1, 4, 4, 8)), jnp.ones((3, 3, 4, 8))
-    with pytest.raises(ValueError, match=r"impl must be one of \('auto', 'xla', 'taps', 'chunks', 'dot'\), got 'fast'"):
+    with pytest.raises(
+        ValueError,
+        match=r"impl must be one of \('auto', 'xla', 'taps', 'chunks', 'dot'\), got 'fast'",
+    ):
         conv2d_grouped(x, w, stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=2, impl="fast")
-    with pytest.raises(ValueError, match="impl='taps' needs one input channel per group, got 8 channels in 2 groups"):
+    with pytest.raises(
+        ValueError,
+        match="impl='taps' needs one input channel per group, got 8 channels in 2 groups",
+    ):
         conv2d_grouped(x, w, stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=2, impl="taps")
-    with pytest.raises(ValueError, match="impl='dot' needs a 1x1 kernel, no padding and groups=1, got groups=2, pointwise=False"):
+    with pytest.raises(
+        ValueError,
+        match="impl='dot' needs a 1x1 kernel, no padding and groups=1, got groups=2, pointwise=False",
+    ):
         conv2d_grouped(x, w, stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=2, impl="dot")
-    with pytest.raises(ValueError, match="impl='dot' needs a 1x1 kernel, no padding and groups=1, got groups=1, pointwise=False"):
-        conv2d_grouped(x, jnp.ones((1, 1, 8, 8)), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, impl="dot")
+    with pytest.raises(
+        ValueError,
+        match="impl='dot' needs a 1x1 kernel, no padding and groups=1, got groups=1, pointwise=False",
+    ):
+        conv2d_grouped(
+            x,
+            jnp.ones((1, 1, 8, 8)),
+            stride=(1, 1),
+            padding=(1, 1),
+            dilation=(1, 1),
+            groups=1,
+            impl="dot",
+        )
     with pytest.raises(ValueError, match="grouped_conv_impl: impl must be one of"):
         with grouped_conv_impl("cudnn"):
             pass

@@ -1,4 +1,5 @@
 """impl="auto": a Pallas kernel only where kernels/verified.json records it verified and faster."""
+
 from __future__ import annotations
 
 import types
@@ -23,7 +24,15 @@ RECORD = {
 
 def test_shipped_record_file_is_well_formed():
     for rec in verified_records():
-        assert {"op", "backend", "device_kind", "jax", "verified", "speedup_fwd", "speedup_fwd_bwd"} <= set(rec)
+        assert {
+            "op",
+            "backend",
+            "device_kind",
+            "jax",
+            "verified",
+            "speedup_fwd",
+            "speedup_fwd_bwd",
+        } <= set(rec)
         assert rec["op"] in ("encoding", "involution")
 
 
@@ -51,7 +60,9 @@ def test_no_record_means_xla():
 
 def _fake_gpu(monkeypatch, records):
     monkeypatch.setattr(_common.jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(_common.jax, "devices", lambda *a: [types.SimpleNamespace(device_kind=H200)])
+    monkeypatch.setattr(
+        _common.jax, "devices", lambda *a: [types.SimpleNamespace(device_kind=H200)]
+    )
     monkeypatch.setattr(_common, "verified_records", lambda: records)
 
 
@@ -59,7 +70,9 @@ def test_auto_on_an_unrecorded_gpu_is_xla(monkeypatch):
     _fake_gpu(monkeypatch, ())
     assert resolve_impl("auto", False, "t", "encoding") == "xla"
     assert resolve_impl("pallas", False, "t", "encoding") == "pallas"  # still available
-    assert resolve_impl("auto", True, "t", "encoding") == "pallas"  # interpreting asks for the kernel
+    assert (
+        resolve_impl("auto", True, "t", "encoding") == "pallas"
+    )  # interpreting asks for the kernel
 
 
 def test_auto_on_a_recorded_gpu_is_pallas(monkeypatch):
@@ -69,5 +82,9 @@ def test_auto_on_a_recorded_gpu_is_pallas(monkeypatch):
 
 
 def test_auto_on_cpu_ignores_records(monkeypatch):
-    monkeypatch.setattr(_common, "verified_records", lambda: ({**RECORD, "jax": jax.__version__, "device_kind": "cpu"},))
+    monkeypatch.setattr(
+        _common,
+        "verified_records",
+        lambda: ({**RECORD, "jax": jax.__version__, "device_kind": "cpu"},),
+    )
     assert resolve_impl("auto", False, "t", "encoding") == "xla"

@@ -16,6 +16,7 @@ Why these cases:
 On CPU ``impl="pallas"`` can only be executed with ``interpret=True``; without it the kernels can
 still be traced (make_jaxpr), which is how the dispatch and module tests check which path is taken.
 """
+
 from __future__ import annotations
 
 import functools
@@ -74,8 +75,14 @@ _reference = _value_and_grads(encoding_reference)
 def _check(x, c, s, g, rtol, what=""):
     out, grads = _pallas(x, c, s, g)
     out_ref, grads_ref = _reference(x, c, s, g)
-    assert out.shape == out_ref.shape and out.dtype == out_ref.dtype, (out.shape, out.dtype, out_ref.dtype)
-    for name, a, e in zip(("out", "d/dx", "d/dcodewords", "d/dscale"), (out, *grads), (out_ref, *grads_ref)):
+    assert out.shape == out_ref.shape and out.dtype == out_ref.dtype, (
+        out.shape,
+        out.dtype,
+        out_ref.dtype,
+    )
+    for name, a, e in zip(
+        ("out", "d/dx", "d/dcodewords", "d/dscale"), (out, *grads), (out_ref, *grads_ref)
+    ):
         assert a.dtype == e.dtype, f"{what} {name}: dtype {a.dtype} != {e.dtype}"
         assert np.all(np.isfinite(np.asarray(a, np.float32))), f"{what} {name}: not finite"
         assert_close(a, e, rtol, what=f"{what} {name}")
@@ -84,6 +91,7 @@ def _check(x, c, s, g, rtol, what=""):
 
 # --------------------------------------------------------------------------------------------------
 # 1. Values and gradients over block-plan shapes
+
 
 def _split_shape():
     """First candidate whose plan has several slices of several tiles and an all-padding tile.
@@ -107,7 +115,12 @@ SHAPES = [
     (2, 16, 16, 64),  # exact multiples of every block size
     (1, 65, 33, 65),  # one past a block on every axis
     (2, 130, 5, 17),  # small K padded to 16, D block of 32
-    (2, 40, 64, 130),  # K=64 (no codeword padding); D=130: three feature blocks, the last nearly empty
+    (
+        2,
+        40,
+        64,
+        130,
+    ),  # K=64 (no codeword padding); D=130: three feature blocks, the last nearly empty
     (4, 33, 2, 200),  # four feature blocks, K=2
     (2, 100, 130, 40),  # kp=256 shrinks the position tile to 16: many tiles smaller than kp
     SPLIT_SHAPE,  # splits > 1 and tiles_per_split > 1, the last tile all padding
@@ -164,7 +177,8 @@ def test_points_on_codewords_clamp():
     s = s.at[1].set(-0.5)  # negative scale: the coincident codeword dominates those rows
     sq = scaled_l2_reference(x, c, jnp.ones((k,), jnp.float32))  # clamped, unit scale
     unclamped = (
-        jnp.sum(x * x, axis=-1, keepdims=True) - 2.0 * jnp.einsum("bnd,kd->bnk", x, c, precision="highest")
+        jnp.sum(x * x, axis=-1, keepdims=True)
+        - 2.0 * jnp.einsum("bnd,kd->bnk", x, c, precision="highest")
         + jnp.sum(c * c, axis=-1)
     )
     assert np.any(np.asarray(unclamped) <= 0.0), "no distance reached the clamp"
@@ -193,7 +207,9 @@ def test_jit_and_vmap_over_extra_batch_axis():
     def loss(fn):
         return lambda xx, cc, ss: jnp.sum(jax.vmap(lambda y: fn(y, cc, ss))(xx) * g)
 
-    grads = jax.jit(jax.grad(loss(functools.partial(encoding, impl="pallas", interpret=True)), (0, 1, 2)))(xs, c, s)
+    grads = jax.jit(
+        jax.grad(loss(functools.partial(encoding, impl="pallas", interpret=True)), (0, 1, 2))
+    )(xs, c, s)
     grads_ref = jax.grad(loss(encoding_reference), (0, 1, 2))(xs, c, s)
     for name, a, e in zip(("d/dx", "d/dcodewords", "d/dscale"), grads, grads_ref):
         assert_close(a, e, what=f"jit(grad(vmap(pallas))) {name}")
@@ -210,7 +226,9 @@ def _jaxpr(fn, *args):
 def test_auto_on_cpu_is_the_reference():
     assert jax.default_backend() == "cpu"
     x, c, s, _ = _inputs(2, 63, 7, 48)
-    np.testing.assert_array_equal(np.asarray(encoding(x, c, s)), np.asarray(encoding_reference(x, c, s)))
+    np.testing.assert_array_equal(
+        np.asarray(encoding(x, c, s)), np.asarray(encoding_reference(x, c, s))
+    )
     np.testing.assert_array_equal(
         np.asarray(encoding(x, c, s, impl="xla")), np.asarray(encoding_reference(x, c, s))
     )
@@ -223,7 +241,9 @@ def test_pallas_paths_trace_to_pallas_call():
     assert "pallas_call" in _jaxpr(lambda *a: encoding(*a, impl="auto", interpret=True), x, c, s)
     # Tracing does not run the kernel, so the non-interpreted (GPU) path can be traced on CPU.
     assert "pallas_call" in _jaxpr(lambda *a: encoding(*a, impl="pallas"), x, c, s)
-    backward = _jaxpr(jax.grad(lambda *a: jnp.sum(encoding(*a, impl="pallas") * g), (0, 1, 2)), x, c, s)
+    backward = _jaxpr(
+        jax.grad(lambda *a: jnp.sum(encoding(*a, impl="pallas") * g), (0, 1, 2)), x, c, s
+    )
     assert "encoding_backward_rows" in backward and "encoding_backward_codewords" in backward
 
 
@@ -233,16 +253,22 @@ def test_empty_inputs_give_zeros():
         out = encoding(x, c, s, impl="pallas", interpret=True)
         assert out.shape == (x.shape[0], 5, 8)
         np.testing.assert_array_equal(np.asarray(out), np.asarray(encoding_reference(x, c, s)))
-    out = encoding(jnp.ones((2, 3, 8)), jnp.zeros((0, 8)), jnp.zeros((0,)), impl="pallas", interpret=True)
+    out = encoding(
+        jnp.ones((2, 3, 8)), jnp.zeros((0, 8)), jnp.zeros((0,)), impl="pallas", interpret=True
+    )
     assert out.shape == (2, 0, 8)
 
 
 def test_bad_impl_and_interpret():
     x, c, s, _ = _inputs(1, 4, 3, 5)
-    allowed = r"jaxenc.kernels.encoding: impl must be one of \('auto', 'pallas', 'xla'\), got 'triton'"
+    allowed = (
+        r"jaxenc.kernels.encoding: impl must be one of \('auto', 'pallas', 'xla'\), got 'triton'"
+    )
     with pytest.raises(ValueError, match=allowed):
         encoding(x, c, s, impl="triton")
-    with pytest.raises(TypeError, match=r"jaxenc.kernels.encoding: interpret must be a bool, got 1"):
+    with pytest.raises(
+        TypeError, match=r"jaxenc.kernels.encoding: interpret must be a bool, got 1"
+    ):
         encoding(x, c, s, impl="pallas", interpret=1)
     with pytest.raises(TypeError, match="interpret must be a bool, got 'yes'"):
         encoding(x, c, s, interpret="yes")
@@ -251,9 +277,18 @@ def test_bad_impl_and_interpret():
 @pytest.mark.parametrize(
     "shapes, match",
     [
-        (((4, 5), (3, 5), (3,)), r"expected x of rank 3 \(B, N, D\), got shape \(4, 5\) \(rank 2\)"),
-        (((1, 4, 5), (3, 5, 1), (3,)), r"expected codewords of rank 2 \(K, D\), got shape \(3, 5, 1\) \(rank 3\)"),
-        (((1, 4, 5), (3, 5), (3, 1)), r"expected scale of rank 1 \(K\), got shape \(3, 1\) \(rank 2\)"),
+        (
+            ((4, 5), (3, 5), (3,)),
+            r"expected x of rank 3 \(B, N, D\), got shape \(4, 5\) \(rank 2\)",
+        ),
+        (
+            ((1, 4, 5), (3, 5, 1), (3,)),
+            r"expected codewords of rank 2 \(K, D\), got shape \(3, 5, 1\) \(rank 3\)",
+        ),
+        (
+            ((1, 4, 5), (3, 5), (3, 1)),
+            r"expected scale of rank 1 \(K\), got shape \(3, 1\) \(rank 2\)",
+        ),
         (
             ((1, 4, 6), (3, 5), (3,)),
             r"x has D=6 features on its last axis \(shape \(1, 4, 6\)\) but codewords have D=5 \(shape \(3, 5\)\)",
@@ -270,7 +305,9 @@ def test_shape_errors(shapes, match):
 
 def test_integer_inputs():
     x, c, s = jnp.zeros((1, 4, 5), jnp.int32), jnp.zeros((3, 5), jnp.int32), jnp.zeros((3,))
-    with pytest.raises(TypeError, match="x and codewords must be floating point, got int32 and int32"):
+    with pytest.raises(
+        TypeError, match="x and codewords must be floating point, got int32 and int32"
+    ):
         encoding(x, c, s, impl="pallas", interpret=True)
     with pytest.raises(TypeError, match="must be floating point"):
         encoding(x, c, s)
@@ -293,7 +330,13 @@ def test_encoding_module_impl():
     assert_close(out, expected, what="Encoding(impl='xla')")
     # The module's inputs through the interpreted kernels agree too.
     assert_close(
-        encoding(x.reshape(b, h * w, d), params["codewords"], params["scale"], impl="pallas", interpret=True),
+        encoding(
+            x.reshape(b, h * w, d),
+            params["codewords"],
+            params["scale"],
+            impl="pallas",
+            interpret=True,
+        ),
         out,
         what="Encoding params through the kernels",
     )
@@ -308,11 +351,15 @@ def test_encoding_drop_module_impl():
     assert "pallas_call" not in _jaxpr(EncodingDrop(d, k, impl="xla").apply, variables, x)
     rngs = {"dropout": jax.random.key(3)}
     assert "pallas_call" in _jaxpr(
-        lambda v, xx: EncodingDrop(d, k, impl="pallas").apply(v, xx, train=True, rngs=rngs), variables, x
+        lambda v, xx: EncodingDrop(d, k, impl="pallas").apply(v, xx, train=True, rngs=rngs),
+        variables,
+        x,
     )
 
     out = EncodingDrop(d, k, impl="xla").apply(variables, x)
-    assert_close(out, encoding_reference(x, codewords, jnp.full((k,), -0.5)), what="EncodingDrop eval")
+    assert_close(
+        out, encoding_reference(x, codewords, jnp.full((k,), -0.5)), what="EncodingDrop eval"
+    )
     out, state = EncodingDrop(d, k, impl="xla").apply(
         variables, x, train=True, rngs=rngs, mutable=["intermediates"]
     )

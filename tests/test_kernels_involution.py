@@ -19,6 +19,7 @@ Why each part:
 - Involution2d(impl=...): the module forwards ``impl`` to the kernel.
 - Mixed dtypes: the result is the promoted dtype and each gradient has its input's dtype.
 """
+
 from __future__ import annotations
 
 import functools
@@ -28,12 +29,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from optional_torch import torch
-from optional_torch import F
+from optional_torch import F, torch
+from parity import assert_close, random_input
 
 from jaxenc.kernels.involution_op import involution, involution_reference
 from jaxenc.nn import Involution2d
-from parity import assert_close, random_input
 
 inv_mod = importlib.import_module("jaxenc.kernels.involution_op")
 # jaxenc.nn re-exports the function ``involution``; the module comes from the import system.
@@ -52,6 +52,7 @@ def _out_hw(h, w, k, stride, padding, dilation):
 
 
 # (B, H, W, C, G, K, stride, padding, dilation)
+# fmt: off
 CASES = {
     # The issue's required shapes: H = W = 13, C = 20, G = 4, K = 3 / 5 / 7, stride 1 and 2, dilation 2.
     "k3-s1-p1": (2, 13, 13, 20, 4, 3, 1, 1, 1),
@@ -84,6 +85,7 @@ CASES = {
     # Kernel covering the whole input: a 1x1 output.
     "k5-whole-input": (1, 5, 5, 4, 1, 5, 1, 0, 1),
 }
+# fmt: on
 BF16_CASES = ["k3-s1-p1", "k5-s2-p2", "cg80-two-blocks", "stride(1,2)-pad(1,0)"]
 
 
@@ -97,7 +99,7 @@ def _inputs(case, dtype=np.float32, seed=0):
     return x, weights, cot, kwargs
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _grad_fn(impl: str, kernel_size, stride, padding, dilation):
     """jit(grad) of sum(out * cot) w.r.t. (x, weights), returning the output as aux: one compile per
     geometry and impl (dtype and shapes re-trace inside the same jit when they change)."""
@@ -105,8 +107,14 @@ def _grad_fn(impl: str, kernel_size, stride, padding, dilation):
 
     def loss(x, weights, cot):
         out = involution(
-            x, weights, kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation,
-            impl=impl, interpret=interpret,
+            x,
+            weights,
+            kernel_size=kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            impl=impl,
+            interpret=interpret,
         )
         return jnp.sum(out.astype(jnp.float32) * cot), out
 
@@ -114,9 +122,9 @@ def _grad_fn(impl: str, kernel_size, stride, padding, dilation):
 
 
 def _run(impl, x, weights, cot, kwargs):
-    (dx, dw), out = _grad_fn(impl, kwargs["kernel_size"], kwargs["stride"], kwargs["padding"], kwargs["dilation"])(
-        x, weights, cot
-    )
+    (dx, dw), out = _grad_fn(
+        impl, kwargs["kernel_size"], kwargs["stride"], kwargs["padding"], kwargs["dilation"]
+    )(x, weights, cot)
     return out, dx, dw
 
 
@@ -185,9 +193,17 @@ def _torch_grads(x, weights, cot, kwargs, groups):
     xt = torch.tensor(np.transpose(np.asarray(x), (0, 3, 1, 2))).requires_grad_()
     # (B, H', W', G, K, K) -> (B, G, K*K, H', W')
     w_np = np.asarray(weights)
-    wt = torch.tensor(np.transpose(w_np.reshape(*w_np.shape[:4], k * k), (0, 3, 4, 1, 2)).copy()).requires_grad_()
+    wt = torch.tensor(
+        np.transpose(w_np.reshape(*w_np.shape[:4], k * k), (0, 3, 4, 1, 2)).copy()
+    ).requires_grad_()
     yt = _torch_involution(
-        xt, wt, k, _pair(kwargs["stride"]), _pair(kwargs["padding"]), _pair(kwargs["dilation"]), groups
+        xt,
+        wt,
+        k,
+        _pair(kwargs["stride"]),
+        _pair(kwargs["padding"]),
+        _pair(kwargs["dilation"]),
+        groups,
     )
     yt.backward(torch.tensor(np.transpose(np.asarray(cot), (0, 3, 1, 2)).copy()))
     out = np.transpose(yt.detach().numpy(), (0, 2, 3, 1))
@@ -241,7 +257,9 @@ def test_pallas_under_jit_and_vmap():
     ho, wo = _out_hw(h, w, k, s, p, d)
     x = jnp.asarray(random_input((3, b, h, w, c), seed=31))
     weights = jnp.asarray(random_input((3, b, ho, wo, g, k, k), seed=32))
-    got = jax.jit(jax.vmap(lambda a, bb: involution(a, bb, impl="pallas", interpret=True, **kwargs)))(x, weights)
+    got = jax.jit(
+        jax.vmap(lambda a, bb: involution(a, bb, impl="pallas", interpret=True, **kwargs))
+    )(x, weights)
     want = jnp.stack([involution(x[i], weights[i], impl="xla", **kwargs) for i in range(3)])
     assert_close(got, want, 1e-5, what="vmap output")
 
@@ -255,7 +273,9 @@ def test_pallas_gradients_under_jit_of_vmap():
     cot = jnp.asarray(random_input((2, b, ho, wo, c), seed=35))
 
     def loss(impl):
-        f = jax.vmap(lambda a, bb: involution(a, bb, impl=impl, interpret=impl == "pallas", **kwargs))
+        f = jax.vmap(
+            lambda a, bb: involution(a, bb, impl=impl, interpret=impl == "pallas", **kwargs)
+        )
         return lambda a, bb: jnp.sum(f(a, bb) * cot)
 
     got = jax.jit(jax.grad(loss("pallas"), argnums=(0, 1)))(x, weights)
@@ -286,7 +306,9 @@ def _jaxpr_text(impl, interpret=False, grad=False):
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="'auto' picks Pallas on a GPU")
 def test_auto_on_cpu_is_xla():
     x, weights, _, kwargs = _inputs(CASES["k3-s1-p1"])
-    np.testing.assert_array_equal(involution(x, weights, **kwargs), involution(x, weights, impl="xla", **kwargs))
+    np.testing.assert_array_equal(
+        involution(x, weights, **kwargs), involution(x, weights, impl="xla", **kwargs)
+    )
     assert "pallas_call" not in _jaxpr_text("auto")
     assert "pallas_call" not in _jaxpr_text("auto", grad=True)
     assert "pallas_call" not in _jaxpr_text("xla")
@@ -310,7 +332,10 @@ def _ok():
 
 def test_bad_impl_and_interpret():
     x, weights = _ok()
-    with pytest.raises(ValueError, match=r"involution: impl must be one of \('auto', 'pallas', 'xla'\), got 'triton'"):
+    with pytest.raises(
+        ValueError,
+        match=r"involution: impl must be one of \('auto', 'pallas', 'xla'\), got 'triton'",
+    ):
         involution(x, weights, kernel_size=3, padding=1, impl="triton")
     with pytest.raises(TypeError, match=r"involution: interpret must be a bool, got 1"):
         involution(x, weights, kernel_size=3, padding=1, impl="pallas", interpret=1)
@@ -320,25 +345,47 @@ def test_bad_impl_and_interpret():
 def test_shape_errors(impl):
     kw = dict(impl=impl, interpret=impl == "pallas")
     x, weights = _ok()
-    with pytest.raises(ValueError, match=r"involution: weights must have shape \(B, H_out, W_out, G, K, K\) = \(1, 3, 3, 2, 3, 3\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"involution: weights must have shape \(B, H_out, W_out, G, K, K\) = \(1, 3, 3, 2, 3, 3\)",
+    ):
         involution(x, weights, kernel_size=3, **kw)  # no padding: 3x3 output
     with pytest.raises(ValueError, match=r"got \(1, 5, 5, 2, 3, 3\)"):
         involution(x, weights, kernel_size=3, stride=2, padding=1, **kw)
-    with pytest.raises(ValueError, match=r"involution: channels=8 is not divisible by weight groups \(weights.shape\[3\]\)=3"):
+    with pytest.raises(
+        ValueError,
+        match=r"involution: channels=8 is not divisible by weight groups \(weights.shape\[3\]\)=3",
+    ):
         involution(x, jnp.zeros((1, 5, 5, 3, 3, 3)), kernel_size=3, padding=1, **kw)
-    with pytest.raises(ValueError, match=r"involution: the input \(H, W\)=\(5, 5\) is smaller than the dilated kernel"):
+    with pytest.raises(
+        ValueError,
+        match=r"involution: the input \(H, W\)=\(5, 5\) is smaller than the dilated kernel",
+    ):
         involution(x, weights, kernel_size=3, dilation=3, **kw)
-    with pytest.raises(ValueError, match=r"involution: the input \(H, W\)=\(5, 5\) is smaller than the dilated kernel"):
+    with pytest.raises(
+        ValueError,
+        match=r"involution: the input \(H, W\)=\(5, 5\) is smaller than the dilated kernel",
+    ):
         involution(x, jnp.zeros((1, 1, 1, 2, 7, 7)), kernel_size=7, padding=0, **kw)
-    with pytest.raises(ValueError, match=r"involution: expected x of rank 4 \(B, H, W, C\), got shape \(5, 5, 8\) \(rank 3\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"involution: expected x of rank 4 \(B, H, W, C\), got shape \(5, 5, 8\) \(rank 3\)",
+    ):
         involution(x[0], weights, kernel_size=3, padding=1, **kw)
-    with pytest.raises(ValueError, match=r"involution: expected weights of rank 6 \(B, H_out, W_out, G, K, K\), got shape \(1, 5, 5, 2, 9\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"involution: expected weights of rank 6 \(B, H_out, W_out, G, K, K\), got shape \(1, 5, 5, 2, 9\)",
+    ):
         involution(x, weights.reshape(1, 5, 5, 2, 9), kernel_size=3, padding=1, **kw)
-    with pytest.raises(ValueError, match=r"involution: kernel_size must be a positive integer, got 0"):
+    with pytest.raises(
+        ValueError, match=r"involution: kernel_size must be a positive integer, got 0"
+    ):
         involution(x, weights, kernel_size=0, **kw)
     with pytest.raises(ValueError, match=r"involution: padding must be >= 0, got \(-1, -1\)"):
         involution(x, weights, kernel_size=3, padding=-1, **kw)
-    with pytest.raises(ValueError, match=r"involution: stride must be an int or a pair of ints, got \(1, 1, 1\)"):
+    with pytest.raises(
+        ValueError, match=r"involution: stride must be an int or a pair of ints, got \(1, 1, 1\)"
+    ):
         involution(x, weights, kernel_size=3, padding=1, stride=(1, 1, 1), **kw)
 
 
@@ -346,7 +393,9 @@ def test_shape_errors(impl):
 def test_integer_inputs_are_rejected(impl):
     kw = dict(kernel_size=3, padding=1, impl=impl, interpret=impl == "pallas")
     x, weights = _ok()
-    with pytest.raises(TypeError, match=r"involution: x and weights must be floating point, got int32 and int32"):
+    with pytest.raises(
+        TypeError, match=r"involution: x and weights must be floating point, got int32 and int32"
+    ):
         involution(x.astype(jnp.int32), weights.astype(jnp.int32), **kw)
 
 
@@ -354,7 +403,9 @@ def test_integer_inputs_are_rejected(impl):
 # Involution2d(impl=...)
 
 
-_MODULE_ARGS = dict(in_channels=8, kernel_size=3, padding=1, stride=2, groups=2, dilation=1, reduction_ratio=2)
+_MODULE_ARGS = dict(
+    in_channels=8, kernel_size=3, padding=1, stride=2, groups=2, dilation=1, reduction_ratio=2
+)
 
 
 def _module_setup():
@@ -365,13 +416,22 @@ def _module_setup():
 
 def test_involution2d_impl_reaches_the_kernel():
     x, variables = _module_setup()
-    pallas = str(jax.make_jaxpr(lambda v, a: Involution2d(**_MODULE_ARGS, impl="pallas").apply(v, a))(variables, x))
-    xla = str(jax.make_jaxpr(lambda v, a: Involution2d(**_MODULE_ARGS, impl="xla").apply(v, a))(variables, x))
+    pallas = str(
+        jax.make_jaxpr(lambda v, a: Involution2d(**_MODULE_ARGS, impl="pallas").apply(v, a))(
+            variables, x
+        )
+    )
+    xla = str(
+        jax.make_jaxpr(lambda v, a: Involution2d(**_MODULE_ARGS, impl="xla").apply(v, a))(
+            variables, x
+        )
+    )
     assert "pallas_call" in pallas
     assert "pallas_call" not in xla
     if jax.default_backend() != "gpu":
         np.testing.assert_array_equal(
-            Involution2d(**_MODULE_ARGS, impl="xla").apply(variables, x), Involution2d(**_MODULE_ARGS).apply(variables, x)
+            Involution2d(**_MODULE_ARGS, impl="xla").apply(variables, x),
+            Involution2d(**_MODULE_ARGS).apply(variables, x),
         )
 
 
@@ -380,7 +440,9 @@ def test_involution2d_pallas_runs_interpreted(monkeypatch):
     x, variables = _module_setup()
     want = Involution2d(**_MODULE_ARGS, impl="xla").apply(variables, x)
     monkeypatch.setattr(nn_conv, "involution", functools.partial(involution, interpret=True))
-    got = jax.jit(lambda v, a: Involution2d(**_MODULE_ARGS, impl="pallas").apply(v, a))(variables, x)
+    got = jax.jit(lambda v, a: Involution2d(**_MODULE_ARGS, impl="pallas").apply(v, a))(
+        variables, x
+    )
     assert_close(got, want, 1e-5, what="Involution2d pallas vs xla")
 
 
@@ -389,7 +451,9 @@ def test_involution2d_pallas_runs_interpreted(monkeypatch):
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
-@pytest.mark.parametrize("x_dtype, w_dtype", [(jnp.bfloat16, jnp.float32), (jnp.float32, jnp.bfloat16)])
+@pytest.mark.parametrize(
+    "x_dtype, w_dtype", [(jnp.bfloat16, jnp.float32), (jnp.float32, jnp.bfloat16)]
+)
 def test_mixed_dtypes_promote_and_gradients_follow_inputs(impl, x_dtype, w_dtype):
     x, weights, cot, kwargs = _inputs(CASES["G=1"])
     x, weights = x.astype(x_dtype), weights.astype(w_dtype)
@@ -397,8 +461,20 @@ def test_mixed_dtypes_promote_and_gradients_follow_inputs(impl, x_dtype, w_dtype
     assert out.dtype == jnp.float32
     assert dx.dtype == x_dtype and dw.dtype == w_dtype
     # The same as promoting by hand: the bf16 operand is exactly representable in float32.
-    ref, ref_dx, ref_dw = _run("xla", x.astype(jnp.float32), weights.astype(jnp.float32), cot, kwargs)
+    ref, ref_dx, ref_dw = _run(
+        "xla", x.astype(jnp.float32), weights.astype(jnp.float32), cot, kwargs
+    )
     assert_close(out, ref, 1e-5, what="output")
     # Gradients are rounded to their input's dtype.
-    assert_close(dx.astype(jnp.float32), ref_dx.astype(x_dtype).astype(jnp.float32), 1e-5 if x_dtype == jnp.float32 else BF16_RTOL, what="d/dx")
-    assert_close(dw.astype(jnp.float32), ref_dw.astype(w_dtype).astype(jnp.float32), 1e-5 if w_dtype == jnp.float32 else BF16_RTOL, what="d/dw")
+    assert_close(
+        dx.astype(jnp.float32),
+        ref_dx.astype(x_dtype).astype(jnp.float32),
+        1e-5 if x_dtype == jnp.float32 else BF16_RTOL,
+        what="d/dx",
+    )
+    assert_close(
+        dw.astype(jnp.float32),
+        ref_dw.astype(w_dtype).astype(jnp.float32),
+        1e-5 if w_dtype == jnp.float32 else BF16_RTOL,
+        what="d/dw",
+    )

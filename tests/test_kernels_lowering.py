@@ -16,6 +16,7 @@ non-multiples, several feature/position/column/channel blocks, large K (small po
 one channel per group (1-wide channel blocks), stride 2, dilation 2, K = 3/5/7, float32 and
 bfloat16, forward and forward+backward.
 """
+
 from __future__ import annotations
 
 import functools
@@ -39,7 +40,10 @@ TRITON_CALL = "__gpu$xla.gpu.triton"
 # emits: in the Pallas program that arithmetic lives inside the kernels' serialized Triton IR.
 ENCODING_KERNELS = ("encoding_forward", "encoding_backward_rows", "encoding_backward_codewords")
 INVOLUTION_KERNELS = ("involution_forward", "involution_input_grad", "involution_weight_grad")
-FALLBACK_OPS = {"encoding": {"exponential", "maximum", "select"}, "involution": {"multiply", "while", "dynamic_slice"}}
+FALLBACK_OPS = {
+    "encoding": {"exponential", "maximum", "select"},
+    "involution": {"multiply", "while", "dynamic_slice"},
+}
 
 
 def lower_for_cuda(fn, *args) -> str:
@@ -103,11 +107,14 @@ def test_encoding_shape_classes_cover_the_plan():
     """The classes above exercise one and several feature blocks, tiles per slice and slices."""
     plans = {name: _plan(b, n, k, d) for name, (b, n, k, d) in ENCODING_CLASSES.items()}
     assert plans["below-one-block"].nd == 1 and plans["below-one-block"].tiles == 1
-    assert plans["several-slices"].splits > 1 and plans["several-slices"].tiles_per_split > 1, plans["several-slices"]
+    assert plans["several-slices"].splits > 1 and plans["several-slices"].tiles_per_split > 1, (
+        plans["several-slices"]
+    )
     assert plans["several-slices"].nd > 1
     assert plans["large-K"].kp == 512 and plans["large-K"].bn == 16
 
 
+# fmt: off
 INVOLUTION_CLASSES = {
     # (B, H, W, C, G, K, stride, padding, dilation)
     "k3": (2, 13, 13, 20, 4, 3, 1, 1, 1),
@@ -118,6 +125,7 @@ INVOLUTION_CLASSES = {
     "two-channel-blocks-wide": (1, 6, 70, 160, 2, 3, 1, 1, 1),
     "stem-size": (2, 56, 56, 64, 4, 7, 1, 3, 1),
 }
+# fmt: on
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
@@ -126,14 +134,18 @@ def test_involution_kernels_lower_for_cuda(case, dtype):
     b, h, w, c, g, k, s, p, d = INVOLUTION_CLASSES[case]
     ho, wo = (h + 2 * p - d * (k - 1) - 1) // s + 1, (w + 2 * p - d * (k - 1) - 1) // s + 1
     args = (spec((b, h, w, c), dtype), spec((b, ho, wo, g, k, k), dtype))
-    op = functools.partial(involution, kernel_size=k, stride=s, padding=p, dilation=d, impl="pallas")
+    op = functools.partial(
+        involution, kernel_size=k, stride=s, padding=p, dilation=d, impl="pallas"
+    )
     check_lowering(op, args, INVOLUTION_KERNELS, "involution")
 
 
 def test_fallback_detector_sees_the_xla_twins():
     """Control: the reference paths do contain the ops whose absence the checks above assert."""
     enc = (spec((2, 63, 48), jnp.float32), spec((7, 48), jnp.float32), spec((7,), jnp.float32))
-    enc_prog = lower_for_cuda(jax.grad(summed(functools.partial(encoding, impl="xla")), argnums=(0, 1, 2)), *enc)
+    enc_prog = lower_for_cuda(
+        jax.grad(summed(functools.partial(encoding, impl="xla")), argnums=(0, 1, 2)), *enc
+    )
     assert xla_ops(enc_prog) >= FALLBACK_OPS["encoding"] and not triton_kernels(enc_prog)
     inv = (spec((2, 13, 13, 20), jnp.float32), spec((2, 13, 13, 4, 3, 3), jnp.float32))
     inv_op = functools.partial(involution, kernel_size=3, padding=1, impl="xla")

@@ -10,6 +10,7 @@ and test_conv.py.
 Sizes: EncNet's head (B=8, 64x64 positions, K=32 codewords, D=512: the residual tensor is 2 GiB)
 and a RedNet stem-size involution (B=8, 56x56, C=64, G=4, K=7: the unfolded tensor is 300 MiB).
 """
+
 from __future__ import annotations
 
 import jax
@@ -35,7 +36,9 @@ def test_encoding_pallas_forward_backward_memory():
     )
     # Measured 236 MiB on jax 0.10.2 and 0.12.0.1 (padded slabs, dX, dSL and the interpreter's
     # block copies) vs 2 GiB; 300 MiB on 0.12 before the backward's optimization_barrier.
-    assert temp < residuals / 8, f"forward+backward temporaries {temp / 2**20:.0f} MiB vs {residuals / 2**20:.0f} MiB"
+    assert temp < residuals / 8, (
+        f"forward+backward temporaries {temp / 2**20:.0f} MiB vs {residuals / 2**20:.0f} MiB"
+    )
 
 
 @pytest.mark.slow
@@ -48,4 +51,6 @@ def test_involution_pallas_forward_backward_memory():
         (b, h, w, g, k, k),
     )
     # Measured 126 MiB vs 300 MiB; storing the unfolded tensor in bfloat16 alone would exceed half.
-    assert temp < unfolded / 2, f"forward+backward temporaries {temp / 2**20:.0f} MiB vs {unfolded / 2**20:.0f} MiB"
+    assert temp < unfolded / 2, (
+        f"forward+backward temporaries {temp / 2**20:.0f} MiB vs {unfolded / 2**20:.0f} MiB"
+    )

@@ -6,6 +6,7 @@ crashes or is buggy (PolyLoss with -100 targets or reduction='none' on hard labe
 targets with weights on dense inputs, ComplementCrossEntropy with -100 targets) the reference is
 restated from upstream's per-position values, and PolyLoss's ignore_index fix (upstream, after 0.3.0) is tested.
 """
+
 from __future__ import annotations
 
 import functools
@@ -15,9 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from optional_torch import torch
 from optional_torch import F as tF
-
+from optional_torch import torch
 from parity import RTOL, assert_close, random_input
 
 from jaxenc import losses as L
@@ -128,7 +128,9 @@ def test_cross_entropy_matches_torch(shape, ignore, weighted, reduction):
     w = class_weight(k) if weighted else None
     check_against_torch(
         lambda a: L.cross_entropy(a, t, weight=w, ignore_index=ii, reduction=reduction),
-        lambda a: tF.cross_entropy(a, torch.tensor(t), weight=tw(w), ignore_index=ii, reduction=reduction),
+        lambda a: tF.cross_entropy(
+            a, torch.tensor(t), weight=tw(w), ignore_index=ii, reduction=reduction
+        ),
         x,
     )
 
@@ -137,7 +139,9 @@ def test_cross_entropy_all_ignored_is_zero():
     x = random_input((3, 4), seed=5)
     t = np.full((3,), -100)
     for reduction in ("mean", "sum"):
-        loss, g = jax.value_and_grad(lambda a: L.cross_entropy(a, t, reduction=reduction))(jnp.asarray(x))
+        loss, g = jax.value_and_grad(lambda a: L.cross_entropy(a, t, reduction=reduction))(
+            jnp.asarray(x)
+        )
         assert float(loss) == 0.0  # torch gives NaN for 'mean' here
         assert not np.any(np.asarray(g))
 
@@ -154,7 +158,9 @@ def test_complement_cross_entropy_parity(hF, shape, ignore, weighted, reduction)
     w = class_weight(k) if weighted else None
     gamma = 0.5 if weighted else -1.0
     check_against_torch(
-        lambda a: L.complement_cross_entropy(a, t, gamma=gamma, weight=w, ignore_index=ii, reduction=reduction),
+        lambda a: L.complement_cross_entropy(
+            a, t, gamma=gamma, weight=w, ignore_index=ii, reduction=reduction
+        ),
         lambda a: hF.complement_cross_entropy(a, torch.tensor(t), tw(w), ii, reduction, gamma),
         x,
     )
@@ -170,13 +176,17 @@ def test_complement_cross_entropy_minus100_targets(hF, weighted):
     w = class_weight(5) if weighted else None
     fn = functools.partial(L.complement_cross_entropy, targets=t, weight=w)
     none, vjp = jax.vjp(lambda a: fn(a, reduction="none"), jnp.asarray(x))
-    ref = hF.complement_cross_entropy(to_torch(x[valid]), torch.tensor(t[valid]), tw(w), -100, "none")
+    ref = hF.complement_cross_entropy(
+        to_torch(x[valid]), torch.tensor(t[valid]), tw(w), -100, "none"
+    )
     assert_close(np.asarray(none)[valid], ref.numpy(), what="valid rows")
     assert np.all(np.asarray(none)[~valid] == 0)
     (g,) = vjp(jnp.ones_like(none))
     assert np.all(np.asarray(g)[~valid] == 0) and np.all(np.any(np.asarray(g)[valid] != 0, axis=-1))
     ce = tF.cross_entropy(to_torch(x), torch.tensor(t), weight=tw(w), ignore_index=-100)
-    complement = ref - tF.cross_entropy(to_torch(x[valid]), torch.tensor(t[valid]), weight=tw(w), reduction="none")
+    complement = ref - tF.cross_entropy(
+        to_torch(x[valid]), torch.tensor(t[valid]), weight=tw(w), reduction="none"
+    )
     # CE: torch's weighted mean over valid rows; complement: averaged over ALL rows (as upstream).
     assert_close(fn(jnp.asarray(x)), (ce + complement.sum() / len(t)).item(), what="mean")
     assert_close(fn(jnp.asarray(x), reduction="sum"), ref.sum().item(), what="sum")
@@ -192,7 +202,10 @@ def test_complement_cross_entropy_confident_prediction_is_finite(hF):
     assert_close(L.complement_cross_entropy(x, t), -math.log(3) / 3, what="confident")
     # Where float32 upstream is still accurate, it agrees.
     x[:, 0] = 5
-    assert_close(L.complement_cross_entropy(x, t), hF.complement_cross_entropy(to_torch(x), torch.tensor(t)).item())
+    assert_close(
+        L.complement_cross_entropy(x, t),
+        hF.complement_cross_entropy(to_torch(x), torch.tensor(t)).item(),
+    )
 
 
 # (spatial shape, xi): logits (N, C), (N, L, C), (N, H, W, C) with C = K * xi.
@@ -214,7 +227,9 @@ def test_mutual_channel_loss_eval_parity(hF, spatial, xi, ignore, weighted):
             lambda a: L.mutual_channel_loss(
                 a, t, xi=xi, alpha=0.7, weight=w, ignore_index=ii, reduction=reduction
             ),
-            lambda a: hF.mutual_channel_loss(a, torch.tensor(t), tw(w), ii, reduction, xi, 0.7, training=False),
+            lambda a: hF.mutual_channel_loss(
+                a, torch.tensor(t), tw(w), ii, reduction, xi, 0.7, training=False
+            ),
             x,
         )
 
@@ -256,7 +271,9 @@ def test_mutual_channel_loss_train_parity(hF, monkeypatch, spatial, xi, ignore):
             lambda a: L.mutual_channel_loss(
                 a, t, xi=xi, train=True, rng=key, weight=w, ignore_index=ii, reduction=reduction
             ),
-            lambda a: hF.mutual_channel_loss(a, torch.tensor(t), tw(w), ii, reduction, xi, 1.0, training=True),
+            lambda a: hF.mutual_channel_loss(
+                a, torch.tensor(t), tw(w), ii, reduction, xi, 1.0, training=True
+            ),
             x,
         )
         monkeypatch.undo()
@@ -288,8 +305,13 @@ def test_mutual_channel_loss_all_ignored(hF):
     x[:, 0] = 10
     t = np.zeros(6, np.int64)
     for reduction in REDUCTIONS:
-        loss, vjp = jax.vjp(lambda a: L.mutual_channel_loss(a, t, ignore_index=0, reduction=reduction), jnp.asarray(x))
-        ref = hF.mutual_channel_loss(to_torch(x), torch.tensor(t), None, 0, reduction, training=False)
+        loss, vjp = jax.vjp(
+            lambda a: L.mutual_channel_loss(a, t, ignore_index=0, reduction=reduction),
+            jnp.asarray(x),
+        )
+        ref = hF.mutual_channel_loss(
+            to_torch(x), torch.tensor(t), None, 0, reduction, training=False
+        )
         assert_close(loss, ref.numpy(), what=reduction)
         (g,) = vjp(jnp.ones_like(loss))
         assert g.shape == x.shape and np.all(np.isfinite(np.asarray(g)))
@@ -314,7 +336,9 @@ def test_dice_loss_parity(hF, shape, weighted, gamma):
             probs,
         )
     # A perfect prediction gives 0 when every class occurs (an absent class has dice eps/eps = 1).
-    every_class = np.asarray(jax.nn.one_hot(np.arange(int(np.prod(shape[:-1]))).reshape(shape[:-1]) % k, k))
+    every_class = np.asarray(
+        jax.nn.one_hot(np.arange(int(np.prod(shape[:-1]))).reshape(shape[:-1]) % k, k)
+    )
     assert abs(float(L.dice_loss(every_class, every_class, gamma=gamma, weight=w))) < 1e-6
 
 
@@ -345,7 +369,9 @@ def test_poly_loss_hard_parity(hF, shape, ignore, weighted, reduction):
     fn = lambda a: L.poly_loss(a, t, eps=1.5, weight=w, ignore_index=ii, reduction=reduction)  # noqa: E731
     upstream_ok = reduction != "none" and ignore != "minus100"
     if upstream_ok:  # pylocron 0.3.0 itself
-        check_against_torch(fn, lambda a: hF.poly_loss(a, torch.tensor(t), 1.5, tw(w), ii, reduction), x)
+        check_against_torch(
+            fn, lambda a: hF.poly_loss(a, torch.tensor(t), 1.5, tw(w), ii, reduction), x
+        )
     check_against_torch(fn, lambda a: poly_hard_reference(hF, a, t, 1.5, tw(w), ii, reduction), x)
 
 
@@ -361,7 +387,9 @@ def test_poly_loss_soft_parity(hF, shape, ignore, weighted, reduction):
     w = class_weight(k) if weighted else None
     fn = lambda a: L.poly_loss(a, t, eps=1.5, weight=w, ignore_index=ii, reduction=reduction)  # noqa: E731
     if w is None or len(shape) == 2:
-        check_against_torch(fn, lambda a: hF.poly_loss(a, to_torch(t), 1.5, tw(w), ii, reduction), x)
+        check_against_torch(
+            fn, lambda a: hF.poly_loss(a, to_torch(t), 1.5, tw(w), ii, reduction), x
+        )
     else:
         # Upstream reshapes the weight to (1, K) and broadcasts it against the LAST axis of a dense
         # (N, K, *S) loss (a shape error unless that axis has K entries): restate it per class.
@@ -406,7 +434,9 @@ def test_class_balanced_weights(hnn):
         x = random_input((6, 4), seed=20)
         t = hard_targets((6,), 4)
         assert_close(
-            L.focal_loss(x, t, weight=ours), wrapped(torch.tensor(x), torch.tensor(t)).item(), what="wrapped loss"
+            L.focal_loss(x, t, weight=ours),
+            wrapped(torch.tensor(x), torch.tensor(t)).item(),
+            what="wrapped loss",
         )
     with pytest.raises(ValueError, match=r"class_balanced_weights: num_samples must be a 1-D"):
         L.class_balanced_weights(np.ones((2, 2)))
@@ -464,7 +494,9 @@ def test_focal_gamma0_is_cross_entropy():
     assert abs(float(L.cross_entropy(x, t)) - ref) < 1e-5
     # (1 - 1/K) FL(gamma=0) == FL(gamma=1) with uniform logits.
     u = np.zeros((2, 20, 20, 4), np.float32)
-    assert abs(0.75 * float(L.focal_loss(u, t, gamma=0)) - float(L.focal_loss(u, t, gamma=1))) < 1e-5
+    assert (
+        abs(0.75 * float(L.focal_loss(u, t, gamma=0)) - float(L.focal_loss(u, t, gamma=1))) < 1e-5
+    )
 
 
 def test_multilabel_one_hot_is_cross_entropy():
@@ -523,7 +555,12 @@ def test_jit_matches_eager(name):
         extra = {} if rng is None else {"rng": rng}
         # weight, targets and the key are traced arguments; static options are closed over.
         jitted = jax.jit(lambda a, b, ww, **e: fn(a, b, weight=ww, **kw, **e))
-        assert_close(jitted(x, t, w, **extra), fn(x, t, weight=w, **kw, **extra), 1e-6, what=f"jit {reduction}")
+        assert_close(
+            jitted(x, t, w, **extra),
+            fn(x, t, weight=w, **kw, **extra),
+            1e-6,
+            what=f"jit {reduction}",
+        )
     if kind == "hard":  # ignore_index may be traced too
         jitted = jax.jit(lambda a, ii: fn(a, t, ignore_index=ii))
         assert_close(jitted(x, -100), fn(x, t, ignore_index=-100), 1e-6, what="traced ignore_index")
@@ -557,15 +594,21 @@ ALL_WITH_REDUCTION = [
 def test_bad_inputs(fn, kind):
     name = fn.__name__
     x, t, w = _case_inputs(kind)
-    with pytest.raises(ValueError, match=rf"{name}: reduction must be one of \('none', 'mean', 'sum'\), got 'avg'"):
+    with pytest.raises(
+        ValueError, match=rf"{name}: reduction must be one of \('none', 'mean', 'sum'\), got 'avg'"
+    ):
         fn(x, t, reduction="avg")
-    with pytest.raises(ValueError, match=rf"{name}: expected logits of rank >= 2 .* got shape \(\d+,\)"):
+    with pytest.raises(
+        ValueError, match=rf"{name}: expected logits of rank >= 2 .* got shape \(\d+,\)"
+    ):
         fn(x[0, 0, 0], t[0, 0, 0])
     bad_t = t[:, :2]
     with pytest.raises(ValueError, match=rf"{name}: .*shape"):
         fn(x, bad_t)
     k = 4 if kind == "mc" else 5
-    with pytest.raises(ValueError, match=rf"{name}: weight must have shape \({k},\) .* got shape \(3,\)"):
+    with pytest.raises(
+        ValueError, match=rf"{name}: weight must have shape \({k},\) .* got shape \(3,\)"
+    ):
         fn(x, t, weight=np.ones(3))
     if kind == "hard":
         with pytest.raises(TypeError, match=rf"{name}: .*integer dtype"):
@@ -574,9 +617,14 @@ def test_bad_inputs(fn, kind):
 
 def test_bad_inputs_specific():
     x, t, _ = _case_inputs("mc")
-    with pytest.raises(ValueError, match=r"mutual_channel_loss: the logits' last axis \(8 channels.*multiple of xi=3"):
+    with pytest.raises(
+        ValueError,
+        match=r"mutual_channel_loss: the logits' last axis \(8 channels.*multiple of xi=3",
+    ):
         L.mutual_channel_loss(x, t, xi=3)
-    with pytest.raises(ValueError, match=r"mutual_channel_loss: xi must be a positive integer, got 0"):
+    with pytest.raises(
+        ValueError, match=r"mutual_channel_loss: xi must be a positive integer, got 0"
+    ):
         L.mutual_channel_loss(x, t, xi=0)
     with pytest.raises(ValueError, match=r"mutual_channel_loss: train=True .* needs a PRNG key"):
         L.mutual_channel_loss(x, t, train=True)

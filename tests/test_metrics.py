@@ -1,4 +1,5 @@
 """jaxenc.metrics against hand-computed cases and a numpy restatement of PyTorch-Encoding's metrics."""
+
 from __future__ import annotations
 
 import functools
@@ -136,7 +137,9 @@ def test_label_out_of_range_follows_upstream():
     i_up, u_up = upstream_batch_intersection_union(logits, target, 3)
     assert (c_up, l_up) == (1, 2)
     np.testing.assert_array_equal(i_up, inter)
-    np.testing.assert_array_equal(u_up, np.asarray(area_pred) + np.asarray(area_label) - np.asarray(inter))
+    np.testing.assert_array_equal(
+        u_up, np.asarray(area_pred) + np.asarray(area_label) - np.asarray(inter)
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -147,10 +150,14 @@ def test_label_out_of_range_follows_upstream():
 def test_matches_upstream_on_random_batches(nclass):
     rs = np.random.RandomState(nclass)
     batches = []
-    for b in range(3):
+    for _ in range(3):
         logits = rs.randn(2, 9, 11, nclass).astype(np.float32)
-        target = rs.randint(-1, nclass + 1, size=(2, 9, 11))  # includes ignore and out-of-range labels
-        agree = rs.rand(*target.shape) < 0.5  # make half the pixels correct so intersections are large
+        target = rs.randint(
+            -1, nclass + 1, size=(2, 9, 11)
+        )  # includes ignore and out-of-range labels
+        agree = (
+            rs.rand(*target.shape) < 0.5
+        )  # make half the pixels correct so intersections are large
         target[agree] = np.argmax(logits, -1)[agree]
         batches.append((logits, target))
     metric = M.SegmentationMetric(nclass)
@@ -161,7 +168,9 @@ def test_matches_upstream_on_random_batches(nclass):
         inter, area_pred, area_label = M.intersection_union_counts(logits, target, nclass)
         i_up, u_up = upstream_batch_intersection_union(logits, target, nclass)
         np.testing.assert_array_equal(inter, i_up)
-        np.testing.assert_array_equal(np.asarray(area_pred) + np.asarray(area_label) - np.asarray(inter), u_up)
+        np.testing.assert_array_equal(
+            np.asarray(area_pred) + np.asarray(area_label) - np.asarray(inter), u_up
+        )
         metric.update(c, lab, inter, area_pred, area_label)
     pix_acc, miou, iou = upstream_scores(batches, nclass)
     result = metric.result()
@@ -184,11 +193,18 @@ def test_accumulation_is_dataset_level_not_per_image_mean():
     ).result()
     assert metric.result() == whole  # identical integer sums
     assert metric.miou() == pytest.approx(upstream_scores(images, nclass)[1], rel=1e-12)
-    assert metric.miou() != pytest.approx(np.mean(per_image), rel=1e-9)  # per-image averaging differs
+    assert metric.miou() != pytest.approx(
+        np.mean(per_image), rel=1e-9
+    )  # per-image averaging differs
     # crafted: image A one pixel of class 0 predicted right, image B three pixels of class 0 predicted 1
     crafted = M.SegmentationMetric(2)
-    for pred, target in ((np.array([[0]]), np.array([[0]])), (np.array([[1, 1, 1]]), np.array([[0, 0, 0]]))):
-        crafted.update(*M.pixel_accuracy_counts(pred, target), *M.intersection_union_counts(pred, target, 2))
+    for pred, target in (
+        (np.array([[0]]), np.array([[0]])),
+        (np.array([[1, 1, 1]]), np.array([[0, 0, 0]])),
+    ):
+        crafted.update(
+            *M.pixel_accuracy_counts(pred, target), *M.intersection_union_counts(pred, target, 2)
+        )
     # class 0: inter 1, union 1 + 4 - 1 = 4; class 1: inter 0 -> 0. Per-image average would be 0.25.
     np.testing.assert_allclose(crafted.iou(), [0.25, 0.0], rtol=1e-12)
     assert crafted.miou() == pytest.approx(0.125, rel=1e-12)
@@ -200,8 +216,12 @@ def test_state_merge_and_from_state_sum_like_processes():
     nclass = 3
     parts = [(rs.randn(2, 4, 4, nclass), rs.randint(-1, nclass, size=(2, 4, 4))) for _ in range(2)]
     shards = [_metric_from(x, t, nclass) for x, t in parts]
-    summed = {k: shards[0].state()[k] + shards[1].state()[k] for k in shards[0].state()}  # an all-reduce
-    whole = _metric_from(np.concatenate([x for x, _ in parts]), np.concatenate([t for _, t in parts]), nclass)
+    summed = {
+        k: shards[0].state()[k] + shards[1].state()[k] for k in shards[0].state()
+    }  # an all-reduce
+    whole = _metric_from(
+        np.concatenate([x for x, _ in parts]), np.concatenate([t for _, t in parts]), nclass
+    )
     assert M.SegmentationMetric.from_state(summed).result() == whole.result()
     merged = M.SegmentationMetric(nclass).merge(shards[0]).merge(shards[1].state())
     assert merged.result() == whole.result()
@@ -219,7 +239,10 @@ def test_jit_matches_eager():
     logits = jnp.asarray(rs.randn(2, 6, 6, 4), jnp.float32)
     target = jnp.asarray(rs.randint(-1, 4, size=(2, 6, 6)), jnp.int32)
     fn = jax.jit(functools.partial(M.segmentation_counts, num_classes=4))
-    jitted, eager = jax.device_get(fn(logits, target)), jax.device_get(M.segmentation_counts(logits, target, 4))
+    jitted, eager = (
+        jax.device_get(fn(logits, target)),
+        jax.device_get(M.segmentation_counts(logits, target, 4)),
+    )
     for key in eager:
         np.testing.assert_array_equal(jitted[key], eager[key])
     iu = jax.jit(M.intersection_union_counts, static_argnums=2)(logits, target, 4)
@@ -240,7 +263,9 @@ def test_valid_mask_drops_padded_examples():
     c, lab = M.pixel_accuracy_counts(logits, target, valid=valid)
     assert (int(c), int(lab)) == (int(real["correct"]), int(real["labeled"]))
     top = M.topk_correct(logits[:, 0, 0], target[:, 0, 0].clip(0), ks=(1,), valid=valid)
-    assert int(top[1]) == int(M.topk_correct(logits[:3, 0, 0], target[:3, 0, 0].clip(0), ks=(1,))[1])
+    assert int(top[1]) == int(
+        M.topk_correct(logits[:3, 0, 0], target[:3, 0, 0].clip(0), ks=(1,))[1]
+    )
 
 
 def test_topk_correct_matches_torch_style_reference():
@@ -252,7 +277,9 @@ def test_topk_correct_matches_torch_style_reference():
     for k in (1, 5):
         expected = int(np.sum(np.any(order[:, :k] == labels[:, None], axis=1)))
         assert int(counts[k]) == expected
-    soft = 0.8 * np.eye(10)[labels] + 0.2 * np.eye(10)[rs.randint(0, 10, size=32)] * 0.5  # mixup-like
+    soft = (
+        0.8 * np.eye(10)[labels] + 0.2 * np.eye(10)[rs.randint(0, 10, size=32)] * 0.5
+    )  # mixup-like
     soft_counts = M.topk_correct(logits, soft, ks=(1, 5))
     assert {k: int(v) for k, v in soft_counts.items()} == {k: int(v) for k, v in counts.items()}
     # k beyond the number of classes: the label is always among all classes

@@ -17,6 +17,7 @@ every layer in play with a well-conditioned residual stream (resnest269 bf16 vs 
 Runs eagerly (no jit): XLA compiles of the deepest models cost more than op-by-op execution, and
 op caches are shared between the architectures.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,6 +31,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from jaxenc.models import get_model, list_models
 
 # name -> the name whose run covers it (same network; only nclass / base_size / crop_size differ).
+# fmt: off
 SHARED_RUN = {
     "deeplab_resnest50_ade": "deeplab_resnest50",
     "deeplab_resnest50_pcontext": "deeplab_resnest50",
@@ -42,6 +44,7 @@ SHARED_RUN = {
     "encnet_resnet101s_pcontext": "encnet_resnet101s_coco",
     "psp_resnet50s_ade": "psp_resnet50s",
 }
+# fmt: on
 _PRESET_ONLY = ("nclass", "num_classes", "base_size", "crop_size", "parent", "name")
 
 
@@ -50,7 +53,11 @@ def _runs() -> list[str]:
 
 
 def _network_fields(model) -> dict:
-    return {f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.name not in _PRESET_ONLY}
+    return {
+        f.name: getattr(model, f.name)
+        for f in dataclasses.fields(model)
+        if f.name not in _PRESET_ONLY
+    }
 
 
 def _outputs(y) -> tuple:
@@ -59,9 +66,12 @@ def _outputs(y) -> tuple:
 
 def _downweight_residual_branches(variables, factor: float = 0.25):
     flat = flatten_dict(variables)
-    return unflatten_dict({
-        k: (v * factor if k[0] == "params" and k[-2:] == ("bn3", "scale") else v) for k, v in flat.items()
-    })
+    return unflatten_dict(
+        {
+            k: (v * factor if k[0] == "params" and k[-2:] == ("bn3", "scale") else v)
+            for k, v in flat.items()
+        }
+    )
 
 
 def test_every_name_has_a_run():
@@ -74,7 +84,9 @@ def test_every_name_has_a_run():
 def test_shared_runs_build_the_same_network(name):
     a, b = get_model(name), get_model(SHARED_RUN[name])
     assert type(a) is type(b)
-    assert _network_fields(a) == _network_fields(b), f"{name} differs from {SHARED_RUN[name]} beyond presets"
+    assert _network_fields(a) == _network_fields(b), (
+        f"{name} differs from {SHARED_RUN[name]} beyond presets"
+    )
 
 
 @pytest.mark.slow

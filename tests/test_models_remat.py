@@ -9,6 +9,7 @@ benchmarks/memory.py does): by default XLA:CPU drops jax.checkpoint's optimizati
 CSE, which merges much of the recomputation back into the forward pass (GPU/TPU keep them). Backend
 optimisation level 0 keeps the compiles short; it changes LLVM code generation, not the memory plan.
 """
+
 from __future__ import annotations
 
 import jax
@@ -29,16 +30,29 @@ RNGS = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
 def _resnest(remat: str):
     """A dilated (output stride 8, as the segmentation backbones) ResNeSt-50-style classifier (radix 2,
     deep stem, avd, avg-down, dropout before fc) with one narrow block per stage."""
-    return get_model("resnest50", num_classes=5, dilated=True, final_drop=0.2, layers=(1, 1, 1, 1),
-                     stage_planes=(8, 16, 32, 64), stem_width=8, remat=remat)
+    return get_model(
+        "resnest50",
+        num_classes=5,
+        dilated=True,
+        final_drop=0.2,
+        layers=(1, 1, 1, 1),
+        stage_planes=(8, 16, 32, 64),
+        stem_width=8,
+        remat=remat,
+    )
 
 
 def _deeplab(remat: str):
     """DeepLabV3 (ASPP head + aux FCN head, both with dropout) on a tiny basic-block ResNet with
     DropBlock in layer3/4 (drawn inside the checkpointed blocks)."""
-    return get_segmentation_model("deeplab", backbone="resnet18", nclass=4, aux=True, remat=remat,
-                                  backbone_kwargs=dict(layers=(1, 1, 1, 1), stage_planes=(8, 16, 32, 64),
-                                                       dropblock_prob=0.1))
+    return get_segmentation_model(
+        "deeplab",
+        backbone="resnet18",
+        nclass=4,
+        aux=True,
+        remat=remat,
+        backbone_kwargs=dict(layers=(1, 1, 1, 1), stage_planes=(8, 16, 32, 64), dropblock_prob=0.1),
+    )
 
 
 MODELS = {"resnest": (_resnest, (2, 64, 64, 3)), "deeplab": (_deeplab, (2, 32, 32, 3))}
@@ -48,10 +62,17 @@ def _loss_fn(model, x):
     """(params, batch_stats) -> ((loss, new batch_stats), grads) of a train=True forward with dropout."""
 
     def loss(params, batch_stats):
-        out, updates = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
-                                   mutable=["batch_stats"], rngs={"dropout": RNGS["dropout"]})
+        out, updates = model.apply(
+            {"params": params, "batch_stats": batch_stats},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": RNGS["dropout"]},
+        )
         outs = out if isinstance(out, tuple) else (out,)
-        return sum(jnp.mean(jnp.square(o.astype(jnp.float32) - 0.5)) for o in outs), updates["batch_stats"]
+        return sum(jnp.mean(jnp.square(o.astype(jnp.float32) - 0.5)) for o in outs), updates[
+            "batch_stats"
+        ]
 
     return jax.value_and_grad(loss, has_aux=True)
 
@@ -68,10 +89,21 @@ def _runs(name: str) -> dict:
     start = variables["none"]
     out = {}
     for remat, model in models.items():
-        step = jax.jit(_loss_fn(model, x)).lower(start["params"], start["batch_stats"]).compile(COMPILE_OPTIONS)
+        step = (
+            jax.jit(_loss_fn(model, x))
+            .lower(start["params"], start["batch_stats"])
+            .compile(COMPILE_OPTIONS)
+        )
         (loss, stats), grads = step(start["params"], start["batch_stats"])
-        out[remat] = dict(model=model, x=x, variables=variables[remat], loss=loss, stats=stats, grads=grads,
-                          temp=step.memory_analysis().temp_size_in_bytes)
+        out[remat] = dict(
+            model=model,
+            x=x,
+            variables=variables[remat],
+            loss=loss,
+            stats=stats,
+            grads=grads,
+            temp=step.memory_analysis().temp_size_in_bytes,
+        )
     return out
 
 
@@ -85,8 +117,9 @@ def _assert_same_tree(a, b, rtol=0.0, atol=0.0):
     assert list(fa) == list(fb)  # same paths, same order
     for path in fa:
         assert fa[path].shape == fb[path].shape and fa[path].dtype == fb[path].dtype, path
-        np.testing.assert_allclose(np.asarray(fb[path]), np.asarray(fa[path]), rtol=rtol, atol=atol,
-                                   err_msg="/".join(path))
+        np.testing.assert_allclose(
+            np.asarray(fb[path]), np.asarray(fa[path]), rtol=rtol, atol=atol, err_msg="/".join(path)
+        )
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -132,8 +165,11 @@ def test_program_recomputes(runs, name, units):
     for remat, expected in (("none", 0), ("block", units)):
         run = runs[name][remat]
         model, x, v = run["model"], run["x"], run["variables"]
-        forward = jax.make_jaxpr(lambda v: model.apply(v, x, train=True, mutable=["batch_stats"],
-                                                       rngs={"dropout": RNGS["dropout"]}))(v)
+        forward = jax.make_jaxpr(
+            lambda v: model.apply(
+                v, x, train=True, mutable=["batch_stats"], rngs={"dropout": RNGS["dropout"]}
+            )
+        )(v)
         assert _remat_count(forward.jaxpr) == expected
         grad = jax.make_jaxpr(_loss_fn(model, x))(v["params"], v["batch_stats"])
         assert (_remat_count(grad.jaxpr) > 0) == (remat == "block")
@@ -156,20 +192,27 @@ def test_bad_remat_value():
     with pytest.raises(ValueError, match=rf"^wideresnet38: WideResNet: {message}$"):
         get_model("wideresnet38", remat="x")
     x = jnp.zeros((1, 32, 32, 3))
-    for model, where in ((get_segmentation_model("deeplab", backbone="resnet18", nclass=2, remat="x"), "DeepLabV3"),
-                         (get_model("deepten_resnet50_minc", remat="x"), "DeepTen")):
+    for model, where in (
+        (get_segmentation_model("deeplab", backbone="resnet18", nclass=2, remat="x"), "DeepLabV3"),
+        (get_model("deepten_resnet50_minc", remat="x"), "DeepTen"),
+    ):
         with pytest.raises(ValueError, match=rf"^{where}: {message}"):
             jax.eval_shape(lambda: model.init(RNGS, x, train=False))
-    seg = get_segmentation_model("fcn", backbone="resnet18", nclass=2, backbone_kwargs={"remat": "block"})
+    seg = get_segmentation_model(
+        "fcn", backbone="resnet18", nclass=2, backbone_kwargs={"remat": "block"}
+    )
     with pytest.raises(ValueError, match=r"backbone_kwargs must not set \['remat'\]"):
         jax.eval_shape(lambda: seg.init(RNGS, x, train=False))
 
 
-@pytest.mark.parametrize("name, kwargs, units", [
-    ("xception65", dict(num_middle_blocks=1), 5),  # block1..3, one middle block, block20
-    ("wideresnet38", dict(layers=(1, 1, 1, 1, 1, 1)), 6),
-    ("deepten_resnet50_minc", {}, 18),  # 16 backbone blocks + stem + head
-])
+@pytest.mark.parametrize(
+    "name, kwargs, units",
+    [
+        ("xception65", dict(num_middle_blocks=1), 5),  # block1..3, one middle block, block20
+        ("wideresnet38", dict(layers=(1, 1, 1, 1, 1, 1)), 6),
+        ("deepten_resnet50_minc", {}, 18),  # 16 backbone blocks + stem + head
+    ],
+)
 def test_other_families(name, kwargs, units):
     """The other model families take the same field: same variable tree (shapes, traced only) and one
     checkpoint per block."""
@@ -178,18 +221,23 @@ def test_other_families(name, kwargs, units):
     for remat in ("none", "block"):
         model = get_model(name, remat=remat, **kwargs)
         trees[remat] = jax.eval_shape(lambda: model.init(RNGS, x, train=False))
-        forward = jax.make_jaxpr(lambda v: model.apply(v, x, train=True, mutable=["batch_stats"],
-                                                       rngs={"dropout": RNGS["dropout"]}))(trees[remat])
+        forward = jax.make_jaxpr(
+            lambda v: model.apply(
+                v, x, train=True, mutable=["batch_stats"], rngs={"dropout": RNGS["dropout"]}
+            )
+        )(trees[remat])
         counts[remat] = _remat_count(forward.jaxpr)
     assert jax.tree.structure(trees["none"]) == jax.tree.structure(trees["block"])
     assert jax.tree.map(lambda s: (s.shape, s.dtype), trees["none"]) == jax.tree.map(
-        lambda s: (s.shape, s.dtype), trees["block"])
+        lambda s: (s.shape, s.dtype), trees["block"]
+    )
     assert counts == {"none": 0, "block": units}
 
 
 def test_trainer_passes_config_remat():
     """``config.model.remat`` (default "none" in every recipe) reaches the model and its backbone."""
     from tiny_config import tiny_config
+
     from train.trainer import build_model
 
     assert tiny_config().model.remat == "none"
@@ -197,9 +245,20 @@ def test_trainer_passes_config_remat():
     assert model.remat == "block"
     x = jnp.zeros((2, 32, 32, 3))
     v = jax.eval_shape(lambda: model.init(RNGS, x, train=False))
-    forward = jax.make_jaxpr(lambda v: model.apply(v, x, train=True, mutable=["batch_stats"],
-                                                   rngs={"dropout": RNGS["dropout"]}))(v)
+    forward = jax.make_jaxpr(
+        lambda v: model.apply(
+            v, x, train=True, mutable=["batch_stats"], rngs={"dropout": RNGS["dropout"]}
+        )
+    )(v)
     assert _remat_count(forward.jaxpr) == 7  # stem + 4 blocks + EncHead + aux head
-    recognition = build_model(tiny_config(**{"task": "recognition", "model.name": "resnet18", "model.kwargs": {},
-                                              "model.remat": "block"}))
+    recognition = build_model(
+        tiny_config(
+            **{
+                "task": "recognition",
+                "model.name": "resnet18",
+                "model.kwargs": {},
+                "model.remat": "block",
+            }
+        )
+    )
     assert recognition.remat == "block"

@@ -6,6 +6,7 @@ design as PyTorch-Encoding's backbone except for the radix convention: its ``rad
 upstream) are checked against torchvision's published parameter counts and a small torch restatement
 of torchvision's BasicBlock ResNet written here.
 """
+
 from __future__ import annotations
 
 import functools
@@ -14,18 +15,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from optional_torch import torch
 from flax.traverse_util import flatten_dict
+from optional_torch import torch
+from parity import assert_close, check_module_parity, nchw, nhwc, random_input, randomise_batchnorm
+from torch_ref import resnest_torch
 
 from jaxenc.models import get_model, list_models
 from jaxenc.models import resnet as R
 from jaxenc.nn import SyncBatchNorm
 from jaxenc.port import torch_to_flax
-from parity import assert_close, check_module_parity, nchw, nhwc, random_input, randomise_batchnorm
-from torch_ref import resnest_torch
 
 # Parameter counts (torch: sum of numel of parameters). Bottleneck models are also recomputed from
 # the oracle below; ResNet-18/34 are torchvision's published counts.
+# fmt: off
 PARAM_COUNTS = {
     "resnet18": 11_689_512,
     "resnet34": 21_797_672,
@@ -45,9 +47,21 @@ PARAM_COUNTS = {
     "resnest50_fast": 27_483_240,
     "resnest101_fast": 48_275_016,
 }
+# fmt: on
 
-_ORACLE_FIELDS = ("groups", "bottleneck_width", "deep_stem", "stem_width", "avg_down", "avd", "avd_first", "dilated",
-                  "dilation", "num_classes", "last_gamma")
+_ORACLE_FIELDS = (
+    "groups",
+    "bottleneck_width",
+    "deep_stem",
+    "stem_width",
+    "avg_down",
+    "avd",
+    "avd_first",
+    "dilated",
+    "dilation",
+    "num_classes",
+    "last_gamma",
+)
 
 
 def _oracle(model: R.ResNet) -> torch.nn.Module:
@@ -72,7 +86,9 @@ def _count(tree) -> int:
 
 
 def _shapes(model, x_shape=(1, 32, 32, 3), **kwargs):
-    return jax.eval_shape(functools.partial(model.init, **kwargs), jax.random.key(0), jnp.zeros(x_shape, jnp.float32))
+    return jax.eval_shape(
+        functools.partial(model.init, **kwargs), jax.random.key(0), jnp.zeros(x_shape, jnp.float32)
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -89,7 +105,9 @@ class _TorchBasicBlock(torch.nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = None
         if stride != 1 or inplanes != planes:
-            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+            self.downsample = nn.Sequential(
+                nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+            )
 
     def forward(self, x):
         out = torch.relu(self.bn1(self.conv1(x)))
@@ -143,12 +161,21 @@ def test_registry_and_exports():
     m = get_model("ResNeSt50", num_classes=10, dilated=True)
     assert isinstance(m, R.ResNet)
     assert (m.radix, m.stem_width, m.avg_down, m.avd, m.avd_first, m.num_classes, m.dilated) == (
-        2, 32, True, True, False, 10, True,
+        2,
+        32,
+        True,
+        True,
+        False,
+        10,
+        True,
     )
     assert get_model("resnest50_fast").avd_first and get_model("resnest101").stem_width == 64
     assert get_model("resnet50s").deep_stem and get_model("resnet50s").stem_width == 64
     assert (get_model("resnet50d").stem_width, get_model("resnet50d").avg_down) == (32, True)
-    assert (get_model("resnext101_32x8d").groups, get_model("resnext101_32x8d").bottleneck_width) == (32, 8)
+    assert (
+        get_model("resnext101_32x8d").groups,
+        get_model("resnext101_32x8d").bottleneck_width,
+    ) == (32, 8)
     assert get_model("resnet34").block == "basic"
 
 
@@ -186,7 +213,12 @@ def test_dilated_resnest50_c4_parity():
     feats = model.apply(variables, x, return_features=True)
     with torch.no_grad():
         expected = _torch_features(tm, torch.tensor(nchw(x)))
-    assert [f.shape for f in feats] == [(2, 16, 16, 256), (2, 8, 8, 512), (2, 8, 8, 1024), (2, 8, 8, 2048)]
+    assert [f.shape for f in feats] == [
+        (2, 16, 16, 256),
+        (2, 8, 8, 512),
+        (2, 8, 8, 1024),
+        (2, 8, 8, 2048),
+    ]
     for i, (f, e) in enumerate(zip(feats, expected)):
         assert_close(f, nhwc(e.numpy()), 1e-4, what=f"c{i + 1}")
 
@@ -205,14 +237,22 @@ def test_train_parity_small_resnest():
 
 @pytest.mark.parametrize(
     "kwargs, strides",
-    [({}, (4, 8, 16, 32)), ({"dilated": True}, (4, 8, 8, 8)), ({"dilation": 4}, (4, 8, 8, 8)),
-     ({"dilation": 2}, (4, 8, 16, 16))],
+    [
+        ({}, (4, 8, 16, 32)),
+        ({"dilated": True}, (4, 8, 8, 8)),
+        ({"dilation": 4}, (4, 8, 8, 8)),
+        ({"dilation": 2}, (4, 8, 16, 16)),
+    ],
 )
-@pytest.mark.parametrize("name, channels", [("resnest50", (256, 512, 1024, 2048)), ("resnet18", (64, 128, 256, 512))])
+@pytest.mark.parametrize(
+    "name, channels", [("resnest50", (256, 512, 1024, 2048)), ("resnet18", (64, 128, 256, 512))]
+)
 def test_feature_shapes_and_no_fc(name, channels, kwargs, strides):
     model = getattr(R, name)(**kwargs)
     x = jnp.zeros((2, 64, 64, 3))
-    shapes = jax.eval_shape(functools.partial(model.init, return_features=True), jax.random.key(0), x)
+    shapes = jax.eval_shape(
+        functools.partial(model.init, return_features=True), jax.random.key(0), x
+    )
     assert "fc" not in shapes["params"]
     feats = jax.eval_shape(functools.partial(model.apply, return_features=True), shapes, x)
     assert [f.shape for f in feats] == [(2, 64 // s, 64 // s, c) for s, c in zip(strides, channels)]
@@ -246,7 +286,12 @@ def test_init_he_fan_out_and_bn():
     model = R.resnest50(layers=(1, 1, 1, 1))
     variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     params = flatten_dict(variables["params"], sep="/")
-    paths = ("layer3/0/conv2/conv/kernel", "layer4/0/conv1/kernel", "conv1/6/kernel", "layer4/0/downsample/1/kernel")
+    paths = (
+        "layer3/0/conv2/conv/kernel",
+        "layer4/0/conv1/kernel",
+        "conv1/6/kernel",
+        "layer4/0/downsample/1/kernel",
+    )
     for path in paths:
         k = np.asarray(params[path])
         kh, kw, _, out = k.shape
@@ -267,7 +312,9 @@ def test_init_he_fan_out_and_bn():
 @pytest.mark.parametrize("name, last_bn", [("resnet50", "bn3"), ("resnet18", "bn2")])
 def test_last_gamma_zero_inits_last_bn(name, last_bn):
     x = jnp.zeros((1, 32, 32, 3))
-    on = flatten_dict(getattr(R, name)(layers=(1, 2, 1, 1), last_gamma=True).init(jax.random.key(0), x)["params"])
+    on = flatten_dict(
+        getattr(R, name)(layers=(1, 2, 1, 1), last_gamma=True).init(jax.random.key(0), x)["params"]
+    )
     off = flatten_dict(getattr(R, name)(layers=(1, 2, 1, 1)).init(jax.random.key(0), x)["params"])
     last = [k for k in on if k[-2] == last_bn and k[-1] == "scale"]
     assert len(last) == 5
@@ -293,7 +340,9 @@ def test_avd_first_changes_only_the_pool_placement():
     a, b = R.resnest50(layers=(1, 1, 1, 1)), R.resnest50_fast(layers=(1, 1, 1, 1))
     x = random_input((2, 64, 64, 3), seed=7)
     shapes_a, shapes_b = _shapes(a, x.shape), _shapes(b, x.shape)
-    assert jax.tree_util.tree_map(lambda s: s.shape, shapes_a) == jax.tree_util.tree_map(lambda s: s.shape, shapes_b)
+    assert jax.tree_util.tree_map(lambda s: s.shape, shapes_a) == jax.tree_util.tree_map(
+        lambda s: s.shape, shapes_b
+    )
     variables = a.init(jax.random.key(0), x)
     ya, yb = a.apply(variables, x), b.apply(variables, x)
     assert not np.allclose(np.asarray(ya), np.asarray(yb), rtol=1e-3, atol=1e-3)
@@ -321,7 +370,13 @@ def test_final_drop_and_dropblock_train():
     np.testing.assert_array_equal(np.asarray(y_eval), np.asarray(model.apply(variables, x)))
 
     def train(seed):
-        return model.apply(variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(seed)})
+        return model.apply(
+            variables,
+            x,
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": jax.random.key(seed)},
+        )
 
     (y1, s1), (y2, _) = train(1), train(2)
     assert np.all(np.isfinite(np.asarray(y1))) and not np.allclose(np.asarray(y1), np.asarray(y2))
@@ -335,7 +390,9 @@ def test_rectified_conv_and_sync_norm_layer_build_and_run():
     assert _count(_shapes(plain, x.shape)["params"]) == _count(_shapes(rect, x.shape)["params"])
     variables = rect.init(jax.random.key(0), x)
     y_rect, y_plain = rect.apply(variables, x), plain.apply(variables, x)
-    assert np.all(np.isfinite(np.asarray(y_rect))) and not np.allclose(np.asarray(y_rect), np.asarray(y_plain))
+    assert np.all(np.isfinite(np.asarray(y_rect))) and not np.allclose(
+        np.asarray(y_rect), np.asarray(y_plain)
+    )
     sync_bn = functools.partial(SyncBatchNorm, axis_name="data")
     sync = R.resnet50s(layers=(1, 1, 1, 1), num_classes=10, norm_layer=sync_bn)
     sync_vars = sync.init(jax.random.key(0), x)
@@ -343,7 +400,9 @@ def test_rectified_conv_and_sync_norm_layer_build_and_run():
     assert_close(sync.apply(sync_vars, x), ref.apply(sync_vars, x), 1e-6, what="SyncBatchNorm eval")
 
 
-@pytest.mark.parametrize("option", [{"radix": 2}, {"groups": 2}, {"bottleneck_width": 32}, {"avd": True}])
+@pytest.mark.parametrize(
+    "option", [{"radix": 2}, {"groups": 2}, {"bottleneck_width": 32}, {"avd": True}]
+)
 def test_basic_block_rejects_bottleneck_options(option):
     name = next(iter(option))
     with pytest.raises(ValueError, match=rf"resnet18: .*{name}=.*block='basic'"):

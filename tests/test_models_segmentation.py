@@ -11,6 +11,7 @@ the torch restatement of each whole model (oracle backbone with upstream's optio
 counting ``sum(p.numel() for p in model.parameters())`` (shared parameters once).
 ``test_param_count_literals_match_torch`` recomputes a few of them live.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,9 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from optional_torch import torch
-from optional_torch import F
 from flax.traverse_util import flatten_dict
+from optional_torch import F, torch
 from parity import assert_close, nchw, nhwc, random_input, randomise_batchnorm
 from test_customize import TorchConcurrentModule, TorchPyramidPooling
 from test_encoding import TorchEncoding
@@ -63,26 +63,44 @@ class TorchGlobalPooling(torch.nn.Module):
     def __init__(self, in_channels, out_channels, norm_layer, up_kwargs):
         super().__init__()
         self._up_kwargs = up_kwargs
-        self.gap = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Conv2d(in_channels, out_channels, 1, bias=False),
-                                       norm_layer(out_channels), torch.nn.ReLU(True))
+        self.gap = torch.nn.Sequential(
+            torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Conv2d(in_channels, out_channels, 1, bias=False),
+            norm_layer(out_channels),
+            torch.nn.ReLU(True),
+        )
 
     def forward(self, x):
         return F.interpolate(self.gap(x), x.shape[2:], **self._up_kwargs)
 
 
 def conv_bn_relu(cin, cout, k=1, padding=0, dilation=1, norm_layer=BN):
-    return torch.nn.Sequential(torch.nn.Conv2d(cin, cout, k, padding=padding, dilation=dilation, bias=False),
-                               norm_layer(cout), torch.nn.ReLU(True))
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(cin, cout, k, padding=padding, dilation=dilation, bias=False),
+        norm_layer(cout),
+        torch.nn.ReLU(True),
+    )
 
 
 class TorchFCNHead(torch.nn.Module):
     def __init__(self, in_channels, out_channels, norm_layer=BN, up_kwargs=UP, with_global=False):
         super().__init__()
         inter = in_channels // 4
-        layers = [torch.nn.Conv2d(in_channels, inter, 3, padding=1, bias=False), norm_layer(inter), torch.nn.ReLU()]
+        layers = [
+            torch.nn.Conv2d(in_channels, inter, 3, padding=1, bias=False),
+            norm_layer(inter),
+            torch.nn.ReLU(),
+        ]
         if with_global:
-            layers.append(TorchConcurrentModule([TorchIdentity(), TorchGlobalPooling(inter, inter, norm_layer, up_kwargs)]))
-        layers += [torch.nn.Dropout(0.1, False), torch.nn.Conv2d(inter * (2 if with_global else 1), out_channels, 1)]
+            layers.append(
+                TorchConcurrentModule(
+                    [TorchIdentity(), TorchGlobalPooling(inter, inter, norm_layer, up_kwargs)]
+                )
+            )
+        layers += [
+            torch.nn.Dropout(0.1, False),
+            torch.nn.Conv2d(inter * (2 if with_global else 1), out_channels, 1),
+        ]
         self.conv5 = torch.nn.Sequential(*layers)
 
     def forward(self, x):
@@ -95,8 +113,12 @@ class TorchPSPHead(torch.nn.Module):
         inter = in_channels // 4
         self.conv5 = torch.nn.Sequential(
             TorchPyramidPooling(in_channels, norm_layer, up_kwargs),
-            torch.nn.Conv2d(in_channels * 2, inter, 3, padding=1, bias=False), norm_layer(inter), torch.nn.ReLU(True),
-            torch.nn.Dropout(0.1, False), torch.nn.Conv2d(inter, out_channels, 1))
+            torch.nn.Conv2d(in_channels * 2, inter, 3, padding=1, bias=False),
+            norm_layer(inter),
+            torch.nn.ReLU(True),
+            torch.nn.Dropout(0.1, False),
+            torch.nn.Conv2d(inter, out_channels, 1),
+        )
 
     def forward(self, x):
         return self.conv5(x)
@@ -110,8 +132,14 @@ class TorchEncModule(torch.nn.Module):
         super().__init__()
         self.se_loss = se_loss
         self.encoding = torch.nn.Sequential(
-            torch.nn.Conv2d(in_channels, in_channels, 1, bias=False), norm_layer(in_channels), torch.nn.ReLU(True),
-            TorchEncoding(D=in_channels, K=ncodes), torch.nn.BatchNorm1d(ncodes), torch.nn.ReLU(True), TorchMean(1))
+            torch.nn.Conv2d(in_channels, in_channels, 1, bias=False),
+            norm_layer(in_channels),
+            torch.nn.ReLU(True),
+            TorchEncoding(D=in_channels, K=ncodes),
+            torch.nn.BatchNorm1d(ncodes),
+            torch.nn.ReLU(True),
+            TorchMean(1),
+        )
         self.fc = torch.nn.Sequential(torch.nn.Linear(in_channels, in_channels), torch.nn.Sigmoid())
         if se_loss:
             self.selayer = torch.nn.Linear(in_channels, nclass)
@@ -130,23 +158,33 @@ class TorchLateral(torch.nn.Module):
     """EncHead's / ATTENHead's ``connect`` and ``fusion``."""
 
     def _make_lateral(self, norm_layer):
-        self.connect = torch.nn.ModuleList([conv_bn_relu(512, 512, norm_layer=norm_layer),
-                                            conv_bn_relu(1024, 512, norm_layer=norm_layer)])
+        self.connect = torch.nn.ModuleList(
+            [
+                conv_bn_relu(512, 512, norm_layer=norm_layer),
+                conv_bn_relu(1024, 512, norm_layer=norm_layer),
+            ]
+        )
         self.fusion = conv_bn_relu(3 * 512, 512, 3, 1, norm_layer=norm_layer)
 
     def _fuse(self, feat, inputs):
-        return self.fusion(torch.cat([feat, self.connect[0](inputs[1]), self.connect[1](inputs[2])], 1))
+        return self.fusion(
+            torch.cat([feat, self.connect[0](inputs[1]), self.connect[1](inputs[2])], 1)
+        )
 
 
 class TorchEncHead(TorchLateral):
-    def __init__(self, in_channels, out_channels, se_loss=True, lateral=True, norm_layer=BN, up_kwargs=UP):
+    def __init__(
+        self, in_channels, out_channels, se_loss=True, lateral=True, norm_layer=BN, up_kwargs=UP
+    ):
         super().__init__()
         self.lateral = lateral
         self.conv5 = conv_bn_relu(in_channels, 512, 3, 1, norm_layer=norm_layer)
         if lateral:
             self._make_lateral(norm_layer)
         self.encmodule = TorchEncModule(512, out_channels, 32, se_loss, norm_layer)
-        self.conv6 = torch.nn.Sequential(torch.nn.Dropout(0.1, False), torch.nn.Conv2d(512, out_channels, 1))
+        self.conv6 = torch.nn.Sequential(
+            torch.nn.Dropout(0.1, False), torch.nn.Conv2d(512, out_channels, 1)
+        )
 
     def forward(self, *inputs):
         feat = self.conv5(inputs[-1])
@@ -165,38 +203,68 @@ class TorchASPP_Module(torch.nn.Module):  # noqa: N801
         for i, r in enumerate(atrous_rates, start=1):
             setattr(self, f"b{i}", conv_bn_relu(in_channels, out, 3, r, r, norm_layer))
         self.b4 = TorchGlobalPooling(in_channels, out, norm_layer, up_kwargs)
-        self.project = torch.nn.Sequential(torch.nn.Conv2d(5 * out, out, 1, bias=False), norm_layer(out),
-                                           torch.nn.ReLU(True), torch.nn.Dropout2d(0.5, False))
+        self.project = torch.nn.Sequential(
+            torch.nn.Conv2d(5 * out, out, 1, bias=False),
+            norm_layer(out),
+            torch.nn.ReLU(True),
+            torch.nn.Dropout2d(0.5, False),
+        )
 
     def forward(self, x):
         return self.project(torch.cat([getattr(self, f"b{i}")(x) for i in range(5)], 1))
 
 
 class TorchDeepLabV3Head(torch.nn.Module):
-    def __init__(self, in_channels, out_channels, norm_layer=BN, up_kwargs=UP, atrous_rates=(12, 24, 36)):
+    def __init__(
+        self, in_channels, out_channels, norm_layer=BN, up_kwargs=UP, atrous_rates=(12, 24, 36)
+    ):
         super().__init__()
         inter = in_channels // 8
         self.aspp = TorchASPP_Module(in_channels, atrous_rates, norm_layer, up_kwargs)
-        self.block = torch.nn.Sequential(torch.nn.Conv2d(inter, inter, 3, padding=1, bias=False), norm_layer(inter),
-                                         torch.nn.ReLU(True), torch.nn.Dropout(0.1, False),
-                                         torch.nn.Conv2d(inter, out_channels, 1))
+        self.block = torch.nn.Sequential(
+            torch.nn.Conv2d(inter, inter, 3, padding=1, bias=False),
+            norm_layer(inter),
+            torch.nn.ReLU(True),
+            torch.nn.Dropout(0.1, False),
+            torch.nn.Conv2d(inter, out_channels, 1),
+        )
 
     def forward(self, x):
         return self.block(self.aspp(x))
 
 
 class TorchFCFPNHead(torch.nn.Module):
-    def __init__(self, out_channels, norm_layer=BN, fpn_inchannels=(256, 512, 1024, 2048), fpn_dim=256, up_kwargs=UP,
-                 c4_channels=None):
+    def __init__(
+        self,
+        out_channels,
+        norm_layer=BN,
+        fpn_inchannels=(256, 512, 1024, 2048),
+        fpn_dim=256,
+        up_kwargs=UP,
+        c4_channels=None,
+    ):
         super().__init__()
         self._up_kwargs = up_kwargs
-        self.fpn_lateral = torch.nn.ModuleList([conv_bn_relu(c, fpn_dim, norm_layer=norm_layer) for c in fpn_inchannels[:-1]])
-        self.fpn_out = torch.nn.ModuleList([conv_bn_relu(fpn_dim, fpn_dim, 3, 1, norm_layer=norm_layer)
-                                            for _ in fpn_inchannels[:-1]])
-        self.c4conv = conv_bn_relu(c4_channels or fpn_inchannels[-1], fpn_dim, 3, 1, norm_layer=norm_layer)
+        self.fpn_lateral = torch.nn.ModuleList(
+            [conv_bn_relu(c, fpn_dim, norm_layer=norm_layer) for c in fpn_inchannels[:-1]]
+        )
+        self.fpn_out = torch.nn.ModuleList(
+            [
+                conv_bn_relu(fpn_dim, fpn_dim, 3, 1, norm_layer=norm_layer)
+                for _ in fpn_inchannels[:-1]
+            ]
+        )
+        self.c4conv = conv_bn_relu(
+            c4_channels or fpn_inchannels[-1], fpn_dim, 3, 1, norm_layer=norm_layer
+        )
         inter = len(fpn_inchannels) * fpn_dim
-        self.conv5 = torch.nn.Sequential(torch.nn.Conv2d(inter, 512, 3, padding=1, bias=False), norm_layer(512),
-                                         torch.nn.ReLU(), torch.nn.Dropout(0.1, False), torch.nn.Conv2d(512, out_channels, 1))
+        self.conv5 = torch.nn.Sequential(
+            torch.nn.Conv2d(inter, 512, 3, padding=1, bias=False),
+            norm_layer(512),
+            torch.nn.ReLU(),
+            torch.nn.Dropout(0.1, False),
+            torch.nn.Conv2d(512, out_channels, 1),
+        )
 
     def forward(self, *inputs):
         c4 = inputs[-1]
@@ -215,27 +283,61 @@ class TorchFCFPNHead(torch.nn.Module):
 class TorchUperNetHead(TorchFCFPNHead):
     """Upstream's UperNetHead without its shared-default-list mutation."""
 
-    def __init__(self, out_channels, norm_layer=BN, fpn_inchannels=(256, 512, 1024, 2048), fpn_dim=256, up_kwargs=UP):
-        super().__init__(out_channels, norm_layer, fpn_inchannels, fpn_dim, up_kwargs, c4_channels=2 * fpn_inchannels[-1])
+    def __init__(
+        self,
+        out_channels,
+        norm_layer=BN,
+        fpn_inchannels=(256, 512, 1024, 2048),
+        fpn_dim=256,
+        up_kwargs=UP,
+    ):
+        super().__init__(
+            out_channels,
+            norm_layer,
+            fpn_inchannels,
+            fpn_dim,
+            up_kwargs,
+            c4_channels=2 * fpn_inchannels[-1],
+        )
         self.extramodule = TorchPyramidPooling(fpn_inchannels[-1], norm_layer, up_kwargs)
 
 
 class TorchATTENHead(TorchLateral):
-    def __init__(self, in_channels, out_channels, norm_layer=BN, up_kwargs=UP, nheads=8, nmixs=1, with_global=True,
-                 with_enc=True, se_loss=False, lateral=False):
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        norm_layer=BN,
+        up_kwargs=UP,
+        nheads=8,
+        nmixs=1,
+        with_global=True,
+        with_enc=True,
+        se_loss=False,
+        lateral=False,
+    ):
         super().__init__()
         assert with_global  # upstream cannot build with_global=False
         self.with_enc, self.lateral = with_enc, lateral
         inter = in_channels // 4
-        self.conv5 = torch.nn.Sequential(torch.nn.Conv2d(in_channels, inter, 3, padding=1, bias=False), norm_layer(inter),
-                                         torch.nn.ReLU())
+        self.conv5 = torch.nn.Sequential(
+            torch.nn.Conv2d(in_channels, inter, 3, padding=1, bias=False),
+            norm_layer(inter),
+            torch.nn.ReLU(),
+        )
         if lateral:
             self._make_lateral(norm_layer)
-        self.atten = TorchACFModule(nheads, nmixs, inter, inter // nheads * nmixs, inter // nheads, norm_layer)
-        self.atten_layers = TorchConcurrentModule([TorchGlobalPooling(inter, inter, norm_layer, up_kwargs), self.atten])
+        self.atten = TorchACFModule(
+            nheads, nmixs, inter, inter // nheads * nmixs, inter // nheads, norm_layer
+        )
+        self.atten_layers = TorchConcurrentModule(
+            [TorchGlobalPooling(inter, inter, norm_layer, up_kwargs), self.atten]
+        )
         if with_enc:
             self.encmodule = TorchEncModule(2 * inter, out_channels, 32, se_loss, norm_layer)
-        self.conv6 = torch.nn.Sequential(torch.nn.Dropout(0.1, False), torch.nn.Conv2d(2 * inter, out_channels, 1))
+        self.conv6 = torch.nn.Sequential(
+            torch.nn.Dropout(0.1, False), torch.nn.Conv2d(2 * inter, out_channels, 1)
+        )
 
     def forward(self, *inputs):
         feat = self.conv5(inputs[-1])
@@ -258,7 +360,13 @@ class TorchDANetHead(torch.nn.Module):
         self.conv51 = conv_bn_relu(inter, inter, 3, 1, norm_layer=norm_layer)
         self.conv52 = conv_bn_relu(inter, inter, 3, 1, norm_layer=norm_layer)
         for name in ("conv6", "conv7", "conv8"):
-            setattr(self, name, torch.nn.Sequential(torch.nn.Dropout2d(0.1, False), torch.nn.Conv2d(inter, out_channels, 1)))
+            setattr(
+                self,
+                name,
+                torch.nn.Sequential(
+                    torch.nn.Dropout2d(0.1, False), torch.nn.Conv2d(inter, out_channels, 1)
+                ),
+            )
 
     def forward(self, x):
         sa_conv = self.conv51(self.sa(self.conv5a(x)))
@@ -268,7 +376,9 @@ class TorchDANetHead(torch.nn.Module):
 
 # --- torch restatements of the models -------------------------------------------------------------
 
-_RESNEST = dict(radix=2, groups=1, bottleneck_width=64, deep_stem=True, avg_down=True, avd=True, avd_first=False)
+_RESNEST = dict(
+    radix=2, groups=1, bottleneck_width=64, deep_stem=True, avg_down=True, avd=True, avd_first=False
+)
 TORCH_BACKBONES = {
     "resnet50s": dict(layers=[3, 4, 6, 3], radix=0, deep_stem=True, stem_width=64),
     "resnet101s": dict(layers=[3, 4, 23, 3], radix=0, deep_stem=True, stem_width=64),
@@ -341,8 +451,17 @@ def torch_model_for(model: S.BaseNet) -> TorchSegNet:
     elif isinstance(model, S.FCFPN):
         kind, head = "multi", TorchFCFPNHead(n)
     elif isinstance(model, S.ATTEN):
-        kind, head = "multi", TorchATTENHead(2048, n, nheads=model.nheads, nmixs=model.nmixs, se_loss=model.se_loss,
-                                             lateral=model.with_lateral)
+        kind, head = (
+            "multi",
+            TorchATTENHead(
+                2048,
+                n,
+                nheads=model.nheads,
+                nmixs=model.nmixs,
+                se_loss=model.se_loss,
+                lateral=model.with_lateral,
+            ),
+        )
     elif isinstance(model, S.DANet):
         kind, head = "danet", TorchDANetHead(2048, n)
     else:
@@ -354,9 +473,15 @@ class TorchDeepTen(torch.nn.Module):
     def __init__(self, nclass, backbone="resnet50s"):
         super().__init__()
         self.pretrained = torch_backbone(backbone, dilated=False, keep_fc=True)
-        self.head = torch.nn.Sequential(torch.nn.Conv2d(2048, 128, 1), BN(128), torch.nn.ReLU(True),
-                                        TorchEncoding(D=128, K=32), torch.nn.Flatten(1),
-                                        _TorchL2(), torch.nn.Linear(128 * 32, nclass))
+        self.head = torch.nn.Sequential(
+            torch.nn.Conv2d(2048, 128, 1),
+            BN(128),
+            torch.nn.ReLU(True),
+            TorchEncoding(D=128, K=32),
+            torch.nn.Flatten(1),
+            _TorchL2(),
+            torch.nn.Linear(128 * 32, nclass),
+        )
 
     def forward(self, x):
         p = self.pretrained
@@ -420,7 +545,9 @@ def compare_eval(torch_module, flax_module, inputs, rtol=1e-4, apply_kwargs=None
 @pytest.mark.parametrize("with_global", [False, True])
 def test_fcn_head_parity(with_global):
     x = random_input((2, 6, 7, 32), seed=1)
-    compare_eval(TorchFCNHead(32, 5, with_global=with_global), H.FCNHead(32, 5, with_global=with_global), [x])
+    compare_eval(
+        TorchFCNHead(32, 5, with_global=with_global), H.FCNHead(32, 5, with_global=with_global), [x]
+    )
 
 
 def test_psp_head_parity():
@@ -431,8 +558,11 @@ def test_psp_head_parity():
 @pytest.mark.parametrize("se_loss", [True, False])
 def test_enc_module_parity_with_se_output(se_loss):
     x = random_input((2, 5, 6, 24), seed=3)
-    _, out = compare_eval(TorchEncModule(24, 7, ncodes=8, se_loss=se_loss), H.EncModule(24, 7, ncodes=8, se_loss=se_loss),
-                          [x])
+    _, out = compare_eval(
+        TorchEncModule(24, 7, ncodes=8, se_loss=se_loss),
+        H.EncModule(24, 7, ncodes=8, se_loss=se_loss),
+        [x],
+    )
     assert len(out) == (2 if se_loss else 1)
     if se_loss:
         assert out[1].shape == (2, 7)
@@ -440,15 +570,23 @@ def test_enc_module_parity_with_se_output(se_loss):
 
 @pytest.mark.parametrize("lateral", [False, True])
 def test_enc_head_parity(lateral):
-    feats = [random_input(s, seed=10 + i) for i, s in enumerate([(2, 4, 4, 8), (2, 4, 4, 512), (2, 4, 4, 1024),
-                                                                   (2, 4, 4, 2048)])]
-    _, out = compare_eval(TorchEncHead(2048, 5, lateral=lateral), H.EncHead(2048, 5, lateral=lateral), feats)
+    feats = [
+        random_input(s, seed=10 + i)
+        for i, s in enumerate([(2, 4, 4, 8), (2, 4, 4, 512), (2, 4, 4, 1024), (2, 4, 4, 2048)])
+    ]
+    _, out = compare_eval(
+        TorchEncHead(2048, 5, lateral=lateral), H.EncHead(2048, 5, lateral=lateral), feats
+    )
     assert out[0].shape == (2, 4, 4, 5) and out[1].shape == (2, 5)
 
 
 def test_deeplab_head_parity():
     x = random_input((2, 6, 5, 64), seed=4)
-    compare_eval(TorchDeepLabV3Head(64, 5, atrous_rates=(1, 2, 3)), H.DeepLabV3Head(64, 5, atrous_rates=(1, 2, 3)), [x])
+    compare_eval(
+        TorchDeepLabV3Head(64, 5, atrous_rates=(1, 2, 3)),
+        H.DeepLabV3Head(64, 5, atrous_rates=(1, 2, 3)),
+        [x],
+    )
     # upstream rates (12/24/36) exceed this map: the atrous branches see only their centre tap
     compare_eval(TorchDeepLabV3Head(64, 5), H.DeepLabV3Head(64, 5), [x])
 
@@ -456,11 +594,20 @@ def test_deeplab_head_parity():
 @pytest.mark.parametrize("upernet", [False, True])
 def test_fpn_heads_parity(upernet):
     chans = (8, 16, 24, 32)
-    feats = [random_input((2, 12 // 2**i + 1, 10 // 2**i + 1, c), seed=20 + i) for i, c in enumerate(chans)]
+    feats = [
+        random_input((2, 12 // 2**i + 1, 10 // 2**i + 1, c), seed=20 + i)
+        for i, c in enumerate(chans)
+    ]
     if upernet:
-        pair = TorchUperNetHead(5, fpn_inchannels=chans, fpn_dim=8), H.UperNetHead(5, fpn_inchannels=chans, fpn_dim=8)
+        pair = (
+            TorchUperNetHead(5, fpn_inchannels=chans, fpn_dim=8),
+            H.UperNetHead(5, fpn_inchannels=chans, fpn_dim=8),
+        )
     else:
-        pair = TorchFCFPNHead(5, fpn_inchannels=chans, fpn_dim=8), H.FCFPNHead(5, fpn_inchannels=chans, fpn_dim=8)
+        pair = (
+            TorchFCFPNHead(5, fpn_inchannels=chans, fpn_dim=8),
+            H.FCFPNHead(5, fpn_inchannels=chans, fpn_dim=8),
+        )
     _, out = compare_eval(*pair, feats)
     assert out[0].shape == (2, 13, 11, 5)
     # a second construction is unaffected (upstream's UperNetHead mutated its default list)
@@ -472,7 +619,9 @@ def test_atten_head_parity_and_acf_alias(se_loss):
     x = random_input((2, 6, 8, 64), seed=5)
     torch_head = TorchATTENHead(64, 5, nheads=4, se_loss=se_loss)
     sd = torch_head.state_dict()
-    assert any(k.startswith("atten.") for k in sd) and any(k.startswith("atten_layers.1.") for k in sd)
+    assert any(k.startswith("atten.") for k in sd) and any(
+        k.startswith("atten_layers.1.") for k in sd
+    )
     _, out = compare_eval(torch_head, H.ATTENHead(64, 5, nheads=4, se_loss=se_loss), [x])
     assert len(out) == (2 if se_loss else 1)
     # with_global=False (upstream: NameError) runs the ACF module alone before the EncModule
@@ -483,9 +632,13 @@ def test_atten_head_parity_and_acf_alias(se_loss):
 
 
 def test_atten_head_lateral_parity():
-    feats = [random_input(s, seed=30 + i) for i, s in enumerate([(1, 4, 4, 8), (1, 4, 4, 512), (1, 4, 4, 1024),
-                                                                   (1, 4, 4, 2048)])]
-    compare_eval(TorchATTENHead(2048, 3, nheads=8, lateral=True), H.ATTENHead(2048, 3, lateral=True), feats)
+    feats = [
+        random_input(s, seed=30 + i)
+        for i, s in enumerate([(1, 4, 4, 8), (1, 4, 4, 512), (1, 4, 4, 1024), (1, 4, 4, 2048)])
+    ]
+    compare_eval(
+        TorchATTENHead(2048, 3, nheads=8, lateral=True), H.ATTENHead(2048, 3, lateral=True), feats
+    )
 
 
 def test_danet_head_parity():
@@ -509,7 +662,12 @@ def test_head_errors():
     with pytest.raises(ValueError, match="FCFPNHead: expected 4 feature maps"):
         H.FCFPNHead(5).init(RNGS, x)
     with pytest.raises(ValueError, match="EncHead: lateral=True concatenates"):
-        feats = [jnp.ones((1, 8, 8, 8)), jnp.ones((1, 8, 8, 512)), jnp.ones((1, 4, 4, 1024)), jnp.ones((1, 4, 4, 2048))]
+        feats = [
+            jnp.ones((1, 8, 8, 8)),
+            jnp.ones((1, 8, 8, 512)),
+            jnp.ones((1, 4, 4, 1024)),
+            jnp.ones((1, 4, 4, 2048)),
+        ]
         H.EncHead(2048, 5, lateral=True).init(RNGS, *feats)
     with pytest.raises(ValueError, match="ACFModule: pooling=True"):
         H.ATTENHead(16, 3, nheads=2).init(RNGS, jnp.ones((1, 5, 4, 16)))
@@ -517,6 +675,7 @@ def test_head_errors():
 
 # --- 2. parameter counts of every registered name ---------------------------------------------------
 
+# fmt: off
 UPSTREAM_NAMES = [
     "encnet_resnet101s_coco", "fcn_resnet50s_pcontext", "encnet_resnet50s_pcontext", "encnet_resnet101s_pcontext",
     "encnet_resnet50s_ade", "encnet_resnet101s_ade", "fcn_resnet50s_ade", "psp_resnet50s_ade", "fcn_resnest50_ade",
@@ -524,9 +683,19 @@ UPSTREAM_NAMES = [
     "fcn_resnest50_pcontext", "deeplab_resnest50_pcontext", "deeplab_resnest101_pcontext",
     "deeplab_resnest200_pcontext", "deeplab_resnest269_pcontext",
 ]
-GENERIC_NAMES = ["fcn_resnest50", "encnet_resnet50s", "deeplab_resnest50", "psp_resnet50s", "upernet_resnet50s",
-                 "fcfpn_resnet50s", "atten_resnest50", "danet_resnet50s"]
+# fmt: on
+GENERIC_NAMES = [
+    "fcn_resnest50",
+    "encnet_resnet50s",
+    "deeplab_resnest50",
+    "psp_resnet50s",
+    "upernet_resnet50s",
+    "fcfpn_resnet50s",
+    "atten_resnest50",
+    "danet_resnet50s",
+]
 
+# fmt: off
 EXPECTED_PARAMS = {
 "encnet_resnet101s_coco": 62858591,
     "fcn_resnet50s_pcontext": 33100283,
@@ -556,6 +725,7 @@ EXPECTED_PARAMS = {
     "danet_resnet50s": 47589505,
     "deepten_resnet50_minc": 26041695,
 }
+# fmt: on
 
 
 def test_registered_names():
@@ -568,17 +738,39 @@ def test_registered_names():
 def test_presets():
     m = get_model("encnet_resnet101s_ade")
     assert (m.nclass, m.backbone, m.base_size, m.crop_size, m.aux, m.se_loss, m.lateral) == (
-        150, "resnet101s", 640, 576, True, True, False)
+        150,
+        "resnet101s",
+        640,
+        576,
+        True,
+        True,
+        False,
+    )
     m = get_model("encnet_resnet50s_pcontext")
     assert (m.nclass, m.lateral, m.base_size, m.crop_size) == (59, True, 520, 480)
     assert get_model("encnet_resnet101s_coco").lateral is True  # upstream's name rule would drop it
-    assert (get_model("encnet_resnet101s_coco").nclass, get_model("fcn_resnet50s_pcontext").aux) == (21, False)
+    assert (
+        get_model("encnet_resnet101s_coco").nclass,
+        get_model("fcn_resnet50s_pcontext").aux,
+    ) == (21, False)
     m = get_model("deeplab_resnest269_pcontext")
-    assert (type(m), m.nclass, m.backbone, m.aux, m.dilated) == (S.DeepLabV3, 59, "resnest269", True, True)
-    assert (get_model("fcn_resnest50_ade").aux, get_model("psp_resnet50s_ade").nclass) == (True, 150)
+    assert (type(m), m.nclass, m.backbone, m.aux, m.dilated) == (
+        S.DeepLabV3,
+        59,
+        "resnest269",
+        True,
+        True,
+    )
+    assert (get_model("fcn_resnest50_ade").aux, get_model("psp_resnet50s_ade").nclass) == (
+        True,
+        150,
+    )
     assert get_model("fcn_resnest50", nclass=7).nclass == 7
     assert get_model("fcn_resnest50", dataset="ade20k").nclass == 150
-    assert (get_model("upernet_resnet50s").dilated, get_model("upernet_resnet50s").aux) == (False, False)
+    assert (get_model("upernet_resnet50s").dilated, get_model("upernet_resnet50s").aux) == (
+        False,
+        False,
+    )
     assert get_model("deepten_resnet50_minc").nclass == 23
 
 
@@ -627,9 +819,11 @@ CLASSES = {
     "atten": (S.ATTEN, dict(se_loss=True)),
     "danet": (S.DANet, dict(aux=True)),
 }
+# fmt: off
 EXPECTED_OUTPUTS = {"fcn": ["map", "map"], "psp": ["map", "map"], "encnet": ["map", "se", "map"],
                     "deeplab": ["map", "map"], "upernet": ["map"], "fcfpn": ["map"], "atten": ["map", "se", "map"],
                     "danet": ["map", "map", "map", "map"]}
+# fmt: on
 
 
 def _small_model(kind, **kw):
@@ -646,13 +840,17 @@ def test_outputs_and_training(kind):
     shapes = [(2, 32, 32, 4) if k == "map" else (2, 4) for k in EXPECTED_OUTPUTS[kind]]
     assert [o.shape for o in out] == shapes
     assert jnp.array_equal(model.apply(variables, x, method="evaluate"), out[0])
-    out_t, updates = model.apply(variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(3)})
+    out_t, updates = model.apply(
+        variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(3)}
+    )
     assert [o.shape for o in out_t] == shapes and all(bool(jnp.all(jnp.isfinite(o))) for o in out_t)
     old, new = flatten_dict(variables["batch_stats"]), flatten_dict(updates["batch_stats"])
     assert old.keys() == new.keys()
     assert all(not np.array_equal(old[k], new[k]) for k in old if k[-1] == "mean")
     with pytest.raises(Exception, match="dropout"):
-        model.apply(variables, x, train=True, mutable=["batch_stats"])  # the dropout rng stream is required
+        model.apply(
+            variables, x, train=True, mutable=["batch_stats"]
+        )  # the dropout rng stream is required
 
 
 def test_dropout_kinds():
@@ -667,7 +865,9 @@ def test_dropout_kinds():
 
     x = jnp.ones((4, 6, 5, 32))
     for channelwise in (True, False):
-        y = np.asarray(Drop(channelwise).apply({}, x, train=True, rngs={"dropout": jax.random.key(5)}))
+        y = np.asarray(
+            Drop(channelwise).apply({}, x, train=True, rngs={"dropout": jax.random.key(5)})
+        )
         assert set(np.unique(y)) == {0.0, 2.0}
         per_channel = (y == 0).mean(axis=(1, 2))
         if channelwise:
@@ -720,17 +920,26 @@ def test_errors():
         deepten_mod.DeepTen(nclass=3, backbone="resnest50").init(RNGS, x)
 
 
-
 def test_basic_block_backbone_and_narrow_stages():
     """jaxenc's addition: heads take their widths from the backbone (resnet18: c3 256, c4 512;
     stage_planes scale them), so small models build and run."""
     x = jnp.zeros((2, 32, 32, 3))
-    model = S.EncNet(nclass=5, backbone="resnet18", aux=True, se_loss=True,
-                   backbone_kwargs={"layers": (1, 1, 1, 1), "stage_planes": (8, 16, 32, 64)})
+    model = S.EncNet(
+        nclass=5,
+        backbone="resnet18",
+        aux=True,
+        se_loss=True,
+        backbone_kwargs={"layers": (1, 1, 1, 1), "stage_planes": (8, 16, 32, 64)},
+    )
     variables = model.init(RNGS, x)
     assert [o.shape for o in model.apply(variables, x)] == [(2, 32, 32, 5), (2, 5), (2, 32, 32, 5)]
     params = flatten_dict(variables["params"])
-    assert params[("auxlayer", "conv5", "0", "kernel")].shape == (3, 3, 32, 8)  # FCNHead(c3=32): 32 -> 32 // 4
+    assert params[("auxlayer", "conv5", "0", "kernel")].shape == (
+        3,
+        3,
+        32,
+        8,
+    )  # FCNHead(c3=32): 32 -> 32 // 4
     assert params[("head", "conv5", "0", "kernel")].shape[2] == 64  # EncHead on c4 = 64 channels
     assert params[("pretrained", "layer4", "0", "conv2", "kernel")].shape == (3, 3, 64, 64)
     for kind in ("fcn", "psp", "deeplab"):

@@ -3,6 +3,7 @@
 No network: URLs are file:// only, and every test uses its own cache directory ($JAXENC_CACHE).
 The models are small Flax modules defined here (Conv2d + BatchNorm + Dense) with a torch twin.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from optional_torch import torch
+from parity import assert_close, nchw, random_input, randomise_batchnorm
 
 from jaxenc.models import store
 from jaxenc.models.store import (
@@ -35,10 +37,10 @@ from jaxenc.models.store import (
     save_checkpoint,
 )
 from jaxenc.nn import BatchNorm, Conv2d
-from parity import assert_close, nchw, random_input, randomise_batchnorm
 
 REPO = Path(__file__).resolve().parents[1]
 
+# fmt: off
 UPSTREAM_NAMES = [
     "resnest50", "resnest101", "resnest200", "resnest269",
     "resnet50s", "resnet101s", "resnet152s", "wideresnet38", "wideresnet50", "deepten_resnet50_minc",
@@ -48,6 +50,7 @@ UPSTREAM_NAMES = [
     "deeplab_resnest269_ade", "fcn_resnest50_pcontext", "deeplab_resnest50_pcontext",
     "deeplab_resnest101_pcontext", "deeplab_resnest200_pcontext", "deeplab_resnest269_pcontext",
 ]  # fmt: skip
+# fmt: on
 
 
 class TinyNet(nn.Module):
@@ -140,17 +143,23 @@ def test_torch_pth_zip_and_nested_state_dict_match_torch(tmp_path, cache):
         zf.write(pth, "tiny.pth")
 
     for source in (pth, nested, zipped, str(pth)):
-        model, variables = load_pretrained(None, source=source, model=TinyNet(), example_input=jnp.asarray(X))
+        model, variables = load_pretrained(
+            None, source=source, model=TinyNet(), example_input=jnp.asarray(X)
+        )
         assert isinstance(model, TinyNet)
         assert set(variables) == {"params", "batch_stats"}
-        assert_close(_apply(variables), expected, rtol=1e-5, what=f"outputs from {Path(source).name}")
+        assert_close(
+            _apply(variables), expected, rtol=1e-5, what=f"outputs from {Path(source).name}"
+        )
     # Unregistered local files are read in place: nothing written to the cache.
     assert _listing(cache) == []
 
 
 def test_dataparallel_prefix_is_stripped(tmp_path, cache):
     tm = _torch_model()
-    pth = _save_pth(tmp_path / "dp.pth", {"state_dict": {f"module.{k}": v for k, v in tm.state_dict().items()}})
+    pth = _save_pth(
+        tmp_path / "dp.pth", {"state_dict": {f"module.{k}": v for k, v in tm.state_dict().items()}}
+    )
     _, variables = load_pretrained(None, source=pth, model=TinyNet(), example_input=jnp.asarray(X))
     assert_close(_apply(variables), _torch_out(tm), rtol=1e-5, what="module.-prefixed state_dict")
 
@@ -165,7 +174,9 @@ def test_registered_zip_is_extracted_into_cache(tmp_path, cache, registered):
     with zipfile.ZipFile(zipped, "w") as zf:
         zf.write(pth, entry.file_name)
 
-    _, variables = load_pretrained("tiny_zip", source=zipped, model=TinyNet(), example_input=jnp.asarray(X))
+    _, variables = load_pretrained(
+        "tiny_zip", source=zipped, model=TinyNet(), example_input=jnp.asarray(X)
+    )
     assert_close(_apply(variables), _torch_out(tm), rtol=1e-5, what="zip")
     assert _listing(cache) == [entry.file_name]
     # Now in the cache: source=None finds it.
@@ -182,7 +193,9 @@ def test_sha1_verification(tmp_path, cache, registered):
     pth = _save_pth(tmp_path / "tiny.pth", tm.state_dict())
     good = _sha1(pth)
     registered(name="tiny_good", model="tinynet", upstream_sha1=good)
-    _, variables = load_pretrained("tiny_good", source=pth, model=TinyNet(), example_input=jnp.asarray(X))
+    _, variables = load_pretrained(
+        "tiny_good", source=pth, model=TinyNet(), example_input=jnp.asarray(X)
+    )
     assert_close(_apply(variables), _torch_out(tm), rtol=1e-5, what="verified load")
 
     wrong = "0" * 40
@@ -224,7 +237,9 @@ def test_bad_download_leaves_no_file(tmp_path, cache, registered):
     pth = _save_pth(tmp_path / "tiny.pth", _torch_model().state_dict())
     registered(name="tiny_baddl", model="tinynet", upstream_sha1="1" * 40)
     with pytest.raises(ValueError, match="1" * 40):
-        load_pretrained("tiny_baddl", source=pth.as_uri(), model=TinyNet(), example_input=jnp.asarray(X))
+        load_pretrained(
+            "tiny_baddl", source=pth.as_uri(), model=TinyNet(), example_input=jnp.asarray(X)
+        )
     assert _listing(cache) == []
 
 
@@ -233,8 +248,12 @@ def test_bad_download_leaves_no_file(tmp_path, cache, registered):
 
 def test_native_round_trip_and_corruption(tmp_path, cache, registered):
     tm = _torch_model()
-    _, variables = load_pretrained(None, source=_save_pth(tmp_path / "t.pth", tm.state_dict()), model=TinyNet(),
-                                   example_input=jnp.asarray(X))
+    _, variables = load_pretrained(
+        None,
+        source=_save_pth(tmp_path / "t.pth", tm.state_dict()),
+        model=TinyNet(),
+        example_input=jnp.asarray(X),
+    )
     ckpt = tmp_path / "tiny.msgpack"
     digest = save_checkpoint(ckpt, variables, metadata={"model": "tinynet"})
     assert digest == _sha256(ckpt)
@@ -253,13 +272,23 @@ def test_native_round_trip_and_corruption(tmp_path, cache, registered):
     target = jax.eval_shape(lambda: TinyNet().init(jax.random.key(0), jnp.asarray(X)))
     np.testing.assert_array_equal(_apply(load_checkpoint(ckpt, target)), _apply(variables))
     registered(name="tiny_native", model="tinynet", sha256=digest, format="jaxenc")
-    _, via_store = load_pretrained("tiny_native", source=ckpt, model=TinyNet(), example_input=jnp.asarray(X))
+    _, via_store = load_pretrained(
+        "tiny_native", source=ckpt, model=TinyNet(), example_input=jnp.asarray(X)
+    )
     np.testing.assert_array_equal(_apply(via_store), _apply(variables))
 
     # A target of another shape is refused.
     other = jax.eval_shape(lambda: TinyNet().init(jax.random.key(0), jnp.asarray(X)))
-    other = {**other, "params": {**other["params"], "fc": {"kernel": jax.ShapeDtypeStruct((8, 6), jnp.float32),
-                                                             "bias": other["params"]["fc"]["bias"]}}}
+    other = {
+        **other,
+        "params": {
+            **other["params"],
+            "fc": {
+                "kernel": jax.ShapeDtypeStruct((8, 6), jnp.float32),
+                "bias": other["params"]["fc"]["bias"],
+            },
+        },
+    }
     with pytest.raises(ValueError, match="fc/kernel"):
         load_checkpoint(ckpt, other)
 
@@ -269,7 +298,11 @@ def test_native_round_trip_and_corruption(tmp_path, cache, registered):
     ckpt.write_bytes(bytes(data))
     with pytest.raises(ValueError) as info:
         load_checkpoint(ckpt)
-    assert "SHA-256" in str(info.value) and digest in str(info.value) and _sha256(ckpt) in str(info.value)
+    assert (
+        "SHA-256" in str(info.value)
+        and digest in str(info.value)
+        and _sha256(ckpt) in str(info.value)
+    )
     with pytest.raises(ValueError, match="SHA-256"):
         load_pretrained("tiny_native", source=ckpt, model=TinyNet())
 
@@ -300,7 +333,9 @@ def test_file_url_downloads_into_cache_under_lock(tmp_path, cache, registered, m
     for url in (pth.as_uri(), zipped.as_uri()):
         purge()
         calls.clear()
-        _, variables = load_pretrained("tiny_url", source=url, model=TinyNet(), example_input=jnp.asarray(X))
+        _, variables = load_pretrained(
+            "tiny_url", source=url, model=TinyNet(), example_input=jnp.asarray(X)
+        )
         assert calls == [url]
         assert_close(_apply(variables), _torch_out(tm), rtol=1e-5, what=url)
         assert _listing(cache) == [entry.file_name]
@@ -309,7 +344,9 @@ def test_file_url_downloads_into_cache_under_lock(tmp_path, cache, registered, m
     zipped.unlink()
     pth.unlink()
     calls.clear()
-    _, again = load_pretrained("tiny_url", source=zipped.as_uri(), model=TinyNet(), example_input=jnp.asarray(X))
+    _, again = load_pretrained(
+        "tiny_url", source=zipped.as_uri(), model=TinyNet(), example_input=jnp.asarray(X)
+    )
     _, cached = load_pretrained("tiny_url", model=TinyNet(), example_input=jnp.asarray(X))
     assert calls == []
     assert_close(_apply(again), _torch_out(tm), rtol=1e-5, what="cached URL")
@@ -383,11 +420,23 @@ def test_two_processes_share_one_download(tmp_path, cache):
     worker = tmp_path / "worker.py"
     worker.write_text(_WORKER)
     log, go = tmp_path / "downloads.log", tmp_path / "go"
-    env = dict(os.environ, JAXENC_CACHE=str(cache), JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        JAXENC_CACHE=str(cache),
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=os.pathsep.join(
+            [str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]
+        ),
+    )
     procs = [
-        subprocess.Popen([sys.executable, str(worker), me, str(log), str(go), pth.as_uri()], env=env, cwd=str(REPO),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, str(worker), me, str(log), str(go), pth.as_uri()],
+            env=env,
+            cwd=str(REPO),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for me in ("a", "b")
     ]
     outs = []
@@ -402,7 +451,9 @@ def test_two_processes_share_one_download(tmp_path, cache):
         assert p.returncode == 0, f"worker failed:\n{stdout}\n{stderr}"
         outs.append([line for line in stdout.splitlines() if line.startswith("OUT")])
     assert outs[0] == outs[1] and len(outs[0]) == 1
-    assert log.read_text().split() in (["a"], ["b"]), "exactly one process downloads; the other waits and reuses"
+    assert log.read_text().split() in (["a"], ["b"]), (
+        "exactly one process downloads; the other waits and reuses"
+    )
     files = _listing(cache)
     weights = [f for f in files if not f.endswith(".sha256")]
     assert len(weights) == 1 and files == [weights[0], weights[0] + ".sha256"]
@@ -438,9 +489,20 @@ def test_pretrained_model_list_has_upstream_names(registered):
     assert len(UPSTREAM_NAMES) == 25 and set(UPSTREAM_NAMES) <= set(names)
     for name in UPSTREAM_NAMES:
         e = store.pretrained_entry(name.upper())
-        assert e.format == "torch" and e.sha256 is None and len(e.upstream_sha1) == 40 and e.model == name
-        assert e.upstream_url == f"https://s3.us-west-1.wasabisys.com/encoding/models/{name}-{e.upstream_sha1[:8]}.zip"
-    assert store.pretrained_entry("deeplab_resnest269_pcontext").upstream_sha1 == "b661fd26c49656e01e9487cd9245babb12f37449"
+        assert (
+            e.format == "torch"
+            and e.sha256 is None
+            and len(e.upstream_sha1) == 40
+            and e.model == name
+        )
+        assert (
+            e.upstream_url
+            == f"https://s3.us-west-1.wasabisys.com/encoding/models/{name}-{e.upstream_sha1[:8]}.zip"
+        )
+    assert (
+        store.pretrained_entry("deeplab_resnest269_pcontext").upstream_sha1
+        == "b661fd26c49656e01e9487cd9245babb12f37449"
+    )
 
     registered(name="Mine", model="tinynet", sha256="a" * 64)
     assert pretrained_model_list()[-1] == "mine"
@@ -475,8 +537,14 @@ def test_cache_dir_default_and_import_has_no_side_effects(tmp_path, monkeypatch)
         print(len(store.pretrained_model_list()))
         """
     )
-    env = dict(os.environ, JAXENC_CACHE=str(tmp_path / "never"), JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    env = dict(
+        os.environ,
+        JAXENC_CACHE=str(tmp_path / "never"),
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split()[-1] == "25"

@@ -1,4 +1,5 @@
 """``python -m jaxenc.models.summary``: parameter counts and FLOPs from XLA's cost analysis."""
+
 from __future__ import annotations
 
 import subprocess
@@ -26,7 +27,9 @@ def test_resnest50_macs_match_the_published_figure():
 def test_cli_prints_a_table():
     result = subprocess.run(
         [sys.executable, "-m", "jaxenc.models.summary", "resnet18", "--sizes", "64"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert "resnet18" in result.stdout and "11,689,512" in result.stdout

@@ -7,6 +7,7 @@ and inference (docs/DESIGN.md, Decisions on upstream bugs: upstream's in-place A
 activation in inference), and
 the basic block has no dropout (upstream's would crash on ``self.drops``; it never gets any).
 """
+
 from __future__ import annotations
 
 import functools
@@ -15,21 +16,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from optional_torch import torch
-from optional_torch import F
 from flax.traverse_util import flatten_dict
+from optional_torch import F, torch
+from parity import assert_close, check_module_parity, nchw, nhwc, random_input, randomise_batchnorm
 
 from jaxenc.models import get_model, list_models
 from jaxenc.models import wideresnet as W
 from jaxenc.nn import BatchNorm
 from jaxenc.port import torch_to_flax
-from parity import assert_close, check_module_parity, nchw, nhwc, random_input, randomise_batchnorm
 
 # torch: sum of numel of the restatement's parameters (1000 classes).
+# fmt: off
 PARAM_COUNTS = {
     "wideresnet38": 109_167_912,
     "wideresnet50": 153_231_656,
 }
+# fmt: on
 
 # One block in the first stages, two in mod5..mod7: every stage's first-block and later-block
 # dilation rule is exercised at a fraction of the full depth.
@@ -59,7 +61,9 @@ class _TorchABN(torch.nn.BatchNorm2d):
         with torch.no_grad():
             values = z.transpose(0, 1).reshape(z.shape[1], -1)
             shifts = torch.full((z.shape[1],), float("nan"))
-            for k in range(200):  # candidate shifts 0, +2m, -2m, +4m, -4m, ...: the smallest that clears
+            for k in range(
+                200
+            ):  # candidate shifts 0, +2m, -2m, +4m, -4m, ...: the smallest that clears
                 delta = (k + 1) // 2 * (1 if k % 2 else -1) * 2 * margin
                 clear = ((values + delta).abs() >= margin).all(dim=1) & shifts.isnan()
                 shifts[clear] = delta
@@ -79,7 +83,9 @@ def _clear_kinks(tm: torch.nn.Module, x: np.ndarray, margin: float = 1e-3) -> to
     upstream of it then differ by a few percent (seen for about half the random seeds). With the
     margin, train-mode gradient parity tests the model rather than rounding luck.
     """
-    stats = {k: v.clone() for k, v in tm.state_dict().items() if "running" in k or "num_batches" in k}
+    stats = {
+        k: v.clone() for k, v in tm.state_dict().items() if "running" in k or "num_batches" in k
+    }
     abns = [m for m in tm.modules() if isinstance(m, _TorchABN)]
     tm.train()
     for m in abns:
@@ -93,15 +99,33 @@ def _clear_kinks(tm: torch.nn.Module, x: np.ndarray, margin: float = 1e-3) -> to
 
 
 class _TorchBasicBlock(torch.nn.Module):
-    def __init__(self, inplanes, planes, stride=1, dilation=1, expansion=1, downsample=None, previous_dilation=1,
-                 dropout=0.0):
+    def __init__(
+        self,
+        inplanes,
+        planes,
+        stride=1,
+        dilation=1,
+        expansion=1,
+        downsample=None,
+        previous_dilation=1,
+        dropout=0.0,
+    ):
         super().__init__()
         nn = torch.nn
         self.bn1 = _TorchABN(inplanes)
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, padding=dilation, dilation=dilation, bias=False)
+        self.conv1 = nn.Conv2d(
+            inplanes, planes, 3, stride, padding=dilation, dilation=dilation, bias=False
+        )
         self.bn2 = _TorchABN(planes)
-        self.conv2 = nn.Conv2d(planes, planes * expansion, 3, 1, padding=previous_dilation,
-                               dilation=previous_dilation, bias=False)
+        self.conv2 = nn.Conv2d(
+            planes,
+            planes * expansion,
+            3,
+            1,
+            padding=previous_dilation,
+            dilation=previous_dilation,
+            bias=False,
+        )
         self.downsample = downsample
 
     def forward(self, x):
@@ -111,15 +135,26 @@ class _TorchBasicBlock(torch.nn.Module):
 
 
 class _TorchBottleneck(torch.nn.Module):
-    def __init__(self, inplanes, planes, stride=1, dilation=1, expansion=4, downsample=None, previous_dilation=1,
-                 dropout=0.0):
+    def __init__(
+        self,
+        inplanes,
+        planes,
+        stride=1,
+        dilation=1,
+        expansion=4,
+        downsample=None,
+        previous_dilation=1,
+        dropout=0.0,
+    ):
         super().__init__()
         nn = torch.nn
         mid = planes * expansion // 2
         self.bn1 = _TorchABN(inplanes)
         self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
         self.bn2 = _TorchABN(planes)
-        self.conv2 = nn.Conv2d(planes, mid, 3, stride, padding=dilation, dilation=dilation, bias=False)
+        self.conv2 = nn.Conv2d(
+            planes, mid, 3, stride, padding=dilation, dilation=dilation, bias=False
+        )
         self.bn3 = _TorchABN(mid)
         self.conv3 = nn.Conv2d(mid, planes * expansion, 1, bias=False)
         self.downsample = downsample
@@ -146,21 +181,43 @@ class _TorchWideResNet(torch.nn.Module):
         self.mod3 = self._make_layer(3, _TorchBasicBlock, 256, layers[1], stride=1)
         self.mod4 = self._make_layer(4, _TorchBasicBlock, 512, layers[2], stride=2)
         if dilated:
-            self.mod5 = self._make_layer(5, _TorchBasicBlock, 512, layers[3], stride=1, dilation=2, expansion=2)
-            self.mod6 = self._make_layer(6, _TorchBottleneck, 512, layers[4], stride=1, dilation=4, expansion=4,
-                                         dropout=dropout[0])
-            self.mod7 = self._make_layer(7, _TorchBottleneck, 1024, layers[5], stride=1, dilation=4, expansion=4,
-                                         dropout=dropout[1])
+            self.mod5 = self._make_layer(
+                5, _TorchBasicBlock, 512, layers[3], stride=1, dilation=2, expansion=2
+            )
+            self.mod6 = self._make_layer(
+                6,
+                _TorchBottleneck,
+                512,
+                layers[4],
+                stride=1,
+                dilation=4,
+                expansion=4,
+                dropout=dropout[0],
+            )
+            self.mod7 = self._make_layer(
+                7,
+                _TorchBottleneck,
+                1024,
+                layers[5],
+                stride=1,
+                dilation=4,
+                expansion=4,
+                dropout=dropout[1],
+            )
         else:
             self.mod5 = self._make_layer(5, _TorchBasicBlock, 512, layers[3], stride=2, expansion=2)
-            self.mod6 = self._make_layer(6, _TorchBottleneck, 512, layers[4], stride=2, expansion=4,
-                                         dropout=dropout[0])
-            self.mod7 = self._make_layer(7, _TorchBottleneck, 1024, layers[5], stride=1, expansion=4,
-                                         dropout=dropout[1])
+            self.mod6 = self._make_layer(
+                6, _TorchBottleneck, 512, layers[4], stride=2, expansion=4, dropout=dropout[0]
+            )
+            self.mod7 = self._make_layer(
+                7, _TorchBottleneck, 1024, layers[5], stride=1, expansion=4, dropout=dropout[1]
+            )
         self.bn_out = _TorchABN(4096)
         self.fc = nn.Linear(4096, classes)
 
-    def _make_layer(self, stage_index, block, planes, blocks, stride=1, dilation=1, expansion=1, dropout=0.0):
+    def _make_layer(
+        self, stage_index, block, planes, blocks, stride=1, dilation=1, expansion=1, dropout=0.0
+    ):
         downsample = None
         if stride != 1 or self.inplanes != planes * expansion:
             downsample = torch.nn.Sequential(
@@ -173,12 +230,30 @@ class _TorchWideResNet(torch.nn.Module):
         else:
             assert stage_index == 7
             first = dilation
-        layers = [block(self.inplanes, planes, stride, dilation=first, expansion=expansion, dropout=dropout,
-                        downsample=downsample, previous_dilation=dilation)]
+        layers = [
+            block(
+                self.inplanes,
+                planes,
+                stride,
+                dilation=first,
+                expansion=expansion,
+                dropout=dropout,
+                downsample=downsample,
+                previous_dilation=dilation,
+            )
+        ]
         self.inplanes = planes * expansion
         for _ in range(1, blocks):
-            layers.append(block(self.inplanes, planes, dilation=dilation, expansion=expansion, dropout=dropout,
-                                previous_dilation=dilation))
+            layers.append(
+                block(
+                    self.inplanes,
+                    planes,
+                    dilation=dilation,
+                    expansion=expansion,
+                    dropout=dropout,
+                    previous_dilation=dilation,
+                )
+            )
         return torch.nn.Sequential(*layers)
 
     def features(self, x):
@@ -193,7 +268,9 @@ class _TorchWideResNet(torch.nn.Module):
 
 
 def _oracle(model: W.WideResNet) -> _TorchWideResNet:
-    return _TorchWideResNet(list(model.layers), model.num_classes, model.dilated, tuple(model.dropout))
+    return _TorchWideResNet(
+        list(model.layers), model.num_classes, model.dilated, tuple(model.dropout)
+    )
 
 
 def _count(tree) -> int:
@@ -201,7 +278,9 @@ def _count(tree) -> int:
 
 
 def _shapes(model, x_shape=(1, 32, 32, 3), **kwargs):
-    return jax.eval_shape(functools.partial(model.init, **kwargs), jax.random.key(0), jnp.zeros(x_shape, jnp.float32))
+    return jax.eval_shape(
+        functools.partial(model.init, **kwargs), jax.random.key(0), jnp.zeros(x_shape, jnp.float32)
+    )
 
 
 def _torch_variables(model: W.WideResNet, x: np.ndarray) -> dict:
@@ -233,7 +312,12 @@ def test_registry():
     assert {"wideresnet38", "wideresnet50"} <= set(list_models())
     m = get_model("WideResNet38", num_classes=10, dilated=True)
     assert isinstance(m, W.WideResNet)
-    assert (tuple(m.layers), m.num_classes, m.dilated, tuple(m.dropout)) == ((3, 3, 6, 3, 1, 1), 10, True, (0.3, 0.5))
+    assert (tuple(m.layers), m.num_classes, m.dilated, tuple(m.dropout)) == (
+        (3, 3, 6, 3, 1, 1),
+        10,
+        True,
+        (0.3, 0.5),
+    )
     assert tuple(get_model("wideresnet50").layers) == (3, 3, 6, 6, 3, 1)
     assert tuple(W.wideresnet38(layers=[1, 1, 1, 1, 1, 1], dropout=[0, 0]).dropout) == (0, 0)
 
@@ -246,7 +330,13 @@ def test_state_dict_names_match_upstream():
     shapes = _shapes(model)
     flax_keys = {".".join(k) for k in flatten_dict(shapes["params"])}
     flax_keys |= {".".join(k) for k in flatten_dict(shapes["batch_stats"])}
-    leaf = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
+    leaf = {
+        "kernel": "weight",
+        "scale": "weight",
+        "bias": "bias",
+        "mean": "running_mean",
+        "var": "running_var",
+    }
     flax_keys = {k.rsplit(".", 1)[0] + "." + leaf[k.rsplit(".", 1)[1]] for k in flax_keys}
     assert flax_keys == {k for k in keys if not k.endswith("num_batches_tracked")}
     assert "mod6.0.downsample.0.weight" in flax_keys and "mod7.0.downsample.0.weight" in flax_keys
@@ -293,7 +383,9 @@ def test_eval_parity_small(dilated):
 def test_train_parity_small():
     """Batch statistics: outputs, input and parameter gradients, updated running stats (dropout 0)."""
     # Later (non-projecting) basic and bottleneck blocks in mod5/mod6; mod7 (31.5M parameters a block) once.
-    model = W.WideResNet(layers=(1, 1, 1, 2, 2, 1), num_classes=10, dilated=True, dropout=(0.0, 0.0))
+    model = W.WideResNet(
+        layers=(1, 1, 1, 2, 2, 1), num_classes=10, dilated=True, dropout=(0.0, 0.0)
+    )
     x = random_input((2, 32, 32, 3), seed=3)
     tm = _clear_kinks(randomise_batchnorm(_oracle(model)), x)
     check_module_parity(tm, model, x, train=True, rtol=1e-4)
@@ -304,13 +396,18 @@ def test_dropout_train_and_eval():
     model = W.WideResNet(layers=(1, 1, 1, 1, 1, 1), num_classes=10)
     x = random_input((2, 32, 32, 3), seed=4)
     variables = _torch_variables(model, x)
-    train_apply = jax.jit(lambda v, key: model.apply(v, x, train=True, mutable=["batch_stats"],
-                                                     rngs={"dropout": key})[0])
+    train_apply = jax.jit(
+        lambda v, key: model.apply(
+            v, x, train=True, mutable=["batch_stats"], rngs={"dropout": key}
+        )[0]
+    )
     a, b = train_apply(variables, jax.random.key(1)), train_apply(variables, jax.random.key(2))
     assert not np.allclose(a, b)
     np.testing.assert_array_equal(a, train_apply(variables, jax.random.key(1)))
     no_drop = W.WideResNet(layers=(1, 1, 1, 1, 1, 1), num_classes=10, dropout=(0.0, 0.0))
-    y = jax.jit(lambda v: no_drop.apply(v, x, train=True, mutable=["batch_stats"])[0])(variables)  # no rng needed
+    y = jax.jit(lambda v: no_drop.apply(v, x, train=True, mutable=["batch_stats"])[0])(
+        variables
+    )  # no rng needed
     assert y.shape == (2, 10) and not np.allclose(y, a)
     evaluate = jax.jit(model.apply)  # inference: no dropout, no rng
     np.testing.assert_array_equal(evaluate(variables, x), evaluate(variables, x))
@@ -330,8 +427,10 @@ def test_bfloat16_forward():
     y16 = model16.apply(variables, x)
     assert y16.dtype == jnp.bfloat16
     assert _rel(y16, y32) < 2e-2
-    for f16, f32 in zip(model16.apply(variables, x, return_features=True),
-                        model.apply(variables, x, return_features=True)):
+    for f16, f32 in zip(
+        model16.apply(variables, x, return_features=True),
+        model.apply(variables, x, return_features=True),
+    ):
         assert f16.dtype == jnp.bfloat16
         assert _rel(f16, f32) < 2e-2
 
@@ -354,7 +453,9 @@ def test_return_features_shapes(dilated, strides):
     assert "fc" not in shapes["params"] and "bn_out" in shapes["params"]
     x = jnp.zeros((2, 64, 64, 3))
     feats = jax.eval_shape(lambda v: model.apply(v, x, return_features=True), shapes)
-    assert [f.shape for f in feats] == [(2, 64 // s, 64 // s, c) for s, c in zip(strides, (256, 512, 1024, 4096))]
+    assert [f.shape for f in feats] == [
+        (2, 64 // s, 64 // s, c) for s, c in zip(strides, (256, 512, 1024, 4096))
+    ]
     logits = jax.eval_shape(lambda v: model.apply(v, x), _shapes(model, (2, 64, 64, 3)))
     assert logits.shape == (2, 1000)
 
@@ -385,18 +486,25 @@ def test_norm_layer_override():
     ],
 )
 def test_bad_options(kwargs, match):
-    with pytest.raises(ValueError, match=f"wideresnet38: .*{match}" if "pretrained" not in kwargs else match):
+    with pytest.raises(
+        ValueError, match=f"wideresnet38: .*{match}" if "pretrained" not in kwargs else match
+    ):
         W.wideresnet38(**kwargs)
 
 
 def test_bad_input():
     model = W.WideResNet(layers=(1, 1, 1, 1, 1, 1), num_classes=10)
-    with pytest.raises(ValueError, match=r"WideResNet: expected an NHWC image batch \(B, H, W, 3\), got shape \(1, 32, 32, 1\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"WideResNet: expected an NHWC image batch \(B, H, W, 3\), got shape \(1, 32, 32, 1\)",
+    ):
         model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))
     with pytest.raises(ValueError, match=r"got shape \(32, 32, 3\)"):
         model.init(jax.random.key(0), jnp.zeros((32, 32, 3)))
     block = W.WideBasicBlock(planes=64, stride=2)
-    with pytest.raises(ValueError, match="WideBasicBlock: without downsample the block needs stride 1 and 64"):
+    with pytest.raises(
+        ValueError, match="WideBasicBlock: without downsample the block needs stride 1 and 64"
+    ):
         block.init(jax.random.key(0), jnp.zeros((1, 8, 8, 64)))
     bottleneck = W.WideBottleneck(planes=16)
     with pytest.raises(ValueError, match="WideBottleneck: without downsample .* 64 input channels"):

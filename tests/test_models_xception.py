@@ -23,6 +23,7 @@ Numerical notes that shape the tests:
   fraction of random draws. ReLU gradients are compared block by block (few, shallow activations:
   a flip there is improbable).
 """
+
 from __future__ import annotations
 
 import functools
@@ -33,21 +34,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from optional_torch import torch
-from optional_torch import F
 from flax.traverse_util import flatten_dict
+from optional_torch import F, torch
+from parity import assert_close, check_module_parity, nchw, nhwc, random_input, randomise_batchnorm
 
 from jaxenc.models import get_model, list_models
 from jaxenc.models import xception as X
 from jaxenc.nn.norm import BatchNorm
 from jaxenc.port import torch_key, torch_to_flax
-from parity import assert_close, check_module_parity, nchw, nhwc, random_input, randomise_batchnorm
 
 # sum of numel of the torch restatement's parameters (1000 classes, output stride 32)
+# fmt: off
 PARAM_COUNTS = {
     "xception65": 39_916_312,
     "xception71": 41_730_424,
 }
+# fmt: on
 
 _OUTPUT_STRIDES = {32: (2, 1, 2, (1, 1)), 16: (2, 1, 1, (1, 2)), 8: (1, 2, 1, (2, 4))}
 
@@ -67,7 +69,9 @@ class _TorchSeparableConv2d(torch.nn.Module):
     def __init__(self, inplanes, planes, kernel_size=3, stride=1, dilation=1, bias=False):
         super().__init__()
         nn = torch.nn
-        self.conv1 = nn.Conv2d(inplanes, inplanes, kernel_size, stride, 0, dilation, groups=inplanes, bias=bias)
+        self.conv1 = nn.Conv2d(
+            inplanes, inplanes, kernel_size, stride, 0, dilation, groups=inplanes, bias=bias
+        )
         self.bn = nn.BatchNorm2d(inplanes)
         self.pointwise = nn.Conv2d(inplanes, planes, 1, 1, 0, 1, 1, bias=bias)
 
@@ -80,8 +84,19 @@ class _TorchBlock(torch.nn.Module):
     """Upstream ``Block``; ``inplace`` is upstream's ``nn.ReLU(inplace=True)`` when True; ``act``, a
     factory replacing every ReLU (see :func:`test_train_parity_smooth`)."""
 
-    def __init__(self, inplanes, planes, reps, stride=1, dilation=1, start_with_relu=True, grow_first=True,
-                 is_last=False, inplace=False, act=None):
+    def __init__(
+        self,
+        inplanes,
+        planes,
+        reps,
+        stride=1,
+        dilation=1,
+        start_with_relu=True,
+        grow_first=True,
+        is_last=False,
+        inplace=False,
+        act=None,
+    ):
         super().__init__()
         nn = torch.nn
         if planes != inplanes or stride != 1:
@@ -129,8 +144,15 @@ class _TorchBlock(torch.nn.Module):
 class _TorchXception(torch.nn.Module):
     """Upstream ``Xception65`` (variant 65) / ``Xception71`` (variant 71)."""
 
-    def __init__(self, variant=65, output_stride=32, num_classes=1000, num_middle_blocks=16, inplace=False,
-                 act=None):
+    def __init__(
+        self,
+        variant=65,
+        output_stride=32,
+        num_classes=1000,
+        num_middle_blocks=16,
+        inplace=False,
+        act=None,
+    ):
         super().__init__()
         nn = torch.nn
         entry3_stride, middle_dilation, exit_stride, exit_dilations = _OUTPUT_STRIDES[output_stride]
@@ -143,24 +165,56 @@ class _TorchXception(torch.nn.Module):
         self.block1 = blk(64, 128, reps=2, stride=2, start_with_relu=False)
         if variant == 65:
             self.block2 = blk(128, 256, reps=2, stride=2, start_with_relu=False, grow_first=True)
-            self.block3 = blk(256, 728, reps=2, stride=entry3_stride, start_with_relu=True, grow_first=True,
-                              is_last=True)
+            self.block3 = blk(
+                256,
+                728,
+                reps=2,
+                stride=entry3_stride,
+                start_with_relu=True,
+                grow_first=True,
+                is_last=True,
+            )
         else:
             self.block2 = nn.Sequential(
                 blk(128, 256, reps=2, stride=1, start_with_relu=False, grow_first=True),
                 blk(256, 256, reps=2, stride=2, start_with_relu=False, grow_first=True),
                 blk(256, 728, reps=2, stride=1, start_with_relu=False, grow_first=True),
             )
-            self.block3 = blk(728, 728, reps=2, stride=entry3_stride, start_with_relu=True, grow_first=True,
-                              is_last=True)
+            self.block3 = blk(
+                728,
+                728,
+                reps=2,
+                stride=entry3_stride,
+                start_with_relu=True,
+                grow_first=True,
+                is_last=True,
+            )
         middle = [
-            (f"block{i}", blk(728, 728, reps=3, stride=1, dilation=middle_dilation, start_with_relu=True,
-                              grow_first=True))
+            (
+                f"block{i}",
+                blk(
+                    728,
+                    728,
+                    reps=3,
+                    stride=1,
+                    dilation=middle_dilation,
+                    start_with_relu=True,
+                    grow_first=True,
+                ),
+            )
             for i in range(4, 4 + num_middle_blocks)
         ]
         self.midflow = nn.Sequential(OrderedDict(middle))
-        self.block20 = blk(728, 1024, reps=2, stride=exit_stride, dilation=exit_dilations[0], start_with_relu=True,
-                           grow_first=False, is_last=True)
+        self.block20 = blk(
+            728,
+            1024,
+            reps=2,
+            stride=exit_stride,
+            dilation=exit_dilations[0],
+            start_with_relu=True,
+            grow_first=False,
+            is_last=True,
+        )
         self.conv3 = _TorchSeparableConv2d(1024, 1536, 3, stride=1, dilation=exit_dilations[1])
         self.bn3 = nn.BatchNorm2d(1536)
         self.conv4 = _TorchSeparableConv2d(1536, 1536, 3, stride=1, dilation=exit_dilations[1])
@@ -180,7 +234,9 @@ class _TorchXception(torch.nn.Module):
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.relu(self.bn2(self.conv2(x)))
         x = self.relu(self.block1(x))
-        c1 = x.clone()  # clones: with in-place ReLUs the next block would rectify the tensor kept here
+        c1 = (
+            x.clone()
+        )  # clones: with in-place ReLUs the next block would rectify the tensor kept here
         x = self.block2(x)
         c2 = x.clone()
         x = self.midflow(self.block3(x))
@@ -199,8 +255,14 @@ class _TorchXception(torch.nn.Module):
 def _oracle(model: X._AlignedXception, x: np.ndarray | None = None, act=None) -> torch.nn.Module:
     """The torch restatement with ``model``'s options; with ``x``, random BN affine and running stats
     at the scale of the activations ``x`` produces (:func:`_randomise_at_scale`)."""
-    tm = _TorchXception(model._VARIANT, model.output_stride, model.num_classes, model.num_middle_blocks,
-                        model.inplace_relu, act)
+    tm = _TorchXception(
+        model._VARIANT,
+        model.output_stride,
+        model.num_classes,
+        model.num_middle_blocks,
+        model.inplace_relu,
+        act,
+    )
     return tm if x is None else _randomise_at_scale(tm, x)
 
 
@@ -225,7 +287,11 @@ def _randomise_at_scale(tm: torch.nn.Module, x: np.ndarray) -> torch.nn.Module:
         bn.running_mean.copy_(mean + 0.5 * var.sqrt() * torch.randn_like(mean))
         bn.running_var.copy_(var * torch.empty_like(var).uniform_(0.5, 2.0))
 
-    hooks = [m.register_forward_pre_hook(calibrate) for m in tm.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    hooks = [
+        m.register_forward_pre_hook(calibrate)
+        for m in tm.modules()
+        if isinstance(m, torch.nn.BatchNorm2d)
+    ]
     with torch.no_grad():
         tm(torch.tensor(nchw(x)))
     for h in hooks:
@@ -233,8 +299,17 @@ def _randomise_at_scale(tm: torch.nn.Module, x: np.ndarray) -> torch.nn.Module:
     return tm
 
 
-def _jit_parity(tm, model, x, *, train: bool, rtol: float = 1e-4, grad_rtol: float = 1e-3,
-                return_features: bool = False, grads: bool = True) -> None:
+def _jit_parity(
+    tm,
+    model,
+    x,
+    *,
+    train: bool,
+    rtol: float = 1e-4,
+    grad_rtol: float = 1e-3,
+    return_features: bool = False,
+    grads: bool = True,
+) -> None:
     """check_module_parity's comparisons (outputs, input and parameter gradients, updated running
     stats) with the Flax forward and VJP jitted (eager dispatch of a whole Xception takes ~30 s), for
     logits or the (c1, c2, c3, c4) tuple. ``grads=False``: outputs and running stats only."""
@@ -275,11 +350,17 @@ def _jit_parity(tm, model, x, *, train: bool, rtol: float = 1e-4, grad_rtol: flo
         return
     g_params, g_x = g
     assert_close(g_x, nhwc(xt.grad.numpy()), grad_rtol, what="input gradient")
-    torch_grads = {k: (p.grad if p.grad is not None else torch.zeros_like(p)) for k, p in tm.named_parameters()}
-    expected = flatten_dict(torch_to_flax(model, {**torch_grads, **dict(tm.named_buffers())}, x)["params"])
+    torch_grads = {
+        k: (p.grad if p.grad is not None else torch.zeros_like(p)) for k, p in tm.named_parameters()
+    }
+    expected = flatten_dict(
+        torch_to_flax(model, {**torch_grads, **dict(tm.named_buffers())}, x)["params"]
+    )
     scale = max(float(np.max(np.abs(np.asarray(v)))) for v in expected.values())
     for key, gp in flatten_dict(g_params).items():
-        assert_close(gp, expected[key], grad_rtol, what=f"gradient of params/{'/'.join(key)}", scale=scale)
+        assert_close(
+            gp, expected[key], grad_rtol, what=f"gradient of params/{'/'.join(key)}", scale=scale
+        )
 
 
 def _count(tree) -> int:
@@ -287,7 +368,9 @@ def _count(tree) -> int:
 
 
 def _shapes(model, x_shape=(1, 32, 32, 3), **kwargs):
-    return jax.eval_shape(functools.partial(model.init, **kwargs), jax.random.key(0), jnp.zeros(x_shape, jnp.float32))
+    return jax.eval_shape(
+        functools.partial(model.init, **kwargs), jax.random.key(0), jnp.zeros(x_shape, jnp.float32)
+    )
 
 
 def _rel_err(a, b) -> float:
@@ -339,27 +422,49 @@ def test_state_dict_names_match_upstream(name):
     assert set(params["block3"]["rep"]) == relu_led
     assert set(params["midflow"]["block5"]["rep"]) == relu_led
     assert set(params["block20"]["rep"]) == relu_led
-    assert params["block20"]["rep"]["1"]["pointwise"]["kernel"].shape == (1, 1, 728, 728)  # grow_first=False
+    assert params["block20"]["rep"]["1"]["pointwise"]["kernel"].shape == (
+        1,
+        1,
+        728,
+        728,
+    )  # grow_first=False
     assert params["block20"]["rep"]["4"]["pointwise"]["kernel"].shape == (1, 1, 728, 1024)
     if name == "xception65":
         assert set(params["block2"]["rep"]) == strided
     else:
         assert set(params["block2"]) == {"0", "1", "2"}
         assert set(params["block2"]["0"]["rep"]) == {"0", "1", "3", "4"}
-        assert params["block2"]["1"]["skip"]["kernel"].shape == (1, 1, 256, 256)  # 256 -> 256, stride 2
-        assert params["block3"]["skip"]["kernel"].shape == (1, 1, 728, 728)  # strided at output stride 32
+        assert params["block2"]["1"]["skip"]["kernel"].shape == (
+            1,
+            1,
+            256,
+            256,
+        )  # 256 -> 256, stride 2
+        assert params["block3"]["skip"]["kernel"].shape == (
+            1,
+            1,
+            728,
+            728,
+        )  # strided at output stride 32
+    # fmt: off
     expected = {"block1.rep.0.conv1.weight", "block1.rep.0.bn.running_var", "block1.rep.0.pointwise.weight",
                 "block1.rep.1.weight", "block1.skip.weight", "block1.skipbn.running_mean",
                 "midflow.block4.rep.1.conv1.weight", "conv3.conv1.weight", "bn3.weight", "fc.weight", "fc.bias"}
+    # fmt: on
     assert expected <= flax_keys
 
 
 def test_registry_and_exports():
     names = set(list_models())
     assert {"xception65", "xception71"} <= names
-    assert {"xception65", "xception71", "Xception65", "Xception71", "XceptionBlock", "SeparableConv2d"} <= set(
-        X.__all__
-    )
+    assert {
+        "xception65",
+        "xception71",
+        "Xception65",
+        "Xception71",
+        "XceptionBlock",
+        "SeparableConv2d",
+    } <= set(X.__all__)
     m = get_model("Xception65", output_stride=8, num_classes=10)
     assert isinstance(m, X.Xception65) and (m.output_stride, m.num_classes) == (8, 10)
     assert isinstance(get_model("xception71"), X.Xception71)
@@ -400,7 +505,9 @@ def test_eval_parity_output_strides_and_features(name, output_stride):
         expected = tm(xt).numpy()
         expected_feats = tm.features(xt)
     assert _rel_err(_eval_logits(tm, random_input((2, size, size, 3), seed=12)), expected) > 0.1
-    assert_close(jax.jit(model.apply)(variables, x), expected, 1e-4, what=f"{name} os{output_stride} logits")
+    assert_close(
+        jax.jit(model.apply)(variables, x), expected, 1e-4, what=f"{name} os{output_stride} logits"
+    )
     feats = jax.jit(functools.partial(model.apply, return_features=True))(variables, x)
     for i, (f, e) in enumerate(zip(feats, expected_feats)):
         assert_close(f, nhwc(e.numpy()), 1e-4, what=f"{name} os{output_stride} c{i + 1}")
@@ -453,9 +560,13 @@ _BLOCKS = [
     dict(inplanes=8, planes=16, reps=2, stride=2, is_last=True),  # block3
     dict(inplanes=16, planes=16, reps=2, stride=1, is_last=True),  # Xception71 block3 at os 8
     dict(inplanes=16, planes=16, reps=3, dilation=2),  # middle flow at os 8
-    dict(inplanes=8, planes=16, reps=2, stride=1, dilation=2, grow_first=False, is_last=True),  # block20 os 8
+    dict(
+        inplanes=8, planes=16, reps=2, stride=1, dilation=2, grow_first=False, is_last=True
+    ),  # block20 os 8
     dict(inplanes=8, planes=16, reps=2, stride=2, grow_first=False, is_last=True),  # block20 os 32
-    dict(inplanes=8, planes=16, reps=1, start_with_relu=False, grow_first=False),  # ReLU first anyway
+    dict(
+        inplanes=8, planes=16, reps=1, start_with_relu=False, grow_first=False
+    ),  # ReLU first anyway
     dict(inplanes=8, planes=8, reps=2, start_with_relu=False),  # identity shortcut, no leading ReLU
 ]
 
@@ -466,17 +577,31 @@ def test_block_train_parity(config, inplace):
     tm = randomise_batchnorm(_TorchBlock(**config, inplace=inplace))
     module = X.XceptionBlock(**config, inplace_relu=inplace)
     x = random_input((2, 9, 9, config["inplanes"]), seed=6)
-    check_module_parity(tm, module, x, train=True, rtol=1e-4, torch_forward=lambda m, xt: m(xt.clone()))
+    check_module_parity(
+        tm, module, x, train=True, rtol=1e-4, torch_forward=lambda m, xt: m(xt.clone())
+    )
     # and the layout helper is upstream's list
-    kinds = [("relu" if isinstance(m, torch.nn.ReLU) else "sep" if isinstance(m, _TorchSeparableConv2d) else "norm")
-             for m in tm.rep]
+    kinds = [
+        (
+            "relu"
+            if isinstance(m, torch.nn.ReLU)
+            else "sep"
+            if isinstance(m, _TorchSeparableConv2d)
+            else "norm"
+        )
+        for m in tm.rep
+    ]
     assert [e[0] for e in X.rep_layout(**config)] == kinds
 
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(kernel_size=3, dilation=2), dict(kernel_size=4), dict(kernel_size=2, dilation=3, stride=2),
-     dict(kernel_size=3, stride=2, bias=True)],
+    [
+        dict(kernel_size=3, dilation=2),
+        dict(kernel_size=4),
+        dict(kernel_size=2, dilation=3, stride=2),
+        dict(kernel_size=3, stride=2, bias=True),
+    ],
 )
 def test_separable_conv_train_parity(kwargs):
     tm = randomise_batchnorm(_TorchSeparableConv2d(6, 10, **kwargs))
@@ -488,7 +613,9 @@ def test_separable_conv_train_parity(kwargs):
 # bfloat16, jit, features, init
 
 
-@pytest.mark.parametrize("name, output_stride, size", [("xception65", 32, 64), ("xception71", 8, 32)])
+@pytest.mark.parametrize(
+    "name, output_stride, size", [("xception65", 32, 64), ("xception71", 8, 32)]
+)
 def test_bfloat16_forward(name, output_stride, size):
     """Full network at upstream's initialisation in bfloat16 (float32 parameters): logits and features
     within 2e-2 (norm-wise) of float32. Measured: <= 9e-3; with the randomised N(0, 1) norm weights of
@@ -514,7 +641,9 @@ def test_jit_matches_eager():
     model = X.xception71(num_middle_blocks=1, num_classes=10, output_stride=16)
     x = random_input((1, 16, 16, 3), seed=9)
     variables = torch_to_flax(model, randomise_batchnorm(_oracle(model)).state_dict(), x)
-    assert_close(jax.jit(model.apply)(variables, x), model.apply(variables, x), 1e-5, what="jit logits")
+    assert_close(
+        jax.jit(model.apply)(variables, x), model.apply(variables, x), 1e-5, what="jit logits"
+    )
     f = jax.jit(functools.partial(model.apply, return_features=True))(variables, x)
     e = model.apply(variables, x, return_features=True)
     for a, b in zip(f, e):
@@ -528,7 +657,9 @@ def test_jit_matches_eager():
 def test_feature_shapes_and_no_fc(name, c2, output_stride, strides):
     model = getattr(X, name)(output_stride=output_stride, num_middle_blocks=2)
     x = jnp.zeros((2, 64, 64, 3))
-    shapes = jax.eval_shape(functools.partial(model.init, return_features=True), jax.random.key(0), x)
+    shapes = jax.eval_shape(
+        functools.partial(model.init, return_features=True), jax.random.key(0), x
+    )
     assert "fc" not in shapes["params"]
     feats = jax.eval_shape(functools.partial(model.apply, return_features=True), shapes, x)
     channels = (128, c2, 728, 2048)
@@ -536,7 +667,9 @@ def test_feature_shapes_and_no_fc(name, c2, output_stride, strides):
     full = _shapes(model, (2, 64, 64, 3))
     assert _count(full["params"]) - _count(shapes["params"]) == 2048 * 1000 + 1000
     # odd sizes round up at every stride
-    odd = jax.eval_shape(functools.partial(model.apply, return_features=True), shapes, jnp.zeros((1, 50, 50, 3)))
+    odd = jax.eval_shape(
+        functools.partial(model.apply, return_features=True), shapes, jnp.zeros((1, 50, 50, 3))
+    )
     assert [f.shape[1] for f in odd] == [-(-50 // s) for s in strides]
 
 
@@ -544,8 +677,14 @@ def test_init_he_fan_out_and_bn():
     model = X.xception65(num_middle_blocks=1)
     variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     params = flatten_dict(variables["params"], sep="/")
-    paths = ("conv1/kernel", "block3/rep/1/conv1/kernel", "midflow/block4/rep/4/conv1/kernel",
-             "midflow/block4/rep/4/pointwise/kernel", "block20/skip/kernel", "conv5/pointwise/kernel")
+    paths = (
+        "conv1/kernel",
+        "block3/rep/1/conv1/kernel",
+        "midflow/block4/rep/4/conv1/kernel",
+        "midflow/block4/rep/4/pointwise/kernel",
+        "block20/skip/kernel",
+        "conv5/pointwise/kernel",
+    )
     for path in paths:
         k = np.asarray(params[path])
         kh, kw, _, out = k.shape
@@ -566,8 +705,10 @@ def test_norm_layer_reaches_every_norm():
     model = X.xception71(num_middle_blocks=1, norm_layer=norm)
     params = flatten_dict(_shapes(model)["params"], sep="/")
     assert [p for p in params if p.endswith("/bias")] == ["fc/bias"]
-    assert sum(p.endswith("/scale") for p in params) == sum(p.endswith("/scale") for p in flatten_dict(
-        _shapes(X.xception71(num_middle_blocks=1))["params"], sep="/"))
+    assert sum(p.endswith("/scale") for p in params) == sum(
+        p.endswith("/scale")
+        for p in flatten_dict(_shapes(X.xception71(num_middle_blocks=1))["params"], sep="/")
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -577,7 +718,10 @@ def test_norm_layer_reaches_every_norm():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"output_stride": 4}, r"xception65: Xception65: output_stride must be one of \(8, 16, 32\), got 4"),
+        (
+            {"output_stride": 4},
+            r"xception65: Xception65: output_stride must be one of \(8, 16, 32\), got 4",
+        ),
         ({"foo": 1}, r"xception65: unknown option\(s\) \['foo'\]"),
         ({"pretrained": True}, r"xception65: .*jaxenc\.models\.load_pretrained"),
         ({"num_middle_blocks": 0}, r"num_middle_blocks must be a positive integer"),
@@ -603,5 +747,7 @@ def test_bad_options_xception71_and_blocks():
 
 @pytest.mark.parametrize("shape", [(1, 3, 32, 32), (32, 32, 3)])
 def test_bad_input(shape):
-    with pytest.raises(ValueError, match=r"Xception65: expected an NHWC image batch \(B, H, W, 3\), got shape"):
+    with pytest.raises(
+        ValueError, match=r"Xception65: expected an NHWC image batch \(B, H, W, 3\), got shape"
+    ):
         _shapes(X.xception65(num_middle_blocks=1), shape)

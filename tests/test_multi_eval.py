@@ -7,6 +7,7 @@ The reference below follows ``encoding/models/base.py`` line by line (NCHW, one 
 (``exp(out + flip(out(flip(x))))``), division by ``count_norm`` and the sum over scales. Both sides
 call the same small fixed Flax net (stride 2, bilinear upsampling back to the input) as a black box.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from multidevice import run_with_cpu_devices
 from optional_torch import torch
 
 from jaxenc.models import multi_eval
@@ -28,7 +30,6 @@ from jaxenc.models.multi_eval import (
     single_scale_scores,
 )
 from jaxenc.nn.resample import interpolate_bilinear
-from multidevice import run_with_cpu_devices
 
 NUM_CLASSES = 5
 MEAN = (0.485, 0.456, 0.406)
@@ -101,7 +102,9 @@ def np_module_inference(apply, img_chw, flip):
     return np.exp(out)
 
 
-def np_multi_eval(apply, image_hwc, *, nclass, base_size, crop_size, scales, flip, mean=MEAN, std=STD):
+def np_multi_eval(
+    apply, image_hwc, *, nclass, base_size, crop_size, scales, flip, mean=MEAN, std=STD
+):
     image = image_hwc.transpose(2, 0, 1).astype(np.float32)
     _, h, w = image.shape
     stride = int(crop_size * (2.0 / 3.0))
@@ -131,7 +134,7 @@ def np_multi_eval(apply, image_hwc, *, nclass, base_size, crop_size, scales, fli
                     h1, w1 = min(h0 + crop_size, ph), min(w0 + crop_size, pw)
                     crop_img = np_pad_image(pad[:, h0:h1, w0:w1], mean, std, crop_size)
                     out = np_module_inference(apply, crop_img, flip)
-                    outputs[:, h0:h1, w0:w1] += out[:, :h1 - h0, :w1 - w0]
+                    outputs[:, h0:h1, w0:w1] += out[:, : h1 - h0, : w1 - w0]
                     count[:, h0:h1, w0:w1] += 1
             assert (count == 0).sum() == 0
             outputs = (outputs / count)[:, :height, :width]
@@ -153,10 +156,14 @@ def _max_rel(a, b):
 # the resize used by both sides
 
 
-@pytest.mark.parametrize("src,dst", [((37, 53), (21, 30)), ((13, 9), (40, 27)), ((5, 7), (1, 7)), ((8, 8), (8, 8))])
+@pytest.mark.parametrize(
+    "src,dst", [((37, 53), (21, 30)), ((13, 9), (40, 27)), ((5, 7), (1, 7)), ((8, 8), (8, 8))]
+)
 def test_resizes_match_torch_align_corners(src, dst):
     x = np.random.default_rng(1).standard_normal((4,) + src).astype(np.float32)
-    ref = torch.nn.functional.interpolate(torch.from_numpy(x)[None], dst, mode="bilinear", align_corners=True)[0].numpy()
+    ref = torch.nn.functional.interpolate(
+        torch.from_numpy(x)[None], dst, mode="bilinear", align_corners=True
+    )[0].numpy()
     np.testing.assert_allclose(np_resize_ac(x, *dst), ref, rtol=1e-6, atol=1e-6)
     ours = multi_eval._resize_image(x.transpose(1, 2, 0), *dst).transpose(2, 0, 1)
     np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-6)
@@ -168,12 +175,18 @@ def test_resizes_match_torch_align_corners(src, dst):
 CASES = {
     # non-square (w > h): 0.5 -> long 20 <= crop (pad branch); 0.75 -> long 30, short 21 < crop (sliding +
     # padded short side); 1.75 -> long 70 (3 x 2 windows, the last overhanging); batch 3 leaves a partial batch
-    "wide_all_scales_flip": dict(hw=(37, 53), base=40, crop=24, scales=multi_eval.DEFAULT_SCALES, flip=True, bs=3),
-    "wide_all_scales_noflip": dict(hw=(37, 53), base=40, crop=24, scales=multi_eval.DEFAULT_SCALES, flip=False, bs=5),
+    "wide_all_scales_flip": dict(
+        hw=(37, 53), base=40, crop=24, scales=multi_eval.DEFAULT_SCALES, flip=True, bs=3
+    ),
+    "wide_all_scales_noflip": dict(
+        hw=(37, 53), base=40, crop=24, scales=multi_eval.DEFAULT_SCALES, flip=False, bs=5
+    ),
     # tall (h > w): the height is the long side
     "tall_flip": dict(hw=(61, 29), base=36, crop=20, scales=(0.5, 1.0, 1.75), flip=True, bs=4),
     # square, everything fits in one padded window
-    "square_pad_only": dict(hw=(16, 16), base=16, crop=24, scales=(0.75, 1.0, 1.25), flip=True, bs=2),
+    "square_pad_only": dict(
+        hw=(16, 16), base=16, crop=24, scales=(0.75, 1.0, 1.25), flip=True, bs=2
+    ),
 }
 
 
@@ -181,10 +194,23 @@ CASES = {
 def test_matches_numpy_restatement(net, name):
     c = CASES[name]
     image = _image(*c["hw"], seed=len(name))
-    kw = dict(num_classes=NUM_CLASSES, base_size=c["base"], crop_size=c["crop"], scales=c["scales"], flip=c["flip"])
+    kw = dict(
+        num_classes=NUM_CLASSES,
+        base_size=c["base"],
+        crop_size=c["crop"],
+        scales=c["scales"],
+        flip=c["flip"],
+    )
     _, _, apply = net
-    ref = np_multi_eval(apply, image, nclass=NUM_CLASSES, base_size=c["base"], crop_size=c["crop"],
-                        scales=c["scales"], flip=c["flip"])
+    ref = np_multi_eval(
+        apply,
+        image,
+        nclass=NUM_CLASSES,
+        base_size=c["base"],
+        crop_size=c["crop"],
+        scales=c["scales"],
+        flip=c["flip"],
+    )
     got = multi_scale_scores(apply, image, mean=MEAN, std=STD, batch_size=c["bs"], **kw)
     assert got.shape == image.shape[:2] + (NUM_CLASSES,) and got.dtype == np.float32
     assert _max_rel(got, ref) < 1e-5, _max_rel(got, ref)
@@ -201,7 +227,9 @@ def test_branches_exercised():
     assert (g.height, g.width, g.padded, g.sliding, g.grids) == (21, 30, (24, 30), True, (1, 2))
     g = scale_geometry(37, 53, base_size=40, crop_size=24, scale=1.75)
     assert (g.height, g.width, g.grids, g.stride) == (49, 70, (3, 4), 16)
-    assert g.windows[-1] == (32, 48) and g.windows[-1][1] + 24 > g.padded[1]  # overhangs: padded window
+    assert (
+        g.windows[-1] == (32, 48) and g.windows[-1][1] + 24 > g.padded[1]
+    )  # overhangs: padded window
     # ADE-sized example with upstream's defaults: 512 x 683 at scale 1.0 -> 390 x 520, 1 x 2 windows
     g = scale_geometry(512, 683, base_size=520, crop_size=480, scale=1.0)
     assert (g.height, g.width, g.padded, g.grids, g.stride) == (390, 520, (480, 520), (1, 2), 320)
@@ -212,10 +240,18 @@ def test_single_scale_is_scale_one_at_own_size(net):
     _, _, apply = net
     for hw in ((20, 23), (45, 31)):  # fits the crop (pad) / needs the sliding window
         image = _image(*hw, seed=3)
-        got = single_scale_scores(apply, image, num_classes=NUM_CLASSES, crop_size=24, mean=MEAN, std=STD,
-                                  batch_size=2)
-        ref = np_multi_eval(apply, image, nclass=NUM_CLASSES, base_size=max(hw), crop_size=24, scales=(1.0,),
-                            flip=False)
+        got = single_scale_scores(
+            apply, image, num_classes=NUM_CLASSES, crop_size=24, mean=MEAN, std=STD, batch_size=2
+        )
+        ref = np_multi_eval(
+            apply,
+            image,
+            nclass=NUM_CLASSES,
+            base_size=max(hw),
+            crop_size=24,
+            scales=(1.0,),
+            flip=False,
+        )
         assert _max_rel(got, ref) < 1e-5
 
 
@@ -225,10 +261,26 @@ def test_sharded_predict_and_evaluator(net):
     x = jnp.asarray(np.stack([_image(24, 24, seed=s) for s in range(3)]))
     np.testing.assert_allclose(np.asarray(predict(x)), np.asarray(apply(x)), rtol=1e-6, atol=1e-6)
     image = _image(30, 41, seed=7)
-    kw = dict(num_classes=NUM_CLASSES, base_size=40, crop_size=24, scales=(0.5, 1.0, 1.5), flip=True, mean=MEAN,
-              std=STD, batch_size=3)
+    kw = dict(
+        num_classes=NUM_CLASSES,
+        base_size=40,
+        crop_size=24,
+        scales=(0.5, 1.0, 1.5),
+        flip=True,
+        mean=MEAN,
+        std=STD,
+        batch_size=3,
+    )
     ev = MultiScaleEvaluator(predict, **kw)
-    ref = np_multi_eval(apply, image, nclass=NUM_CLASSES, base_size=40, crop_size=24, scales=(0.5, 1.0, 1.5), flip=True)
+    ref = np_multi_eval(
+        apply,
+        image,
+        nclass=NUM_CLASSES,
+        base_size=40,
+        crop_size=24,
+        scales=(0.5, 1.0, 1.5),
+        flip=True,
+    )
     assert _max_rel(ev.scores(image), ref) < 1e-5
     padded, size = ev.padded_scores(image)
     assert size == (30, 41) and padded.shape == (64, 64, NUM_CLASSES)
@@ -293,7 +345,9 @@ def test_sharded_predict_two_devices():
 )
 def test_bad_input_raises_value_error(net, image, kwargs, match):
     _, _, apply = net
-    kw = dict(num_classes=NUM_CLASSES, base_size=16, crop_size=8, scales=(1.0,), flip=False, batch_size=2)
+    kw = dict(
+        num_classes=NUM_CLASSES, base_size=16, crop_size=8, scales=(1.0,), flip=False, batch_size=2
+    )
     kw.update(kwargs)
     with pytest.raises(ValueError, match=match):
         multi_scale_scores(apply, image, **kw)
@@ -302,5 +356,11 @@ def test_bad_input_raises_value_error(net, image, kwargs, match):
 def test_wrong_logits_shape_is_named(net):
     _, _, apply = net
     with pytest.raises(ValueError, match="predict returned logits of shape"):
-        multi_scale_scores(lambda x: apply(x)[..., :3], _image(8, 8), num_classes=NUM_CLASSES, base_size=8,
-                           crop_size=8, scales=(1.0,))
+        multi_scale_scores(
+            lambda x: apply(x)[..., :3],
+            _image(8, 8),
+            num_classes=NUM_CLASSES,
+            base_size=8,
+            crop_size=8,
+            scales=(1.0,),
+        )

@@ -1,15 +1,16 @@
 """jaxenc.nn.BatchNorm: torch parity (values, gradients, running statistics), conventions, errors."""
+
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from multidevice import run_with_cpu_devices
 from optional_torch import torch
+from parity import assert_close, check_module_parity, random_input
 
 from jaxenc.nn import BatchNorm, batch_moments
-from multidevice import run_with_cpu_devices
-from parity import assert_close, check_module_parity, random_input
 
 
 def _torch_bn(cls, c, **kw):
@@ -26,7 +27,9 @@ def _torch_bn(cls, c, **kw):
 @pytest.mark.parametrize("shape", [(2, 7, 9, 5), (3, 1, 1, 4), (16, 10)])
 def test_parity_values_gradients_running_stats(train, shape):
     cls = torch.nn.BatchNorm2d if len(shape) == 4 else torch.nn.BatchNorm1d
-    check_module_parity(_torch_bn(cls, shape[-1]), BatchNorm(), random_input(shape, seed=3), train=train)
+    check_module_parity(
+        _torch_bn(cls, shape[-1]), BatchNorm(), random_input(shape, seed=3), train=train
+    )
 
 
 def test_large_mean_keeps_precision():
@@ -48,7 +51,9 @@ def test_running_stats_over_several_steps_and_momentum_convention():
         _, upd = BatchNorm(momentum=0.7).apply(variables, x, train=True, mutable=["batch_stats"])
         variables = {**variables, **upd}
     assert_close(variables["batch_stats"]["mean"], tb.running_mean.numpy(), what="running_mean")
-    assert_close(variables["batch_stats"]["var"], tb.running_var.numpy(), what="running_var (unbiased)")
+    assert_close(
+        variables["batch_stats"]["var"], tb.running_var.numpy(), what="running_var (unbiased)"
+    )
 
 
 def test_affine_false_and_feature_axis_1():
@@ -80,7 +85,9 @@ def test_bfloat16_compute_keeps_float32_statistics():
     assert y.dtype == jnp.bfloat16 and upd["batch_stats"]["var"].dtype == jnp.float32
     assert v["params"]["scale"].dtype == jnp.float32
     assert_close(y, y32, rtol=2e-2, what="bf16 output")
-    assert_close(upd["batch_stats"]["var"], upd32["batch_stats"]["var"], rtol=2e-2, what="bf16 running var")
+    assert_close(
+        upd["batch_stats"]["var"], upd32["batch_stats"]["var"], rtol=2e-2, what="bf16 running var"
+    )
 
 
 def test_jit_and_vmap():
@@ -105,11 +112,17 @@ def test_mask_gives_statistics_of_the_kept_elements():
 
 
 def test_errors_name_the_argument():
-    with pytest.raises(ValueError, match=r"BatchNorm: num_features=4 but the input has 3 features on axis -1 \(shape \(2, 3\)\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"BatchNorm: num_features=4 but the input has 3 features on axis -1 \(shape \(2, 3\)\)",
+    ):
         BatchNorm(num_features=4).init(jax.random.key(0), jnp.zeros((2, 3)))
     with pytest.raises(ValueError, match=r"BatchNorm: expected an input of rank >= 2"):
         BatchNorm().init(jax.random.key(0), jnp.zeros((3,)))
-    with pytest.raises(ValueError, match=r"BatchNorm: training needs more than 1 value per feature, got input shape \(1, 3\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"BatchNorm: training needs more than 1 value per feature, got input shape \(1, 3\)",
+    ):
         BatchNorm().init(jax.random.key(0), jnp.zeros((1, 3)), train=True)
 
 
@@ -117,7 +130,8 @@ def _sharded_bn_equals_whole_batch():
     """Runs with 4 CPU devices: BatchNorm(axis_name='data') under shard_map == whole-batch BN."""
     import jax
     import numpy as np
-    from jax.sharding import AxisType, PartitionSpec as P
+    from jax.sharding import AxisType
+    from jax.sharding import PartitionSpec as P
 
     from jaxenc.nn import BatchNorm
 
@@ -130,10 +144,14 @@ def _sharded_bn_equals_whole_batch():
     def step(xs):
         return BatchNorm(axis_name="data").apply(variables, xs, train=True, mutable=["batch_stats"])
 
-    sharded = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=P("data"), out_specs=(P("data"), P())))
+    sharded = jax.jit(
+        jax.shard_map(step, mesh=mesh, in_specs=P("data"), out_specs=(P("data"), P()))
+    )
     y, upd = sharded(x)
     np.testing.assert_allclose(y, whole, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(upd["batch_stats"]["var"], whole_upd["batch_stats"]["var"], rtol=1e-5)
+    np.testing.assert_allclose(
+        upd["batch_stats"]["var"], whole_upd["batch_stats"]["var"], rtol=1e-5
+    )
     print("ok", jax.device_count())
 
 

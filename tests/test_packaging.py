@@ -1,4 +1,5 @@
 """Installation layout: `import jaxenc` from anywhere, kernels shipped as jaxenc.kernels only."""
+
 from __future__ import annotations
 
 import subprocess
@@ -10,7 +11,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _python(code: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_import_from_another_directory(tmp_path):
@@ -20,14 +23,26 @@ def test_import_from_another_directory(tmp_path):
         tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["0.1.0", "None"], "a top-level package `kernels` must not be installed"
+    assert proc.stdout.split() == ["0.1.0", "None"], (
+        "a top-level package `kernels` must not be installed"
+    )
 
 
 def test_pyproject_pins_lower_bounds_and_maps_kernels():
     meta = tomllib.loads((REPO / "pyproject.toml").read_text())
     deps = meta["project"]["dependencies"]
     names = {d.split(">")[0].split("=")[0].strip() for d in deps}
-    for required in ("jax", "flax", "optax", "orbax-checkpoint", "chex", "ml-collections", "tensorflow-datasets", "grain", "numpy"):
+    for required in (
+        "jax",
+        "flax",
+        "optax",
+        "orbax-checkpoint",
+        "chex",
+        "ml-collections",
+        "tensorflow-datasets",
+        "grain",
+        "numpy",
+    ):
         assert required in names
     assert not any("==" in d for d in deps), "runtime dependencies pin lower bounds only"
     assert not any(d.startswith(("tensorflow>", "tensorflow=", "clu")) for d in deps)

@@ -1,5 +1,6 @@
 """jaxenc.nn.pooling vs holocron.nn 0.3.0: ConcatDownsample2d, GlobalAvg/MaxPool2d, BlurPool2d, SPP,
 ZPool."""
+
 from __future__ import annotations
 
 import jax
@@ -29,9 +30,13 @@ def _apply(module, x, **kwargs):
 # --- ConcatDownsample2d -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("scale,shape", [(1, (2, 5, 7, 3)), (2, (2, 6, 8, 3)), (3, (1, 9, 6, 4)), (4, (2, 8, 4, 2))])
+@pytest.mark.parametrize(
+    "scale,shape", [(1, (2, 5, 7, 3)), (2, (2, 6, 8, 3)), (3, (1, 9, 6, 4)), (4, (2, 8, 4, 2))]
+)
 def test_concat_downsample_parity(hnn, scale, shape):
-    check_module_parity(hnn.ConcatDownsample2d(scale), ConcatDownsample2d(scale), random_input(shape, seed=scale))
+    check_module_parity(
+        hnn.ConcatDownsample2d(scale), ConcatDownsample2d(scale), random_input(shape, seed=scale)
+    )
 
 
 def test_concat_downsample_upstream_hard_values():
@@ -41,8 +46,12 @@ def test_concat_downsample_upstream_hard_values():
     assert out.shape == (2, 16, 2, 2)
     np.testing.assert_array_equal(out[0][0], [[0, 2], [8, 10]])
     np.testing.assert_array_equal(out[0][-4], [[5, 7], [13, 15]])
-    np.testing.assert_array_equal(np.asarray(_apply(ConcatDownsample2d(2), nhwc(x_nchw))), nhwc(out))
-    with pytest.raises(ValueError, match=r"concat_downsample2d: height=4 is not divisible by scale_factor=3"):
+    np.testing.assert_array_equal(
+        np.asarray(_apply(ConcatDownsample2d(2), nhwc(x_nchw))), nhwc(out)
+    )
+    with pytest.raises(
+        ValueError, match=r"concat_downsample2d: height=4 is not divisible by scale_factor=3"
+    ):
         concat_downsample2d(jnp.asarray(nhwc(x_nchw)), 3)
 
 
@@ -88,7 +97,9 @@ def test_global_pool_exact_against_adaptive_pools():
     np.testing.assert_array_equal(np.asarray(_apply(GlobalAvgPool2d(), x_avg)), nhwc(t_avg))
     assert _apply(GlobalMaxPool2d(flatten=True), x_max).shape == (2, 4)
     assert _apply(GlobalAvgPool2d(flatten=True), x_avg).shape == (2, 4)
-    np.testing.assert_array_equal(np.asarray(_apply(GlobalMaxPool2d(flatten=True), x_max)), t_max[:, :, 0, 0])
+    np.testing.assert_array_equal(
+        np.asarray(_apply(GlobalMaxPool2d(flatten=True), x_max)), t_max[:, :, 0, 0]
+    )
 
 
 # --- BlurPool2d -------------------------------------------------------------------------------------
@@ -99,7 +110,9 @@ def test_global_pool_exact_against_adaptive_pools():
 @pytest.mark.parametrize("shape", [(2, 7, 9, 3), (1, 5, 5, 2), (2, 11, 6, 4)])
 def test_blurpool_parity(hnn, kernel_size, stride, shape):
     torch_module = hnn.BlurPool2d(shape[-1], kernel_size, stride)
-    check_module_parity(torch_module, BlurPool2d(shape[-1], kernel_size, stride), random_input(shape, seed=13))
+    check_module_parity(
+        torch_module, BlurPool2d(shape[-1], kernel_size, stride), random_input(shape, seed=13)
+    )
 
 
 def test_blurpool_upstream_properties():
@@ -119,13 +132,17 @@ def test_blurpool_upstream_properties():
 def test_blurpool_bad_input():
     x = jnp.zeros((1, 8, 8, 4))
     for k in (0, 1):
-        with pytest.raises(ValueError, match=rf"BlurPool2d: kernel_size must be an integer > 1, got {k}"):
+        with pytest.raises(
+            ValueError, match=rf"BlurPool2d: kernel_size must be an integer > 1, got {k}"
+        ):
             _apply(BlurPool2d(4, k), x)
     with pytest.raises(ValueError, match=r"BlurPool2d: channels=3 but the input has 4 channels"):
         _apply(BlurPool2d(3), x)
     with pytest.raises(ValueError, match=r"BlurPool2d: stride must be a positive integer, got 0"):
         _apply(BlurPool2d(4, 3, 0), x)
-    with pytest.raises(ValueError, match=r"BlurPool2d: reflection padding 3 .* needs height and width > 3"):
+    with pytest.raises(
+        ValueError, match=r"BlurPool2d: reflection padding 3 .* needs height and width > 3"
+    ):
         _apply(BlurPool2d(4, 7, 1), jnp.zeros((1, 3, 8, 4)))
     with pytest.raises(ValueError, match=r"BlurPool2d: expected x of rank 4"):
         _apply(BlurPool2d(4), x[0])
@@ -147,7 +164,9 @@ def test_spp_parity(hnn, kernel_sizes, shape):
 def test_spp_bad_input():
     with pytest.raises(ValueError, match=r"SPP: kernel_sizes must be odd .* got \[3, 4\]"):
         _apply(SPP([3, 4]), jnp.zeros((1, 8, 8, 2)))
-    with pytest.raises(ValueError, match=r"SPP: kernel_sizes\[\.\.\.\] must be a positive integer, got 0"):
+    with pytest.raises(
+        ValueError, match=r"SPP: kernel_sizes\[\.\.\.\] must be a positive integer, got 0"
+    ):
         _apply(SPP([0]), jnp.zeros((1, 8, 8, 2)))
     with pytest.raises(ValueError, match=r"SPP: expected x of rank 4"):
         _apply(SPP([3]), jnp.zeros((8, 8, 2)))
@@ -176,11 +195,18 @@ def test_zpool_exact():
 
 
 def test_downsample_and_global_bad_input():
-    with pytest.raises(ValueError, match=r"concat_downsample2d: width=5 is not divisible by scale_factor=2"):
+    with pytest.raises(
+        ValueError, match=r"concat_downsample2d: width=5 is not divisible by scale_factor=2"
+    ):
         _apply(ConcatDownsample2d(2), jnp.zeros((1, 4, 5, 2)))
-    with pytest.raises(ValueError, match=r"concat_downsample2d: scale_factor must be a positive integer, got 0"):
+    with pytest.raises(
+        ValueError, match=r"concat_downsample2d: scale_factor must be a positive integer, got 0"
+    ):
         _apply(ConcatDownsample2d(0), jnp.zeros((1, 4, 4, 2)))
-    with pytest.raises(ValueError, match=r"GlobalAvgPool2d: expected x of rank 4 \(N, H, W, C\), got shape \(4, 4, 2"):
+    with pytest.raises(
+        ValueError,
+        match=r"GlobalAvgPool2d: expected x of rank 4 \(N, H, W, C\), got shape \(4, 4, 2",
+    ):
         _apply(GlobalAvgPool2d(), jnp.zeros((4, 4, 2)))
     with pytest.raises(ValueError, match=r"GlobalMaxPool2d: expected x of rank 4"):
         _apply(GlobalMaxPool2d(), jnp.zeros((4, 4, 2)))

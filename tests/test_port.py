@@ -1,4 +1,5 @@
 """jaxenc.port.torch_to_flax: layout rules, strictness, error messages."""
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -6,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from optional_torch import torch
+from parity import check_module_parity, random_input, randomise_batchnorm
 
 from jaxenc.nn import BatchNorm, Conv2d
 from jaxenc.port import torch_key, torch_to_flax
-from parity import check_module_parity, random_input, randomise_batchnorm
 
 
 class TorchNet(torch.nn.Module):
@@ -63,10 +64,15 @@ def test_nested_sequential_grouped_conv_bn_linear(train):
         variables["params"]["head"]["kernel"], tm.head.weight.detach().numpy().T
     )
     np.testing.assert_array_equal(
-        variables["params"]["features"]["0"]["kernel"], tm.features[0].weight.detach().numpy().transpose(2, 3, 1, 0)
+        variables["params"]["features"]["0"]["kernel"],
+        tm.features[0].weight.detach().numpy().transpose(2, 3, 1, 0),
     )
-    np.testing.assert_array_equal(variables["batch_stats"]["features"]["1"]["var"], tm.features[1].running_var.numpy())
-    out = FlaxNetNested().apply(variables, x, train=train, mutable=["batch_stats"] if train else False)
+    np.testing.assert_array_equal(
+        variables["batch_stats"]["features"]["1"]["var"], tm.features[1].running_var.numpy()
+    )
+    out = FlaxNetNested().apply(
+        variables, x, train=train, mutable=["batch_stats"] if train else False
+    )
     out = out[0] if train else out
     expected = tm(torch.tensor(x.transpose(0, 3, 1, 2))).detach().numpy()
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
@@ -74,14 +80,27 @@ def test_nested_sequential_grouped_conv_bn_linear(train):
 
 def test_conv1d_conv3d_kernel_layouts():
     c1 = torch.nn.Conv1d(3, 5, 4)
-    v = torch_to_flax(nn.Conv(5, (4,), padding="VALID"), c1.state_dict(), np.zeros((1, 9, 3), np.float32))
+    v = torch_to_flax(
+        nn.Conv(5, (4,), padding="VALID"), c1.state_dict(), np.zeros((1, 9, 3), np.float32)
+    )
     x = random_input((2, 9, 3))
     y = nn.Conv(5, (4,), padding="VALID").apply(v, x)
-    np.testing.assert_allclose(y, c1(torch.tensor(x.transpose(0, 2, 1))).detach().numpy().transpose(0, 2, 1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        y,
+        c1(torch.tensor(x.transpose(0, 2, 1))).detach().numpy().transpose(0, 2, 1),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     c3 = torch.nn.Conv3d(2, 3, (1, 3, 3))
-    v = torch_to_flax(nn.Conv(3, (1, 3, 3), padding="VALID"), c3.state_dict(), np.zeros((1, 2, 5, 5, 2), np.float32))
+    v = torch_to_flax(
+        nn.Conv(3, (1, 3, 3), padding="VALID"),
+        c3.state_dict(),
+        np.zeros((1, 2, 5, 5, 2), np.float32),
+    )
     assert v["params"]["kernel"].shape == (1, 3, 3, 2, 3)
-    np.testing.assert_array_equal(v["params"]["kernel"], c3.weight.detach().numpy().transpose(2, 3, 4, 1, 0))
+    np.testing.assert_array_equal(
+        v["params"]["kernel"], c3.weight.detach().numpy().transpose(2, 3, 4, 1, 0)
+    )
 
 
 def test_num_batches_tracked_is_dropped_and_numpy_and_bf16_accepted():
@@ -103,7 +122,10 @@ def test_converted_arrays_do_not_alias_torch_memory():
 def test_missing_key_names_the_key_and_flax_path():
     sd = TorchNet().state_dict()
     del sd["features.1.running_var"]
-    with pytest.raises(ValueError, match=r"missing keys: 'features\.1\.running_var' \(for Flax batch_stats/features/1/var, shape \(6,\)\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"missing keys: 'features\.1\.running_var' \(for Flax batch_stats/features/1/var, shape \(6,\)\)",
+    ):
         torch_to_flax(FlaxNetNested(), sd, np.zeros((1, 5, 5, 4), np.float32))
 
 
@@ -117,7 +139,10 @@ def test_unexpected_key_is_named():
 def test_shape_mismatch_names_key_and_both_shapes():
     sd = dict(TorchNet().state_dict())
     sd["features.0.weight"] = torch.zeros(6, 4, 3, 3)  # ungrouped weight for a groups=2 conv
-    with pytest.raises(ValueError, match=r"shape mismatch: 'features\.0\.weight': torch shape \(6, 4, 3, 3\), expected \(6, 2, 3, 3\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"shape mismatch: 'features\.0\.weight': torch shape \(6, 4, 3, 3\), expected \(6, 2, 3, 3\)",
+    ):
         torch_to_flax(FlaxNetNested(), sd, np.zeros((1, 5, 5, 4), np.float32))
 
 
@@ -152,7 +177,9 @@ def test_conv2d_parity_with_stride_dilation_groups_and_padding_modes():
 
 
 def test_conv2d_bad_input():
-    with pytest.raises(ValueError, match=r"Conv2d: expected x of rank 4 \(N, H, W, C\), got shape \(4, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"Conv2d: expected x of rank 4 \(N, H, W, C\), got shape \(4, 4\)"
+    ):
         Conv2d(8, 3).init(torch_rng(), jnp.zeros((4, 4)))
     with pytest.raises(ValueError, match=r"Conv2d: in_channels=3 but the input has 4 channels"):
         Conv2d(8, 3, in_channels=3).init(torch_rng(), jnp.zeros((1, 5, 5, 4)))

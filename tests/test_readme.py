@@ -1,4 +1,5 @@
 """README tables name real objects; the README opens with the main job and the test command."""
+
 from __future__ import annotations
 
 import re
@@ -22,7 +23,8 @@ def test_readme_opens_with_exactly_the_two_commands():
     block = README.split("```bash\n")[1].split("```")[0].strip().splitlines()
     assert len(block) == 2
     assert block[0].startswith(
-        "bash .ci/setup && .venv/bin/python -m train.main --config configs/default.py --workdir runs/default")
+        "bash .ci/setup && .venv/bin/python -m train.main --config configs/default.py --workdir runs/default"
+    )
     assert block[1].startswith("bash .ci/run")
 
 

@@ -1,13 +1,14 @@
 """train/checkpoint.py: orbax round trips, pruning, best selection, config checks, signals, fine-tuning."""
+
 from __future__ import annotations
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
-import socket
 import time
 from pathlib import Path
 
@@ -40,9 +41,14 @@ def _variables(seed=0, classes=3):
     return {
         "params": {
             "conv": {"kernel": jnp.asarray(r.normal(size=(3, 3, 3, 4)), jnp.float32)},
-            "head": {"kernel": jnp.asarray(r.normal(size=(4, classes)), jnp.float32), "bias": jnp.zeros(classes)},
+            "head": {
+                "kernel": jnp.asarray(r.normal(size=(4, classes)), jnp.float32),
+                "bias": jnp.zeros(classes),
+            },
         },
-        "batch_stats": {"bn": {"mean": jnp.asarray(r.normal(size=4), jnp.float32), "var": jnp.ones(4)}},
+        "batch_stats": {
+            "bn": {"mean": jnp.asarray(r.normal(size=4), jnp.float32), "var": jnp.ones(4)}
+        },
     }
 
 
@@ -91,13 +97,17 @@ def test_round_trip_bitwise(tmp_path):
         abstract = jax.eval_shape(lambda: state)
         restored, ds, m = ckpt.restore(abstract_state=abstract)
     _assert_bitwise(restored, state)
-    assert isinstance(restored["opt_state"][0], optax.TraceState)  # container types come from the target
+    assert isinstance(
+        restored["opt_state"][0], optax.TraceState
+    )  # container types come from the target
     assert int(restored["step"]) == 7 and restored["rng"].dtype == jnp.uint32
     assert ds == data_state and m == meta
     # a Python int leaf comes back as a 0-d array of the abstract dtype
     with Checkpointer(tmp_path / "py") as ckpt:
         ckpt.save(1, state={"epoch": 3, "w": jnp.ones(2)}, data_state=None, meta={})
-        back, _, _ = ckpt.restore(abstract_state=jax.eval_shape(lambda: {"epoch": 3, "w": jnp.ones(2)}))
+        back, _, _ = ckpt.restore(
+            abstract_state=jax.eval_shape(lambda: {"epoch": 3, "w": jnp.ones(2)})
+        )
     assert int(back["epoch"]) == 3 and np.ndim(back["epoch"]) == 0
     # a fresh Checkpointer (a restart) reads the same; concrete arrays work as the abstract state
     with Checkpointer(tmp_path, keep=2) as again:
@@ -119,14 +129,18 @@ def test_grain_bytes_state_and_none(tmp_path):
         with pytest.raises(TypeError, match="key_data.*'rng'"):
             ckpt.save(3, state={"rng": jax.random.key(0)}, data_state=None, meta={})
     # a checkpoint written by another number of processes: the input restarts (data_state None)
-    assert _own_data_state({"process_count": 2, "data_states": [{"i": 1}, {"i": 2}]}, "dir", 1) is None
+    assert (
+        _own_data_state({"process_count": 2, "data_states": [{"i": 1}, {"i": 2}]}, "dir", 1) is None
+    )
     assert _own_data_state({"process_count": 1, "data_states": [{"i": 1}]}, "dir", 1) == {"i": 1}
 
 
 def test_keep_n_and_latest(tmp_path):
     with Checkpointer(tmp_path, keep=2) as ckpt:
         for step in (10, 20, 30, 40):
-            assert ckpt.save(step, state=_state(step=step), data_state={"next_index": step}, meta=META)
+            assert ckpt.save(
+                step, state=_state(step=step), data_state={"next_index": step}, meta=META
+            )
         # a step at or before the latest is skipped (the final save after a periodic one)
         assert not ckpt.save(40, state=_state(), data_state=None, meta=META)
         ckpt.wait()
@@ -150,7 +164,15 @@ def test_best_checkpoint(tmp_path, mode, values, best):
     with Checkpointer(tmp_path, keep=2, best_metric="mIoU", best_mode=mode) as ckpt:
         written = []
         for step, v in enumerate(values, start=1):
-            written.append(ckpt.save(step, state=_state(seed=step, step=step), data_state=None, meta=META, metrics={"mIoU": v, "loss": 1.0}))
+            written.append(
+                ckpt.save(
+                    step,
+                    state=_state(seed=step, step=step),
+                    data_state=None,
+                    meta=META,
+                    metrics={"mIoU": v, "loss": 1.0},
+                )
+            )
         ckpt.wait()
         assert all(written)  # periodic saves always happen
         assert ckpt.all_steps() == [len(values) - 1, len(values)]
@@ -162,10 +184,14 @@ def test_best_checkpoint(tmp_path, mode, values, best):
     with Checkpointer(tmp_path, best_metric="mIoU", best_mode=mode) as again:
         assert again.best_value() == best[1]
         worse = best[1] - 1 if mode == "max" else best[1] + 1
-        assert not again.save_best(99, state=_state(), data_state=None, meta=META, metrics={"mIoU": worse})
+        assert not again.save_best(
+            99, state=_state(), data_state=None, meta=META, metrics={"mIoU": worse}
+        )
         # a better value at an earlier step (resumed from an older checkpoint) still wins
         better = best[1] + 1 if mode == "max" else best[1] - 1
-        assert again.save_best(2, state=_state(), data_state=None, meta=META, metrics={"mIoU": better})
+        assert again.save_best(
+            2, state=_state(), data_state=None, meta=META, metrics={"mIoU": better}
+        )
         again.wait()
         assert (again.best_step(), again.best_value()) == (2, better)
         with pytest.raises(ValueError, match="'mIoU'.*'top1'"):
@@ -180,11 +206,15 @@ def test_restore_mismatch_names_leaves(tmp_path):
         abstract = jax.eval_shape(lambda: state)
         bad = jax.tree.map(lambda x: x, abstract)
         bad["params"]["head"]["kernel"] = jax.ShapeDtypeStruct((4, 5), jnp.float32)
-        with pytest.raises(ValueError, match=r"params/head/kernel: shape \(4, 3\) in the checkpoint, \(4, 5\)"):
+        with pytest.raises(
+            ValueError, match=r"params/head/kernel: shape \(4, 3\) in the checkpoint, \(4, 5\)"
+        ):
             ckpt.restore(abstract_state=bad)
         bad = jax.tree.map(lambda x: x, abstract)
         bad["batch_stats"]["bn"]["mean"] = jax.ShapeDtypeStruct((4,), jnp.bfloat16)
-        with pytest.raises(ValueError, match="batch_stats/bn/mean: dtype float32 in the checkpoint, bfloat16"):
+        with pytest.raises(
+            ValueError, match="batch_stats/bn/mean: dtype float32 in the checkpoint, bfloat16"
+        ):
             ckpt.restore(abstract_state=bad)
         bad = jax.tree.map(lambda x: x, abstract)
         bad["params"]["new"] = jax.ShapeDtypeStruct((2,), jnp.float32)
@@ -226,7 +256,13 @@ _KILL_SCRIPT = textwrap.dedent(
 
 def test_killed_mid_save_keeps_latest(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, str(tmp_path)], env=env, cwd=REPO, capture_output=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILL_SCRIPT, str(tmp_path)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        timeout=120,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     with Checkpointer(tmp_path, keep=3) as ckpt:
         if ckpt.latest_step() == 2:
@@ -281,10 +317,20 @@ def test_two_processes(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO), "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": str(REPO),
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    }
     procs = [
-        subprocess.Popen([sys.executable, "-c", _MP_WORKER, str(rank), str(port), str(tmp_path)], env=env, cwd=REPO,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        subprocess.Popen(
+            [sys.executable, "-c", _MP_WORKER, str(rank), str(port), str(tmp_path)],
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         for rank in range(2)
     ]
     outputs = []
@@ -298,9 +344,19 @@ def test_two_processes(tmp_path):
                 proc.wait()
     for rank, (proc, out) in enumerate(zip(procs, outputs)):
         assert proc.returncode == 0, out[-3000:]
-        result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
-        assert result == {"rank": rank, "x_ok": True, "data": {"next_index": 20 + rank}, "best_data": {"next_index": 10 + rank},
-                          "latest": 8, "best": 4, "meta": {"h": 1}, "stop": True}
+        result = json.loads(
+            next(line for line in out.splitlines() if line.startswith("RESULT "))[len("RESULT ") :]
+        )
+        assert result == {
+            "rank": rank,
+            "x_ok": True,
+            "data": {"next_index": 20 + rank},
+            "best_data": {"next_index": 10 + rank},
+            "latest": 8,
+            "best": 4,
+            "meta": {"h": 1},
+            "stop": True,
+        }
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -309,9 +365,13 @@ def test_two_processes(tmp_path):
 def _config():
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.optim = ml_collections.ConfigDict({"lr": 0.01, "schedule": "poly", "step_boundaries": (10, 20)})
+    c.optim = ml_collections.ConfigDict(
+        {"lr": 0.01, "schedule": "poly", "step_boundaries": (10, 20)}
+    )
     c.input = ml_collections.ConfigDict({"global_batch_size": 8, "worker_count": 0})
-    c.train = ml_collections.ConfigDict({"num_steps": 100, "log_every": 10, "allow_config_change": False})
+    c.train = ml_collections.ConfigDict(
+        {"num_steps": 100, "log_every": 10, "allow_config_change": False}
+    )
     return c
 
 
@@ -339,8 +399,13 @@ def test_check_config(tmp_path):
     with pytest.raises(ValueError) as err:
         check_config(tmp_path, bad)
     text = str(err.value)
-    for expected in ("optim.lr: 0.01 -> 0.1", "optim.schedule: 'poly' -> 'cosine'", "model.name: '<absent>' -> 'fcn'",
-                     "allow_config_change=True", "--workdir"):
+    for expected in (
+        "optim.lr: 0.01 -> 0.1",
+        "optim.schedule: 'poly' -> 'cosine'",
+        "model.name: '<absent>' -> 'fcn'",
+        "allow_config_change=True",
+        "--workdir",
+    ):
         assert expected in text
     assert "num_steps" not in text  # allowed keys are not reported as errors
     assert json.loads((tmp_path / CONFIG_FILE).read_text())["optim"]["lr"] == 0.01  # untouched
@@ -362,7 +427,10 @@ def test_runs_started_before_the_remat_and_compile_cache_keys_resume(tmp_path):
     newer.train.compile_cache = "user"
     newer.model = ml_collections.ConfigDict({"remat": "block"})
     msg = check_config(tmp_path, newer)
-    assert "train.compile_cache: '<absent>' -> 'user'" in msg and "model.remat: '<absent>' -> 'block'" in msg
+    assert (
+        "train.compile_cache: '<absent>' -> 'user'" in msg
+        and "model.remat: '<absent>' -> 'block'" in msg
+    )
 
 
 # ---------------------------------------------------------------------------------------------- signals
@@ -405,7 +473,9 @@ def test_finetune_from_checkpointer_and_msgpack(tmp_path):
     workdir = tmp_path / "run"
     with Checkpointer(workdir) as ckpt:  # a dataclass state round-trips too
         ckpt.save(1, state=TrainState(**source_state), data_state=None, meta=META)
-        restored, _, _ = ckpt.restore(abstract_state=jax.eval_shape(lambda: TrainState(**source_state)))
+        restored, _, _ = ckpt.restore(
+            abstract_state=jax.eval_shape(lambda: TrainState(**source_state))
+        )
     assert isinstance(restored, TrainState)
     _assert_bitwise(restored, TrainState(**source_state))
     workdir = tmp_path / "run2"
@@ -447,9 +517,15 @@ def test_finetune_mismatch_strict_and_non_strict(tmp_path):
 
     loaded = load_params_for_finetune(file, target, strict=False)
     assert jax.tree.structure(loaded) == jax.tree.structure(target)
-    np.testing.assert_array_equal(loaded["params"]["conv"]["kernel"], source["params"]["conv"]["kernel"])
-    np.testing.assert_array_equal(loaded["batch_stats"]["bn"]["mean"], source["batch_stats"]["bn"]["mean"])
-    np.testing.assert_array_equal(loaded["params"]["head"]["kernel"], target["params"]["head"]["kernel"])
+    np.testing.assert_array_equal(
+        loaded["params"]["conv"]["kernel"], source["params"]["conv"]["kernel"]
+    )
+    np.testing.assert_array_equal(
+        loaded["batch_stats"]["bn"]["mean"], source["batch_stats"]["bn"]["mean"]
+    )
+    np.testing.assert_array_equal(
+        loaded["params"]["head"]["kernel"], target["params"]["head"]["kernel"]
+    )
     np.testing.assert_array_equal(loaded["params"]["new"]["bias"], np.full(2, 7.0))
     with pytest.raises(ValueError, match="ShapeDtypeStruct"):
         load_params_for_finetune(file, jax.eval_shape(lambda: target), strict=False)
@@ -461,5 +537,9 @@ def test_finetune_mismatch_strict_and_non_strict(tmp_path):
     with Checkpointer(workdir) as ckpt:
         ckpt.save(1, state=state, data_state=None, meta=META)
     loaded = load_params_for_finetune(workdir, target, strict=False, use_ema=True)
-    np.testing.assert_array_equal(loaded["params"]["conv"]["kernel"], state["ema_params"]["conv"]["kernel"])
-    np.testing.assert_array_equal(loaded["params"]["head"]["kernel"], target["params"]["head"]["kernel"])
+    np.testing.assert_array_equal(
+        loaded["params"]["conv"]["kernel"], state["ema_params"]["conv"]["kernel"]
+    )
+    np.testing.assert_array_equal(
+        loaded["params"]["head"]["kernel"], target["params"]["head"]["kernel"]
+    )

@@ -1,4 +1,5 @@
 """Tests for train/data: procedural shape datasets and the grain pipeline (sharding, state, eval padding)."""
+
 from __future__ import annotations
 
 import pickle
@@ -38,12 +39,15 @@ def assert_batches_equal(a, b):
 
 
 def seg_config(**overrides):
-    base = dict(name="shapes_seg", image_size=32, num_classes=6, num_train=40, num_val=12, data_dir=None)
+    base = dict(
+        name="shapes_seg", image_size=32, num_classes=6, num_train=40, num_val=12, data_dir=None
+    )
     base.update(overrides)
     return ml_collections.ConfigDict(base)
 
 
 # -- synthetic -----------------------------------------------------------------------------------
+
 
 def test_segmentation_example_format_and_determinism():
     ds = ShapesSegmentation("train", num_examples=10, image_size=48, seed=3)
@@ -99,7 +103,9 @@ def test_recognition_labels(size):
     ex = ds[0]
     assert ex["image"].shape == (size, size, 3) and ex["image"].dtype == np.uint8
     assert ex["label"].dtype == np.int32 and ex["label"].shape == ()
-    assert not np.array_equal(ex["image"], ShapesRecognition("validation", num_examples=1, image_size=size)[0]["image"])
+    assert not np.array_equal(
+        ex["image"], ShapesRecognition("validation", num_examples=1, image_size=size)[0]["image"]
+    )
 
 
 def test_synthetic_argument_errors():
@@ -123,6 +129,7 @@ def test_generation_speed_sanity():
 
 
 # -- sources -------------------------------------------------------------------------------------
+
 
 def test_get_source_builds_configured_datasets():
     src = pipeline.get_source(seg_config(), "validation")
@@ -160,42 +167,60 @@ def test_palette():
     voc = pipeline.palette(seg_config(name="shapes_cls", num_classes=21))
     assert voc.shape == (21, 3) and voc.dtype == np.uint8
     # PASCAL VOC colour map anchors
-    assert voc[0].tolist() == [0, 0, 0] and voc[1].tolist() == [128, 0, 0] and voc[15].tolist() == [192, 128, 128]
+    assert (
+        voc[0].tolist() == [0, 0, 0]
+        and voc[1].tolist() == [128, 0, 0]
+        and voc[15].tolist() == [192, 128, 128]
+    )
     with pytest.raises(ValueError, match="unknown dataset"):
         pipeline.palette(seg_config(name="nope"))
 
 
 # -- transforms ----------------------------------------------------------------------------------
 
+
 def test_eval_transform_normalises_and_resizes():
     image = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
     mask = np.repeat(np.arange(4, dtype=np.int32), 10)[None, :].repeat(40, 0)
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-    same = pipeline.segmentation_transform(train=False, image_size=40, mean=mean, std=std)({"image": image, "mask": mask})
+    same = pipeline.segmentation_transform(train=False, image_size=40, mean=mean, std=std)(
+        {"image": image, "mask": mask}
+    )
     np.testing.assert_allclose(same["image"], (image / 255.0 - mean) / std, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(same["mask"], mask)
-    out = pipeline.segmentation_transform(train=False, image_size=32)({"image": image, "mask": mask[..., None]})
+    out = pipeline.segmentation_transform(train=False, image_size=32)(
+        {"image": image, "mask": mask[..., None]}
+    )
     assert out["image"].shape == (32, 32, 3) and out["image"].dtype == np.float32
     assert out["mask"].shape == (32, 32) and out["mask"].dtype == np.int32
     assert set(np.unique(out["mask"])) == {0, 1, 2, 3}  # nearest: no blended labels
-    rec = pipeline.recognition_transform(train=False, image_size=20)({"image": image[..., :1], "label": 3})
-    assert rec["image"].shape == (20, 20, 3) and rec["label"] == 3 and rec["label"].dtype == np.int32
+    rec = pipeline.recognition_transform(train=False, image_size=20)(
+        {"image": image[..., :1], "label": 3}
+    )
+    assert (
+        rec["image"].shape == (20, 20, 3) and rec["label"] == 3 and rec["label"].dtype == np.int32
+    )
 
 
 def test_train_transform_keeps_image_and_mask_aligned():
     # Channel 0 encodes the mask, so any misalignment between image and mask shows up.
     rng = np.random.default_rng(1)
     mask = rng.integers(0, 5, (32, 32)).astype(np.int32)
-    image = np.stack([mask * 50, rng.integers(0, 256, (32, 32)), np.zeros((32, 32))], -1).astype(np.uint8)
-    flip_only = pipeline.segmentation_transform(train=True, image_size=32, flip=True, mean=(0, 0, 0), std=(1, 1, 1))
+    image = np.stack([mask * 50, rng.integers(0, 256, (32, 32)), np.zeros((32, 32))], -1).astype(
+        np.uint8
+    )
+    flip_only = pipeline.segmentation_transform(
+        train=True, image_size=32, flip=True, mean=(0, 0, 0), std=(1, 1, 1)
+    )
     flipped = 0
     for seed in range(8):
         out = flip_only({"image": image, "mask": mask}, np.random.default_rng(seed))
         np.testing.assert_allclose(out["image"][..., 0] * 255, out["mask"] * 50, atol=1e-3)
         flipped += not np.array_equal(out["mask"], mask)
     assert 0 < flipped < 8
-    scaled = pipeline.segmentation_transform(train=True, image_size=32, scale_range=(0.5, 0.7),
-                                             mean=(0, 0, 0), std=(1, 1, 1))
+    scaled = pipeline.segmentation_transform(
+        train=True, image_size=32, scale_range=(0.5, 0.7), mean=(0, 0, 0), std=(1, 1, 1)
+    )
     out = scaled({"image": image, "mask": mask}, np.random.default_rng(0))
     pad = out["mask"] == -1
     assert out["image"].shape == (32, 32, 3) and 0 < pad.mean() < 1
@@ -210,7 +235,10 @@ def test_transform_errors():
     with pytest.raises(ValueError, match="needs an rng"):
         train({"image": np.zeros((8, 8, 3), np.uint8), "mask": np.zeros((8, 8), np.int32)}, None)
     with pytest.raises(ValueError, match="uint8"):
-        train({"image": np.zeros((8, 8, 3), np.float32), "mask": np.zeros((8, 8), np.int32)}, np.random.default_rng())
+        train(
+            {"image": np.zeros((8, 8, 3), np.float32), "mask": np.zeros((8, 8), np.int32)},
+            np.random.default_rng(),
+        )
     with pytest.raises(ValueError, match="scale_range"):
         pipeline.segmentation_transform(train=True, image_size=8, scale_range=(1.2, 0.8))
     with pytest.raises(ValueError, match="std"):
@@ -220,15 +248,20 @@ def test_transform_errors():
 
 
 def test_transform_from_config():
-    cfg = ml_collections.ConfigDict(dict(flip=False, scale_range=(0.75, 1.25), mean=(0.1, 0.2, 0.3), std=(1, 2, 3)))
+    cfg = ml_collections.ConfigDict(
+        dict(flip=False, scale_range=(0.75, 1.25), mean=(0.1, 0.2, 0.3), std=(1, 2, 3))
+    )
     t = pipeline.transform_from_config(cfg, task="segmentation", image_size=16, train=True)
     assert isinstance(t, pipeline.SegmentationTransform)
     assert (t.flip, t.scale_range, t.std) == (False, (0.75, 1.25), (1.0, 2.0, 3.0))
-    assert isinstance(pipeline.transform_from_config(cfg, task="recognition", image_size=16, train=False),
-                      pipeline.RecognitionTransform)
+    assert isinstance(
+        pipeline.transform_from_config(cfg, task="recognition", image_size=16, train=False),
+        pipeline.RecognitionTransform,
+    )
 
 
 # -- train iterator ------------------------------------------------------------------------------
+
 
 def seg_pipeline_parts():
     source = ShapesSegmentation("train", num_examples=13, image_size=16, seed=0)
@@ -237,19 +270,37 @@ def seg_pipeline_parts():
 
 
 def test_train_iterator_epochs_and_determinism():
-    it = pipeline.train_iterator(IndexSource(10), global_batch_size=4, seed=5, process_index=0, process_count=1,
-                                 transform=None)
+    it = pipeline.train_iterator(
+        IndexSource(10),
+        global_batch_size=4,
+        seed=5,
+        process_index=0,
+        process_count=1,
+        transform=None,
+    )
     stream = np.concatenate([b["index"] for b in take(it, 10)])  # 40 elements = 4 epochs
     epochs = stream.reshape(4, 10)
     for epoch in epochs:
         assert sorted(epoch) == list(range(10))
     assert len({tuple(e) for e in epochs}) == 4  # reshuffled every epoch
     assert not np.array_equal(epochs[0], np.arange(10))
-    again = pipeline.train_iterator(IndexSource(10), global_batch_size=4, seed=5, process_index=0, process_count=1,
-                                    transform=None)
+    again = pipeline.train_iterator(
+        IndexSource(10),
+        global_batch_size=4,
+        seed=5,
+        process_index=0,
+        process_count=1,
+        transform=None,
+    )
     np.testing.assert_array_equal(np.concatenate([b["index"] for b in take(again, 10)]), stream)
-    other = pipeline.train_iterator(IndexSource(10), global_batch_size=4, seed=6, process_index=0, process_count=1,
-                                    transform=None)
+    other = pipeline.train_iterator(
+        IndexSource(10),
+        global_batch_size=4,
+        seed=6,
+        process_index=0,
+        process_count=1,
+        transform=None,
+    )
     assert not np.array_equal(np.concatenate([b["index"] for b in take(other, 10)]), stream)
 
 
@@ -284,29 +335,68 @@ def test_train_iterator_state_restore():
 def test_train_multiprocess_sharding_matches_single_process():
     source, transform = seg_pipeline_parts()
     kw = dict(seed=3, transform=transform)
-    single = take(pipeline.train_iterator(source, global_batch_size=8, process_index=0, process_count=1, **kw), 4)
-    shards = [take(pipeline.train_iterator(source, global_batch_size=8, process_index=p, process_count=2, **kw), 4)
-              for p in range(2)]
+    single = take(
+        pipeline.train_iterator(
+            source, global_batch_size=8, process_index=0, process_count=1, **kw
+        ),
+        4,
+    )
+    shards = [
+        take(
+            pipeline.train_iterator(
+                source, global_batch_size=8, process_index=p, process_count=2, **kw
+            ),
+            4,
+        )
+        for p in range(2)
+    ]
     for step in range(4):
         for key in single[step]:
             assert shards[0][step][key].shape[0] == 4
             np.testing.assert_array_equal(
-                np.concatenate([shards[0][step][key], shards[1][step][key]]), single[step][key])
+                np.concatenate([shards[0][step][key], shards[1][step][key]]), single[step][key]
+            )
 
 
 def test_train_iterator_errors():
-    with pytest.raises(ValueError, match=r"global_batch_size=6 is not divisible by process_count=4"):
-        pipeline.train_iterator(IndexSource(8), global_batch_size=6, seed=0, process_index=0, process_count=4,
-                                transform=None)
+    with pytest.raises(
+        ValueError, match=r"global_batch_size=6 is not divisible by process_count=4"
+    ):
+        pipeline.train_iterator(
+            IndexSource(8),
+            global_batch_size=6,
+            seed=0,
+            process_index=0,
+            process_count=4,
+            transform=None,
+        )
     with pytest.raises(ValueError, match="process_index"):
-        pipeline.train_iterator(IndexSource(8), global_batch_size=4, seed=0, process_index=2, process_count=2,
-                                transform=None)
+        pipeline.train_iterator(
+            IndexSource(8),
+            global_batch_size=4,
+            seed=0,
+            process_index=2,
+            process_count=2,
+            transform=None,
+        )
     with pytest.raises(ValueError, match="seed"):
-        pipeline.train_iterator(IndexSource(8), global_batch_size=4, seed=-1, process_index=0, process_count=1,
-                                transform=None)
+        pipeline.train_iterator(
+            IndexSource(8),
+            global_batch_size=4,
+            seed=-1,
+            process_index=0,
+            process_count=1,
+            transform=None,
+        )
     with pytest.raises(ValueError, match="empty"):
-        pipeline.train_iterator(IndexSource(0), global_batch_size=4, seed=0, process_index=0, process_count=1,
-                                transform=None)
+        pipeline.train_iterator(
+            IndexSource(0),
+            global_batch_size=4,
+            seed=0,
+            process_index=0,
+            process_count=1,
+            transform=None,
+        )
 
 
 def test_process_defaults_come_from_jax():
@@ -316,18 +406,30 @@ def test_process_defaults_come_from_jax():
 
 # -- eval ----------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("n,batch,processes", [(10, 4, 1), (10, 4, 2), (3, 8, 4), (8, 4, 2)])
 def test_eval_batches_cover_each_example_once(n, batch, processes):
-    per_process = [list(pipeline.eval_batches(IndexSource(n), batch_size=batch, process_index=p,
-                                              process_count=processes, transform=None))
-                   for p in range(processes)]
+    per_process = [
+        list(
+            pipeline.eval_batches(
+                IndexSource(n),
+                batch_size=batch,
+                process_index=p,
+                process_count=processes,
+                transform=None,
+            )
+        )
+        for p in range(processes)
+    ]
     num = pipeline.num_eval_batches(n, batch)
     assert all(len(batches) == num for batches in per_process)
     rows, valid = [], []
     for step in range(num):  # reassemble global batches in process order
         rows.append(np.concatenate([per_process[p][step]["index"] for p in range(processes)]))
         valid.append(np.concatenate([per_process[p][step]["valid"] for p in range(processes)]))
-        assert all(per_process[p][step]["valid"].shape == (batch // processes,) for p in range(processes))
+        assert all(
+            per_process[p][step]["valid"].shape == (batch // processes,) for p in range(processes)
+        )
     rows, valid = np.concatenate(rows), np.concatenate(valid)
     assert valid.dtype == np.bool_ and len(rows) == num * batch
     np.testing.assert_array_equal(rows[valid], np.arange(n))  # ordered, each exactly once
@@ -337,15 +439,22 @@ def test_eval_batches_cover_each_example_once(n, batch, processes):
 def test_eval_batches_with_transform():
     source = ShapesSegmentation("validation", num_examples=5, image_size=16)
     transform = pipeline.segmentation_transform(train=False, image_size=24)
-    batches = list(pipeline.eval_batches(source, batch_size=4, process_index=0, process_count=1, transform=transform))
+    batches = list(
+        pipeline.eval_batches(
+            source, batch_size=4, process_index=0, process_count=1, transform=transform
+        )
+    )
     assert [b["valid"].tolist() for b in batches] == [[True] * 4, [True, False, False, False]]
     assert batches[1]["image"].shape == (4, 24, 24, 3) and batches[1]["mask"].shape == (4, 24, 24)
     np.testing.assert_array_equal(batches[1]["mask"][0], transform(source[4])["mask"])
     with pytest.raises(ValueError, match=r"batch_size=6 is not divisible by process_count=4"):
-        pipeline.eval_batches(source, batch_size=6, process_index=0, process_count=4, transform=None)
+        pipeline.eval_batches(
+            source, batch_size=6, process_index=0, process_count=4, transform=None
+        )
 
 
 # -- grain worker processes ------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_worker_count_does_not_change_batches():

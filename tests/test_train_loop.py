@@ -8,6 +8,7 @@ run stopped mid-window and resumed ends with the same state as an uninterrupted 
 Cheap: a 2-layer classifier (``_TinyNet``, swapped in for ``build_model``) on the built-in
 ``shapes_cls`` set at 32 px, so each run is a few seconds of compilation and milliseconds of steps.
 """
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -15,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from test_train_main import _final_state, _train_losses
 from tiny_config import tiny_config
+
 from train import checkpoint, observe, trainer
 from train.data import pipeline
 
@@ -33,9 +34,18 @@ class _TinyNet(nn.Module):
 
 
 def _config(**overrides):
-    c = tiny_config(**{"task": "recognition", "dataset.name": "shapes_cls", "dataset.num_classes": 5,
-                       "train.best_metric": "top1", "model.norm": "bn", "train.sample_predictions": 0,
-                       "optim.warmup_steps": 1, **overrides})
+    c = tiny_config(
+        **{
+            "task": "recognition",
+            "dataset.name": "shapes_cls",
+            "dataset.num_classes": 5,
+            "train.best_metric": "top1",
+            "model.norm": "bn",
+            "train.sample_predictions": 0,
+            "optim.warmup_steps": 1,
+            **overrides,
+        }
+    )
     c.model.name = "resnet18"  # not built: _TinyNet replaces build_model
     c.model.kwargs = {}
     return c
@@ -79,7 +89,9 @@ def events(monkeypatch, tiny_model):
 
     def device_get(x):
         def has_loss(t):
-            return (isinstance(t, dict) and "loss" in t) or (isinstance(t, list) and any(has_loss(e) for e in t))
+            return (isinstance(t, dict) and "loss" in t) or (
+                isinstance(t, list) and any(has_loss(e) for e in t)
+            )
 
         if has_loss(x):
             log.append(("fetch", len(x) if isinstance(x, list) else 1))
@@ -101,7 +113,9 @@ def events(monkeypatch, tiny_model):
 
     monkeypatch.setattr(trainer, "make_train_step", make_train_step)
     monkeypatch.setattr(jax, "device_get", device_get)
-    monkeypatch.setattr(pipeline, "train_iterator", lambda *a, **k: Iterator(real_train_iterator(*a, **k)))
+    monkeypatch.setattr(
+        pipeline, "train_iterator", lambda *a, **k: Iterator(real_train_iterator(*a, **k))
+    )
     return log
 
 
@@ -111,7 +125,14 @@ def _checkpoint_steps(workdir) -> list[int]:
 
 
 def test_metrics_are_fetched_once_per_log_window_and_the_next_batch_is_read_first(tmp_path, events):
-    c = _config(**{"train.num_steps": 8, "train.log_every": 4, "train.eval_every": 8, "train.checkpoint_every": 8})
+    c = _config(
+        **{
+            "train.num_steps": 8,
+            "train.log_every": 4,
+            "train.eval_every": 8,
+            "train.checkpoint_every": 8,
+        }
+    )
     result = trainer.train_and_evaluate(c, tmp_path)
     assert result["step"] == 8
     # One fetch of four steps per logging window, none per step (the old loop fetched 8 times).
@@ -130,17 +151,35 @@ def test_metrics_are_fetched_once_per_log_window_and_the_next_batch_is_read_firs
     assert logged[8] == sum(losses[n] for n in range(5, 9)) / 4
 
 
-@pytest.mark.parametrize("bad, persist, eval_every, flush_at", [
-    (3, True, 100, "checkpoint"),  # NaN from step 3 on; caught at the step-4 checkpoint (window 1..5)
-    (4, False, 4, "eval"),  # NaN at step 4 alone; caught before the step-4 eval
-])
-def test_non_finite_loss_mid_window_names_the_first_bad_step(tmp_path, events, bad, persist, eval_every, flush_at):
+@pytest.mark.parametrize(
+    "bad, persist, eval_every, flush_at",
+    [
+        (
+            3,
+            True,
+            100,
+            "checkpoint",
+        ),  # NaN from step 3 on; caught at the step-4 checkpoint (window 1..5)
+        (4, False, 4, "eval"),  # NaN at step 4 alone; caught before the step-4 eval
+    ],
+)
+def test_non_finite_loss_mid_window_names_the_first_bad_step(
+    tmp_path, events, bad, persist, eval_every, flush_at
+):
     events.nan_at.update(range(bad, 9) if persist else {bad})
-    c = _config(**{"train.num_steps": 8, "train.log_every": 5, "train.checkpoint_every": 2,
-                   "train.eval_every": eval_every})
-    with pytest.raises(FloatingPointError,
-                       match=rf"non-finite loss \(nan\) at step {bad}; training stopped without saving\. "
-                             r"The last good checkpoint is step 2 in "):
+    c = _config(
+        **{
+            "train.num_steps": 8,
+            "train.log_every": 5,
+            "train.checkpoint_every": 2,
+            "train.eval_every": eval_every,
+        }
+    )
+    with pytest.raises(
+        FloatingPointError,
+        match=rf"non-finite loss \(nan\) at step {bad}; training stopped without saving\. "
+        r"The last good checkpoint is step 2 in ",
+    ):
         trainer.train_and_evaluate(c, tmp_path)
     assert _checkpoint_steps(tmp_path) == [2]  # nothing after the last good step was saved
     best = tmp_path / "best"
@@ -151,7 +190,14 @@ def test_non_finite_loss_mid_window_names_the_first_bad_step(tmp_path, events, b
 
 
 def test_stop_mid_window_then_resume_equals_uninterrupted_run(tmp_path, tiny_model, monkeypatch):
-    c = _config(**{"train.num_steps": 8, "train.log_every": 4, "train.eval_every": 100, "train.checkpoint_every": 100})
+    c = _config(
+        **{
+            "train.num_steps": 8,
+            "train.log_every": 4,
+            "train.eval_every": 100,
+            "train.checkpoint_every": 100,
+        }
+    )
     trainer.train_and_evaluate(c, tmp_path / "reference")
 
     calls = {"n": 0}
@@ -166,12 +212,18 @@ def test_stop_mid_window_then_resume_equals_uninterrupted_run(tmp_path, tiny_mod
     with monkeypatch.context() as m:
         m.setattr(checkpoint.GracefulShutdown, "should_stop", should_stop)
         stopped = trainer.train_and_evaluate(c, tmp_path / "resumed")
-    assert stopped["stopped_early"] and stopped["step"] == 3 and _checkpoint_steps(tmp_path / "resumed") == [3]
+    assert (
+        stopped["stopped_early"]
+        and stopped["step"] == 3
+        and _checkpoint_steps(tmp_path / "resumed") == [3]
+    )
     assert trainer.train_and_evaluate(c, tmp_path / "resumed")["step"] == 8
 
     a, b = _final_state(tmp_path / "reference", 8), _final_state(tmp_path / "resumed", 8)
     leaves_a, leaves_b = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)
     assert len(leaves_a) == len(leaves_b)
     for (path, x), y in zip(leaves_a, leaves_b):
-        assert np.array_equal(np.asarray(x), np.asarray(y)), f"{jax.tree_util.keystr(path)} differs after resume"
+        assert np.array_equal(np.asarray(x), np.asarray(y)), (
+            f"{jax.tree_util.keystr(path)} differs after resume"
+        )
     assert _train_losses(tmp_path / "reference")[8] == _train_losses(tmp_path / "resumed")[8]

@@ -5,6 +5,7 @@ outputs in the workdir, resume after SIGKILL equal to an uninterrupted run (bitw
 checkpoint, 4 devices and 2 processes x 2 devices equal to 1 device, and each error case with its
 message.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,8 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-
 from tiny_config import tiny_config
+
 from train import observe
 from train.trainer import train_and_evaluate
 
@@ -45,13 +46,27 @@ def _env(devices: int = 1, extra: dict | None = None) -> dict:
 
 
 def _main_cmd(workdir, overrides: dict | None = None) -> list[str]:
-    return [sys.executable, "-m", "train.main", "--config", "configs/tiny.py", "--workdir", str(workdir),
-            *_flags(overrides or {})]
+    return [
+        sys.executable,
+        "-m",
+        "train.main",
+        "--config",
+        "configs/tiny.py",
+        "--workdir",
+        str(workdir),
+        *_flags(overrides or {}),
+    ]
 
 
 def _run_main(workdir, overrides=None, *, devices=1, timeout=300, check=True):
-    proc = subprocess.run(_main_cmd(workdir, overrides), cwd=REPO, env=_env(devices), capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        _main_cmd(workdir, overrides),
+        cwd=REPO,
+        env=_env(devices),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"train.main exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -64,7 +79,9 @@ def _train_losses(workdir) -> dict[int, float]:
 def _final_state(workdir, step: int):
     """The raw checkpointed state tree at ``step`` (numpy leaves)."""
     ckpt_dir = Path(workdir) / "checkpoints" / str(step)
-    assert ckpt_dir.is_dir(), f"no checkpoint at step {step}: {sorted(os.listdir(Path(workdir) / 'checkpoints'))}"
+    assert ckpt_dir.is_dir(), (
+        f"no checkpoint at step {step}: {sorted(os.listdir(Path(workdir) / 'checkpoints'))}"
+    )
     import orbax.checkpoint as ocp
 
     with ocp.StandardCheckpointer() as reader:
@@ -83,7 +100,9 @@ def test_end_to_end_outputs(tmp_path):
     train_rows = observe.read_metrics(tmp_path, split="train")
     assert [r["step"] for r in train_rows] == list(range(1, 13))
     assert all(np.isfinite(r["loss"]) for r in train_rows)
-    assert train_rows[0]["lr"] == 0.0 and all(r["lr"] > 0 for r in train_rows[1:])  # linear warmup from 0
+    assert train_rows[0]["lr"] == 0.0 and all(
+        r["lr"] > 0 for r in train_rows[1:]
+    )  # linear warmup from 0
     assert {"loss_ce", "loss_aux", "loss_se", "grad_norm"} <= set(train_rows[0])
     evals = observe.read_metrics(tmp_path, split="eval")
     assert [r["step"] for r in evals] == [6, 12] and len(evals[-1]["IoU"]) == 6
@@ -104,14 +123,26 @@ def test_end_to_end_outputs(tmp_path):
 
 
 def test_recognition_task_runs(tmp_path):
-    c = _config(**{"task": "recognition", "dataset.name": "shapes_cls", "dataset.num_classes": 5,
-                   "train.best_metric": "top1", "train.num_steps": 4, "train.eval_every": 4})
+    c = _config(
+        **{
+            "task": "recognition",
+            "dataset.name": "shapes_cls",
+            "dataset.num_classes": 5,
+            "train.best_metric": "top1",
+            "train.num_steps": 4,
+            "train.eval_every": 4,
+        }
+    )
     c.model.name = "resnet18"
     c.model.kwargs = {"layers": (1, 1, 1, 1), "stage_planes": (8, 16, 32, 64)}
     c.loss.label_smoothing = 0.1
     c.loss.mixup_alpha = 0.2
     result = train_and_evaluate(c, tmp_path)
-    assert 0.0 <= result["top1"] <= 1.0 and 0.0 <= result["top5"] <= 1.0 and result["top5"] >= result["top1"]
+    assert (
+        0.0 <= result["top1"] <= 1.0
+        and 0.0 <= result["top5"] <= 1.0
+        and result["top5"] >= result["top1"]
+    )
 
 
 # --- in-process: errors --------------------------------------------------------------------------
@@ -133,7 +164,10 @@ def test_bad_task_norm_dtype(tmp_path):
 
 def test_non_finite_loss_stops_and_names_the_step(tmp_path):
     c = _config(**{"optim.lr": 1e12, "train.checkpoint_every": 1, "train.num_steps": 12})
-    with pytest.raises(FloatingPointError, match=r"non-finite loss \((nan|inf|-inf)\) at step (\d+).*last good checkpoint is step \d+") as info:
+    with pytest.raises(
+        FloatingPointError,
+        match=r"non-finite loss \((nan|inf|-inf)\) at step (\d+).*last good checkpoint is step \d+",
+    ) as info:
         train_and_evaluate(c, tmp_path)
     bad = int(info.value.args[0].split(" at step ")[1].split(";")[0])
     steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
@@ -147,7 +181,9 @@ def test_incompatible_config_on_restart(tmp_path):
         train_and_evaluate(_config(**short, **{"train.num_steps": 4, "optim.lr": 0.5}), tmp_path)
     # Extending the run is allowed; asking for the change is too.
     assert train_and_evaluate(_config(**short, **{"train.num_steps": 4}), tmp_path)["step"] == 4
-    changed = _config(**short, **{"train.num_steps": 6, "optim.lr": 0.5, "train.allow_config_change": True})
+    changed = _config(
+        **short, **{"train.num_steps": 6, "optim.lr": 0.5, "train.allow_config_change": True}
+    )
     assert train_and_evaluate(changed, tmp_path)["step"] == 6
 
 
@@ -165,7 +201,9 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240.0) -> Non
     while not path.exists():
         if proc.poll() is not None:
             out, err = proc.communicate()
-            raise AssertionError(f"train.main exited {proc.returncode} before {path} appeared:\n{out}\n{err}")
+            raise AssertionError(
+                f"train.main exited {proc.returncode} before {path} appeared:\n{out}\n{err}"
+            )
         if time.time() > deadline:
             proc.kill()
             raise AssertionError(f"{path} did not appear within {timeout}s")
@@ -173,8 +211,13 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240.0) -> Non
 
 
 # Slower steps (64 px, wider stages) so that a kill lands mid-training, not after the end.
-_RESUME = {"dataset.image_size": 64, "train.num_steps": 14, "train.checkpoint_every": 3, "train.eval_every": 7,
-           "train.log_every": 1}
+_RESUME = {
+    "dataset.image_size": 64,
+    "train.num_steps": 14,
+    "train.checkpoint_every": 3,
+    "train.eval_every": 7,
+    "train.log_every": 1,
+}
 
 
 @pytest.mark.slow
@@ -182,8 +225,14 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     _run_main(reference, _RESUME)
 
-    proc = subprocess.Popen(_main_cmd(resumed, _RESUME), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _main_cmd(resumed, _RESUME),
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     _wait_for(resumed / "checkpoints" / "6", proc)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
@@ -197,15 +246,23 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     leaves_a, leaves_b = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)
     assert len(leaves_a) == len(leaves_b)
     for (path, x), y in zip(leaves_a, leaves_b):
-        assert np.array_equal(np.asarray(x), np.asarray(y)), f"{jax.tree_util.keystr(path)} differs after resume"
+        assert np.array_equal(np.asarray(x), np.asarray(y)), (
+            f"{jax.tree_util.keystr(path)} differs after resume"
+        )
     assert _train_losses(reference) == _train_losses(resumed)
 
 
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     overrides = {**_RESUME, "train.num_steps": 400, "train.checkpoint_every": 100}
-    proc = subprocess.Popen(_main_cmd(tmp_path, overrides), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _main_cmd(tmp_path, overrides),
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     _wait_for(tmp_path / "metrics.jsonl", proc)
     time.sleep(1.0)
     proc.send_signal(signal.SIGTERM)
@@ -220,8 +277,13 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 
 # --- data parallel: 4 devices, 2 processes x 2 devices == 1 device --------------------------------
 
-_PARALLEL = {"train.num_steps": 6, "train.eval_every": 6, "train.checkpoint_every": 6, "model.disable_dropout": True,
-             "input.global_batch_size": 8}
+_PARALLEL = {
+    "train.num_steps": 6,
+    "train.eval_every": 6,
+    "train.checkpoint_every": 6,
+    "model.disable_dropout": True,
+    "input.global_batch_size": 8,
+}
 
 
 def _free_port() -> int:
@@ -247,19 +309,33 @@ def _assert_same_curve(expected: dict, actual: dict, what: str) -> None:
     assert sorted(expected) == sorted(actual) == list(range(1, 7)), (expected, actual)
     assert actual[1] == pytest.approx(expected[1], rel=_STEP1_RTOL), f"{what}: step 1"
     for step in expected:
-        assert actual[step] == pytest.approx(expected[step], rel=_CURVE_RTOL), f"{what}: step {step}"
+        assert actual[step] == pytest.approx(expected[step], rel=_CURVE_RTOL), (
+            f"{what}: step {step}"
+        )
 
 
-def _run_processes(cmd: list[str], processes: int, devices: int, extra: dict | None = None) -> list[tuple[str, str]]:
+def _run_processes(
+    cmd: list[str], processes: int, devices: int, extra: dict | None = None
+) -> list[tuple[str, str]]:
     """``cmd`` as ``processes`` jax.distributed processes over 127.0.0.1 with ``devices`` CPU devices
     each; every one must exit 0 within 300 s (stragglers are killed). Returns (stdout, stderr) each."""
     port = _free_port()
     procs = []
     for pid in range(processes):
-        env = _env(devices, {**(extra or {}), "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
-                             "JAX_NUM_PROCESSES": str(processes), "JAX_PROCESS_ID": str(pid)})
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
+        env = _env(
+            devices,
+            {
+                **(extra or {}),
+                "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                "JAX_NUM_PROCESSES": str(processes),
+                "JAX_PROCESS_ID": str(pid),
+            },
+        )
+        procs.append(
+            subprocess.Popen(
+                cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
     try:
         outputs = [p.communicate(timeout=300) for p in procs]
     finally:
@@ -277,8 +353,12 @@ def _first_step(out: Path, devices: int, overrides: dict | None = None, processe
     cmd = [sys.executable, str(REPO / "tests" / "first_step_worker.py"), str(out), *args]
     extra = {"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
     if processes == 1:
-        proc = subprocess.run(cmd, cwd=REPO, env=_env(devices, extra), capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, f"first_step_worker exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+        proc = subprocess.run(
+            cmd, cwd=REPO, env=_env(devices, extra), capture_output=True, text=True, timeout=300
+        )
+        assert proc.returncode == 0, (
+            f"first_step_worker exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+        )
     else:
         _run_processes(cmd, processes, devices, extra)
     with np.load(out) as data:
@@ -299,9 +379,13 @@ def _largest_mismatch(expected: dict, actual: dict) -> tuple[float, str]:
 @pytest.mark.multidevice
 def test_first_step_is_the_same_on_every_layout(tmp_path):
     one = _first_step(tmp_path / "one.npz", 1)
-    assert any(k.startswith("grads/") for k in one) and any(k.startswith("batch_stats/") for k in one)
-    for what, layout in {"4 devices": _first_step(tmp_path / "four.npz", 4),
-                         "2 processes x 2 devices": _first_step(tmp_path / "multi.npz", 2, processes=2)}.items():
+    assert any(k.startswith("grads/") for k in one) and any(
+        k.startswith("batch_stats/") for k in one
+    )
+    for what, layout in {
+        "4 devices": _first_step(tmp_path / "four.npz", 4),
+        "2 processes x 2 devices": _first_step(tmp_path / "multi.npz", 2, processes=2),
+    }.items():
         err, leaf = _largest_mismatch(one, layout)
         assert err <= _STEP1_RTOL, f"{what} vs 1 device: {leaf} differs by {err:.2e} relative"
     # Negative control: per-device BN (not synchronised) is a different computation, and the check
@@ -316,14 +400,21 @@ def test_first_step_is_the_same_on_every_layout(tmp_path):
 def test_four_devices_match_one_device(tmp_path):
     _run_main(tmp_path / "one", _PARALLEL)
     _run_main(tmp_path / "four", _PARALLEL, devices=4)
-    _assert_same_curve(_train_losses(tmp_path / "one"), _train_losses(tmp_path / "four"), "4 devices vs 1")
+    _assert_same_curve(
+        _train_losses(tmp_path / "one"), _train_losses(tmp_path / "four"), "4 devices vs 1"
+    )
     one = observe.read_metrics(tmp_path / "one", split="eval")[-1]
     four = observe.read_metrics(tmp_path / "four", split="eval")[-1]
     assert four["mIoU"] == pytest.approx(one["mIoU"], abs=2e-3)
 
-    bad = _run_main(tmp_path / "bad", {**_PARALLEL, "input.global_batch_size": 6}, devices=4, check=False)
+    bad = _run_main(
+        tmp_path / "bad", {**_PARALLEL, "input.global_batch_size": 6}, devices=4, check=False
+    )
     assert bad.returncode != 0
-    assert "config.input.global_batch_size=6 is not divisible by the number of devices (4)" in bad.stderr
+    assert (
+        "config.input.global_batch_size=6 is not divisible by the number of devices (4)"
+        in bad.stderr
+    )
 
 
 @pytest.mark.slow
@@ -331,7 +422,11 @@ def test_four_devices_match_one_device(tmp_path):
 def test_two_processes_two_devices_match_one_device(tmp_path):
     _run_main(tmp_path / "one", _PARALLEL)
     outputs = _run_processes(_main_cmd(tmp_path / "multi", _PARALLEL), 2, 2)
-    _assert_same_curve(_train_losses(tmp_path / "one"), _train_losses(tmp_path / "multi"), "2 processes x 2 devices vs 1")
+    _assert_same_curve(
+        _train_losses(tmp_path / "one"),
+        _train_losses(tmp_path / "multi"),
+        "2 processes x 2 devices vs 1",
+    )
     # Only process 0 logs (the observer's lines go to stderr; gloo prints its own lines to stdout).
     assert "step 6/6" in outputs[0][1]
     assert "step " not in outputs[1][0] + outputs[1][1]

@@ -1,5 +1,6 @@
 """train/observe.py: JSONL + TensorBoard logging, progress output, main-only writing, summary.json,
 resume truncation and the segmentation sample PNG."""
+
 from __future__ import annotations
 
 import io
@@ -55,12 +56,12 @@ def read_events(workdir):
         data = f.read_bytes()
         pos = 0
         while pos < len(data):
-            header = data[pos:pos + 8]
+            header = data[pos : pos + 8]
             (length,) = struct.unpack("<Q", header)
-            (hcrc,) = struct.unpack("<I", data[pos + 8:pos + 12])
+            (hcrc,) = struct.unpack("<I", data[pos + 8 : pos + 12])
             assert hcrc == masked_crc32c(header)
-            payload = data[pos + 12:pos + 12 + length]
-            (pcrc,) = struct.unpack("<I", data[pos + 12 + length:pos + 16 + length])
+            payload = data[pos + 12 : pos + 12 + length]
+            (pcrc,) = struct.unpack("<I", data[pos + 12 + length : pos + 16 + length])
             assert pcrc == masked_crc32c(payload)
             ev = Event()
             ev.ParseFromString(payload)
@@ -99,7 +100,12 @@ def test_jsonl_rows_order_values_and_nan_as_null(tmp_path, clock):
     run_small(tmp_path, io.StringIO(), clock)
     rows = read_metrics(tmp_path)
     assert [(r["step"], r["split"]) for r in rows] == [
-        (10, "train"), (20, "train"), (20, "eval"), (30, "train"), (30, "eval")]
+        (10, "train"),
+        (20, "train"),
+        (20, "eval"),
+        (30, "train"),
+        (30, "eval"),
+    ]
     times = [r["time"] for r in rows]
     assert times == sorted(times) and all(isinstance(t, float) for t in times)
     r10, r20, e20 = rows[0], rows[1], rows[2]
@@ -118,8 +124,14 @@ def test_jsonl_rows_order_values_and_nan_as_null(tmp_path, clock):
 def test_tensorboard_event_file_has_scalar_tags(tmp_path):
     run_small(tmp_path, io.StringIO())
     sc = scalars(read_events(tmp_path))
-    assert {"train/loss", "train/lr", "train/examples_per_sec", "train/steps_per_sec",
-            "eval/pixAcc", "eval/mIoU"} <= set(sc)
+    assert {
+        "train/loss",
+        "train/lr",
+        "train/examples_per_sec",
+        "train/steps_per_sec",
+        "eval/pixAcc",
+        "eval/mIoU",
+    } <= set(sc)
     assert not any("iou" == t.split("/")[-1] for t in sc)  # the per-class list is JSONL-only
     assert [s for s, _ in sc["train/loss"]] == [10, 20, 30]
     assert sc["train/loss"][0][1] == 2.0 and math.isnan(sc["train/loss"][1][1])
@@ -130,7 +142,9 @@ def test_jax_values_including_bfloat16(tmp_path):
     import jax.numpy as jnp
 
     with Observer(tmp_path, total_steps=10, stream=io.StringIO()) as obs:
-        obs.log_train(1, {"loss": jnp.asarray(0.5, jnp.bfloat16), "lr": jnp.float32(0.25)}, examples=2)
+        obs.log_train(
+            1, {"loss": jnp.asarray(0.5, jnp.bfloat16), "lr": jnp.float32(0.25)}, examples=2
+        )
         obs.log_eval(1, {"mIoU": jnp.asarray(0.75), "iou": jnp.array([0.5, 1.0], jnp.bfloat16)})
     train, ev = read_metrics(tmp_path)
     assert (train["loss"], train["lr"]) == (0.5, 0.25)
@@ -156,9 +170,18 @@ def test_non_main_writes_and_prints_nothing(tmp_path):
         rates = obs.log_train(5, {"loss": 1.0}, examples=8)
         obs.log_eval(5, {"top1": 0.7, "per_class": [0.1, 0.2]})
         obs.log_text("hello")
-        assert obs.save_samples(5, np.zeros((1, 2, 2, 3), np.float32), np.zeros((1, 2, 2), np.int32),
-                                np.zeros((1, 2, 2), np.int32), palette=voc_palette(2),
-                                mean=MEAN, std=STD) is None
+        assert (
+            obs.save_samples(
+                5,
+                np.zeros((1, 2, 2, 3), np.float32),
+                np.zeros((1, 2, 2), np.int32),
+                np.zeros((1, 2, 2), np.int32),
+                palette=voc_palette(2),
+                mean=MEAN,
+                std=STD,
+            )
+            is None
+        )
         table = obs.summary({"top1": 0.7})
     assert set(rates) == {"examples_per_sec", "steps_per_sec"}
     assert "best top1" in table and obs.best_step == 5  # same API and state as on the main process
@@ -227,14 +250,28 @@ def test_summary_json_and_table(tmp_path, clock):
 
 def test_summary_accepts_trainer_result_dict(tmp_path):
     # The trainer passes its result dict: reserved-looking keys, str, bool, None and lists are fine.
-    result = {"step": 10, "pixAcc": 0.5, "mIoU": float("nan"), "best_metric": "mIoU", "best_value": None,
-              "stopped_early": False, "iou": [0.5, float("inf")]}
+    result = {
+        "step": 10,
+        "pixAcc": 0.5,
+        "mIoU": float("nan"),
+        "best_metric": "mIoU",
+        "best_value": None,
+        "stopped_early": False,
+        "iou": [0.5, float("inf")],
+    }
     with Observer(tmp_path, total_steps=10, stream=io.StringIO()) as obs:
         table = obs.summary(result)
     info = json.loads((tmp_path / "summary.json").read_text())
     assert info["best"] is None and info["config"] is None and info["examples_per_sec"] is None
-    assert info["final"] == {"step": 10, "pixAcc": 0.5, "mIoU": None, "best_metric": "mIoU", "best_value": None,
-                             "stopped_early": False, "iou": [0.5, None]}
+    assert info["final"] == {
+        "step": 10,
+        "pixAcc": 0.5,
+        "mIoU": None,
+        "best_metric": "mIoU",
+        "best_value": None,
+        "stopped_early": False,
+        "iou": [0.5, None],
+    }
     assert "final best_metric" in table and "final iou" not in table
     with pytest.raises(TypeError, match="final"):
         obs.summary([("a", 1.0)])
@@ -260,13 +297,19 @@ def test_resume_drops_lost_rows_and_restores_best(tmp_path):
         f.write('{"step": 60, "split": "tr')  # killed mid-write
     assert [r["step"] for r in read_metrics(tmp_path)] == [10, 20, 30, 40, 50, 20, 40]
 
-    with Observer(tmp_path, total_steps=100, start_step=30, stream=io.StringIO(),
-                  best_metric="mIoU") as obs:
+    with Observer(
+        tmp_path, total_steps=100, start_step=30, stream=io.StringIO(), best_metric="mIoU"
+    ) as obs:
         assert (obs.best_value, obs.best_step) == (0.3, 20)
         obs.log_train(40, {"loss": 0.5}, examples=4)
     rows = read_metrics(tmp_path)
     assert [(r["step"], r["split"]) for r in rows] == [
-        (10, "train"), (20, "train"), (30, "train"), (20, "eval"), (40, "train")]
+        (10, "train"),
+        (20, "train"),
+        (30, "train"),
+        (20, "eval"),
+        (40, "train"),
+    ]
     assert rows[-1]["loss"] == 0.5
     # Each run has its own event file (a restart within the same second must not truncate the first).
     assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) == 2
@@ -322,17 +365,24 @@ def test_samples_png_layout_and_colours(tmp_path):
     masks[:, 0, :] = -1  # ignore row
     preds = rng.integers(0, 4, (n, h, w)).astype(np.int64)
     palette = np.array([[10, 20, 30], [200, 0, 0], [0, 200, 0], [0, 0, 200]])
-    path = save_segmentation_samples(tmp_path / "sub" / "s.png", normalise(img_u8), masks, preds,
-                                     palette=palette.reshape(-1).tolist(), mean=MEAN, std=STD)
+    path = save_segmentation_samples(
+        tmp_path / "sub" / "s.png",
+        normalise(img_u8),
+        masks,
+        preds,
+        palette=palette.reshape(-1).tolist(),
+        mean=MEAN,
+        std=STD,
+    )
     assert path == tmp_path / "sub" / "s.png"
     with Image.open(path) as im:
         assert im.format == "PNG" and im.mode == "RGB"
         assert im.size == (3 * w, n * h)  # (width, height): 3 panels, one row per sample
         arr = np.asarray(im)
     for i in range(n):
-        row = arr[i * h:(i + 1) * h]
+        row = arr[i * h : (i + 1) * h]
         np.testing.assert_array_equal(row[:, :w], img_u8[i])  # de-normalised image round-trips
-        gt, pr = row[:, w:2 * w], row[:, 2 * w:]
+        gt, pr = row[:, w : 2 * w], row[:, 2 * w :]
         np.testing.assert_array_equal(gt[1:], palette[masks[i, 1:]])
         np.testing.assert_array_equal(gt[0], np.full((w, 3), 255))  # ignore pixels are white
         np.testing.assert_array_equal(pr, palette[preds[i]])
@@ -343,8 +393,9 @@ def test_samples_max_rows_and_observer_path(tmp_path):
     imgs = np.zeros((n, h, w, 3), np.float32)
     labels = np.zeros((n, h, w), np.int32)
     with Observer(tmp_path, total_steps=10, stream=io.StringIO()) as obs:
-        path = obs.save_samples(7, imgs, labels, labels, palette=voc_palette(21), mean=MEAN, std=STD,
-                                max_rows=2)
+        path = obs.save_samples(
+            7, imgs, labels, labels, palette=voc_palette(21), mean=MEAN, std=STD, max_rows=2
+        )
     assert path == tmp_path / "samples" / "step_0000007.png"
     with Image.open(path) as im:
         assert im.size == (3 * w, 2 * h)
@@ -355,8 +406,15 @@ def test_samples_pixel_scale_0_255_mean(tmp_path):
     img_u8 = np.arange(12, dtype=np.uint8).reshape(1, 2, 2, 3) * 20
     mean, std = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
     x = ((img_u8 - np.array(mean)) / np.array(std)).astype(np.float32)
-    p = save_segmentation_samples(tmp_path / "a.png", x, np.zeros((1, 2, 2), np.int32),
-                                  np.zeros((1, 2, 2), np.int32), palette=[[0, 0, 0]], mean=mean, std=std)
+    p = save_segmentation_samples(
+        tmp_path / "a.png",
+        x,
+        np.zeros((1, 2, 2), np.int32),
+        np.zeros((1, 2, 2), np.int32),
+        palette=[[0, 0, 0]],
+        mean=mean,
+        std=std,
+    )
     with Image.open(p) as im:
         np.testing.assert_array_equal(np.asarray(im)[:, :2], img_u8[0])
 
@@ -372,25 +430,40 @@ def test_voc_palette():
         voc_palette(0)
 
 
-@pytest.mark.parametrize("change, match", [
-    (dict(images=np.zeros((2, 4, 4), np.float32)), r"images: expected \(N, H, W, 3\)"),
-    (dict(images=np.zeros((2, 4, 4, 3), np.uint8)), "images: expected a float array"),
-    (dict(masks=np.zeros((2, 4, 5), np.int32)), r"masks: expected shape \(N, H, W\) = \(2, 4, 4\)"),
-    (dict(preds=np.zeros((2, 4, 4), np.float32)), "preds: expected an integer array"),
-    (dict(masks=np.full((2, 4, 4), 3, np.int32)), r"masks: labels must be in \[0, 3\).*got 3"),
-    (dict(preds=np.full((2, 4, 4), -2, np.int32)), r"preds: labels must be in \[0, 3\).*got -2"),
-    (dict(palette=[[0, 0]]), "palette: expected"),
-    (dict(palette=[[0, 0, 300]]), r"palette: RGB values must be in \[0, 255\]"),
-    (dict(mean=(0.5, 0.5)), "mean: expected 3"),
-    (dict(std=(0.5, 0.0, 0.5)), "std: expected 3 positive"),
-    (dict(max_rows=0), "max_rows"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(images=np.zeros((2, 4, 4), np.float32)), r"images: expected \(N, H, W, 3\)"),
+        (dict(images=np.zeros((2, 4, 4, 3), np.uint8)), "images: expected a float array"),
+        (
+            dict(masks=np.zeros((2, 4, 5), np.int32)),
+            r"masks: expected shape \(N, H, W\) = \(2, 4, 4\)",
+        ),
+        (dict(preds=np.zeros((2, 4, 4), np.float32)), "preds: expected an integer array"),
+        (dict(masks=np.full((2, 4, 4), 3, np.int32)), r"masks: labels must be in \[0, 3\).*got 3"),
+        (
+            dict(preds=np.full((2, 4, 4), -2, np.int32)),
+            r"preds: labels must be in \[0, 3\).*got -2",
+        ),
+        (dict(palette=[[0, 0]]), "palette: expected"),
+        (dict(palette=[[0, 0, 300]]), r"palette: RGB values must be in \[0, 255\]"),
+        (dict(mean=(0.5, 0.5)), "mean: expected 3"),
+        (dict(std=(0.5, 0.0, 0.5)), "std: expected 3 positive"),
+        (dict(max_rows=0), "max_rows"),
+    ],
+)
 def test_samples_errors(tmp_path, change, match):
-    kw = dict(images=np.zeros((2, 4, 4, 3), np.float32), masks=np.zeros((2, 4, 4), np.int32),
-              preds=np.zeros((2, 4, 4), np.int32), palette=[[0, 0, 0], [1, 1, 1], [2, 2, 2]],
-              mean=MEAN, std=STD)
+    kw = dict(
+        images=np.zeros((2, 4, 4, 3), np.float32),
+        masks=np.zeros((2, 4, 4), np.int32),
+        preds=np.zeros((2, 4, 4), np.int32),
+        palette=[[0, 0, 0], [1, 1, 1], [2, 2, 2]],
+        mean=MEAN,
+        std=STD,
+    )
     kw.update(change)
     with pytest.raises(ValueError, match=match):
-        save_segmentation_samples(tmp_path / "x.png", kw.pop("images"), kw.pop("masks"), kw.pop("preds"),
-                                  **kw)
+        save_segmentation_samples(
+            tmp_path / "x.png", kw.pop("images"), kw.pop("masks"), kw.pop("preds"), **kw
+        )
     assert not (tmp_path / "x.png").exists()

@@ -1,5 +1,6 @@
 """train.optim: torch.optim parity (SGD, AdamW, param groups), schedules vs upstream LR_Scheduler formulas,
 head lr multiplier, weight-decay mask, clipping, gradient accumulation, EMA and config validation."""
+
 from __future__ import annotations
 
 import math
@@ -14,7 +15,13 @@ import pytest
 from optional_torch import torch
 
 from jaxenc.nn import BatchNorm
-from train.optim import ema_update, make_lr_schedule, make_optimizer, param_labels, weight_decay_mask
+from train.optim import (
+    ema_update,
+    make_lr_schedule,
+    make_optimizer,
+    param_labels,
+    weight_decay_mask,
+)
 
 
 def _params(seed=0, with_backbone=True):
@@ -40,7 +47,9 @@ def _grads(params, seed):
 
 
 def _run_jax(cfg, params, grads_seq, total_steps=10, batch=16):
-    tx, schedule = make_optimizer(cfg, params=params, total_steps=total_steps, global_batch_size=batch)
+    tx, schedule = make_optimizer(
+        cfg, params=params, total_steps=total_steps, global_batch_size=batch
+    )
     state = tx.init(params)
     update = jax.jit(tx.update)
     for grads in grads_seq:
@@ -60,13 +69,24 @@ def _run_torch(cfg, params, grads_seq, schedule):
         no_wd = cfg.get("no_bn_wd", False) and x.ndim <= 1
         groups.setdefault((head, no_wd), []).append(t)
     wd = cfg.get("weight_decay", 1e-4)
-    param_groups = [dict(params=ts, weight_decay=0.0 if no_wd else wd, head=head) for (head, no_wd), ts in groups.items()]
+    param_groups = [
+        dict(params=ts, weight_decay=0.0 if no_wd else wd, head=head)
+        for (head, no_wd), ts in groups.items()
+    ]
     if cfg["name"] == "sgd":
         opt = torch.optim.SGD(
-            param_groups, lr=0.0, momentum=cfg.get("momentum", 0.9), nesterov=cfg.get("nesterov", False)
+            param_groups,
+            lr=0.0,
+            momentum=cfg.get("momentum", 0.9),
+            nesterov=cfg.get("nesterov", False),
         )
     else:
-        opt = torch.optim.AdamW(param_groups, lr=0.0, betas=(cfg.get("b1", 0.9), cfg.get("b2", 0.999)), eps=cfg.get("eps", 1e-8))
+        opt = torch.optim.AdamW(
+            param_groups,
+            lr=0.0,
+            betas=(cfg.get("b1", 0.9), cfg.get("b2", 0.999)),
+            eps=cfg.get("eps", 1e-8),
+        )
     for step, grads in enumerate(grads_seq):
         lr = float(schedule(step))
         for group in opt.param_groups:
@@ -107,8 +127,18 @@ def test_sgd_matches_torch_sgd_with_head_groups_and_poly_schedule(extra):
 
 @pytest.mark.parametrize("no_bn_wd", [False, True])
 def test_adamw_matches_torch_adamw(no_bn_wd):
-    cfg = dict(name="adamw", lr=1e-2, weight_decay=0.05, schedule="cosine", warmup_steps=1, b1=0.85, b2=0.99,
-               eps=1e-7, head_lr_mult=2.0, no_bn_wd=no_bn_wd)
+    cfg = dict(
+        name="adamw",
+        lr=1e-2,
+        weight_decay=0.05,
+        schedule="cosine",
+        warmup_steps=1,
+        b1=0.85,
+        b2=0.99,
+        eps=1e-7,
+        head_lr_mult=2.0,
+        no_bn_wd=no_bn_wd,
+    )
     params = _params(1)
     grads_seq = [_grads(params, s) for s in range(5)]
     ours, schedule = _run_jax(cfg, params, grads_seq)
@@ -120,7 +150,18 @@ def test_adamw_matches_torch_adamw(no_bn_wd):
 # schedules vs upstream LR_Scheduler (encoding/utils/lr_scheduler.py)
 
 
-def upstream_lr(mode, base_lr, num_epochs, iters_per_epoch, lr_step, warmup_epochs, i, epoch, power=0.9, gamma=0.1):
+def upstream_lr(
+    mode,
+    base_lr,
+    num_epochs,
+    iters_per_epoch,
+    lr_step,
+    warmup_epochs,
+    i,
+    epoch,
+    power=0.9,
+    gamma=0.1,
+):
     """LR_Scheduler.__call__ restated (power and gamma are 0.9 / 0.1 upstream, generalised here)."""
     T = epoch * iters_per_epoch + i
     warmup_iters = warmup_epochs * iters_per_epoch
@@ -156,31 +197,62 @@ def test_schedule_matches_upstream_formulas(schedule, mode, warmup_epochs, extra
     num_epochs, iters, lr_step = 8, 5, 3
     total = num_epochs * iters
     warmup = warmup_epochs * iters
-    boundaries = tuple(k * lr_step * iters for k in range(1, num_epochs // lr_step + 1) if k * lr_step * iters < total)
-    cfg = ml_collections.ConfigDict(dict(
-        name="sgd", lr=0.01, lr_batch_reference=16, schedule=schedule, warmup_steps=warmup,
-        step_boundaries=boundaries, **extra,
-    ))
+    boundaries = tuple(
+        k * lr_step * iters
+        for k in range(1, num_epochs // lr_step + 1)
+        if k * lr_step * iters < total
+    )
+    cfg = ml_collections.ConfigDict(
+        dict(
+            name="sgd",
+            lr=0.01,
+            lr_batch_reference=16,
+            schedule=schedule,
+            warmup_steps=warmup,
+            step_boundaries=boundaries,
+            **extra,
+        )
+    )
     fn, batch = make_lr_schedule(cfg, total_steps=total, global_batch_size=32), 32
     base = 0.01 * batch / 16
     ours = np.asarray(jax.jit(jax.vmap(fn))(jnp.arange(total)))
     power, gamma = extra.get("poly_power", 0.9), extra.get("step_gamma", 0.1)
-    ref = np.array([
-        upstream_lr(mode, base, num_epochs, iters, lr_step, warmup_epochs, t % iters, t // iters, power, gamma)
-        for t in range(total)
-    ])
+    ref = np.array(
+        [
+            upstream_lr(
+                mode,
+                base,
+                num_epochs,
+                iters,
+                lr_step,
+                warmup_epochs,
+                t % iters,
+                t // iters,
+                power,
+                gamma,
+            )
+            for t in range(total)
+        ]
+    )
     np.testing.assert_allclose(ours, ref, rtol=2e-6, atol=1e-9)
     # the named points: T = 0, warmup end, last update
     for t in sorted({0, warmup, total - 1}):
         assert float(fn(t)) == pytest.approx(ref[t], rel=2e-6, abs=1e-9)
     if warmup:
-        assert float(fn(0)) == 0.0 and float(fn(warmup)) == pytest.approx(base if mode != "step" else ref[warmup])
+        assert float(fn(0)) == 0.0 and float(fn(warmup)) == pytest.approx(
+            base if mode != "step" else ref[warmup]
+        )
 
 
 def test_step_boundary_is_passed_at_the_boundary_step():
-    fn = make_lr_schedule(dict(lr=1.0, schedule="step", step_boundaries=(3, 6), step_gamma=0.1),
-                          total_steps=10, global_batch_size=1)
-    np.testing.assert_allclose([float(fn(t)) for t in (2, 3, 5, 6, 9)], [1.0, 0.1, 0.1, 0.01, 0.01], rtol=1e-6)
+    fn = make_lr_schedule(
+        dict(lr=1.0, schedule="step", step_boundaries=(3, 6), step_gamma=0.1),
+        total_steps=10,
+        global_batch_size=1,
+    )
+    np.testing.assert_allclose(
+        [float(fn(t)) for t in (2, 3, 5, 6, 9)], [1.0, 0.1, 0.1, 0.01, 0.01], rtol=1e-6
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -197,7 +269,9 @@ def _one_update(cfg, params, grads, total_steps=10):
 def test_head_lr_multiplier_scales_head_updates(mult):
     params = _params()
     grads = jax.tree.map(jnp.ones_like, params)
-    cfg = dict(name="sgd", lr=0.1, momentum=0.0, weight_decay=0.0, schedule="constant", head_lr_mult=mult)
+    cfg = dict(
+        name="sgd", lr=0.1, momentum=0.0, weight_decay=0.0, schedule="constant", head_lr_mult=mult
+    )
     updates = _one_update(cfg, params, grads)
     np.testing.assert_allclose(updates["pretrained"]["conv1"]["kernel"], -0.1, rtol=1e-6)
     np.testing.assert_allclose(updates["head"]["conv5"]["kernel"], -0.1 * mult, rtol=1e-6)
@@ -228,12 +302,16 @@ def test_no_bn_wd_mask_on_batchnorm_and_dense():
         "head": {"kernel": True, "bias": False},
     }
     zeros = jax.tree.map(jnp.zeros_like, params)
-    cfg = dict(name="sgd", lr=1.0, momentum=0.0, weight_decay=0.1, schedule="constant", no_bn_wd=True)
+    cfg = dict(
+        name="sgd", lr=1.0, momentum=0.0, weight_decay=0.1, schedule="constant", no_bn_wd=True
+    )
     updates = _one_update(cfg, params, zeros)
     for path, upd in jax.tree_util.tree_leaves_with_path(updates):
         p = params[path[0].key][path[1].key]
         expected = -0.1 * p if p.ndim > 1 else jnp.zeros_like(p)
-        np.testing.assert_allclose(upd, expected, rtol=1e-6, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_allclose(
+            upd, expected, rtol=1e-6, atol=1e-7, err_msg=jax.tree_util.keystr(path)
+        )
     # without no_bn_wd every parameter decays (BatchNorm scale is ones, so its update is -0.1)
     updates = _one_update({**cfg, "no_bn_wd": False}, params, zeros)
     np.testing.assert_allclose(updates["BatchNorm_0"]["scale"], -0.1, rtol=1e-6)
@@ -245,8 +323,15 @@ def test_clip_by_global_norm_before_head_multiplier():
     params = _params()
     grads = jax.tree.map(jnp.ones_like, params)
     norm = math.sqrt(sum(x.size for x in jax.tree.leaves(grads)))
-    cfg = dict(name="sgd", lr=1.0, momentum=0.0, weight_decay=0.0, schedule="constant", head_lr_mult=10.0,
-               clip_grad_norm=1.0)
+    cfg = dict(
+        name="sgd",
+        lr=1.0,
+        momentum=0.0,
+        weight_decay=0.0,
+        schedule="constant",
+        head_lr_mult=10.0,
+        clip_grad_norm=1.0,
+    )
     updates = _one_update(cfg, params, grads)
     np.testing.assert_allclose(updates["pretrained"]["conv1"]["kernel"], -1.0 / norm, rtol=1e-5)
     np.testing.assert_allclose(updates["head"]["conv5"]["kernel"], -10.0 / norm, rtol=1e-5)
@@ -261,7 +346,9 @@ def test_grad_accumulation_equals_one_big_batch_step():
     mean = jax.tree.map(lambda *g: sum(g) / 3, *micro)
     base = dict(name="sgd", lr=0.1, momentum=0.0, weight_decay=1e-2, schedule="constant")
     big, _ = _run_jax(base, params, [mean])
-    tx, _ = make_optimizer({**base, "grad_accum_steps": 3}, params=params, total_steps=10, global_batch_size=16)
+    tx, _ = make_optimizer(
+        {**base, "grad_accum_steps": 3}, params=params, total_steps=10, global_batch_size=16
+    )
     state, p = tx.init(params), params
     for i, g in enumerate(micro):
         updates, state = tx.update(g, state, p)
@@ -274,7 +361,9 @@ def test_grad_accumulation_equals_one_big_batch_step():
 def test_grad_accumulation_schedule_counts_optimizer_updates():
     params = {"w": jnp.zeros((2, 2))}
     g = {"w": jnp.ones((2, 2))}
-    cfg = dict(name="sgd", lr=1.0, momentum=0.0, weight_decay=0.0, schedule="cosine", grad_accum_steps=2)
+    cfg = dict(
+        name="sgd", lr=1.0, momentum=0.0, weight_decay=0.0, schedule="cosine", grad_accum_steps=2
+    )
     tx, schedule = make_optimizer(cfg, params=params, total_steps=4, global_batch_size=1)
     state = tx.init(params)
     applied = []
@@ -305,10 +394,20 @@ def test_ema_update():
     "cfg,kwargs,error,match",
     [
         (dict(name="rmsprop"), {}, ValueError, r"name must be one of \('sgd', 'adamw'\)"),
-        (dict(schedule="exp"), {}, ValueError, r"schedule must be one of \('poly', 'cosine', 'step', 'constant'\)"),
+        (
+            dict(schedule="exp"),
+            {},
+            ValueError,
+            r"schedule must be one of \('poly', 'cosine', 'step', 'constant'\)",
+        ),
         (dict(lr=-0.1), {}, ValueError, "optim.lr"),
         (dict(weight_decay=-1e-4), {}, ValueError, "weight_decay"),
-        (dict(warmup_steps=10), {}, ValueError, "warmup_steps=10 must be smaller than total_steps=10"),
+        (
+            dict(warmup_steps=10),
+            {},
+            ValueError,
+            "warmup_steps=10 must be smaller than total_steps=10",
+        ),
         (dict(schedule="step", step_boundaries=(5, 10)), {}, ValueError, "step_boundaries"),
         (dict(schedule="step", step_boundaries=(6, 4)), {}, ValueError, "strictly increasing"),
         (dict(schedule="step"), {}, ValueError, "non-empty"),

@@ -4,14 +4,17 @@ Upstream: vit-pytorch 1.26.11's cait.py, xcit.py and max_vit.py. vit-pytorch has
 layers; the parity checks below are the acceptance tests: converted weights, eval and train mode,
 outputs, input gradients and parameter gradients.
 """
+
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from optional_torch import torch
 from flax.traverse_util import flatten_dict
+from optional_torch import torch
+from parity import assert_close, check_module_parity, random_input, randomise_batchnorm
+from torch_ref import vit_module
 
 from jaxenc.nn.transformer import (
     CaiTAttention,
@@ -22,8 +25,6 @@ from jaxenc.nn.transformer import (
     XCAttention,
 )
 from jaxenc.port import torch_key, torch_to_flax
-from parity import assert_close, check_module_parity, random_input, randomise_batchnorm
-from torch_ref import vit_module
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,9 @@ def torch_keys(module: torch.nn.Module) -> set[str]:
 
 def init(module, x, **kwargs):
     """``module.init`` compiled as one program (eager init compiles op by op, which is slow)."""
-    return jax.jit(lambda key, xx: module.init(key, xx, **kwargs))(jax.random.key(0), jnp.asarray(x))
+    return jax.jit(lambda key, xx: module.init(key, xx, **kwargs))(
+        jax.random.key(0), jnp.asarray(x)
+    )
 
 
 def random_variables(module, x, seed: int = 0) -> dict:
@@ -102,7 +105,9 @@ def test_cait_attention_parity(cait):
     dim = shape[-1]
     torch_module = cait.Attention(dim, heads=heads, dim_head=dim_head)
     out = check_module_parity(
-        torch_module, CaiTAttention(dim, heads=heads, dim_head=dim_head), random_input(shape, seed=1)
+        torch_module,
+        CaiTAttention(dim, heads=heads, dim_head=dim_head),
+        random_input(shape, seed=1),
     )
     assert out["output"].shape == shape
 
@@ -125,7 +130,9 @@ def test_cait_attention_context_parity(cait):
     assert out["output"].shape == (2, 1, 32)
     # check_module_parity back-propagated the cotangent random_input(shape, seed=1000) through torch
     cot = random_input((2, 1, 32), seed=1000)
-    _, vjp = jax.vjp(lambda c: module.apply(out["variables"], jnp.asarray(x), context=c), jnp.asarray(ctx))
+    _, vjp = jax.vjp(
+        lambda c: module.apply(out["variables"], jnp.asarray(x), context=c), jnp.asarray(ctx)
+    )
     assert_close(vjp(jnp.asarray(cot))[0], ctx_t.grad.numpy(), 1e-4, what="context gradient")
 
 
@@ -154,7 +161,10 @@ def test_xc_attention_parity(xcit, shape):
         torch_module.temperature.normal_(0.0, 0.5)  # per-head temperatures, not all e
     forward = (lambda m, xt: m(tokens_last(xt)).permute(0, 3, 1, 2)) if len(shape) == 4 else None
     out = check_module_parity(
-        torch_module, XCAttention(32, heads=4, dim_head=8), random_input(shape, seed=4), torch_forward=forward
+        torch_module,
+        XCAttention(32, heads=4, dim_head=8),
+        random_input(shape, seed=4),
+        torch_forward=forward,
     )
     assert out["output"].shape == shape
 
@@ -163,7 +173,9 @@ def test_xc_attention_keys_and_init(xcit):
     torch_module = xcit.XCAttention(32, heads=4, dim_head=8)
     variables = init(XCAttention(32, heads=4, dim_head=8), jnp.ones((1, 3, 32)))
     assert flax_keys(variables) == torch_keys(torch_module)
-    np.testing.assert_array_equal(variables["params"]["temperature"], np.ones((4, 1, 1), np.float32))
+    np.testing.assert_array_equal(
+        variables["params"]["temperature"], np.ones((4, 1, 1), np.float32)
+    )
 
 
 def test_xc_attention_token_packing():
@@ -191,7 +203,11 @@ def test_squeeze_excitation_parity(max_vit, shape, rate):
     out = check_module_parity(torch_module, module, random_input(shape, seed=5))
     hidden = int(c * rate)
     assert out["variables"]["params"]["gate"]["1"]["kernel"].shape == (c, hidden)
-    assert flax_keys(out["variables"]) == torch_keys(torch_module) == {"gate.1.weight", "gate.3.weight"}
+    assert (
+        flax_keys(out["variables"])
+        == torch_keys(torch_module)
+        == {"gate.1.weight", "gate.3.weight"}
+    )
 
 
 def test_mbconv_residual_parity(max_vit):
@@ -205,7 +221,10 @@ def test_mbconv_residual_parity(max_vit):
 
 MBCONV_CASES = [
     # (dim_in, dim_out, kwargs, input shape, output shape, train)
-    *[(6, 6, dict(downsample=False, expansion_rate=2.5), (2, 9, 9, 6), (2, 9, 9, 6), t) for t in (False, True)],
+    *[
+        (6, 6, dict(downsample=False, expansion_rate=2.5), (2, 9, 9, 6), (2, 9, 9, 6), t)
+        for t in (False, True)
+    ],
     *[(8, 16, dict(downsample=True), (2, 9, 9, 8), (2, 5, 5, 16), t) for t in (False, True)],
     # equal dims but downsampling: no residual; odd, non-square input
     (6, 6, dict(downsample=True, expansion_rate=2.5), (2, 7, 10, 6), (2, 4, 5, 6), False),
@@ -229,8 +248,15 @@ def test_mbconv_keys(max_vit):
     x = jnp.ones((1, 9, 9, 6))
     wrapped = MBConv(6, 6, downsample=False, expansion_rate=2.5)
     plain = MBConv(6, 6, downsample=True, expansion_rate=2.5)
-    vw, vp = jax.eval_shape(wrapped.init, jax.random.key(0), x), jax.eval_shape(plain.init, jax.random.key(0), x)
-    assert flax_keys(vp) == expected_plain == torch_keys(max_vit.MBConv(6, 6, downsample=True, expansion_rate=2.5))
+    vw, vp = (
+        jax.eval_shape(wrapped.init, jax.random.key(0), x),
+        jax.eval_shape(plain.init, jax.random.key(0), x),
+    )
+    assert (
+        flax_keys(vp)
+        == expected_plain
+        == torch_keys(max_vit.MBConv(6, 6, downsample=True, expansion_rate=2.5))
+    )
     assert flax_keys(vw) == {f"fn.{k}" for k in expected_plain}
     assert flax_keys(vw) == torch_keys(max_vit.MBConv(6, 6, downsample=False, expansion_rate=2.5))
     assert vw["params"]["fn"]["6"]["gate"]["1"]["kernel"].shape == (15, 3)  # hid 15, SE hidden 3
@@ -265,7 +291,9 @@ def test_dropsample_identity_and_extremes():
     rngs = {"dropout": jax.random.key(0)}
     np.testing.assert_array_equal(Dropsample(0.5).apply({}, x), x)  # eval
     np.testing.assert_array_equal(Dropsample(0.0).apply({}, x, train=True), x)  # p = 0 needs no rng
-    np.testing.assert_array_equal(Dropsample(1.0).apply({}, x, train=True, rngs=rngs), np.zeros_like(x))
+    np.testing.assert_array_equal(
+        Dropsample(1.0).apply({}, x, train=True, rngs=rngs), np.zeros_like(x)
+    )
     # a width of 4 is what upstream's broken mask needs; here every sample still drops or not as a whole
     y = np.asarray(Dropsample(0.5).apply({}, jnp.ones((64, 3, 5, 4)), train=True, rngs=rngs))
     per_sample = y.reshape(64, -1)
@@ -279,7 +307,9 @@ def test_mbconv_dropsample_in_training():
     module, no_drop = MBConv(4, 4, downsample=False, dropout=p), MBConv(4, 4, downsample=False)
     x = random_input((16, 5, 5, 4), seed=10)
     variables = random_variables(module, x)
-    y, _ = jit_apply(module, variables, x, train=True, key=jax.random.key(1), mutable=["batch_stats"])
+    y, _ = jit_apply(
+        module, variables, x, train=True, key=jax.random.key(1), mutable=["batch_stats"]
+    )
     z, _ = jit_apply(no_drop, variables, x, train=True, mutable=["batch_stats"])
     y, z = np.asarray(y), np.asarray(z)
     dropped = np.all(np.isclose(y, x, rtol=0, atol=1e-6), axis=(1, 2, 3))
@@ -317,7 +347,11 @@ MODULES = [
     ("cait", lambda **kw: CaiTAttention(32, heads=4, dim_head=8, **kw), (2, 5, 32)),
     ("xca", lambda **kw: XCAttention(32, heads=4, dim_head=8, **kw), (2, 3, 4, 32)),
     ("se", lambda **kw: SqueezeExcitation(16, **kw), (2, 7, 9, 16)),
-    ("mbconv_residual", lambda **kw: MBConv(6, 6, downsample=False, expansion_rate=2.5, **kw), (2, 9, 9, 6)),
+    (
+        "mbconv_residual",
+        lambda **kw: MBConv(6, 6, downsample=False, expansion_rate=2.5, **kw),
+        (2, 9, 9, 6),
+    ),
     ("mbconv_down", lambda **kw: MBConv(8, 16, downsample=True, **kw), (2, 9, 9, 8)),
 ]
 
@@ -338,7 +372,9 @@ def test_bfloat16_jit_vmap(name, make, shape):
     out = jax.jit(bf_module.apply)(variables, xs[0].astype(jnp.bfloat16))
     assert out.dtype == jnp.bfloat16
     shapes = jax.eval_shape(bf_module.init, jax.random.key(0), xs[0])
-    assert {leaf.dtype for leaf in jax.tree.leaves(shapes)} == {jnp.dtype(jnp.float32)}  # params, stats f32
+    assert {leaf.dtype for leaf in jax.tree.leaves(shapes)} == {
+        jnp.dtype(jnp.float32)
+    }  # params, stats f32
     err = float(np.max(np.abs(np.asarray(out, np.float32) - ref)))
     assert err <= 2e-2 * float(np.max(np.abs(ref))), f"{name}: bf16 max error {err}"
 
@@ -351,19 +387,29 @@ def test_bad_inputs():
         return jax.eval_shape(lambda: module.init(jax.random.key(0), x, **kwargs))
 
     cait_module = CaiTAttention(32, heads=4, dim_head=8)
-    with pytest.raises(ValueError, match=r"CaiTAttention: x must have dim=32 .* got shape \(2, 5, 16\)"):
+    with pytest.raises(
+        ValueError, match=r"CaiTAttention: x must have dim=32 .* got shape \(2, 5, 16\)"
+    ):
         shape_of(cait_module, jnp.ones((2, 5, 16)))
-    with pytest.raises(ValueError, match=r"CaiTAttention: expected x of rank 3 \(B, N, dim\), got shape \(2, 2, 5"):
+    with pytest.raises(
+        ValueError, match=r"CaiTAttention: expected x of rank 3 \(B, N, dim\), got shape \(2, 2, 5"
+    ):
         shape_of(cait_module, jnp.ones((2, 2, 5, 32)))
-    with pytest.raises(ValueError, match=r"CaiTAttention: context must have dim=32 .* got shape \(2, 7, 16\)"):
+    with pytest.raises(
+        ValueError, match=r"CaiTAttention: context must have dim=32 .* got shape \(2, 7, 16\)"
+    ):
         shape_of(cait_module, jnp.ones((2, 1, 32)), context=jnp.ones((2, 7, 16)))
     with pytest.raises(ValueError, match=r"CaiTAttention: expected context of rank 3"):
         shape_of(cait_module, jnp.ones((2, 1, 32)), context=jnp.ones((7, 32)))
-    with pytest.raises(ValueError, match=r"CaiTAttention: context must have the batch size of x \(2\)"):
+    with pytest.raises(
+        ValueError, match=r"CaiTAttention: context must have the batch size of x \(2\)"
+    ):
         shape_of(cait_module, jnp.ones((2, 1, 32)), context=jnp.ones((3, 7, 32)))
 
     xca = XCAttention(32, heads=4, dim_head=8)
-    with pytest.raises(ValueError, match=r"XCAttention: x must have dim=32 .* got shape \(2, 3, 4, 30\)"):
+    with pytest.raises(
+        ValueError, match=r"XCAttention: x must have dim=32 .* got shape \(2, 3, 4, 30\)"
+    ):
         shape_of(xca, jnp.ones((2, 3, 4, 30)))
     with pytest.raises(ValueError, match=r"XCAttention: expected x of rank >= 2"):
         shape_of(xca, jnp.ones((32,)))
@@ -372,20 +418,30 @@ def test_bad_inputs():
         shape_of(SqueezeExcitation(8), jnp.ones((2, 5, 8)))
     with pytest.raises(ValueError, match=r"SqueezeExcitation: x must have dim=8"):
         shape_of(SqueezeExcitation(8), jnp.ones((2, 5, 5, 3)))
-    with pytest.raises(ValueError, match=r"MBConv: x \(NHWC\) must have dim=8 features .* got shape \(2, 8, 9, 9\)"):
+    with pytest.raises(
+        ValueError, match=r"MBConv: x \(NHWC\) must have dim=8 features .* got shape \(2, 8, 9, 9\)"
+    ):
         shape_of(MBConv(8, 16, downsample=True), jnp.ones((2, 8, 9, 9)))  # an NCHW input
     with pytest.raises(ValueError, match=r"MBConv: expected x of rank 4"):
         shape_of(MBConv(8, 16, downsample=True), jnp.ones((9, 9, 8)))
-    with pytest.raises(ValueError, match=r"MBConvResidual: fn must keep the input shape .* \(2, 5, 5, 16\)"):
+    with pytest.raises(
+        ValueError, match=r"MBConvResidual: fn must keep the input shape .* \(2, 5, 5, 16\)"
+    ):
         shape_of(MBConvResidual(MBConv(8, 16, downsample=False)), jnp.ones((2, 5, 5, 8)))
 
     with pytest.raises(ValueError, match=r"CaiTAttention: heads must be a positive integer, got 0"):
         CaiTAttention(32, heads=0)
-    with pytest.raises(ValueError, match=r"XCAttention: dropout must be a probability in \[0, 1\], got 1.5"):
+    with pytest.raises(
+        ValueError, match=r"XCAttention: dropout must be a probability in \[0, 1\], got 1.5"
+    ):
         XCAttention(32, dropout=1.5)
-    with pytest.raises(ValueError, match=r"Dropsample: prob must be a probability in \[0, 1\], got -0.1"):
+    with pytest.raises(
+        ValueError, match=r"Dropsample: prob must be a probability in \[0, 1\], got -0.1"
+    ):
         Dropsample(-0.1)
-    with pytest.raises(ValueError, match=r"MBConv: the hidden width int\(expansion_rate \* dim_out\) must be >= 1"):
+    with pytest.raises(
+        ValueError, match=r"MBConv: the hidden width int\(expansion_rate \* dim_out\) must be >= 1"
+    ):
         MBConv(4, 4, downsample=False, expansion_rate=0.1)
     with pytest.raises(ValueError, match=r"torch_to_flax\(MBConv\): missing keys: .*'fn.0.weight'"):
         torch_to_flax(MBConv(6, 6, downsample=False), {}, jnp.ones((1, 5, 5, 6)))

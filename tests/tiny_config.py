@@ -1,4 +1,5 @@
 """``configs/tiny.py`` with dotted overrides, the starting point of the trainer's tests."""
+
 from __future__ import annotations
 
 from configs import tiny

@@ -4,6 +4,7 @@ pylocron 0.3.0 and vit-pytorch 1.26.11 are installed with ``--no-deps``; their p
 ``__init__`` imports torchvision, which is not installable here (docs/DESIGN.md, Versions and dependencies).
 ``holocron.nn`` and ``vit_pytorch/{cait,max_vit,xcit}.py`` only need torch, numpy and einops.
 """
+
 from __future__ import annotations
 
 import functools
@@ -13,7 +14,6 @@ import sys
 import types
 
 import pytest
-
 from optional_torch import HAVE_TORCH, SKIP_REASON
 
 

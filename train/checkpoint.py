@@ -25,6 +25,7 @@ skipping the call on one process deadlocks the others. For the same reason the d
 must be agreed on by all processes: use :meth:`GracefulShutdown.should_stop` (a collective), not
 the process-local :attr:`GracefulShutdown.requested`. :func:`check_config` writes only on process 0.
 """
+
 from __future__ import annotations
 
 import base64
@@ -34,7 +35,8 @@ import math
 import os
 import signal
 import threading
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -122,7 +124,9 @@ def _encode_json(value: Any, where: str) -> Any:
         out = {}
         for k, v in value.items():
             if not isinstance(k, str):
-                raise TypeError(f"{where}: JSON keys must be strings, got {k!r} ({type(k).__name__})")
+                raise TypeError(
+                    f"{where}: JSON keys must be strings, got {k!r} ({type(k).__name__})"
+                )
             out[k] = _encode_json(v, f"{where}[{k!r}]")
         return out
     if isinstance(value, (list, tuple)):
@@ -131,7 +135,9 @@ def _encode_json(value: Any, where: str) -> Any:
         return np.asarray(value).item()
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    raise TypeError(f"{where}: expected JSON-serialisable data (dict/list/str/number/bool/None/bytes), got {type(value).__name__}")
+    raise TypeError(
+        f"{where}: expected JSON-serialisable data (dict/list/str/number/bool/None/bytes), got {type(value).__name__}"
+    )
 
 
 def _decode_json(value: Any) -> Any:
@@ -165,14 +171,19 @@ def _gather_json(value: Any) -> list:
 def _own_data_state(data: Any, where: Any, step: int) -> Any:
     """This process's entry of a stored ``data`` item (see _gather_json)."""
     if not isinstance(data, Mapping) or "data_states" not in data:
-        raise ValueError(f"Checkpointer.restore: step {step} in {where} has no valid data item (got {data!r})")
+        raise ValueError(
+            f"Checkpointer.restore: step {step} in {where} has no valid data item (got {data!r})"
+        )
     states, count = data["data_states"], data.get("process_count", 1)
     if count != jax.process_count():
         # The input is sharded by process: another process count means other shards, whose
         # positions cannot be carried over. The trainer then restarts the input pipeline.
         log.warning(
             "Checkpointer.restore: step %d was saved by %d processes, this run has %d: "
-            "the input iterator state is not restored (data_state=None)", step, count, jax.process_count(),
+            "the input iterator state is not restored (data_state=None)",
+            step,
+            count,
+            jax.process_count(),
         )
         return None
     return _decode_json(states[jax.process_index()])
@@ -223,9 +234,13 @@ class Checkpointer:
         if isinstance(keep, bool) or not isinstance(keep, (int, np.integer)) or keep < 1:
             raise ValueError(f"Checkpointer: keep must be an integer >= 1, got {keep!r}")
         if best_mode not in _BEST_MODES:
-            raise ValueError(f"Checkpointer: best_mode must be one of {_BEST_MODES}, got {best_mode!r}")
+            raise ValueError(
+                f"Checkpointer: best_mode must be one of {_BEST_MODES}, got {best_mode!r}"
+            )
         if best_metric is not None and (not isinstance(best_metric, str) or not best_metric):
-            raise ValueError(f"Checkpointer: best_metric must be a metric name (str) or None, got {best_metric!r}")
+            raise ValueError(
+                f"Checkpointer: best_metric must be a metric name (str) or None, got {best_metric!r}"
+            )
         self.workdir = _path(workdir)
         self.keep = int(keep)
         self.best_metric = best_metric
@@ -236,7 +251,9 @@ class Checkpointer:
                 create=True,
                 # Both managers may save the same step at once; multi-process barriers are keyed by
                 # step, so without distinct prefixes their barriers collide and the save hangs.
-                multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=prefix),
+                multiprocessing_options=ocp.options.MultiprocessingOptions(
+                    barrier_sync_key_prefix=prefix
+                ),
                 # A save killed half-way leaves a "<step>.orbax-checkpoint-tmp-*" directory; it is
                 # never listed as a step and is removed when a manager is opened again.
                 cleanup_tmp_directories=True,
@@ -245,7 +262,9 @@ class Checkpointer:
             )
 
         self._periodic = ocp.CheckpointManager(
-            self.workdir / CHECKPOINT_DIR, options=options(CHECKPOINT_DIR, max_to_keep=self.keep), item_handlers=self._handlers()
+            self.workdir / CHECKPOINT_DIR,
+            options=options(CHECKPOINT_DIR, max_to_keep=self.keep),
+            item_handlers=self._handlers(),
         )
         self._best = None
         self._best_cache: tuple[int | None, float | None] | None = None
@@ -254,7 +273,9 @@ class Checkpointer:
             # whether to save at all is decided in save_best (a worse checkpoint is never written).
             self._best = ocp.CheckpointManager(
                 self.workdir / BEST_DIR,
-                options=options(BEST_DIR, max_to_keep=1, best_fn=self._metric_value, best_mode=best_mode),
+                options=options(
+                    BEST_DIR, max_to_keep=1, best_fn=self._metric_value, best_mode=best_mode
+                ),
                 item_handlers=self._handlers(),
             )
 
@@ -318,33 +339,52 @@ class Checkpointer:
             raise ValueError("Checkpointer: best_metric is None, so there is no best checkpoint")
         if not isinstance(metrics, Mapping) or self.best_metric not in metrics:
             keys = sorted(metrics) if isinstance(metrics, Mapping) else type(metrics).__name__
-            raise ValueError(f"Checkpointer: metrics lack best_metric {self.best_metric!r}; got keys {keys}")
+            raise ValueError(
+                f"Checkpointer: metrics lack best_metric {self.best_metric!r}; got keys {keys}"
+            )
         value = metrics[self.best_metric]
         try:
             return float(np.asarray(value))
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"Checkpointer: metric {self.best_metric!r} must be a number, got {value!r}") from exc
+            raise ValueError(
+                f"Checkpointer: metric {self.best_metric!r} must be a number, got {value!r}"
+            ) from exc
 
     # ---- saving
 
     @staticmethod
     def _args(state, data_state, meta) -> ocp.args.Composite:
         if not isinstance(meta, Mapping):
-            raise TypeError(f"Checkpointer.save: meta must be a JSON dict, got {type(meta).__name__}")
+            raise TypeError(
+                f"Checkpointer.save: meta must be a JSON dict, got {type(meta).__name__}"
+            )
         if data_state is not None and not isinstance(data_state, (Mapping, bytes, bytearray)):
             raise TypeError(
                 f"Checkpointer.save: data_state must be a dict (grain iterator get_state()), bytes or None, "
                 f"got {type(data_state).__name__}"
             )
-        keys = [k for k, leaf in _flat_with_names(state).items() if hasattr(leaf, "dtype") and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)]
+        keys = [
+            k
+            for k, leaf in _flat_with_names(state).items()
+            if hasattr(leaf, "dtype") and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+        ]
         if keys:
-            raise TypeError(f"Checkpointer.save: typed PRNG keys cannot be stored, save jax.random.key_data(key) instead: {keys}")
+            raise TypeError(
+                f"Checkpointer.save: typed PRNG keys cannot be stored, save jax.random.key_data(key) instead: {keys}"
+            )
         # Encoded here, not in orbax's background thread, so a bad value fails at the call site.
-        data = {"process_count": jax.process_count(), "data_states": _gather_json(_encode_json(data_state, "data_state"))}
+        data = {
+            "process_count": jax.process_count(),
+            "data_states": _gather_json(_encode_json(data_state, "data_state")),
+        }
         meta = _encode_json(dict(meta), "meta")
         json.dumps(meta)
         return ocp.args.Composite(
-            **{_STATE: ocp.args.StandardSave(state), _DATA: ocp.args.JsonSave(data), _META: ocp.args.JsonSave(meta)}
+            **{
+                _STATE: ocp.args.StandardSave(state),
+                _DATA: ocp.args.JsonSave(data),
+                _META: ocp.args.JsonSave(meta),
+            }
         )
 
     @staticmethod
@@ -378,7 +418,12 @@ class Checkpointer:
             self._periodic.delete(step)
         newer = [s for s in self._periodic.all_steps() if s > step]
         if force and newer:
-            log.warning("Checkpointer: saving step %d although newer checkpoints %s exist (latest stays %d)", step, newer, max(newer))
+            log.warning(
+                "Checkpointer: saving step %d although newer checkpoints %s exist (latest stays %d)",
+                step,
+                newer,
+                max(newer),
+            )
         saved = bool(self._periodic.save(step, args=args, force=force))
         if metrics is not None and self._best is not None:
             self.save_best(step, state=state, data_state=data_state, meta=meta, metrics=metrics)
@@ -399,7 +444,9 @@ class Checkpointer:
         keeps the earlier checkpoint. All processes must call this with the same (global) metrics.
         """
         if self._best is None:
-            raise ValueError("Checkpointer.save_best: the Checkpointer was created with best_metric=None")
+            raise ValueError(
+                "Checkpointer.save_best: the Checkpointer was created with best_metric=None"
+            )
         step = self._check_step(step)
         args = self._args(state, data_state, meta)
         if not self.is_better(metrics):
@@ -425,12 +472,17 @@ class Checkpointer:
         have = _flat_with_names(stored, is_leaf=is_meta_leaf)
         want = _flat_with_names(abstract)
         problems = [f"{k}: missing in the checkpoint" for k in sorted(set(want) - set(have))]
-        problems += [f"{k}: in the checkpoint but not in abstract_state" for k in sorted(set(have) - set(want))]
+        problems += [
+            f"{k}: in the checkpoint but not in abstract_state"
+            for k in sorted(set(have) - set(want))
+        ]
         for k in sorted(set(want) & set(have)):
             w, h = want[k], have[k]
             h_shape = tuple(getattr(h, "shape", None) or ())
             if tuple(w.shape) != h_shape:
-                problems.append(f"{k}: shape {h_shape} in the checkpoint, {tuple(w.shape)} in abstract_state")
+                problems.append(
+                    f"{k}: shape {h_shape} in the checkpoint, {tuple(w.shape)} in abstract_state"
+                )
             elif (
                 isinstance(h, ocp.metadata.ArrayMetadata)
                 # Python scalars are stored as 64-bit and come back in the abstract (weak) dtype.
@@ -438,7 +490,9 @@ class Checkpointer:
                 and np.dtype(h.dtype) != np.dtype(w.dtype)
             ):
                 # Orbax would cast silently; a dtype change means the model/config changed.
-                problems.append(f"{k}: dtype {np.dtype(h.dtype).name} in the checkpoint, {np.dtype(w.dtype).name} in abstract_state")
+                problems.append(
+                    f"{k}: dtype {np.dtype(h.dtype).name} in the checkpoint, {np.dtype(w.dtype).name} in abstract_state"
+                )
         return problems
 
     def restore(self, step: int | None = None, *, abstract_state: Any, best: bool = False):
@@ -457,7 +511,9 @@ class Checkpointer:
         manager = self._best if best else self._periodic
         where = self.workdir / (BEST_DIR if best else CHECKPOINT_DIR)
         if manager is None:
-            raise ValueError("Checkpointer.restore: best=True but the Checkpointer was created with best_metric=None")
+            raise ValueError(
+                "Checkpointer.restore: best=True but the Checkpointer was created with best_metric=None"
+            )
         manager.wait_until_finished()  # a step being saved asynchronously is not listed yet
         steps = sorted(manager.all_steps())
         if step is None:
@@ -466,7 +522,9 @@ class Checkpointer:
             step = self.best_step() if best else steps[-1]
         step = self._check_step(step)
         if step not in steps:
-            raise ValueError(f"Checkpointer.restore: no checkpoint of step {step} in {where}; available steps: {steps}")
+            raise ValueError(
+                f"Checkpointer.restore: no checkpoint of step {step} in {where}; available steps: {steps}"
+            )
         abstract = jax.tree.map(_abstract, abstract_state)
         problems = self._state_problems(manager, step, abstract)
         if problems:
@@ -475,7 +533,11 @@ class Checkpointer:
                 f"({len(problems)} differences):\n  " + "\n  ".join(problems)
             )
         args = ocp.args.Composite(
-            **{_STATE: ocp.args.StandardRestore(abstract), _DATA: ocp.args.JsonRestore(), _META: ocp.args.JsonRestore()}
+            **{
+                _STATE: ocp.args.StandardRestore(abstract),
+                _DATA: ocp.args.JsonRestore(),
+                _META: ocp.args.JsonRestore(),
+            }
         )
         try:
             restored = manager.restore(step, args=args)
@@ -484,7 +546,11 @@ class Checkpointer:
                 f"Checkpointer.restore: could not restore step {step} from {where} into abstract_state "
                 f"({type(exc).__name__}: {exc})"
             ) from exc
-        return restored[_STATE], _own_data_state(restored[_DATA], where, step), _decode_json(restored[_META] or {})
+        return (
+            restored[_STATE],
+            _own_data_state(restored[_DATA], where, step),
+            _decode_json(restored[_META] or {}),
+        )
 
     # ---- lifecycle
 
@@ -501,7 +567,7 @@ class Checkpointer:
         if self._best is not None:
             self._best.close()
 
-    def __enter__(self) -> "Checkpointer":
+    def __enter__(self) -> Checkpointer:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -519,7 +585,9 @@ def _config_dict(config: Any) -> dict:
     if hasattr(config, "to_dict"):
         config = config.to_dict()
     if not isinstance(config, Mapping):
-        raise TypeError(f"check_config: config must be a ConfigDict or a dict, got {type(config).__name__}")
+        raise TypeError(
+            f"check_config: config must be a ConfigDict or a dict, got {type(config).__name__}"
+        )
     return json.loads(json.dumps(config, sort_keys=True, default=repr))
 
 
@@ -572,11 +640,17 @@ def check_config(
     try:
         old = json.loads(path.read_text())
     except ValueError as exc:
-        raise ValueError(f"check_config: {path} is not valid JSON ({exc}); remove it or use a fresh --workdir") from exc
+        raise ValueError(
+            f"check_config: {path} is not valid JSON ({exc}); remove it or use a fresh --workdir"
+        ) from exc
 
     old_flat, new_flat = _flatten_config(old), _flatten_config(new)
     allowed = frozenset(resumable_keys)
-    changed = sorted(k for k in set(old_flat) | set(new_flat) if old_flat.get(k, _ABSENT) != new_flat.get(k, _ABSENT))
+    changed = sorted(
+        k
+        for k in set(old_flat) | set(new_flat)
+        if old_flat.get(k, _ABSENT) != new_flat.get(k, _ABSENT)
+    )
     if not changed:
         return None
 
@@ -587,7 +661,9 @@ def check_config(
     if incompatible and not allow_change:
         raise ValueError(
             f"check_config: the config differs from the one this run was started with ({path}) in keys "
-            f"that may not change on resume:\n  " + "\n  ".join(line(k) for k in incompatible) + "\n"
+            f"that may not change on resume:\n  "
+            + "\n  ".join(line(k) for k in incompatible)
+            + "\n"
             "Pass --config.train.allow_config_change=True to resume anyway, or use a fresh --workdir."
         )
     if writer:
@@ -644,7 +720,10 @@ class GracefulShutdown:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt(f"second {name} while a stop ({self.signal_name}) was pending")
         if not self.requested:
-            log.warning("%s received: stopping after the current step (send SIGINT again to force quit)", name)
+            log.warning(
+                "%s received: stopping after the current step (send SIGINT again to force quit)",
+                name,
+            )
         self.request(name)
 
     def should_stop(self) -> bool:
@@ -660,7 +739,7 @@ class GracefulShutdown:
         flags = multihost_utils.process_allgather(np.asarray(self.requested, np.int32))
         return bool(np.any(flags))
 
-    def __enter__(self) -> "GracefulShutdown":
+    def __enter__(self) -> GracefulShutdown:
         if threading.current_thread() is not threading.main_thread():
             log.warning("GracefulShutdown: not in the main thread, signal handlers not installed")
             return self
@@ -696,12 +775,16 @@ def _orbax_state_dir(path: epath.Path) -> epath.Path:
             except FileNotFoundError:
                 continue
     # A manager directory (workdir/checkpoints or workdir/best): its newest complete step.
-    manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+    manager = ocp.CheckpointManager(
+        path, options=ocp.CheckpointManagerOptions(read_only=True, create=False)
+    )
     step = manager.latest_step()
     manager.close()
     if step is not None and (path / str(step) / _STATE).is_dir():
         return path / str(step) / _STATE
-    raise FileNotFoundError(f"load_params_for_finetune: no checkpoint written by Checkpointer under {path}")
+    raise FileNotFoundError(
+        f"load_params_for_finetune: no checkpoint written by Checkpointer under {path}"
+    )
 
 
 def _read_orbax_collections(path: epath.Path, collections: list[str], use_ema: bool) -> dict:
@@ -709,11 +792,15 @@ def _read_orbax_collections(path: epath.Path, collections: list[str], use_ema: b
     checkpointer = ocp.PyTreeCheckpointer()
     stored = checkpointer.metadata(state_dir).item_metadata.tree
     if not isinstance(stored, Mapping):
-        raise ValueError(f"load_params_for_finetune: {state_dir} does not hold a dict-like train state")
+        raise ValueError(
+            f"load_params_for_finetune: {state_dir} does not hold a dict-like train state"
+        )
     names = {c: c for c in collections if c in stored}
     if use_ema:
         if not stored.get("ema_params"):
-            raise ValueError(f"load_params_for_finetune: use_ema=True but {state_dir} has no (non-empty) ema_params")
+            raise ValueError(
+                f"load_params_for_finetune: use_ema=True but {state_dir} has no (non-empty) ema_params"
+            )
         names["params"] = "ema_params"
     if not names:
         raise ValueError(
@@ -724,13 +811,19 @@ def _read_orbax_collections(path: epath.Path, collections: list[str], use_ema: b
     # mismatches with the target are reported by _merge_into_target, not by orbax.
     is_meta_leaf = lambda x: not isinstance(x, (dict, list, tuple)) and x is not None  # noqa: E731
     item = {
-        src: jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), stored[src], is_leaf=is_meta_leaf)
+        src: jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype),
+            stored[src],
+            is_leaf=is_meta_leaf,
+        )
         for src in names.values()
     }
     restored = checkpointer.restore(
         state_dir,
         args=ocp.args.PyTreeRestore(
-            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True
+            item=item,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True,
         ),
     )
     return {dst: restored[src] for dst, src in names.items()}
@@ -739,7 +832,11 @@ def _read_orbax_collections(path: epath.Path, collections: list[str], use_ema: b
 def _merge_into_target(source: Mapping, target: Any, *, strict: bool, where: str) -> Any:
     target_sd = serialization.to_state_dict(target)
     flat_t = flatten_dict(target_sd, keep_empty_nodes=True)
-    flat_s = {k: v for k, v in flatten_dict(serialization.to_state_dict(source), keep_empty_nodes=True).items() if v is not empty_node}
+    flat_s = {
+        k: v
+        for k, v in flatten_dict(serialization.to_state_dict(source), keep_empty_nodes=True).items()
+        if v is not empty_node
+    }
     name = "/".join
     missing, mismatched = [], []
     out = {}
@@ -754,17 +851,25 @@ def _merge_into_target(source: Mapping, target: Any, *, strict: bool, where: str
         if tuple(np.shape(s)) != tuple(np.shape(t)):
             mismatched.append(k)
             continue
-        value = np.asarray(s).astype(t.dtype) if np.dtype(t.dtype) != np.asarray(s).dtype else np.asarray(s)
+        value = (
+            np.asarray(s).astype(t.dtype)
+            if np.dtype(t.dtype) != np.asarray(s).dtype
+            else np.asarray(s)
+        )
         sharding = getattr(t, "sharding", None)
         out[k] = jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value)
     unexpected = sorted(k for k in flat_s if k not in flat_t)
     problems = [f"{name(k)}: missing in the checkpoint" for k in missing]
-    problems += [f"{name(k)}: shape {tuple(np.shape(flat_s[k]))} in the checkpoint, {tuple(np.shape(flat_t[k]))} in the target" for k in mismatched]
+    problems += [
+        f"{name(k)}: shape {tuple(np.shape(flat_s[k]))} in the checkpoint, {tuple(np.shape(flat_t[k]))} in the target"
+        for k in mismatched
+    ]
     problems += [f"{name(k)}: in the checkpoint but not in the target" for k in unexpected]
     if problems and strict:
         raise ValueError(
             f"load_params_for_finetune: {where} does not match the target variables ({len(problems)} differences; "
-            f"strict=False keeps the target's values for missing/mis-shaped leaves):\n  " + "\n  ".join(problems)
+            f"strict=False keeps the target's values for missing/mis-shaped leaves):\n  "
+            + "\n  ".join(problems)
         )
     kept = missing + mismatched
     abstract = [name(k) for k in kept if isinstance(flat_t[k], jax.ShapeDtypeStruct)]
@@ -776,7 +881,12 @@ def _merge_into_target(source: Mapping, target: Any, *, strict: bool, where: str
     for k in kept:
         out[k] = flat_t[k]
     if problems:
-        log.warning("load_params_for_finetune: %s: kept the target's values for %d leaves:\n  %s", where, len(kept), "\n  ".join(problems))
+        log.warning(
+            "load_params_for_finetune: %s: kept the target's values for %d leaves:\n  %s",
+            where,
+            len(kept),
+            "\n  ".join(problems),
+        )
     return serialization.from_state_dict(target, unflatten_dict(out))
 
 
@@ -815,13 +925,17 @@ def load_params_for_finetune(
     if not p.exists():
         raise FileNotFoundError(f"load_params_for_finetune: {p} does not exist")
     if not isinstance(serialization.to_state_dict(target_variables), Mapping):
-        raise TypeError(f"load_params_for_finetune: target_variables must be a dict of collections, got {type(target_variables).__name__}")
+        raise TypeError(
+            f"load_params_for_finetune: target_variables must be a dict of collections, got {type(target_variables).__name__}"
+        )
     collections = list(serialization.to_state_dict(target_variables))
     if p.is_dir():
         source = _read_orbax_collections(p, collections, use_ema)
     elif p.suffix == ".msgpack":
         if use_ema:
-            raise ValueError("load_params_for_finetune: use_ema=True applies to Checkpointer checkpoints, not .msgpack files")
+            raise ValueError(
+                "load_params_for_finetune: use_ema=True applies to Checkpointer checkpoints, not .msgpack files"
+            )
         from jaxenc.models.store import load_checkpoint
 
         source = load_checkpoint(p)

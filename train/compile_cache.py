@@ -14,6 +14,7 @@ Programs that compile in under ``MIN_COMPILE_S`` are not written (JAX's own thre
 the cache small). The cache is keyed by the program, the compile options, the backend and the
 jax/jaxlib version, so a stale entry is never used.
 """
+
 from __future__ import annotations
 
 import os
@@ -42,7 +43,9 @@ def cache_dir(setting: str | None, workdir: str | os.PathLike | None) -> Path | 
     return Path(setting).expanduser()
 
 
-def enable_compile_cache(setting: str | None, workdir: str | os.PathLike | None = None) -> Path | None:
+def enable_compile_cache(
+    setting: str | None, workdir: str | os.PathLike | None = None
+) -> Path | None:
     """Point JAX's persistent compilation cache at ``cache_dir(setting, workdir)`` (or turn it off).
 
     Call before the first compilation. Returns the directory in use (None: off).

@@ -47,6 +47,7 @@ of ``P`` evaluates images ``i ≡ p (mod P)`` on its own local devices; the inte
 all-gathered and summed exactly (int64), so the metrics do not depend on the process count.
 Process 0 prints and writes the JSON; each process writes the PNGs of its own images.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -56,8 +57,9 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -78,8 +80,17 @@ PREDICTIONS_DIR = "predictions"
 _DEFAULT_BASE_SIZE = 520
 _DEFAULT_BATCH = 8
 _DEFAULT_SAVE = 8
-_SETTING_KEYS = ("mode", "scales", "flip", "base_size", "crop_size", "split", "num_images", "save_predictions",
-                 "batch_size")
+_SETTING_KEYS = (
+    "mode",
+    "scales",
+    "flip",
+    "base_size",
+    "crop_size",
+    "split",
+    "num_images",
+    "save_predictions",
+    "batch_size",
+)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -116,19 +127,27 @@ def _int_setting(value, key: str, minimum: int) -> int:
     return int(value)
 
 
-def eval_settings(config: ml_collections.ConfigDict, overrides: Mapping[str, Any] | None = None) -> EvalSettings:
+def eval_settings(
+    config: ml_collections.ConfigDict, overrides: Mapping[str, Any] | None = None
+) -> EvalSettings:
     """``config.eval`` with its defaults filled in; ``overrides`` (keys as in ``config.eval``, None =
     not given) take precedence. Raises ValueError naming the key for a bad value."""
     section = _get(config, "eval")
     given = {k: _get(section, k) for k in _SETTING_KEYS}
     unknown = sorted(set(overrides or {}) - set(_SETTING_KEYS))
     if unknown:
-        raise KeyError(f"eval_settings: unknown override(s) {unknown}; known keys: {list(_SETTING_KEYS)}")
+        raise KeyError(
+            f"eval_settings: unknown override(s) {unknown}; known keys: {list(_SETTING_KEYS)}"
+        )
     given.update({k: v for k, v in (overrides or {}).items() if v is not None})
     if section is not None:
         extra = sorted(set(section.keys()) - set(_SETTING_KEYS))
         if extra:
-            logging.warning("config.eval: ignoring key(s) %s; train.evaluate reads %s", extra, list(_SETTING_KEYS))
+            logging.warning(
+                "config.eval: ignoring key(s) %s; train.evaluate reads %s",
+                extra,
+                list(_SETTING_KEYS),
+            )
 
     mode = given["mode"] if given["mode"] is not None else "multi_scale"
     if mode not in MODES:
@@ -140,7 +159,9 @@ def eval_settings(config: ml_collections.ConfigDict, overrides: Mapping[str, Any
         try:
             scales = multi_eval._check_scales(raw, "config.eval")
         except ValueError:
-            raise ValueError(f"config.eval.scales must be a non-empty sequence of positive numbers, got {raw!r}") from None
+            raise ValueError(
+                f"config.eval.scales must be a non-empty sequence of positive numbers, got {raw!r}"
+            ) from None
         flip = True if given["flip"] is None else given["flip"]
         if not isinstance(flip, (bool, np.bool_)):
             raise ValueError(f"config.eval.flip must be a bool, got {flip!r}")
@@ -152,16 +173,25 @@ def eval_settings(config: ml_collections.ConfigDict, overrides: Mapping[str, Any
     if not isinstance(split, str) or not split:
         raise ValueError(f"config.eval.split must be a split name, got {split!r}")
     return EvalSettings(
-        mode=mode, scales=tuple(scales), flip=bool(flip),
+        mode=mode,
+        scales=tuple(scales),
+        flip=bool(flip),
         base_size=_int_setting(base, "base_size", 1),
         crop_size=_int_setting(crop, "crop_size", 2),
         split=split,
-        num_images=_int_setting(given["num_images"] if given["num_images"] is not None else 0, "num_images", 0),
+        num_images=_int_setting(
+            given["num_images"] if given["num_images"] is not None else 0, "num_images", 0
+        ),
         save_predictions=_int_setting(
             given["save_predictions"] if given["save_predictions"] is not None else _DEFAULT_SAVE,
-            "save_predictions", 0),
-        batch_size=_int_setting(given["batch_size"] if given["batch_size"] is not None else _DEFAULT_BATCH,
-                                "batch_size", 1),
+            "save_predictions",
+            0,
+        ),
+        batch_size=_int_setting(
+            given["batch_size"] if given["batch_size"] is not None else _DEFAULT_BATCH,
+            "batch_size",
+            1,
+        ),
     )
 
 
@@ -173,10 +203,14 @@ def _steps_in(manager_dir: Path) -> list[int]:
     """Complete steps of an orbax manager directory (a half-written step keeps its tmp name)."""
     if not manager_dir.is_dir():
         return []
-    return sorted(int(d.name) for d in manager_dir.iterdir() if d.name.isdigit() and (d / "state").is_dir())
+    return sorted(
+        int(d.name) for d in manager_dir.iterdir() if d.name.isdigit() and (d / "state").is_dir()
+    )
 
 
-def resolve_checkpoint(path: str | os.PathLike, *, use_best: bool = False) -> tuple[Path, int | None, Path]:
+def resolve_checkpoint(
+    path: str | os.PathLike, *, use_best: bool = False
+) -> tuple[Path, int | None, Path]:
     """``(step directory, step, workdir)`` for a trainer workdir, a manager directory
     (``workdir/checkpoints`` or ``workdir/best``: its newest step) or a step directory.
 
@@ -186,8 +220,10 @@ def resolve_checkpoint(path: str | os.PathLike, *, use_best: bool = False) -> tu
     """
     p = Path(path).resolve()
     if not p.exists():
-        raise FileNotFoundError(f"--checkpoint: {p} does not exist (and {str(path)!r} is not a model-store name; "
-                                f"those are {models.pretrained_model_list()})")
+        raise FileNotFoundError(
+            f"--checkpoint: {p} does not exist (and {str(path)!r} is not a model-store name; "
+            f"those are {models.pretrained_model_list()})"
+        )
     if p.name == "state" and p.is_dir():
         p = p.parent
     if (p / "state").is_dir():  # a step directory
@@ -202,7 +238,8 @@ def resolve_checkpoint(path: str | os.PathLike, *, use_best: bool = False) -> tu
     steps = _steps_in(manager)
     if not steps:
         raise FileNotFoundError(
-            f"--checkpoint: no complete checkpoint under {manager} (expected <step>/state written by the trainer)")
+            f"--checkpoint: no complete checkpoint under {manager} (expected <step>/state written by the trainer)"
+        )
     return manager / str(steps[-1]), steps[-1], workdir
 
 
@@ -212,7 +249,10 @@ def _load_variables(config, model, step_dir: Path) -> dict:
     size = config.dataset.image_size
     key = jax.random.key(0)
     abstract = jax.eval_shape(
-        lambda: model.init({"params": key, "dropout": key}, jnp.zeros((1, size, size, 3), jnp.float32), train=False))
+        lambda: model.init(
+            {"params": key, "dropout": key}, jnp.zeros((1, size, size, 3), jnp.float32), train=False
+        )
+    )
     target = {"params": abstract["params"], "batch_stats": abstract.get("batch_stats", {})}
     use_ema = _get(_get(config, "optim"), "ema_decay") is not None
     return checkpoint.load_params_for_finetune(step_dir, target, use_ema=use_ema)
@@ -231,8 +271,12 @@ def _load_weights(config, model, spec: str) -> dict:
     weights file (an upstream ``.pth`` / ``.zip`` converted through jaxenc.port, or a native ``.msgpack``)."""
     size = config.dataset.image_size
     name = spec if spec in models.pretrained_model_list() else None
-    _, variables = models.load_pretrained(name, source=None if name else spec, model=model,
-                                          example_input=np.zeros((1, size, size, 3), np.float32))
+    _, variables = models.load_pretrained(
+        name,
+        source=None if name else spec,
+        model=model,
+        example_input=np.zeros((1, size, size, 3), np.float32),
+    )
     return variables
 
 
@@ -274,8 +318,16 @@ def _class_names(source, num_classes: int) -> list[str]:
     return [str(i) for i in range(num_classes)]
 
 
-def _save_pngs(outdir: Path, index: int, image: np.ndarray, mask, pred: np.ndarray, palette: np.ndarray,
-               mean, std) -> None:
+def _save_pngs(
+    outdir: Path,
+    index: int,
+    image: np.ndarray,
+    mask,
+    pred: np.ndarray,
+    palette: np.ndarray,
+    mean,
+    std,
+) -> None:
     from PIL import Image
 
     from train import observe
@@ -286,8 +338,16 @@ def _save_pngs(outdir: Path, index: int, image: np.ndarray, mask, pred: np.ndarr
         palette = observe.voc_palette(int(pred.max()) + 1)
     if mask is not None:
         shown = np.where((mask >= 0) & (mask < len(palette)), mask, -1)
-        observe.save_segmentation_samples(folder / f"{index:05d}.png", image[None], shown[None], pred[None],
-                                          palette=palette, mean=tuple(mean), std=tuple(std), max_rows=1)
+        observe.save_segmentation_samples(
+            folder / f"{index:05d}.png",
+            image[None],
+            shown[None],
+            pred[None],
+            palette=palette,
+            mean=tuple(mean),
+            std=tuple(std),
+            max_rows=1,
+        )
     if len(palette) <= 256:
         png = Image.fromarray(pred.astype(np.uint8), mode="P")
         flat = np.zeros((256, 3), np.uint8)
@@ -311,7 +371,7 @@ def _allgather_sum(values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     for k in keys:
         shape = np.shape(values[k])
         n = int(np.prod(shape))
-        out[k] = total[i:i + n].reshape(shape).astype(np.int64)
+        out[k] = total[i : i + n].reshape(shape).astype(np.int64)
         i += n
     return out
 
@@ -329,10 +389,15 @@ def _iou_table(names: list[str], iou, pix_acc: float, miou: float) -> str:
 # entry point
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str | os.PathLike,
-                        outdir: str | os.PathLike | None = None, *, use_best: bool = False,
-                        overrides: Mapping[str, Any] | None = None,
-                        log: Callable[[str], None] | None = None) -> dict:
+def evaluate_checkpoint(
+    config: ml_collections.ConfigDict,
+    checkpoint: str | os.PathLike,
+    outdir: str | os.PathLike | None = None,
+    *,
+    use_best: bool = False,
+    overrides: Mapping[str, Any] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict:
     """Evaluate a trainer checkpoint with upstream's protocol; returns the metrics dict written to
     ``outdir/eval_metrics.json`` (see the module docstring for the settings and files)."""
     from train import trainer
@@ -341,10 +406,16 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str | os.
     if _get(config, "distributed") is not None:
         trainer.initialize_distributed(config.distributed)
     if config.task not in ("segmentation", "recognition"):
-        raise ValueError(f"train.evaluate: config.task must be 'segmentation' or 'recognition', got {config.task!r}")
+        raise ValueError(
+            f"train.evaluate: config.task must be 'segmentation' or 'recognition', got {config.task!r}"
+        )
     cache = _get(_get(config, "train"), "compile_cache", "user")
     if cache == "workdir":  # the trainer's workdir; published weights have none
-        cache = "user" if _is_weights(checkpoint) else str(resolve_checkpoint(checkpoint, use_best=use_best)[2] / "xla_cache")
+        cache = (
+            "user"
+            if _is_weights(checkpoint)
+            else str(resolve_checkpoint(checkpoint, use_best=use_best)[2] / "xla_cache")
+        )
     compile_cache.enable_compile_cache(cache)
     is_main = jax.process_index() == 0
     say = log if log is not None else (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -352,7 +423,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str | os.
 
     settings = eval_settings(config, overrides)
     model = trainer.build_model(config)
-    if _is_weights(checkpoint):  # published weights: a model-store name or a .pth/.zip/.msgpack file
+    if _is_weights(
+        checkpoint
+    ):  # published weights: a model-store name or a .pth/.zip/.msgpack file
         variables = _load_weights(config, model, str(checkpoint))
         step_dir, step = str(checkpoint), None
         outdir = Path(outdir) if outdir is not None else Path("eval") / Path(str(checkpoint)).stem
@@ -366,12 +439,22 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str | os.
 
     predict = multi_eval.make_sharded_predict(model, variables)
     if config.task == "recognition":
-        return _evaluate_recognition(config, predict, settings, outdir, step_dir, step, say, is_main)
+        return _evaluate_recognition(
+            config, predict, settings, outdir, step_dir, step, say, is_main
+        )
     n_dev = predict.num_devices
     batch = -(-settings.batch_size // n_dev) * n_dev
     evaluator = multi_eval.MultiScaleEvaluator(
-        predict, num_classes=num_classes, base_size=settings.base_size, crop_size=settings.crop_size,
-        scales=settings.scales, flip=settings.flip, mean=mean, std=std, batch_size=batch)
+        predict,
+        num_classes=num_classes,
+        base_size=settings.base_size,
+        crop_size=settings.crop_size,
+        scales=settings.scales,
+        flip=settings.flip,
+        mean=mean,
+        std=std,
+        batch_size=batch,
+    )
     pred_and_counts = _pred_and_counts_fn(num_classes)
 
     source = pipeline.get_source(config.dataset, settings.split)
@@ -380,9 +463,11 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str | os.
     palette = pipeline.palette(config.dataset)
     p_idx, n_proc = jax.process_index(), jax.process_count()
     mine = range(p_idx, total, n_proc)
-    say(f"train.evaluate: {settings.mode} (scales {list(settings.scales)}, flip {settings.flip}, base {settings.base_size}, "
+    say(
+        f"train.evaluate: {settings.mode} (scales {list(settings.scales)}, flip {settings.flip}, base {settings.base_size}, "
         f"crop {settings.crop_size}, {batch} windows per pass on {n_dev} device(s) x {n_proc} process(es)) on "
-        f"{total} {settings.split} images of {config.dataset.name}, checkpoint {step_dir}")
+        f"{total} {settings.split} images of {config.dataset.name}, checkpoint {step_dir}"
+    )
 
     metric = jmetrics.SegmentationMetric(num_classes)
     done = 0
@@ -406,8 +491,10 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str | os.
         done += 1
         if is_main and (done % every == 0 or i + n_proc >= total):
             r = metric.result()
-            say(f"  {min(i + n_proc, total)}/{total} images  pixAcc {r['pixAcc']:.4f}  mIoU {r['mIoU']:.4f}  "
-                f"({(time.time() - t0) / done:.2f} s/image)")
+            say(
+                f"  {min(i + n_proc, total)}/{total} images  pixAcc {r['pixAcc']:.4f}  mIoU {r['mIoU']:.4f}  "
+                f"({(time.time() - t0) / done:.2f} s/image)"
+            )
 
     sums = _allgather_sum({**metric.state(), "images": np.asarray(done, np.int64)})
     n_images = int(sums.pop("images"))
@@ -440,27 +527,34 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str | os.
     return out
 
 
-def _evaluate_recognition(config, predict, settings: EvalSettings, outdir: Path, step_dir, step, say,
-                          is_main: bool) -> dict:
+def _evaluate_recognition(
+    config, predict, settings: EvalSettings, outdir: Path, step_dir, step, say, is_main: bool
+) -> dict:
     """Single-crop top-1 / top-5 (upstream ``verify.py``): the config's validation transform (e.g.
     ImageNet's centre crop crop/(crop+32)), every image of the split counted once."""
     from train.data import pipeline
 
     source = pipeline.get_source(config.dataset, settings.split)
     if settings.num_images:
-        raise ValueError("train.evaluate: eval.num_images is for segmentation; recognition evaluates the whole split")
+        raise ValueError(
+            "train.evaluate: eval.num_images is for segmentation; recognition evaluates the whole split"
+        )
     p_idx, n_proc = jax.process_index(), jax.process_count()
     batch = settings.batch_size * predict.num_devices * n_proc
-    transform = pipeline.transform_from_config(config.input, task="recognition",
-                                               image_size=config.dataset.image_size, train=False)
-    say(f"train.evaluate: single crop {config.dataset.image_size} on {len(source)} {settings.split} images of "
-        f"{config.dataset.name}, {batch} per global batch, checkpoint {step_dir}")
+    transform = pipeline.transform_from_config(
+        config.input, task="recognition", image_size=config.dataset.image_size, train=False
+    )
+    say(
+        f"train.evaluate: single crop {config.dataset.image_size} on {len(source)} {settings.split} images of "
+        f"{config.dataset.name}, {batch} per global batch, checkpoint {step_dir}"
+    )
     num_classes = int(config.dataset.num_classes)
     ks = tuple(k for k in (1, 5) if k <= num_classes)
     counts = {**{f"top{k}": 0 for k in ks}, "examples": 0}
     t0 = time.time()
-    for local in pipeline.eval_batches(source, batch_size=batch, process_index=p_idx, process_count=n_proc,
-                                       transform=transform):
+    for local in pipeline.eval_batches(
+        source, batch_size=batch, process_index=p_idx, process_count=n_proc, transform=transform
+    ):
         logits = np.asarray(jax.device_get(predict(local["image"])), np.float32)
         got = jmetrics.topk_correct(logits, local["label"], ks, valid=local["valid"])
         for k in ks:
@@ -468,9 +562,17 @@ def _evaluate_recognition(config, predict, settings: EvalSettings, outdir: Path,
         counts["examples"] += int(local["valid"].sum())
     sums = _allgather_sum({k: np.asarray(v, np.int64) for k, v in counts.items()})
     n = int(sums.pop("examples"))
-    out = {**{k: float(v) / max(n, 1) for k, v in sums.items()}, "num_images": n, "split": settings.split,
-           "crop_size": int(config.dataset.image_size), "dataset": str(config.dataset.name),
-           "checkpoint": str(step_dir), "step": step, "process_count": n_proc, "wall_time_s": time.time() - t0}
+    out = {
+        **{k: float(v) / max(n, 1) for k, v in sums.items()},
+        "num_images": n,
+        "split": settings.split,
+        "crop_size": int(config.dataset.image_size),
+        "dataset": str(config.dataset.name),
+        "checkpoint": str(step_dir),
+        "step": step,
+        "process_count": n_proc,
+        "wall_time_s": time.time() - t0,
+    }
     if is_main:
         outdir.mkdir(parents=True, exist_ok=True)
         tmp = outdir / f".{METRICS_FILE}.tmp-{os.getpid()}"
@@ -489,12 +591,19 @@ def _define_flags():
     from absl import flags
     from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file (configs/*.py).",
-                                    lock_config=True)
-    flags.DEFINE_string("checkpoint", None, "Trainer workdir, checkpoints/ or best/ directory, or a step directory; "
-                        "or published weights: a model-store name (e.g. deeplab_resnest50_ade, from the local "
-                        "cache) or a .pth/.zip/.msgpack file.")
-    flags.DEFINE_string("outdir", None, "Where eval_metrics.json and the PNGs go (default <workdir>/eval).")
+    config_flags.DEFINE_config_file(
+        "config", None, "Path to an ml_collections config file (configs/*.py).", lock_config=True
+    )
+    flags.DEFINE_string(
+        "checkpoint",
+        None,
+        "Trainer workdir, checkpoints/ or best/ directory, or a step directory; "
+        "or published weights: a model-store name (e.g. deeplab_resnest50_ade, from the local "
+        "cache) or a .pth/.zip/.msgpack file.",
+    )
+    flags.DEFINE_string(
+        "outdir", None, "Where eval_metrics.json and the PNGs go (default <workdir>/eval)."
+    )
     flags.DEFINE_bool("use_best", False, "Evaluate workdir/best instead of the latest checkpoint.")
     flags.DEFINE_enum("mode", None, list(MODES), "Overrides config.eval.mode.")
     flags.DEFINE_list("scales", None, "Overrides config.eval.scales (comma-separated).")
@@ -519,9 +628,17 @@ def main(argv):
         try:
             overrides["scales"] = tuple(float(s) for s in f.scales)
         except ValueError:
-            raise app.UsageError(f"--scales must be comma-separated numbers, got {f.scales!r}") from None
-    result = evaluate_checkpoint(f.config, f.checkpoint, f.outdir, use_best=f.use_best, overrides=overrides,
-                                 log=lambda msg: print(msg, flush=True))
+            raise app.UsageError(
+                f"--scales must be comma-separated numbers, got {f.scales!r}"
+            ) from None
+    result = evaluate_checkpoint(
+        f.config,
+        f.checkpoint,
+        f.outdir,
+        use_best=f.use_best,
+        overrides=overrides,
+        log=lambda msg: print(msg, flush=True),
+    )
     if not math.isfinite(result["mIoU"]):
         raise SystemExit("non-finite mIoU")
 

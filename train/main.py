@@ -6,15 +6,19 @@ Kept short on purpose (flax examples/imagenet style): flags in, ``train_and_eval
 address, process count and id unless the cluster is auto-detected), or set
 ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` in each process's environment.
 """
+
 from __future__ import annotations
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file (configs/*.py).",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples (resumed if it has them).")
+config_flags.DEFINE_config_file(
+    "config", None, "Path to an ml_collections config file (configs/*.py).", lock_config=True
+)
+flags.DEFINE_string(
+    "workdir", None, "Directory for checkpoints, metrics and samples (resumed if it has them)."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 

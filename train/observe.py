@@ -20,6 +20,7 @@ line; TensorBoard hides the same steps through a ``SessionLog.START`` event at `
 (what ``SummaryWriter(purge_step=...)`` writes). The best eval metric seen up to ``start_step`` is
 restored from the kept rows.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -93,12 +94,15 @@ def _jsonable(value: Any, key: str) -> Any:
             return _jsonable(arr.astype(np.float64).tolist(), key)
     raise TypeError(
         f"metric {key!r}: expected a number, a string or a (nested) list/array of numbers, "
-        f"got {type(value).__name__}")
+        f"got {type(value).__name__}"
+    )
 
 
 def _check_metrics(metrics: Any, arg: str) -> None:
     if not isinstance(metrics, Mapping):
-        raise TypeError(f"{arg}: expected a dict of metric name -> value, got {type(metrics).__name__}")
+        raise TypeError(
+            f"{arg}: expected a dict of metric name -> value, got {type(metrics).__name__}"
+        )
     for k in metrics:
         if not isinstance(k, str) or not k:
             raise ValueError(f"{arg}: metric names must be non-empty strings, got {k!r}")
@@ -171,8 +175,11 @@ class _ScalarEventWriter:
         self._writer = EventsWriter(str(logdir / "events"), filename_suffix=suffix)
         # SessionLog.START at step s makes TensorBoard drop older events with step >= s (what
         # SummaryWriter(purge_step=s) writes): the steps a killed run logged after its checkpoint.
-        self._writer.write_event(Event(wall_time=_wall(), step=purge_step,
-                                       session_log=SessionLog(status=SessionLog.START)))
+        self._writer.write_event(
+            Event(
+                wall_time=_wall(), step=purge_step, session_log=SessionLog(status=SessionLog.START)
+            )
+        )
         self.flush()
 
     def add_scalar(self, tag: str, value: float, step: int) -> None:
@@ -212,16 +219,31 @@ class Observer:
     checkpointing in it so they do not count against training throughput).
     """
 
-    def __init__(self, workdir: str | os.PathLike, *, total_steps: int, start_step: int = 0,
-                 is_main: bool = True, progress: bool = True, stream: TextIO | None = None,
-                 best_metric: str | None = None):
-        if (isinstance(total_steps, bool) or not isinstance(total_steps, (int, np.integer))
-                or total_steps < 1):
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        *,
+        total_steps: int,
+        start_step: int = 0,
+        is_main: bool = True,
+        progress: bool = True,
+        stream: TextIO | None = None,
+        best_metric: str | None = None,
+    ):
+        if (
+            isinstance(total_steps, bool)
+            or not isinstance(total_steps, (int, np.integer))
+            or total_steps < 1
+        ):
             raise ValueError(f"total_steps: expected a positive int, got {total_steps!r}")
-        if (isinstance(start_step, bool) or not isinstance(start_step, (int, np.integer))
-                or not 0 <= start_step <= total_steps):
-            raise ValueError(f"start_step: expected an int in [0, total_steps={total_steps}], "
-                             f"got {start_step!r}")
+        if (
+            isinstance(start_step, bool)
+            or not isinstance(start_step, (int, np.integer))
+            or not 0 <= start_step <= total_steps
+        ):
+            raise ValueError(
+                f"start_step: expected an int in [0, total_steps={total_steps}], got {start_step!r}"
+            )
         if best_metric is not None and (not isinstance(best_metric, str) or not best_metric):
             raise ValueError(f"best_metric: expected None or a metric name, got {best_metric!r}")
         self.workdir = Path(workdir)
@@ -230,8 +252,12 @@ class Observer:
         self.is_main = bool(is_main)
         self.best_metric = best_metric
         self._stream = stream if stream is not None else sys.stderr
-        self.progress_enabled = (self.is_main and bool(progress) and not _env_disables_progress()
-                                 and bool(getattr(self._stream, "isatty", lambda: False)()))
+        self.progress_enabled = (
+            self.is_main
+            and bool(progress)
+            and not _env_disables_progress()
+            and bool(getattr(self._stream, "isatty", lambda: False)())
+        )
 
         # Run statistics, tracked on every process so the API returns the same values everywhere.
         self.best_value: float | None = None
@@ -263,8 +289,16 @@ class Observer:
         self._tb = _ScalarEventWriter(self.workdir / TB_DIR, purge_step=self.start_step + 1)
         if self.progress_enabled:
             from tqdm import tqdm
-            self._bar = tqdm(total=self.total_steps, initial=self.start_step, file=self._stream,
-                             unit="step", mininterval=1.0, dynamic_ncols=True, leave=True)
+
+            self._bar = tqdm(
+                total=self.total_steps,
+                initial=self.start_step,
+                file=self._stream,
+                unit="step",
+                mininterval=1.0,
+                dynamic_ncols=True,
+                leave=True,
+            )
 
     def _truncate_and_restore(self, path: Path) -> None:
         """Drops rows after ``start_step`` (lost work of a killed run) and restores the best metric."""
@@ -341,7 +375,9 @@ class Observer:
         finally:
             self._paused_seconds += _now() - t0
 
-    def log_train(self, step: int, metrics: Mapping[str, Any], *, examples: int) -> dict[str, float]:
+    def log_train(
+        self, step: int, metrics: Mapping[str, Any], *, examples: int
+    ) -> dict[str, float]:
         """Logs averaged training scalars for ``step`` (e.g. ``{"loss": .., "lr": ..}``).
 
         ``examples``: number of examples (global batch x steps) processed since the previous call.
@@ -353,12 +389,20 @@ class Observer:
         _check_metrics(metrics, "metrics")
         for k, v in metrics.items():
             if not _is_scalar(v):
-                raise ValueError(f"metrics[{k!r}]: log_train takes scalars only, got {type(v).__name__}"
-                                 f"{' of shape ' + str(np.shape(v)) if hasattr(v, 'shape') else ''}")
-        if isinstance(examples, bool) or not isinstance(examples, (int, np.integer)) or examples < 0:
+                raise ValueError(
+                    f"metrics[{k!r}]: log_train takes scalars only, got {type(v).__name__}"
+                    f"{' of shape ' + str(np.shape(v)) if hasattr(v, 'shape') else ''}"
+                )
+        if (
+            isinstance(examples, bool)
+            or not isinstance(examples, (int, np.integer))
+            or examples < 0
+        ):
             raise ValueError(f"examples: expected a non-negative int, got {examples!r}")
         if self._n_intervals > 0 and step <= self._last_train_step:
-            raise ValueError(f"step: expected > previous log_train step {self._last_train_step}, got {step}")
+            raise ValueError(
+                f"step: expected > previous log_train step {self._last_train_step}, got {step}"
+            )
         if step < self.start_step:
             raise ValueError(f"step: expected >= start_step {self.start_step}, got {step}")
 
@@ -392,7 +436,10 @@ class Observer:
         else:
             parts = [f"step {step}/{self.total_steps}"]
             parts += [f"{k} {_fmt(_finite_or_none(v))}" for k, v in metrics.items()]
-            parts += [f"{rates['examples_per_sec']:.1f} ex/s", f"{rates['steps_per_sec']:.2f} steps/s"]
+            parts += [
+                f"{rates['examples_per_sec']:.1f} ex/s",
+                f"{rates['steps_per_sec']:.2f} steps/s",
+            ]
             self._print(" | ".join(parts))
         return rates
 
@@ -413,7 +460,9 @@ class Observer:
         for k, v in scalars.items():
             self._tb.add_scalar(f"eval/{k}", v, step)
         self._tb.flush()
-        parts = [f"eval step {step}"] + [f"{k} {_fmt(_finite_or_none(v))}" for k, v in scalars.items()]
+        parts = [f"eval step {step}"] + [
+            f"{k} {_fmt(_finite_or_none(v))}" for k, v in scalars.items()
+        ]
         if self.best_value is not None:
             parts.append(f"best {self.best_metric} {_fmt(self.best_value)} @ {self.best_step}")
         self._print(" | ".join(parts))
@@ -453,25 +502,37 @@ class Observer:
             "start_step": self.start_step,
             "total_steps": self.total_steps,
             "wall_time_s": wall,
-            "examples_per_sec": (self._train_examples / self._train_seconds) if self._train_seconds else None,
+            "examples_per_sec": (self._train_examples / self._train_seconds)
+            if self._train_seconds
+            else None,
             "examples_per_sec_steady": (self._steady_examples / self._steady_seconds)
-            if self._steady_seconds else None,
-            "best": None if self.best_value is None else
-            {"metric": self.best_metric, "value": self.best_value, "step": self.best_step},
+            if self._steady_seconds
+            else None,
+            "best": None
+            if self.best_value is None
+            else {"metric": self.best_metric, "value": self.best_value, "step": self.best_step},
             "final": payload,
         }
         rows = []
         if config_name is not None:
             rows.append(("config", str(config_name)))
-        rows += [("steps", f"{self.last_step}/{self.total_steps}"), ("wall time (s)", f"{wall:.1f}")]
+        rows += [
+            ("steps", f"{self.last_step}/{self.total_steps}"),
+            ("wall time (s)", f"{wall:.1f}"),
+        ]
         if info["examples_per_sec"] is not None:
             rows.append(("examples/s", f"{info['examples_per_sec']:.1f}"))
         if info["examples_per_sec_steady"] is not None:
             rows.append(("examples/s (steady)", f"{info['examples_per_sec_steady']:.1f}"))
         if info["best"] is not None:
-            rows.append((f"best {self.best_metric}", f"{_fmt(self.best_value)} (step {self.best_step})"))
-        rows += [(f"final {k}", "n/a" if v is None else v if isinstance(v, str) else _fmt(v))
-                 for k, v in payload.items() if not isinstance(v, (list, dict))]
+            rows.append(
+                (f"best {self.best_metric}", f"{_fmt(self.best_value)} (step {self.best_step})")
+            )
+        rows += [
+            (f"final {k}", "n/a" if v is None else v if isinstance(v, str) else _fmt(v))
+            for k, v in payload.items()
+            if not isinstance(v, (list, dict))
+        ]
         width = max(len(name) for name, _ in rows)
         table = "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
         if self.is_main:
@@ -487,7 +548,11 @@ class Observer:
 def voc_palette(num_classes: int = 256) -> np.ndarray:
     """The Pascal VOC colour map (as upstream ``encoding.utils.pallete``): (num_classes, 3) uint8.
     Class 0 is black; white never occurs for num_classes <= 256, so it can mark ignore pixels."""
-    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+    if (
+        isinstance(num_classes, bool)
+        or not isinstance(num_classes, (int, np.integer))
+        or num_classes < 1
+    ):
         raise ValueError(f"num_classes: expected a positive int, got {num_classes!r}")
     out = np.zeros((num_classes, 3), np.int64)
     for i in range(num_classes):
@@ -505,28 +570,45 @@ def _as_palette(palette) -> np.ndarray:
     if pal.ndim == 1 and pal.size % 3 == 0 and pal.size > 0:
         pal = pal.reshape(-1, 3)  # flat PIL-style [r0, g0, b0, r1, ...]
     if pal.ndim != 2 or pal.shape[1] != 3 or pal.shape[0] == 0 or pal.dtype.kind not in "iuf":
-        raise ValueError(f"palette: expected (num_classes, 3) or a flat list of 3*num_classes RGB values, "
-                         f"got shape {np.shape(palette)}")
+        raise ValueError(
+            f"palette: expected (num_classes, 3) or a flat list of 3*num_classes RGB values, "
+            f"got shape {np.shape(palette)}"
+        )
     if pal.min() < 0 or pal.max() > 255:
-        raise ValueError(f"palette: RGB values must be in [0, 255], got range [{pal.min()}, {pal.max()}]")
+        raise ValueError(
+            f"palette: RGB values must be in [0, 255], got range [{pal.min()}, {pal.max()}]"
+        )
     return pal.astype(np.uint8)
 
 
-def _colorize(labels: np.ndarray, pal: np.ndarray, ignore_index: int, ignore_color: np.ndarray,
-              name: str) -> np.ndarray:
+def _colorize(
+    labels: np.ndarray, pal: np.ndarray, ignore_index: int, ignore_color: np.ndarray, name: str
+) -> np.ndarray:
     ignore = labels == ignore_index
     bad = ~ignore & ((labels < 0) | (labels >= len(pal)))
     if bad.any():
-        raise ValueError(f"{name}: labels must be in [0, {len(pal)}) (palette size) or "
-                         f"ignore_index={ignore_index}, got {int(labels[bad].flat[0])}")
+        raise ValueError(
+            f"{name}: labels must be in [0, {len(pal)}) (palette size) or "
+            f"ignore_index={ignore_index}, got {int(labels[bad].flat[0])}"
+        )
     out = pal[np.where(ignore, 0, labels)]
     out[ignore] = ignore_color
     return out
 
 
-def save_segmentation_samples(path: str | os.PathLike, images, masks, preds, *, palette,
-                              mean: Sequence[float], std: Sequence[float], ignore_index: int = -1,
-                              max_rows: int = 8, ignore_color: Sequence[int] = (255, 255, 255)) -> Path:
+def save_segmentation_samples(
+    path: str | os.PathLike,
+    images,
+    masks,
+    preds,
+    *,
+    palette,
+    mean: Sequence[float],
+    std: Sequence[float],
+    ignore_index: int = -1,
+    max_rows: int = 8,
+    ignore_color: Sequence[int] = (255, 255, 255),
+) -> Path:
     """Saves one PNG with a row per sample: image | ground truth | prediction (each H x W).
 
     Args:
@@ -547,8 +629,10 @@ def save_segmentation_samples(path: str | os.PathLike, images, masks, preds, *, 
         raise ValueError(f"images: expected a float array (normalised), got dtype {imgs.dtype}")
     for name, arr in (("masks", m), ("preds", p)):
         if arr.shape != imgs.shape[:3]:
-            raise ValueError(f"{name}: expected shape (N, H, W) = {imgs.shape[:3]} matching images, "
-                             f"got {arr.shape}")
+            raise ValueError(
+                f"{name}: expected shape (N, H, W) = {imgs.shape[:3]} matching images, "
+                f"got {arr.shape}"
+            )
         if arr.dtype.kind not in "iu":
             raise ValueError(f"{name}: expected an integer array, got dtype {arr.dtype}")
     if isinstance(max_rows, bool) or not isinstance(max_rows, (int, np.integer)) or max_rows < 1:
@@ -575,6 +659,7 @@ def save_segmentation_samples(path: str | os.PathLike, images, masks, preds, *, 
     grid = grid.reshape(n * grid.shape[1], grid.shape[2], 3)
 
     from PIL import Image
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid, mode="RGB").save(path, format="PNG")

@@ -34,17 +34,26 @@
 ``tx.update(grads, opt_state, params)`` always needs ``params`` (weight decay reads them).
 ``ema_decay`` is validated here but applied by the trainer with :func:`ema_update`.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import numpy as np
 import optax
 
-__all__ = ["make_optimizer", "make_lr_schedule", "weight_decay_mask", "param_labels", "ema_update", "update_applied",
-           "DEFAULTS"]
+__all__ = [
+    "make_optimizer",
+    "make_lr_schedule",
+    "weight_decay_mask",
+    "param_labels",
+    "ema_update",
+    "update_applied",
+    "DEFAULTS",
+]
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("poly", "cosine", "step", "constant")
@@ -79,8 +88,10 @@ DEFAULTS: dict[str, Any] = dict(
 
 
 def _is_real(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating)) and math.isfinite(
-        float(value)
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float, np.integer, np.floating))
+        and math.isfinite(float(value))
     )
 
 
@@ -88,7 +99,15 @@ def _is_int(value) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, np.integer))
 
 
-def _real(cfg, key: str, *, low: float, low_open: bool = False, high: float | None = None, high_open: bool = True):
+def _real(
+    cfg,
+    key: str,
+    *,
+    low: float,
+    low_open: bool = False,
+    high: float | None = None,
+    high_open: bool = True,
+):
     value = cfg[key]
     ok = _is_real(value) and (value > low if low_open else value >= low)
     if ok and high is not None:
@@ -112,7 +131,9 @@ def _read_config(optim_config) -> dict[str, Any]:
     if cfg["name"] not in OPTIMIZERS:
         raise ValueError(f"config.optim.name must be one of {OPTIMIZERS}, got {cfg['name']!r}")
     if cfg["schedule"] not in SCHEDULES:
-        raise ValueError(f"config.optim.schedule must be one of {SCHEDULES}, got {cfg['schedule']!r}")
+        raise ValueError(
+            f"config.optim.schedule must be one of {SCHEDULES}, got {cfg['schedule']!r}"
+        )
     cfg["lr"] = _real(cfg, "lr", low=0.0)
     cfg["weight_decay"] = _real(cfg, "weight_decay", low=0.0)
     cfg["momentum"] = _real(cfg, "momentum", low=0.0, high=1.0)
@@ -125,11 +146,15 @@ def _read_config(optim_config) -> dict[str, Any]:
     if not isinstance(cfg["nesterov"], bool):
         raise ValueError(f"config.optim.nesterov must be a bool, got {cfg['nesterov']!r}")
     if cfg["nesterov"] and cfg["name"] == "sgd" and cfg["momentum"] == 0.0:
-        raise ValueError("config.optim.nesterov=True needs config.optim.momentum > 0 (as torch.optim.SGD)")
+        raise ValueError(
+            "config.optim.nesterov=True needs config.optim.momentum > 0 (as torch.optim.SGD)"
+        )
     if not isinstance(cfg["no_bn_wd"], bool):
         raise ValueError(f"config.optim.no_bn_wd must be a bool, got {cfg['no_bn_wd']!r}")
     if not isinstance(cfg["backbone_prefix"], str) or not cfg["backbone_prefix"]:
-        raise ValueError(f"config.optim.backbone_prefix must be a non-empty string, got {cfg['backbone_prefix']!r}")
+        raise ValueError(
+            f"config.optim.backbone_prefix must be a non-empty string, got {cfg['backbone_prefix']!r}"
+        )
     if cfg["lr_batch_reference"] is not None:
         cfg["lr_batch_reference"] = _real(cfg, "lr_batch_reference", low=0.0, low_open=True)
     if cfg["clip_grad_norm"] is not None:
@@ -137,14 +162,20 @@ def _read_config(optim_config) -> dict[str, Any]:
     if cfg["ema_decay"] is not None:
         cfg["ema_decay"] = _real(cfg, "ema_decay", low=0.0, high=1.0, high_open=False)
     if not _is_int(cfg["warmup_steps"]) or cfg["warmup_steps"] < 0:
-        raise ValueError(f"config.optim.warmup_steps must be an integer >= 0, got {cfg['warmup_steps']!r}")
+        raise ValueError(
+            f"config.optim.warmup_steps must be an integer >= 0, got {cfg['warmup_steps']!r}"
+        )
     if not _is_int(cfg["grad_accum_steps"]) or cfg["grad_accum_steps"] < 1:
-        raise ValueError(f"config.optim.grad_accum_steps must be an integer >= 1, got {cfg['grad_accum_steps']!r}")
+        raise ValueError(
+            f"config.optim.grad_accum_steps must be an integer >= 1, got {cfg['grad_accum_steps']!r}"
+        )
     boundaries = cfg["step_boundaries"]
     if boundaries is None:
         boundaries = ()
     if isinstance(boundaries, (str, bytes)) or not hasattr(boundaries, "__iter__"):
-        raise ValueError(f"config.optim.step_boundaries must be a sequence of step numbers, got {boundaries!r}")
+        raise ValueError(
+            f"config.optim.step_boundaries must be a sequence of step numbers, got {boundaries!r}"
+        )
     boundaries = tuple(boundaries)
     if not all(_is_int(b) for b in boundaries):
         raise ValueError(f"config.optim.step_boundaries must hold integers, got {boundaries!r}")
@@ -179,7 +210,11 @@ def _schedule(cfg: dict, total_steps, global_batch_size) -> Callable:
         raise ValueError(
             f"config.optim.warmup_steps={warmup} must be smaller than total_steps={total} (the decay would be empty)"
         )
-    base = cfg["lr"] if cfg["lr_batch_reference"] is None else cfg["lr"] * batch / cfg["lr_batch_reference"]
+    base = (
+        cfg["lr"]
+        if cfg["lr_batch_reference"] is None
+        else cfg["lr"] * batch / cfg["lr_batch_reference"]
+    )
     decay_steps = total - warmup  # upstream: total = (epochs - warmup_epochs) * iters
     name = cfg["schedule"]
     if name == "poly":
@@ -190,7 +225,9 @@ def _schedule(cfg: dict, total_steps, global_batch_size) -> Callable:
         boundaries = cfg["step_boundaries"]
         if not boundaries:
             raise ValueError("config.optim.step_boundaries must be non-empty for schedule='step'")
-        if any(b <= 0 or b >= total for b in boundaries) or any(a >= b for a, b in zip(boundaries, boundaries[1:])):
+        if any(b <= 0 or b >= total for b in boundaries) or any(
+            a >= b for a, b in zip(boundaries, boundaries[1:])
+        ):
             raise ValueError(
                 f"config.optim.step_boundaries={boundaries} must be strictly increasing steps inside (0, "
                 f"total_steps={total})"
@@ -198,7 +235,9 @@ def _schedule(cfg: dict, total_steps, global_batch_size) -> Callable:
         # The joined schedule sees step - warmup, so shift the absolute boundaries. A boundary inside the
         # warmup (shifted <= 0) is already passed when the warmup ends, as upstream's epoch // lr_step.
         # piecewise_constant_schedule scales once count >= boundary.
-        main = optax.piecewise_constant_schedule(base, {b - warmup: cfg["step_gamma"] for b in boundaries})
+        main = optax.piecewise_constant_schedule(
+            base, {b - warmup: cfg["step_gamma"] for b in boundaries}
+        )
     else:  # constant
         main = optax.constant_schedule(base)
     if warmup == 0:
@@ -249,7 +288,9 @@ def _update_rule(cfg, learning_rate) -> optax.GradientTransformation:
     mask = weight_decay_mask if cfg["no_bn_wd"] else None
     wd = cfg["weight_decay"]
     if cfg["name"] == "adamw":
-        return optax.adamw(learning_rate, b1=cfg["b1"], b2=cfg["b2"], eps=cfg["eps"], weight_decay=wd, mask=mask)
+        return optax.adamw(
+            learning_rate, b1=cfg["b1"], b2=cfg["b2"], eps=cfg["eps"], weight_decay=wd, mask=mask
+        )
     # torch.optim.SGD: d_p = g + wd*p; buf = m*buf + d_p; d_p = d_p + m*buf (nesterov) or buf; p -= lr*d_p
     momentum = cfg["momentum"] if cfg["momentum"] > 0 else None
     parts = [optax.add_decayed_weights(wd, mask=mask)] if wd > 0 else []
@@ -288,7 +329,9 @@ def make_optimizer(optim_config, *, params, total_steps: int, global_batch_size:
     if cfg["clip_grad_norm"] is not None:
         tx = optax.chain(optax.clip_by_global_norm(cfg["clip_grad_norm"]), tx)
     if cfg["grad_accum_steps"] > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=cfg["grad_accum_steps"]).gradient_transformation()
+        tx = optax.MultiSteps(
+            tx, every_k_schedule=cfg["grad_accum_steps"]
+        ).gradient_transformation()
     return tx, schedule
 
 

@@ -17,11 +17,13 @@ along its first axis (``P("data")``). Inside the map each device runs the model 
 Shapes: batch["image"] (B, H, W, 3) float; batch["mask"] (B, H, W) int (segmentation) or
 batch["label"] (B,) int (recognition); B divisible by the mesh size.
 """
+
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -29,7 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxenc import metrics
 from jaxenc.compiler_options import compiler_options
@@ -38,8 +41,16 @@ from train import optim, tasks
 
 AXIS = "data"
 
-__all__ = ["AXIS", "StepConfig", "TrainState", "make_eval_step", "make_gradient_step", "make_mesh", "make_train_step",
-           "shard_batch"]
+__all__ = [
+    "AXIS",
+    "StepConfig",
+    "TrainState",
+    "make_eval_step",
+    "make_gradient_step",
+    "make_mesh",
+    "make_train_step",
+    "shard_batch",
+]
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -87,7 +98,10 @@ def make_mesh(devices=None) -> jax.sharding.Mesh:
 def shard_batch(mesh, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """This process's rows of the global batch -> global arrays split over ``data``."""
     sharding = NamedSharding(mesh, P(AXIS))
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+        for k, v in local_batch.items()
+    }
 
 
 @contextlib.contextmanager
@@ -120,8 +134,13 @@ def _global_counts(cfg: StepConfig, batch) -> dict[str, jax.Array]:
 def _loss_terms(cfg: StepConfig, outputs, targets):
     if cfg.task == "segmentation":
         return tasks.segmentation_terms(
-            outputs, targets, nclass=cfg.num_classes, aux=cfg.aux, se_loss=cfg.se_loss,
-            aux_weight=cfg.aux_weight, se_weight=cfg.se_weight,
+            outputs,
+            targets,
+            nclass=cfg.num_classes,
+            aux=cfg.aux,
+            se_loss=cfg.se_loss,
+            aux_weight=cfg.aux_weight,
+            se_weight=cfg.se_weight,
         )
     logits = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
     return tasks.recognition_terms(logits, targets, label_smoothing=cfg.label_smoothing)
@@ -129,8 +148,10 @@ def _loss_terms(cfg: StepConfig, outputs, targets):
 
 def _local_gradients(model: nn.Module, cfg: StepConfig, state: TrainState, batch):
     """Inside the map: (global-batch loss parts, summed gradients, new BN statistics)."""
-    key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step),
-                             jax.lax.axis_index(AXIS))
+    key = jax.random.fold_in(
+        jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step),
+        jax.lax.axis_index(AXIS),
+    )
     k_drop, k_mix = jax.random.split(key)
     images = batch["image"]
     targets = batch["mask"] if cfg.task == "segmentation" else batch["label"]
@@ -141,8 +162,11 @@ def _local_gradients(model: nn.Module, cfg: StepConfig, state: TrainState, batch
     def loss_fn(params):
         with _norm_context(cfg.sync_bn), _deterministic_dropout(cfg.disable_dropout):
             outputs, updates = model.apply(
-                {"params": params, "batch_stats": state.batch_stats}, images, train=True,
-                mutable=["batch_stats"], rngs={"dropout": k_drop},
+                {"params": params, "batch_stats": state.batch_stats},
+                images,
+                train=True,
+                mutable=["batch_stats"],
+                rngs={"dropout": k_drop},
             )
         loss, parts = tasks.total_loss(_loss_terms(cfg, outputs, targets), counts)
         return loss, (parts, updates["batch_stats"])
@@ -169,12 +193,19 @@ def make_gradient_step(model: nn.Module, cfg: StepConfig, mesh):
     def step(state: TrainState, batch):
         return _local_gradients(model, cfg, state, batch)
 
-    return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(), check_vma=False),
-                   compiler_options=_compiler_options(model, mesh, differentiated=True))
+    return jax.jit(
+        jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(), check_vma=False),
+        compiler_options=_compiler_options(model, mesh, differentiated=True),
+    )
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, cfg: StepConfig, mesh,
-                    lr_schedule: Callable | None = None):
+def make_train_step(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    cfg: StepConfig,
+    mesh,
+    lr_schedule: Callable | None = None,
+):
     """jit(shard_map(step)): (state, batch) -> (state, metrics) with global-batch loss terms, grad
     norm and lr. ``state`` replicated, ``batch`` split over ``data``."""
 
@@ -186,18 +217,36 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, cfg: Ste
         if cfg.ema_decay is not None:
             # With gradient accumulation the weights move once per k micro-steps; so does the average.
             applied = optim.update_applied(opt_state)
-            ema = jax.tree.map(lambda new, old: jnp.where(applied, new, old),
-                               optim.ema_update(ema, params, cfg.ema_decay), ema)
-        out = {"loss": sum(parts.values()), "grad_norm": optax.tree.norm(grads), **{f"loss_{k}": v for k, v in parts.items()}}
+            ema = jax.tree.map(
+                lambda new, old: jnp.where(applied, new, old),
+                optim.ema_update(ema, params, cfg.ema_decay),
+                ema,
+            )
+        out = {
+            "loss": sum(parts.values()),
+            "grad_norm": optax.tree.norm(grads),
+            **{f"loss_{k}": v for k, v in parts.items()},
+        }
         if lr_schedule is not None:
             # The schedule counts optimizer updates, i.e. micro-steps // grad_accum_steps.
             out["lr"] = jnp.asarray(lr_schedule(state.step // cfg.grad_accum_steps), jnp.float32)
-        new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                                  opt_state=opt_state, ema_params=ema)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            batch_stats=batch_stats,
+            opt_state=opt_state,
+            ema_params=ema,
+        )
         return new_state, out
 
-    mapped = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()), check_vma=False)
-    return jax.jit(mapped, donate_argnums=(0,), compiler_options=_compiler_options(model, mesh, differentiated=True))
+    mapped = jax.shard_map(
+        step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()), check_vma=False
+    )
+    return jax.jit(
+        mapped,
+        donate_argnums=(0,),
+        compiler_options=_compiler_options(model, mesh, differentiated=True),
+    )
 
 
 def make_eval_step(model: nn.Module, cfg: StepConfig, mesh):
@@ -216,10 +265,14 @@ def make_eval_step(model: nn.Module, cfg: StepConfig, mesh):
         if cfg.task == "segmentation":
             counts = metrics.segmentation_counts(preds, batch["mask"], cfg.num_classes, valid=valid)
         else:
-            topk = metrics.topk_correct(logits, batch["label"], ks=(1, min(5, cfg.num_classes)), valid=valid)
+            topk = metrics.topk_correct(
+                logits, batch["label"], ks=(1, min(5, cfg.num_classes)), valid=valid
+            )
             counts = {f"top{k}": v for k, v in topk.items()}
             counts["examples"] = jnp.sum(valid).astype(jnp.int32)
         return jax.lax.psum(counts, AXIS), preds
 
-    mapped = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P(AXIS)), check_vma=False)
+    mapped = jax.shard_map(
+        step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P(AXIS)), check_vma=False
+    )
     return jax.jit(mapped, compiler_options=_compiler_options(model, mesh, differentiated=False))

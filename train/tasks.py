@@ -11,9 +11,10 @@ over labelled pixels (ignore label -1), plus ``aux_weight`` x the aux head's cro
 ``se_weight`` x the semantic-encoding BCE (EncNet's SE loss: which classes occur in each image).
 Recognition: cross-entropy with optional label smoothing, or soft targets (mixup).
 """
+
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -23,13 +24,23 @@ from jaxenc import losses
 
 IGNORE = -1
 
-__all__ = ["IGNORE", "LossTerm", "mixup", "recognition_terms", "segmentation_terms", "total_loss", "unpack_outputs"]
+__all__ = [
+    "IGNORE",
+    "LossTerm",
+    "mixup",
+    "recognition_terms",
+    "segmentation_terms",
+    "total_loss",
+    "unpack_outputs",
+]
 
 # A loss term: (weight, local sum, global-count key). Counts are computed from labels only.
 LossTerm = tuple[float, jax.Array, str]
 
 
-def unpack_outputs(outputs, *, aux: bool, se_loss: bool) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+def unpack_outputs(
+    outputs, *, aux: bool, se_loss: bool
+) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     """(main, se, aux) from a segmentation model's output tuple in upstream's order (main, [se], [aux])."""
     outputs = tuple(outputs) if isinstance(outputs, (tuple, list)) else (outputs,)
     expected = 1 + int(aux) + int(se_loss)
@@ -59,8 +70,16 @@ def segmentation_counts(masks: jax.Array, nclass: int) -> dict[str, jax.Array]:
     }
 
 
-def segmentation_terms(outputs, masks: jax.Array, *, nclass: int, aux: bool, se_loss: bool,
-                       aux_weight: float, se_weight: float) -> dict[str, LossTerm]:
+def segmentation_terms(
+    outputs,
+    masks: jax.Array,
+    *,
+    nclass: int,
+    aux: bool,
+    se_loss: bool,
+    aux_weight: float,
+    se_weight: float,
+) -> dict[str, LossTerm]:
     """Loss terms of one device's batch. outputs: (main (B,H,W,C), [se (B,C)], [aux (B,H,W,C)]);
     masks (B,H,W) int, -1 = ignore."""
     main, se, aux_out = unpack_outputs(outputs, aux=aux, se_loss=se_loss)
@@ -79,18 +98,29 @@ def recognition_counts(labels: jax.Array) -> dict[str, jax.Array]:
     return {"examples": jnp.asarray(labels.shape[0], jnp.float32)}
 
 
-def recognition_terms(logits: jax.Array, labels: jax.Array, *, label_smoothing: float) -> dict[str, LossTerm]:
+def recognition_terms(
+    logits: jax.Array, labels: jax.Array, *, label_smoothing: float
+) -> dict[str, LossTerm]:
     """Cross-entropy terms. labels: int (B,) or soft targets (B, C) (mixup)."""
     if labels.ndim == logits.ndim:
-        ce = losses.soft_target_cross_entropy(logits, labels, smoothing=label_smoothing, reduction="sum")
+        ce = losses.soft_target_cross_entropy(
+            logits, labels, smoothing=label_smoothing, reduction="sum"
+        )
     else:
-        ce = losses.label_smoothing_cross_entropy(logits, labels, smoothing=label_smoothing, reduction="sum")
+        ce = losses.label_smoothing_cross_entropy(
+            logits, labels, smoothing=label_smoothing, reduction="sum"
+        )
     return {"ce": (1.0, ce, "examples")}
 
 
-def total_loss(terms: Mapping[str, LossTerm], global_counts: Mapping[str, jax.Array]) -> tuple[jax.Array, dict]:
+def total_loss(
+    terms: Mapping[str, LossTerm], global_counts: Mapping[str, jax.Array]
+) -> tuple[jax.Array, dict]:
     """Σ weight · local_sum / global_count, and each term's local contribution (for logging)."""
-    parts = {name: weight * s / jnp.maximum(global_counts[key], 1.0) for name, (weight, s, key) in terms.items()}
+    parts = {
+        name: weight * s / jnp.maximum(global_counts[key], 1.0)
+        for name, (weight, s, key) in terms.items()
+    }
     return sum(parts.values()), parts
 
 

@@ -16,6 +16,7 @@ killed run continued with the same command ends with the same parameters as an u
 SIGTERM / SIGINT save a checkpoint and stop cleanly. A non-finite loss stops the run without saving
 and names the step and the last good checkpoint.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,9 +36,22 @@ from jaxenc.models import segmentation as seg_models
 from jaxenc.models import store
 from train import checkpoint, compile_cache, observe, optim
 from train.data import pipeline
-from train.step import StepConfig, TrainState, make_eval_step, make_mesh, make_train_step, shard_batch
+from train.step import (
+    StepConfig,
+    TrainState,
+    make_eval_step,
+    make_mesh,
+    make_train_step,
+    shard_batch,
+)
 
-__all__ = ["build_model", "evaluate", "initialize_distributed", "load_backbone", "train_and_evaluate"]
+__all__ = [
+    "build_model",
+    "evaluate",
+    "initialize_distributed",
+    "load_backbone",
+    "train_and_evaluate",
+]
 
 _DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 _TASKS = ("segmentation", "recognition")
@@ -74,7 +88,9 @@ def _validate(config: ml_collections.ConfigDict, n_devices: int, n_processes: in
     if config.model.norm not in _NORMS:
         raise ValueError(f"config.model.norm must be one of {_NORMS}, got {config.model.norm!r}")
     if config.model.dtype not in _DTYPES:
-        raise ValueError(f"config.model.dtype must be one of {tuple(_DTYPES)}, got {config.model.dtype!r}")
+        raise ValueError(
+            f"config.model.dtype must be one of {tuple(_DTYPES)}, got {config.model.dtype!r}"
+        )
     for key in ("global_batch_size", "eval_batch_size"):
         size = config.input[key]
         if not isinstance(size, int) or size <= 0:
@@ -92,8 +108,11 @@ def _validate(config: ml_collections.ConfigDict, n_devices: int, n_processes: in
 
 def build_model(config: ml_collections.ConfigDict):
     """The Flax model named by ``config.model`` for ``config.task`` (without weights)."""
-    kwargs = config.model.kwargs.to_dict() if isinstance(config.model.kwargs, ml_collections.ConfigDict) else dict(
-        config.model.kwargs)
+    kwargs = (
+        config.model.kwargs.to_dict()
+        if isinstance(config.model.kwargs, ml_collections.ConfigDict)
+        else dict(config.model.kwargs)
+    )
     kwargs["dtype"] = _DTYPES[config.model.dtype]
     # Rematerialisation ("none" | "block"): recompute block internals in the backward pass to save memory.
     kwargs["remat"] = config.model.get("remat", "none")
@@ -101,8 +120,12 @@ def build_model(config: ml_collections.ConfigDict):
         # The dataset name matters only where upstream derives an option from it (EncNet's lateral
         # fusion for datasets whose name starts with 'p'); the class count always comes from the config.
         return models.get_segmentation_model(
-            config.model.name, dataset=config.dataset.name, backbone=config.model.backbone,
-            nclass=config.dataset.num_classes, **kwargs)
+            config.model.name,
+            dataset=config.dataset.name,
+            backbone=config.model.backbone,
+            nclass=config.dataset.num_classes,
+            **kwargs,
+        )
     return models.get_model(config.model.name, num_classes=config.dataset.num_classes, **kwargs)
 
 
@@ -124,8 +147,9 @@ def _step_config(config, model) -> StepConfig:
 
 
 def _transform(config, train: bool):
-    return pipeline.transform_from_config(config.input, task=config.task, image_size=config.dataset.image_size,
-                                          train=train)
+    return pipeline.transform_from_config(
+        config.input, task=config.task, image_size=config.dataset.image_size, train=train
+    )
 
 
 def _replicated(mesh):
@@ -145,9 +169,14 @@ def _init_state(variables: dict, config, tx, mesh) -> TrainState:
     def init():
         params = variables["params"]
         ema = jax.tree.map(jnp.copy, params) if config.optim.ema_decay is not None else {}
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
-                          ema_params=ema, rng=jax.random.key_data(jax.random.key(config.seed)))
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            batch_stats=variables.get("batch_stats", {}),
+            opt_state=tx.init(params),
+            ema_params=ema,
+            rng=jax.random.key_data(jax.random.key(config.seed)),
+        )
 
     return jax.device_put(init(), _replicated(mesh))
 
@@ -157,7 +186,9 @@ def _eval_variables(state: TrainState) -> dict:
     return {"params": params, "batch_stats": state.batch_stats}
 
 
-def evaluate(eval_step, state: TrainState, batches, mesh, config, *, samples: int = 0) -> tuple[dict, list]:
+def evaluate(
+    eval_step, state: TrainState, batches, mesh, config, *, samples: int = 0
+) -> tuple[dict, list]:
     """One pass over the held-out split: dataset-accumulated metrics (sums over the split, as upstream) and, for
     segmentation, up to ``samples`` (image, mask, prediction) triples from this process's rows."""
     variables = _eval_variables(state)
@@ -179,13 +210,18 @@ def evaluate(eval_step, state: TrainState, batches, mesh, config, *, samples: in
                 top[k] = top.get(k, 0) + int(v)
     if seg:
         result = metric.result()
-        return {"pixAcc": float(result["pixAcc"]), "mIoU": float(result["mIoU"]),
-                "IoU": [float(v) for v in result["IoU"]]}, kept
+        return {
+            "pixAcc": float(result["pixAcc"]),
+            "mIoU": float(result["mIoU"]),
+            "IoU": [float(v) for v in result["IoU"]],
+        }, kept
     n = max(top.pop("examples"), 1)
     return {k: v / n for k, v in top.items()}, kept
 
 
-def load_backbone(config: ml_collections.ConfigDict, params: dict, batch_stats: dict) -> tuple[dict, dict]:
+def load_backbone(
+    config: ml_collections.ConfigDict, params: dict, batch_stats: dict
+) -> tuple[dict, dict]:
     """ImageNet weights for a segmentation model's backbone (upstream BaseNet's ``pretrained=True``,
     done explicitly): ``config.model.backbone_pretrained`` is a model-store name (e.g. ``"resnest50"``,
     read from the local cache, never downloaded) or a file (upstream ``.pth`` / ``.zip`` or a native
@@ -198,10 +234,14 @@ def load_backbone(config: ml_collections.ConfigDict, params: dict, batch_stats: 
     """
     spec = config.model.backbone_pretrained
     if "pretrained" not in params:
-        raise ValueError(f"config.model.backbone_pretrained={spec!r}: model {config.model.name!r} has no "
-                         "'pretrained' backbone submodule (it applies to segmentation models)")
+        raise ValueError(
+            f"config.model.backbone_pretrained={spec!r}: model {config.model.name!r} has no "
+            "'pretrained' backbone submodule (it applies to segmentation models)"
+        )
     kwargs = dict(config.model.kwargs.get("backbone_kwargs", None) or {})
-    example = np.zeros((1, 64, 64, 3), np.float32)  # only traced for shapes; the weights are size-free
+    example = np.zeros(
+        (1, 64, 64, 3), np.float32
+    )  # only traced for shapes; the weights are size-free
     if spec in models.pretrained_model_list():  # digest-verified, from the local cache
         _, variables = models.load_pretrained(spec, example_input=example)
     else:
@@ -214,29 +254,40 @@ def load_backbone(config: ml_collections.ConfigDict, params: dict, batch_stats: 
             try:
                 variables = port.torch_to_flax(backbone, state_dict, example, return_features=True)
             except ValueError as err:
-                raise ValueError(f"config.model.backbone_pretrained={spec!r} does not fit the backbone "
-                                 f"{config.model.backbone} with {kwargs}: {err}") from None
-    loaded = {"params": {k: v for k, v in variables["params"].items() if k != "fc"},
-              "batch_stats": variables.get("batch_stats", {})}
+                raise ValueError(
+                    f"config.model.backbone_pretrained={spec!r} does not fit the backbone "
+                    f"{config.model.backbone} with {kwargs}: {err}"
+                ) from None
+    loaded = {
+        "params": {k: v for k, v in variables["params"].items() if k != "fc"},
+        "batch_stats": variables.get("batch_stats", {}),
+    }
     target = {"params": params["pretrained"], "batch_stats": batch_stats.get("pretrained", {})}
     problems = store.shape_problems(target, loaded)
     if problems:
-        raise ValueError(f"config.model.backbone_pretrained={spec!r} does not fit the backbone of "
-                         f"{config.model.name}_{config.model.backbone}: " + "; ".join(problems[:8])
-                         + (f" (+{len(problems) - 8} more)" if len(problems) > 8 else ""))
+        raise ValueError(
+            f"config.model.backbone_pretrained={spec!r} does not fit the backbone of "
+            f"{config.model.name}_{config.model.backbone}: "
+            + "; ".join(problems[:8])
+            + (f" (+{len(problems) - 8} more)" if len(problems) > 8 else "")
+        )
 
     def place(tree, sub):
         sharding = jax.tree.leaves(tree)[0].sharding
         cast = jax.tree.map(lambda new, old: jnp.asarray(new, old.dtype), sub, tree["pretrained"])
         return {**tree, "pretrained": jax.device_put(cast, sharding)}
 
-    return place(params, loaded["params"]), (place(batch_stats, loaded["batch_stats"]) if batch_stats else batch_stats)
+    return place(params, loaded["params"]), (
+        place(batch_stats, loaded["batch_stats"]) if batch_stats else batch_stats
+    )
 
 
 def _restore_or_start(ckpt, state, train_iter, config, model, example) -> tuple[TrainState, dict]:
     latest = ckpt.latest_step()
     if latest is not None:
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+        abstract = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state
+        )
         restored, data_state, meta = ckpt.restore(latest, abstract_state=abstract)
         if data_state is not None:
             train_iter.set_state(data_state)
@@ -245,8 +296,12 @@ def _restore_or_start(ckpt, state, train_iter, config, model, example) -> tuple[
         params, batch_stats = load_backbone(config, state.params, state.batch_stats)
         state = state.replace(params=params, batch_stats=batch_stats)
     if config.model.pretrained:
-        _, variables = models.load_pretrained(None, source=config.model.pretrained, model=model, example_input=example)
-        state = state.replace(params=variables["params"], batch_stats=variables.get("batch_stats", state.batch_stats))
+        _, variables = models.load_pretrained(
+            None, source=config.model.pretrained, model=model, example_input=example
+        )
+        state = state.replace(
+            params=variables["params"], batch_stats=variables.get("batch_stats", state.batch_stats)
+        )
     if config.train.finetune_from:
         target = {"params": state.params, "batch_stats": state.batch_stats}
         variables = checkpoint.load_params_for_finetune(config.train.finetune_from, target)
@@ -254,7 +309,9 @@ def _restore_or_start(ckpt, state, train_iter, config, model, example) -> tuple[
     return state, {}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str | os.PathLike
+) -> dict[str, Any]:
     """Train ``config`` in ``workdir`` (resuming when it holds a checkpoint); returns the final
     metrics (held-out evaluation of the last step) plus the best metric and its step."""
     initialize_distributed(config.distributed)
@@ -264,27 +321,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     n_proc, p_idx = jax.process_count(), jax.process_index()
     _validate(config, mesh.size, n_proc)
     is_main = p_idx == 0
-    config_note = checkpoint.check_config(workdir, config, allow_change=config.train.allow_config_change,
-                                          write=is_main)
+    config_note = checkpoint.check_config(
+        workdir, config, allow_change=config.train.allow_config_change, write=is_main
+    )
 
     model = build_model(config)
     cfg = _step_config(config, model)
     train_src = pipeline.get_source(config.dataset, "train")
     val_src = pipeline.get_source(config.dataset, "validation")
     train_iter = pipeline.train_iterator(
-        train_src, global_batch_size=config.input.global_batch_size, seed=config.seed, process_index=p_idx,
-        process_count=n_proc, transform=_transform(config, True), worker_count=config.input.worker_count)
+        train_src,
+        global_batch_size=config.input.global_batch_size,
+        seed=config.seed,
+        process_index=p_idx,
+        process_count=n_proc,
+        transform=_transform(config, True),
+        worker_count=config.input.worker_count,
+    )
     size = config.dataset.image_size
     example = np.zeros((1, size, size, 3), np.float32)
     num_steps = config.train.num_steps
     variables = _init_variables(model, config, example, mesh)
     tx, lr_schedule = optim.make_optimizer(
-        config.optim, params=variables["params"], total_steps=max(num_steps // config.optim.grad_accum_steps, 1),
-        global_batch_size=config.input.global_batch_size * config.optim.grad_accum_steps)
+        config.optim,
+        params=variables["params"],
+        total_steps=max(num_steps // config.optim.grad_accum_steps, 1),
+        global_batch_size=config.input.global_batch_size * config.optim.grad_accum_steps,
+    )
     state = _init_state(variables, config, tx, mesh)
 
-    ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints, best_metric=config.train.best_metric,
-                                   best_mode="max")
+    ckpt = checkpoint.Checkpointer(
+        workdir,
+        keep=config.train.keep_checkpoints,
+        best_metric=config.train.best_metric,
+        best_mode="max",
+    )
     state, meta = _restore_or_start(ckpt, state, train_iter, config, model, example)
     start = int(state.step)
     best = meta.get("best", {"value": None, "step": None})
@@ -292,15 +363,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     eval_step = make_eval_step(model, cfg, mesh)
 
     def eval_batches():
-        return pipeline.eval_batches(val_src, batch_size=config.input.eval_batch_size, process_index=p_idx,
-                                     process_count=n_proc, transform=_transform(config, False))
+        return pipeline.eval_batches(
+            val_src,
+            batch_size=config.input.eval_batch_size,
+            process_index=p_idx,
+            process_count=n_proc,
+            transform=_transform(config, False),
+        )
 
     last_eval: dict = {}
     samples: list = []
     t0 = time.time()
-    with ckpt, checkpoint.GracefulShutdown() as stop, observe.Observer(
-        workdir, total_steps=num_steps, start_step=start, is_main=is_main, best_metric=config.train.best_metric
-    ) as obs:
+    with (
+        ckpt,
+        checkpoint.GracefulShutdown() as stop,
+        observe.Observer(
+            workdir,
+            total_steps=num_steps,
+            start_step=start,
+            is_main=is_main,
+            best_metric=config.train.best_metric,
+        ) as obs,
+    ):
         if config_note:
             obs.log_text(config_note)
         if start:
@@ -329,8 +413,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 if not math.isfinite(values["loss"]):
                     ckpt.wait()  # the last good checkpoint may still be being written
                     good = ckpt.latest_step()
-                    where = (f"step {good} in {workdir / 'checkpoints'}" if good is not None
-                             else "none (no checkpoint was written yet)")
+                    where = (
+                        f"step {good} in {workdir / 'checkpoints'}"
+                        if good is not None
+                        else "none (no checkpoint was written yet)"
+                    )
                     raise FloatingPointError(
                         f"non-finite loss ({values['loss']}) at step {first + i}; training stopped without saving. "
                         f"The last good checkpoint is {where}. "
@@ -346,7 +433,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             step += 1
             pending.append(out)
             data_state = train_iter.get_state()
-            batch = shard_batch(mesh, next(train_iter)) if step < num_steps else None  # overlaps this step
+            batch = (
+                shard_batch(mesh, next(train_iter)) if step < num_steps else None
+            )  # overlaps this step
             # Bound how far the host runs ahead (device memory for queued batches): wait for the previous
             # step only; this one is queued, so the device stays busy.
             if prev_out is not None:
@@ -354,40 +443,64 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             prev_out = out
             if step % config.train.log_every == 0 or step == num_steps:
                 flush()
-                obs.log_train(step, {k: v / n_logged for k, v in sums.items()},
-                              examples=n_logged * config.input.global_batch_size)
+                obs.log_train(
+                    step,
+                    {k: v / n_logged for k, v in sums.items()},
+                    examples=n_logged * config.input.global_batch_size,
+                )
                 sums, n_logged = {}, 0
             if step % config.train.eval_every == 0 or step == num_steps:
                 flush()
                 with obs.paused():
                     want = config.train.sample_predictions if step == num_steps else 0
-                    last_eval, kept = evaluate(eval_step, state, eval_batches(), mesh, config, samples=want)
+                    last_eval, kept = evaluate(
+                        eval_step, state, eval_batches(), mesh, config, samples=want
+                    )
                     samples = kept or samples
                     obs.log_eval(step, last_eval)
                     value = last_eval.get(config.train.best_metric)
                     if value is not None and (best["value"] is None or value > best["value"]):
                         best = {"value": value, "step": step}
-                        ckpt.save_best(step, state=state, data_state=None, meta={"best": best},
-                                       metrics={config.train.best_metric: value})
+                        ckpt.save_best(
+                            step,
+                            state=state,
+                            data_state=None,
+                            meta={"best": best},
+                            metrics={config.train.best_metric: value},
+                        )
             # A collective: every process sees the same answer, so all of them save (or none does).
             stopping = stop.should_stop()
             if step % config.train.checkpoint_every == 0 or step == num_steps or stopping:
                 flush()
                 with obs.paused():
-                    ckpt.save(step, state=state, data_state=data_state, meta={"best": best}, force=True)
+                    ckpt.save(
+                        step, state=state, data_state=data_state, meta={"best": best}, force=True
+                    )
             if stopping:
                 ckpt.wait()
                 obs.log_text(f"{stop.signal_name}: saved a checkpoint at step {step} and stopped")
                 break
         ckpt.wait()
-        result = {"step": step, **{k: v for k, v in last_eval.items() if not isinstance(v, list)},
-                  "best_metric": config.train.best_metric, "best_value": best["value"], "best_step": best["step"],
-                  "stopped_early": step < num_steps, "wall_time_s": time.time() - t0}
+        result = {
+            "step": step,
+            **{k: v for k, v in last_eval.items() if not isinstance(v, list)},
+            "best_metric": config.train.best_metric,
+            "best_value": best["value"],
+            "best_step": best["step"],
+            "stopped_early": step < num_steps,
+            "wall_time_s": time.time() - t0,
+        }
         if is_main and samples and config.task == "segmentation":
             images, masks, preds = (np.stack(x) for x in zip(*samples))
             observe.save_segmentation_samples(
-                workdir / "samples.png", images, masks, preds, palette=pipeline.palette(config.dataset),
-                mean=tuple(config.input.mean), std=tuple(config.input.std))
+                workdir / "samples.png",
+                images,
+                masks,
+                preds,
+                palette=pipeline.palette(config.dataset),
+                mean=tuple(config.input.mean),
+                std=tuple(config.input.std),
+            )
         if step == num_steps:
             obs.summary(result, config_name=config.name)
     return result

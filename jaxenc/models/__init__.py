@@ -1,19 +1,18 @@
 """Backbones, segmentation models and DeepTEN (PyTorch-Encoding's model zoo), the model registry
 and the pretrained-weight store."""
-from jaxenc.models.registry import get_model, list_models, register_model
+
 from jaxenc.models import deepten, heads, resnet, segmentation, wideresnet, xception  # noqa: F401  (importing registers the models)
 from jaxenc.models.deepten import DeepTen
 from jaxenc.models.initialize import init_variables
+from jaxenc.models.registry import get_model, list_models, register_model
 from jaxenc.models.resnet import BasicBlock, Bottleneck, ResNet
-from jaxenc.models.wideresnet import WideResNet
-from jaxenc.models.xception import Xception65, Xception71
 from jaxenc.models.segmentation import (
     ATTEN,
-    DANet,
     FCFPN,
     FCN,
     PSP,
     BaseNet,
+    DANet,
     DeepLabV3,
     EncNet,
     UperNet,
@@ -28,6 +27,8 @@ from jaxenc.models.store import (
     register_pretrained,
     save_checkpoint,
 )
+from jaxenc.models.wideresnet import WideResNet
+from jaxenc.models.xception import Xception65, Xception71
 
 __all__ = [
     "init_variables",

@@ -14,31 +14,41 @@ conversion stays strict. Unlike upstream, the backbone is never downloaded impli
 always builds it with ``pretrained=True``): load weights from the model store
 (``jaxenc.models.load_pretrained``).
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxenc._checks import check_positive_int
 from jaxenc.models import resnet as _resnet
 from jaxenc.models.registry import register_model
 from jaxenc.nn.customize import lp_normalize
 from jaxenc.nn.encoding import Encoding
 from jaxenc.nn.norm import BatchNorm
 from jaxenc.nn.torch_compat import Conv2d, torch_uniform_init
+from jaxenc.validation import check_positive_int
 
 Dtype = Any
 
-__all__ = ["CLASSIFICATION_DATASETS", "DeepTen", "DeepTEN", "get_deepten", "get_deepten_resnet50_minc"]
+__all__ = [
+    "CLASSIFICATION_DATASETS",
+    "DeepTen",
+    "DeepTEN",
+    "get_deepten",
+    "get_deepten_resnet50_minc",
+]
 
 # Upstream's backbone argument: 'resnet50' means the deep-stem resnet50s (the 's' names are accepted too).
+# fmt: off
 _BACKBONES = {
     "resnet50": "resnet50s", "resnet101": "resnet101s", "resnet152": "resnet152s",
     "resnet50s": "resnet50s", "resnet101s": "resnet101s", "resnet152s": "resnet152s",
 }
+# fmt: on
 
 #: Number of classes of upstream's recognition datasets usable with DeepTen.
 CLASSIFICATION_DATASETS = {"minc": 23}
@@ -90,10 +100,13 @@ class DeepTen(nn.Module):
         _resnet.check_remat(self.remat, "DeepTen")
         key = self.backbone.lower() if isinstance(self.backbone, str) else None
         if key not in _BACKBONES:
-            raise ValueError(f"DeepTen: unknown backbone {self.backbone!r}; choose one of {sorted(_BACKBONES)}")
+            raise ValueError(
+                f"DeepTen: unknown backbone {self.backbone!r}; choose one of {sorted(_BACKBONES)}"
+            )
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.pretrained = getattr(_resnet, _BACKBONES[key])(dilated=False, norm_layer=self.norm_layer,
-                                                            remat=self.remat, **kw)
+        self.pretrained = getattr(_resnet, _BACKBONES[key])(
+            dilated=False, norm_layer=self.norm_layer, remat=self.remat, **kw
+        )
         self.head = _DeepTenHead(self.nclass, norm_layer=self.norm_layer, **kw)
 
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -107,8 +120,15 @@ class DeepTen(nn.Module):
 DeepTEN = DeepTen
 
 
-def get_deepten(dataset: str = "minc", backbone: str = "resnet50", nclass: int | None = None,
-                pretrained: bool = False, *, num_classes: int | None = None, **kwargs: Any) -> DeepTen:
+def get_deepten(
+    dataset: str = "minc",
+    backbone: str = "resnet50",
+    nclass: int | None = None,
+    pretrained: bool = False,
+    *,
+    num_classes: int | None = None,
+    **kwargs: Any,
+) -> DeepTen:
     """Upstream ``get_deepten(dataset, backbone, ...)``: a :class:`DeepTen` without weights.
 
     ``nclass`` defaults to the dataset's (MINC-2500: 23); ``num_classes`` is accepted as its alias
@@ -118,7 +138,9 @@ def get_deepten(dataset: str = "minc", backbone: str = "resnet50", nclass: int |
     """
     if num_classes is not None:
         if nclass is not None and nclass != num_classes:
-            raise ValueError(f"get_deepten: nclass={nclass} and num_classes={num_classes} disagree (they are aliases)")
+            raise ValueError(
+                f"get_deepten: nclass={nclass} and num_classes={num_classes} disagree (they are aliases)"
+            )
         nclass = num_classes
     if pretrained:
         raise ValueError(
@@ -127,7 +149,9 @@ def get_deepten(dataset: str = "minc", backbone: str = "resnet50", nclass: int |
         )
     if nclass is None:
         if not isinstance(dataset, str) or dataset.lower() not in CLASSIFICATION_DATASETS:
-            raise ValueError(f"get_deepten: unknown dataset {dataset!r}; give nclass or one of {sorted(CLASSIFICATION_DATASETS)}")
+            raise ValueError(
+                f"get_deepten: unknown dataset {dataset!r}; give nclass or one of {sorted(CLASSIFICATION_DATASETS)}"
+            )
         nclass = CLASSIFICATION_DATASETS[dataset.lower()]
     unknown = sorted(set(kwargs) - {"norm_layer", "dtype", "param_dtype", "remat"})
     if unknown:

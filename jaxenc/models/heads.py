@@ -32,15 +32,16 @@ Deliberate differences from upstream:
   (B, D, K) tensor with K as the feature axis, which are the same statistics as torch's
   ``BatchNorm1d(K)``; so any ``norm_layer`` (also synchronised ones) works unchanged.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxenc._checks import check_channels, check_positive_int, check_rank
 from jaxenc.nn.attention import ACFModule, CAM_Module, PAM_Module
 from jaxenc.nn.customize import ConvNormReLU, PyramidPooling, check_up_kwargs
 from jaxenc.nn.encoding import Encoding
@@ -48,6 +49,7 @@ from jaxenc.nn.norm import BatchNorm
 from jaxenc.nn.resample import adaptive_avg_pool2d, interpolate_bilinear
 from jaxenc.nn.torch_compat import Conv2d, torch_uniform_init
 from jaxenc.port import register_torch_aliases
+from jaxenc.validation import check_channels, check_positive_int, check_rank
 
 Dtype = Any
 NormLayer = Callable[..., nn.Module]
@@ -112,8 +114,14 @@ class _ConvNormReLUList(nn.Module):
 
     @nn.compact
     def __call__(self, index: int, x: jax.Array, train: bool = False) -> jax.Array:
-        block = ConvNormReLU(self.out_channels, self.kernel_size, self.padding, norm_layer=self.norm_layer,
-                              name=str(index), **_kw(self))
+        block = ConvNormReLU(
+            self.out_channels,
+            self.kernel_size,
+            self.padding,
+            norm_layer=self.norm_layer,
+            name=str(index),
+            **_kw(self),
+        )
         return block(x, train=train)
 
 
@@ -142,18 +150,18 @@ class _ConvNormReLUDropConv(nn.Module):
         kw = _kw(self)
         i = 0
         if self.pyramid:  # PSPHead: PyramidPooling is child "0"
-            x = PyramidPooling(x.shape[-1], norm_layer=self.norm_layer, up_kwargs=self.up_kwargs, name="0", **kw)(
-                x, train=train
-            )
+            x = PyramidPooling(
+                x.shape[-1], norm_layer=self.norm_layer, up_kwargs=self.up_kwargs, name="0", **kw
+            )(x, train=train)
             i = 1
         y = Conv2d(self.inter_channels, 3, padding=1, bias=False, name=str(i), **kw)(x)
         y = self.norm_layer(self.inter_channels, name=str(i + 1), **kw)(y, train=train)
         y = jax.nn.relu(y)
         j = i + 3
         if self.with_global:  # FCNHead: ConcurrentModule([Identity(), GlobalPooling]) is child "3"
-            y = _IdentityAndGlobalPool(self.inter_channels, self.norm_layer, self.up_kwargs, name=str(j), **kw)(
-                y, train=train
-            )
+            y = _IdentityAndGlobalPool(
+                self.inter_channels, self.norm_layer, self.up_kwargs, name=str(j), **kw
+            )(y, train=train)
             j += 1
         y = _dropout(y, self.dropout, train, self.channelwise)
         return Conv2d(self.out_channels, 1, name=str(j + 1), **kw)(y)
@@ -216,7 +224,9 @@ class GlobalPooling(nn.Module):
         check_positive_int(self.out_channels, "out_channels", where)
         align = check_up_kwargs(self.up_kwargs, where)
         x = _features(x, self.in_channels, where, self.dtype)
-        pool = _GapSequential(self.out_channels, self.norm_layer, name="gap", **_kw(self))(x, train=train)
+        pool = _GapSequential(self.out_channels, self.norm_layer, name="gap", **_kw(self))(
+            x, train=train
+        )
         return interpolate_bilinear(pool, tuple(x.shape[1:3]), align_corners=align).astype(x.dtype)
 
 
@@ -235,7 +245,9 @@ class _IdentityAndGlobalPool(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        pool = GlobalPooling(self.channels, self.channels, self.norm_layer, self.up_kwargs, name="1", **_kw(self))
+        pool = GlobalPooling(
+            self.channels, self.channels, self.norm_layer, self.up_kwargs, name="1", **_kw(self)
+        )
         return jnp.concatenate([x, pool(x, train=train).astype(x.dtype)], axis=-1)
 
 
@@ -267,12 +279,20 @@ class FCNHead(nn.Module):
         check_positive_int(self.in_channels, "in_channels", where)
         check_positive_int(self.out_channels, "out_channels", where)
         if self.in_channels < 4:
-            raise ValueError(f"{where}: in_channels must be >= 4 (the hidden width is in_channels // 4), got {self.in_channels}")
+            raise ValueError(
+                f"{where}: in_channels must be >= 4 (the hidden width is in_channels // 4), got {self.in_channels}"
+            )
         check_up_kwargs(self.up_kwargs, where)
         x = _features(x, self.in_channels, where, self.dtype)
         conv5 = _ConvNormReLUDropConv(
-            self.in_channels // 4, self.out_channels, self.norm_layer, dropout=0.1, with_global=self.with_global,
-            up_kwargs=self.up_kwargs, name="conv5", **_kw(self),
+            self.in_channels // 4,
+            self.out_channels,
+            self.norm_layer,
+            dropout=0.1,
+            with_global=self.with_global,
+            up_kwargs=self.up_kwargs,
+            name="conv5",
+            **_kw(self),
         )
         return conv5(x, train=train)
 
@@ -302,12 +322,20 @@ class PSPHead(nn.Module):
         check_positive_int(self.in_channels, "in_channels", where)
         check_positive_int(self.out_channels, "out_channels", where)
         if self.in_channels % 4:
-            raise ValueError(f"{where}: in_channels must be divisible by 4 (pyramid levels of in_channels // 4), "
-                             f"got {self.in_channels}")
+            raise ValueError(
+                f"{where}: in_channels must be divisible by 4 (pyramid levels of in_channels // 4), "
+                f"got {self.in_channels}"
+            )
         x = _features(x, self.in_channels, where, self.dtype)
         conv5 = _ConvNormReLUDropConv(
-            self.in_channels // 4, self.out_channels, self.norm_layer, dropout=0.1, pyramid=True,
-            up_kwargs=self.up_kwargs, name="conv5", **_kw(self),
+            self.in_channels // 4,
+            self.out_channels,
+            self.norm_layer,
+            dropout=0.1,
+            pyramid=True,
+            up_kwargs=self.up_kwargs,
+            name="conv5",
+            **_kw(self),
         )
         return conv5(x, train=train)
 
@@ -332,7 +360,9 @@ class _EncodingSequential(nn.Module):
         y = jax.nn.relu(self.norm_layer(self.channels, name="1", **kw)(y, train=train))
         e = Encoding(self.channels, self.ncodes, name="3", **kw)(y)  # (B, K, D)
         # torch BatchNorm1d(K) on (B, K, D): K is the feature axis; statistics over B and D.
-        e = self.norm_layer(self.ncodes, name="4", **kw)(jnp.swapaxes(e, 1, 2), train=train)  # (B, D, K)
+        e = self.norm_layer(self.ncodes, name="4", **kw)(
+            jnp.swapaxes(e, 1, 2), train=train
+        )  # (B, D, K)
         e = jax.nn.relu(e)
         return jnp.mean(e, axis=-1)  # Mean(dim=1) over the codewords -> (B, D)
 
@@ -381,9 +411,9 @@ class EncModule(nn.Module):
         for name in ("in_channels", "nclass", "ncodes"):
             check_positive_int(getattr(self, name), name, where)
         x = _features(x, self.in_channels, where, self.dtype)
-        en = _EncodingSequential(self.in_channels, self.ncodes, self.norm_layer, name="encoding", **_kw(self))(
-            x, train=train
-        )
+        en = _EncodingSequential(
+            self.in_channels, self.ncodes, self.norm_layer, name="encoding", **_kw(self)
+        )(x, train=train)
         gamma = _FcSigmoid(self.in_channels, name="fc", **_kw(self))(en)
         y = jax.nn.relu(x + x * gamma[:, None, None, :].astype(x.dtype))
         if not self.se_loss:
@@ -391,7 +421,9 @@ class EncModule(nn.Module):
         return (y, _linear(self.nclass, self.in_channels, "selayer", self)(en))
 
 
-def _lateral_fusion(module: nn.Module, feat: jax.Array, c2: jax.Array, c3: jax.Array, train: bool) -> jax.Array:
+def _lateral_fusion(
+    module: nn.Module, feat: jax.Array, c2: jax.Array, c3: jax.Array, train: bool
+) -> jax.Array:
     """EncHead / ATTENHead ``lateral``: connect.0 (c2 -> 512), connect.1 (c3 -> 512), then
     fusion(concat(feat, c2', c3')) -> 512. Call inside the head's compact method."""
     kw = _kw(module)
@@ -409,7 +441,9 @@ def _lateral_fusion(module: nn.Module, feat: jax.Array, c2: jax.Array, c3: jax.A
 
 def _check_features(features: Sequence[jax.Array], need: int, where: str) -> None:
     if len(features) < need:
-        raise ValueError(f"{where}: expected the backbone features (c1, c2, c3, c4), got {len(features)} arrays")
+        raise ValueError(
+            f"{where}: expected the backbone features (c1, c2, c3, c4), got {len(features)} arrays"
+        )
 
 
 class EncHead(nn.Module):
@@ -440,11 +474,20 @@ class EncHead(nn.Module):
         _check_features(features, 3 if self.lateral else 1, where)
         kw = _kw(self)
         c4 = _features(features[-1], self.in_channels, where, self.dtype)
-        feat = ConvNormReLU(512, 3, padding=1, norm_layer=self.norm_layer, name="conv5", **kw)(c4, train=train)
+        feat = ConvNormReLU(512, 3, padding=1, norm_layer=self.norm_layer, name="conv5", **kw)(
+            c4, train=train
+        )
         if self.lateral:
             feat = _lateral_fusion(self, feat, features[1], features[2], train)
-        outs = EncModule(512, self.out_channels, ncodes=32, se_loss=self.se_loss, norm_layer=self.norm_layer,
-                         name="encmodule", **kw)(feat, train=train)
+        outs = EncModule(
+            512,
+            self.out_channels,
+            ncodes=32,
+            se_loss=self.se_loss,
+            norm_layer=self.norm_layer,
+            name="encmodule",
+            **kw,
+        )(feat, train=train)
         logits = _Classifier(self.out_channels, 0.1, name="conv6", **kw)(outs[0], train=train)
         return (logits, *outs[1:])
 
@@ -492,18 +535,30 @@ class ASPP_Module(nn.Module):  # noqa: N801 (upstream name)
         where = "ASPP_Module"
         check_positive_int(self.in_channels, "in_channels", where)
         if self.in_channels < 8:
-            raise ValueError(f"{where}: in_channels must be >= 8 (branches have in_channels // 8), got {self.in_channels}")
+            raise ValueError(
+                f"{where}: in_channels must be >= 8 (branches have in_channels // 8), got {self.in_channels}"
+            )
         rates = tuple(self.atrous_rates)
-        if len(rates) != 3 or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in rates):
-            raise ValueError(f"{where}: atrous_rates must be three positive integers, got {self.atrous_rates!r}")
+        if len(rates) != 3 or any(
+            isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in rates
+        ):
+            raise ValueError(
+                f"{where}: atrous_rates must be three positive integers, got {self.atrous_rates!r}"
+            )
         x = _features(x, self.in_channels, where, self.dtype)
         kw = _kw(self)
         out = self.in_channels // 8
         feats = [ConvNormReLU(out, 1, norm_layer=self.norm_layer, name="b0", **kw)(x, train=train)]
         for i, rate in enumerate(rates, start=1):
-            block = ConvNormReLU(out, 3, padding=rate, dilation=rate, norm_layer=self.norm_layer, name=f"b{i}", **kw)
+            block = ConvNormReLU(
+                out, 3, padding=rate, dilation=rate, norm_layer=self.norm_layer, name=f"b{i}", **kw
+            )
             feats.append(block(x, train=train))
-        feats.append(AsppPooling(self.in_channels, out, self.norm_layer, self.up_kwargs, name="b4", **kw)(x, train=train))
+        feats.append(
+            AsppPooling(self.in_channels, out, self.norm_layer, self.up_kwargs, name="b4", **kw)(
+                x, train=train
+            )
+        )
         y = jnp.concatenate([f.astype(x.dtype) for f in feats], axis=-1)
         return _ProjectSequential(out, self.norm_layer, name="project", **kw)(y, train=train)
 
@@ -550,12 +605,17 @@ class DeepLabV3Head(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         check_positive_int(self.out_channels, "out_channels", "DeepLabV3Head")
         kw = _kw(self)
-        y = ASPP_Module(self.in_channels, tuple(self.atrous_rates), self.norm_layer, self.up_kwargs, name="aspp", **kw)(
-            x, train=train
-        )
-        return _BlockSequential(self.in_channels // 8, self.out_channels, self.norm_layer, name="block", **kw)(
-            y, train=train
-        )
+        y = ASPP_Module(
+            self.in_channels,
+            tuple(self.atrous_rates),
+            self.norm_layer,
+            self.up_kwargs,
+            name="aspp",
+            **kw,
+        )(x, train=train)
+        return _BlockSequential(
+            self.in_channels // 8, self.out_channels, self.norm_layer, name="block", **kw
+        )(y, train=train)
 
 
 # --- FCFPN / UperNet ------------------------------------------------------------------------------
@@ -592,18 +652,31 @@ class FCFPNHead(nn.Module):
         align = check_up_kwargs(self.up_kwargs, where)
         fpn_in = tuple(self.fpn_inchannels)
         if len(inputs) != len(fpn_in):
-            raise ValueError(f"{where}: expected {len(fpn_in)} feature maps (fpn_inchannels={fpn_in}), got {len(inputs)}")
+            raise ValueError(
+                f"{where}: expected {len(fpn_in)} feature maps (fpn_inchannels={fpn_in}), got {len(inputs)}"
+            )
         inputs = [_features(f, c, where, self.dtype) for f, c in zip(inputs, fpn_in)]
         kw = _kw(self)
         c4 = inputs[-1]
         if self._with_ppm:
-            c4 = PyramidPooling(fpn_in[-1], norm_layer=self.norm_layer, up_kwargs=self.up_kwargs, name="extramodule",
-                                **kw)(c4, train=train)
-        feat = ConvNormReLU(self.fpn_dim, 3, padding=1, norm_layer=self.norm_layer, name="c4conv", **kw)(c4, train=train)
+            c4 = PyramidPooling(
+                fpn_in[-1],
+                norm_layer=self.norm_layer,
+                up_kwargs=self.up_kwargs,
+                name="extramodule",
+                **kw,
+            )(c4, train=train)
+        feat = ConvNormReLU(
+            self.fpn_dim, 3, padding=1, norm_layer=self.norm_layer, name="c4conv", **kw
+        )(c4, train=train)
         c1_size = tuple(inputs[0].shape[1:3])
         fpn_features = [_upsample(feat, c1_size, align)]
-        lateral = _ConvNormReLUList(self.fpn_dim, 1, norm_layer=self.norm_layer, name="fpn_lateral", **kw)
-        fpn_out = _ConvNormReLUList(self.fpn_dim, 3, padding=1, norm_layer=self.norm_layer, name="fpn_out", **kw)
+        lateral = _ConvNormReLUList(
+            self.fpn_dim, 1, norm_layer=self.norm_layer, name="fpn_lateral", **kw
+        )
+        fpn_out = _ConvNormReLUList(
+            self.fpn_dim, 3, padding=1, norm_layer=self.norm_layer, name="fpn_out", **kw
+        )
         for i in reversed(range(len(inputs) - 1)):
             feat_i = lateral(i, inputs[i], train=train)
             feat = _upsample(feat, tuple(feat_i.shape[1:3]), align) + feat_i
@@ -644,14 +717,18 @@ class _GlobalAndACF(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         kw = _kw(self)
-        pool = GlobalPooling(self.channels, self.channels, self.norm_layer, self.up_kwargs, name="0", **kw)(x, train=train)
+        pool = GlobalPooling(
+            self.channels, self.channels, self.norm_layer, self.up_kwargs, name="0", **kw
+        )(x, train=train)
         acf = _acf(self, name="1")(x, train=train)
         return jnp.concatenate([pool.astype(x.dtype), acf.astype(x.dtype)], axis=-1)
 
 
 def _acf(module: nn.Module, name: str) -> ACFModule:
     c, h, m = module.channels, module.nheads, module.nmixs
-    return ACFModule(h, m, c, c // h * m, c // h, norm_layer=module.norm_layer, name=name, **_kw(module))
+    return ACFModule(
+        h, m, c, c // h * m, c // h, norm_layer=module.norm_layer, name=name, **_kw(module)
+    )
 
 
 class ATTENHead(nn.Module):
@@ -699,18 +776,34 @@ class ATTENHead(nn.Module):
         kw = _kw(self)
         c4 = _features(features[-1], self.in_channels, where, self.dtype)
         inter = self.channels
-        feat = ConvNormReLU(inter, 3, padding=1, norm_layer=self.norm_layer, name="conv5", **kw)(c4, train=train)
+        feat = ConvNormReLU(inter, 3, padding=1, norm_layer=self.norm_layer, name="conv5", **kw)(
+            c4, train=train
+        )
         if self.lateral:
             feat = _lateral_fusion(self, feat, features[1], features[2], train)
         if self.with_global:
-            feat = _GlobalAndACF(inter, self.nheads, self.nmixs, self.norm_layer, self.up_kwargs, name="atten_layers",
-                                 **kw)(feat, train=train)
+            feat = _GlobalAndACF(
+                inter,
+                self.nheads,
+                self.nmixs,
+                self.norm_layer,
+                self.up_kwargs,
+                name="atten_layers",
+                **kw,
+            )(feat, train=train)
         else:
             feat = _acf(self, name="atten")(feat, train=train)
         outs = (feat,)
         if self.with_enc:
-            outs = EncModule(feat.shape[-1], self.out_channels, ncodes=32, se_loss=self.se_loss,
-                             norm_layer=self.norm_layer, name="encmodule", **kw)(feat, train=train)
+            outs = EncModule(
+                feat.shape[-1],
+                self.out_channels,
+                ncodes=32,
+                se_loss=self.se_loss,
+                norm_layer=self.norm_layer,
+                name="encmodule",
+                **kw,
+            )(feat, train=train)
         logits = _Classifier(self.out_channels, 0.1, name="conv6", **kw)(outs[0], train=train)
         return (logits, *outs[1:])
 
@@ -746,7 +839,9 @@ class DANetHead(nn.Module):
         check_positive_int(self.in_channels, "in_channels", where)
         check_positive_int(self.out_channels, "out_channels", where)
         if self.in_channels < 32:
-            raise ValueError(f"{where}: in_channels must be >= 32 (PAM needs in_channels // 4 >= 8), got {self.in_channels}")
+            raise ValueError(
+                f"{where}: in_channels must be >= 32 (PAM needs in_channels // 4 >= 8), got {self.in_channels}"
+            )
         x = _features(x, self.in_channels, where, self.dtype)
         kw = _kw(self)
         inter = self.in_channels // 4
@@ -754,9 +849,19 @@ class DANetHead(nn.Module):
         def block(name):
             return ConvNormReLU(inter, 3, padding=1, norm_layer=self.norm_layer, name=name, **kw)
 
-        sa_conv = block("conv51")(PAM_Module(inter, name="sa", **kw)(block("conv5a")(x, train=train)), train=train)
-        sc_conv = block("conv52")(CAM_Module(inter, name="sc", **kw)(block("conv5c")(x, train=train)), train=train)
-        sa_out = _Classifier(self.out_channels, 0.1, channelwise=True, name="conv6", **kw)(sa_conv, train=train)
-        sc_out = _Classifier(self.out_channels, 0.1, channelwise=True, name="conv7", **kw)(sc_conv, train=train)
-        sasc = _Classifier(self.out_channels, 0.1, channelwise=True, name="conv8", **kw)(sa_conv + sc_conv, train=train)
+        sa_conv = block("conv51")(
+            PAM_Module(inter, name="sa", **kw)(block("conv5a")(x, train=train)), train=train
+        )
+        sc_conv = block("conv52")(
+            CAM_Module(inter, name="sc", **kw)(block("conv5c")(x, train=train)), train=train
+        )
+        sa_out = _Classifier(self.out_channels, 0.1, channelwise=True, name="conv6", **kw)(
+            sa_conv, train=train
+        )
+        sc_out = _Classifier(self.out_channels, 0.1, channelwise=True, name="conv7", **kw)(
+            sc_conv, train=train
+        )
+        sasc = _Classifier(self.out_channels, 0.1, channelwise=True, name="conv8", **kw)(
+            sa_conv + sc_conv, train=train
+        )
         return sasc, sa_out, sc_out

@@ -6,6 +6,7 @@ dead code), so its cost is compiling one random-number program per parameter: fo
 0.5 s. On CPU :func:`init_variables` compiles that program with LLVM's expensive passes off
 (the same values, bit for bit: tested); elsewhere it is a plain ``jax.jit(model.init)``.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -21,7 +22,9 @@ __all__ = ["FAST_CPU_COMPILE", "init_variables"]
 FAST_CPU_COMPILE = {"xla_llvm_disable_expensive_passes": True, "xla_backend_optimization_level": 1}
 
 
-def init_variables(model, key: jax.Array, example: Any, *, train: bool = False, **kwargs: Any) -> dict:
+def init_variables(
+    model, key: jax.Array, example: Any, *, train: bool = False, **kwargs: Any
+) -> dict:
     """``model.init({"params": k1, "dropout": k2}, example, train=train, **kwargs)``, jitted.
 
     ``key`` is split into the ``params`` and ``dropout`` streams; ``example`` is an input batch (its

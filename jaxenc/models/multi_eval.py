@@ -37,19 +37,23 @@ with the crop to ``(height, width)`` folded into the resize matrices. So a datas
 sizes compiles a few small programs per size bucket, not per image. :func:`make_sharded_predict`
 wraps a Flax model into a ``predict`` whose batch is split over a ``data`` mesh axis.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxenc.compiler_options import compiler_options
+from jaxenc.constants import IMAGENET_MEAN, IMAGENET_STD
 from jaxenc.nn.resample import bilinear_weights
 
 __all__ = [
@@ -67,8 +71,6 @@ __all__ = [
 ]
 
 DEFAULT_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 #: Score maps are computed padded to a multiple of this many pixels per side (compile-cache buckets).
 SIZE_BUCKET = 64
 STRIDE_RATE = 2.0 / 3.0
@@ -91,11 +93,19 @@ def _check_scales(scales, where: str) -> tuple[float, ...]:
     try:
         out = tuple(scales)
     except TypeError:
-        raise ValueError(f"{where}: scales must be a non-empty sequence of positive numbers, got {scales!r}") from None
+        raise ValueError(
+            f"{where}: scales must be a non-empty sequence of positive numbers, got {scales!r}"
+        ) from None
     if not out or any(
-        isinstance(s, bool) or not isinstance(s, (int, float, np.number)) or not math.isfinite(s) or s <= 0 for s in out
+        isinstance(s, bool)
+        or not isinstance(s, (int, float, np.number))
+        or not math.isfinite(s)
+        or s <= 0
+        for s in out
     ):
-        raise ValueError(f"{where}: scales must be a non-empty sequence of positive numbers, got {scales!r}")
+        raise ValueError(
+            f"{where}: scales must be a non-empty sequence of positive numbers, got {scales!r}"
+        )
     return tuple(float(s) for s in out)
 
 
@@ -161,13 +171,15 @@ class ScaleGeometry:
         c = np.zeros(self.canvas, np.float32)
         ph, pw = self.padded
         for h0, w0 in self.windows:
-            c[h0:min(h0 + self.crop_size, ph), w0:min(w0 + self.crop_size, pw)] += 1
-        c[self.height:, :] = 0
-        c[:, self.width:] = 0
+            c[h0 : min(h0 + self.crop_size, ph), w0 : min(w0 + self.crop_size, pw)] += 1
+        c[self.height :, :] = 0
+        c[:, self.width :] = 0
         return c
 
 
-def scale_geometry(height: int, width: int, *, base_size: int, crop_size: int, scale: float) -> ScaleGeometry:
+def scale_geometry(
+    height: int, width: int, *, base_size: int, crop_size: int, scale: float
+) -> ScaleGeometry:
     """Upstream's resize / pad / sliding-window geometry of one scale for an ``(height, width)`` image."""
     where = "scale_geometry"
     h = _positive_int(height, "height", where)
@@ -191,7 +203,9 @@ def scale_geometry(height: int, width: int, *, base_size: int, crop_size: int, s
     gw = -(-(pw - crop) // stride) + 1
     windows = tuple((i * stride, j * stride) for i in range(gh) for j in range(gw))
     canvas = ((gh - 1) * stride + crop, (gw - 1) * stride + crop)
-    return ScaleGeometry(scale, long_size, rh, rw, crop, stride, (ph, pw), (gh, gw), windows, canvas)
+    return ScaleGeometry(
+        scale, long_size, rh, rw, crop, stride, (ph, pw), (gh, gw), windows, canvas
+    )
 
 
 def _taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -226,7 +240,9 @@ def _bucket(n: int) -> int:
     return -(-n // SIZE_BUCKET) * SIZE_BUCKET
 
 
-def _padded_resize_matrix(src_valid: int, src_total: int, dst_valid: int, dst_total: int) -> np.ndarray:
+def _padded_resize_matrix(
+    src_valid: int, src_total: int, dst_valid: int, dst_total: int
+) -> np.ndarray:
     """(dst_total, src_total) float32: align-corners bilinear from the first ``src_valid`` source
     pixels to the first ``dst_valid`` outputs; zero elsewhere (crop and pad folded in)."""
     m = np.zeros((dst_total, src_total), np.float32)
@@ -260,7 +276,9 @@ def _add_window(canvas, scores, index, h0, w0):
 @functools.partial(jax.jit, donate_argnums=0)
 def _add_resized(acc, canvas, count, wh, ww):
     cnt = count[..., None]
-    x = jnp.where(cnt > 0, canvas / jnp.maximum(cnt, 1.0), 0.0)  # crop: outside (height, width) is 0
+    x = jnp.where(
+        cnt > 0, canvas / jnp.maximum(cnt, 1.0), 0.0
+    )  # crop: outside (height, width) is 0
     y = jnp.einsum("ih,hwc->iwc", wh, x, precision=_HI)
     return acc + jnp.einsum("jw,iwc->ijc", ww, y, precision=_HI)
 
@@ -291,13 +309,25 @@ class MultiScaleEvaluator:
       device: where the score maps are accumulated (default: this process's first device).
     """
 
-    def __init__(self, predict: Callable, *, num_classes: int, base_size: int, crop_size: int,
-                 scales: Sequence[float] = DEFAULT_SCALES, flip: bool = True,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 batch_size: int = 8, device: Any = None):
+    def __init__(
+        self,
+        predict: Callable,
+        *,
+        num_classes: int,
+        base_size: int,
+        crop_size: int,
+        scales: Sequence[float] = DEFAULT_SCALES,
+        flip: bool = True,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        batch_size: int = 8,
+        device: Any = None,
+    ):
         where = type(self).__name__
         if not callable(predict):
-            raise TypeError(f"{where}: predict must be callable (images NHWC -> logits NHWC), got {type(predict).__name__}")
+            raise TypeError(
+                f"{where}: predict must be callable (images NHWC -> logits NHWC), got {type(predict).__name__}"
+            )
         self.predict_fn = predict
         self.num_classes = _positive_int(num_classes, "num_classes", where)
         self.base_size = _positive_int(base_size, "base_size", where)
@@ -342,7 +372,10 @@ class MultiScaleEvaluator:
         x = _check_image(image, type(self).__name__)
         h, w, _ = x.shape
         crop = self.crop_size
-        geoms = [scale_geometry(h, w, base_size=self.base_size, crop_size=crop, scale=s) for s in self.scales]
+        geoms = [
+            scale_geometry(h, w, base_size=self.base_size, crop_size=crop, scale=s)
+            for s in self.scales
+        ]
         hb, wb = _bucket(h), _bucket(w)
         acc = jnp.zeros((hb, wb, self.num_classes), jnp.float32, device=self.device)
 
@@ -352,23 +385,29 @@ class MultiScaleEvaluator:
         for k, g in enumerate(geoms):
             ext = np.empty(g.canvas + (3,), np.float32)
             ext[...] = self.pad_value
-            ext[:g.height, :g.width] = _resize_image(x, g.height, g.width)
+            ext[: g.height, : g.width] = _resize_image(x, g.height, g.width)
             sources.append(ext)
             windows += [(k, h0, w0) for h0, w0 in g.windows]
-        last_window = {k: max(i for i, win in enumerate(windows) if win[0] == k) for k in range(len(geoms))}
+        last_window = {
+            k: max(i for i, win in enumerate(windows) if win[0] == k) for k in range(len(geoms))
+        }
 
         canvases: dict[int, jax.Array] = {}
         bs = self.batch_size
         for start in range(0, len(windows), bs):
-            chunk = windows[start:start + bs]
+            chunk = windows[start : start + bs]
             batch = np.zeros((bs, crop, crop, 3), np.float32)
             for j, (k, h0, w0) in enumerate(chunk):
-                batch[j] = sources[k][h0:h0 + crop, w0:w0 + crop]
+                batch[j] = sources[k][h0 : h0 + crop, w0 : w0 + crop]
             scores = self._window_scores(batch)
             for j, (k, h0, w0) in enumerate(chunk):
                 if k not in canvases:
-                    canvases[k] = jnp.zeros(geoms[k].canvas + (self.num_classes,), jnp.float32, device=self.device)
-                canvases[k] = _add_window(canvases[k], scores, np.int32(j), np.int32(h0), np.int32(w0))
+                    canvases[k] = jnp.zeros(
+                        geoms[k].canvas + (self.num_classes,), jnp.float32, device=self.device
+                    )
+                canvases[k] = _add_window(
+                    canvases[k], scores, np.int32(j), np.int32(h0), np.int32(w0)
+                )
                 if start + j == last_window[k]:
                     acc = self._finish_scale(acc, canvases.pop(k), geoms[k], (h, w), (hb, wb))
         return acc, (h, w)
@@ -396,42 +435,102 @@ class MultiScaleEvaluator:
 # functional API
 
 
-def multi_scale_scores(predict: Callable, image, *, num_classes: int, base_size: int, crop_size: int,
-                       scales: Sequence[float] = DEFAULT_SCALES, flip: bool = True,
-                       mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                       batch_size: int = 8) -> np.ndarray:
+def multi_scale_scores(
+    predict: Callable,
+    image,
+    *,
+    num_classes: int,
+    base_size: int,
+    crop_size: int,
+    scales: Sequence[float] = DEFAULT_SCALES,
+    flip: bool = True,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    batch_size: int = 8,
+) -> np.ndarray:
     """Upstream ``MultiEvalModule(...)(image)`` for one normalised float32 ``(H, W, 3)`` image:
     float32 ``(H, W, num_classes)`` scores summed over ``scales`` (see :class:`MultiScaleEvaluator`)."""
-    return MultiScaleEvaluator(predict, num_classes=num_classes, base_size=base_size, crop_size=crop_size,
-                               scales=scales, flip=flip, mean=mean, std=std, batch_size=batch_size).scores(image)
+    return MultiScaleEvaluator(
+        predict,
+        num_classes=num_classes,
+        base_size=base_size,
+        crop_size=crop_size,
+        scales=scales,
+        flip=flip,
+        mean=mean,
+        std=std,
+        batch_size=batch_size,
+    ).scores(image)
 
 
-def multi_scale_predict(predict: Callable, image, *, num_classes: int, base_size: int, crop_size: int,
-                        scales: Sequence[float] = DEFAULT_SCALES, flip: bool = True,
-                        mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                        batch_size: int = 8) -> np.ndarray:
+def multi_scale_predict(
+    predict: Callable,
+    image,
+    *,
+    num_classes: int,
+    base_size: int,
+    crop_size: int,
+    scales: Sequence[float] = DEFAULT_SCALES,
+    flip: bool = True,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    batch_size: int = 8,
+) -> np.ndarray:
     """int32 ``(H, W)`` argmax of :func:`multi_scale_scores`."""
-    return MultiScaleEvaluator(predict, num_classes=num_classes, base_size=base_size, crop_size=crop_size,
-                               scales=scales, flip=flip, mean=mean, std=std, batch_size=batch_size).predict(image)
+    return MultiScaleEvaluator(
+        predict,
+        num_classes=num_classes,
+        base_size=base_size,
+        crop_size=crop_size,
+        scales=scales,
+        flip=flip,
+        mean=mean,
+        std=std,
+        batch_size=batch_size,
+    ).predict(image)
 
 
-def single_scale_scores(predict: Callable, image, *, num_classes: int, crop_size: int, flip: bool = False,
-                        mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                        batch_size: int = 8) -> np.ndarray:
+def single_scale_scores(
+    predict: Callable,
+    image,
+    *,
+    num_classes: int,
+    crop_size: int,
+    flip: bool = False,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    batch_size: int = 8,
+) -> np.ndarray:
     """Single scale at the image's own size: :func:`multi_scale_scores` with ``scales=(1.0,)`` and
     ``base_size = max(H, W)`` (no resize). Images no larger than the crop are padded and inferred once;
     larger ones go through the sliding window. ``flip`` defaults to False."""
     x = _check_image(image, "single_scale_scores")
-    return multi_scale_scores(predict, x, num_classes=num_classes, base_size=max(x.shape[:2]), crop_size=crop_size,
-                              scales=(1.0,), flip=flip, mean=mean, std=std, batch_size=batch_size)
+    return multi_scale_scores(
+        predict,
+        x,
+        num_classes=num_classes,
+        base_size=max(x.shape[:2]),
+        crop_size=crop_size,
+        scales=(1.0,),
+        flip=flip,
+        mean=mean,
+        std=std,
+        batch_size=batch_size,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
 # Flax model -> sharded predict
 
 
-def make_sharded_predict(model, variables, *, mesh: jax.sharding.Mesh | None = None, axis: str = "data",
-                         apply_kwargs: dict | None = None) -> Callable[[Any], jax.Array]:
+def make_sharded_predict(
+    model,
+    variables,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    axis: str = "data",
+    apply_kwargs: dict | None = None,
+) -> Callable[[Any], jax.Array]:
     """A jitted ``predict(images NHWC) -> logits NHWC`` for a Flax model, batch split over ``axis``.
 
     Args:
@@ -454,7 +553,9 @@ def make_sharded_predict(model, variables, *, mesh: jax.sharding.Mesh | None = N
         except (AttributeError, TypeError):  # older jax without axis types
             mesh = jax.sharding.Mesh(devices, (axis,))
     if axis not in mesh.axis_names:
-        raise ValueError(f"make_sharded_predict: axis {axis!r} is not an axis of the mesh {mesh.axis_names}")
+        raise ValueError(
+            f"make_sharded_predict: axis {axis!r} is not an axis of the mesh {mesh.axis_names}"
+        )
     n = int(mesh.shape[axis])
     kwargs = {"train": False} if apply_kwargs is None else dict(apply_kwargs)
     replicated = NamedSharding(mesh, P())
@@ -465,17 +566,25 @@ def make_sharded_predict(model, variables, *, mesh: jax.sharding.Mesh | None = N
         out = model.apply(v, x, **kwargs)
         return out[0] if isinstance(out, (tuple, list)) else out
 
-    jitted = jax.jit(apply, in_shardings=(replicated, split), out_shardings=split,
-                     compiler_options=compiler_options(mesh.devices.flat[0].platform))
+    jitted = jax.jit(
+        apply,
+        in_shardings=(replicated, split),
+        out_shardings=split,
+        compiler_options=compiler_options(mesh.devices.flat[0].platform),
+    )
 
     def predict(images):
         b = int(np.shape(images)[0])
         pad = (-b) % n
         if pad:
             if isinstance(images, jax.Array):
-                images = jnp.concatenate([images, jnp.zeros((pad,) + images.shape[1:], images.dtype)])
+                images = jnp.concatenate(
+                    [images, jnp.zeros((pad,) + images.shape[1:], images.dtype)]
+                )
             else:
-                images = np.concatenate([np.asarray(images), np.zeros((pad,) + np.shape(images)[1:], np.float32)])
+                images = np.concatenate(
+                    [np.asarray(images), np.zeros((pad,) + np.shape(images)[1:], np.float32)]
+                )
         logits = jitted(variables, jax.device_put(images, split))
         return logits[:b] if pad else logits
 

@@ -4,11 +4,13 @@ A constructor registers under one or more lower-case names with preset keyword a
 :func:`get_model` applies the presets, then the caller's overrides. Unknown names raise a
 ValueError that lists the closest registered names.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ["build_named", "close_match_hint", "get_model", "list_models", "register_model"]
 
@@ -24,7 +26,9 @@ def register_model(name: str, **presets: Any) -> Callable[[Callable[..., Any]], 
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         if key in _REGISTRY and _REGISTRY[key][0] is not fn:
-            raise ValueError(f"register_model: {key!r} is already registered to {_REGISTRY[key][0].__qualname__}")
+            raise ValueError(
+                f"register_model: {key!r} is already registered to {_REGISTRY[key][0].__qualname__}"
+            )
         _REGISTRY[key] = (fn, dict(presets))
         return fn
 
@@ -65,8 +69,15 @@ def _import_model_modules() -> None:
     import jaxenc.models  # noqa: F401
 
 
-def build_named(model: str, cls: type, pretrained: bool, presets: dict[str, Any], overrides: dict[str, Any],
-                *, tuple_fields: tuple[str, ...] = ()):
+def build_named(
+    model: str,
+    cls: type,
+    pretrained: bool,
+    presets: dict[str, Any],
+    overrides: dict[str, Any],
+    *,
+    tuple_fields: tuple[str, ...] = (),
+):
     """A named constructor's body: ``cls(**{**presets, **overrides})`` with the checks every
     constructor shares. ``pretrained=True`` raises (weights come from the model store, never from a
     constructor); unknown option names raise listing the valid ones; list values of ``tuple_fields``

@@ -71,9 +71,11 @@ there: less activation memory for about one more forward pass of compute. ``rema
 unless its ``cse_barrier_expander`` pass is disabled (``XLA_FLAGS=--xla_disable_hlo_passes=
 cse_barrier_expander``); GPU and TPU keep jax.checkpoint's barriers.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -81,13 +83,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict
 
-from jaxenc._checks import check_probability
 from jaxenc.models.registry import build_named, register_model
 from jaxenc.nn.conv import RFConv2d, SplAtConv2d
 from jaxenc.nn.norm import BatchNorm
 from jaxenc.nn.regularization import DropBlock2D
 from jaxenc.nn.resample import avg_pool2d, max_pool2d
 from jaxenc.nn.torch_compat import Conv2d, torch_uniform_init
+from jaxenc.validation import check_probability
 
 Dtype = Any
 
@@ -135,7 +137,9 @@ def check_remat(value: Any, where: str) -> str:
     return value
 
 
-def remat_apply(fn: Callable[..., Any], module: nn.Module, remat: str, *args: Any, **static: Any) -> Any:
+def remat_apply(
+    fn: Callable[..., Any], module: nn.Module, remat: str, *args: Any, **static: Any
+) -> Any:
     """``fn(module, *args, **static)``; with ``remat="block"`` under :func:`flax.linen.remat`.
 
     The lifted transform runs on ``module``'s own scope, so the variables ``fn`` creates or reads keep
@@ -189,7 +193,9 @@ def _zero_scale(module: nn.Module, child: str, where: str) -> None:
             f"{where}: last_gamma=True needs a norm layer with a 'scale' parameter, but {child!r} has "
             f"parameters {sorted(params)}"
         )
-    module.scope.push(child, reuse=True).put_variable("params", "scale", jnp.zeros_like(params["scale"]))
+    module.scope.push(child, reuse=True).put_variable(
+        "params", "scale", jnp.zeros_like(params["scale"])
+    )
 
 
 def _he_reinit_convs(module: nn.Module, child: str) -> None:
@@ -234,20 +240,46 @@ class _Downsample(nn.Module):
         if self.avg_down:
             if self.stride > 1:  # upstream's kernel-1 pool in stride-1 stages is the identity
                 x = avg_pool2d(x, self.stride, self.stride, ceil_mode=True, count_include_pad=False)
-            x = Conv2d(self.out_channels, 1, bias=False, kernel_init=he_fan_out_normal, name="1", **kw)(x)
+            x = Conv2d(
+                self.out_channels, 1, bias=False, kernel_init=he_fan_out_normal, name="1", **kw
+            )(x)
             return self.norm_layer(self.out_channels, name="2", **kw)(x, train=train)
-        conv = Conv2d(self.out_channels, 1, stride=self.stride, bias=False, kernel_init=he_fan_out_normal, name="0",
-                      **kw)
+        conv = Conv2d(
+            self.out_channels,
+            1,
+            stride=self.stride,
+            bias=False,
+            kernel_init=he_fan_out_normal,
+            name="0",
+            **kw,
+        )
         x = conv(x)
         return self.norm_layer(self.out_channels, name="1", **kw)(x, train=train)
 
 
-def _conv3x3(module: nn.Module, x: jax.Array, out: int, *, stride: int, padding: int, dilation: int = 1,
-             groups: int = 1, name: str) -> jax.Array:
+def _conv3x3(
+    module: nn.Module,
+    x: jax.Array,
+    out: int,
+    *,
+    stride: int,
+    padding: int,
+    dilation: int = 1,
+    groups: int = 1,
+    name: str,
+) -> jax.Array:
     """``module``'s 3x3 conv child ``name``: :class:`RFConv2d` with ``module.rectified_conv`` (kernels
     redrawn He fan-out at init, as upstream's init loop does), else a plain conv with that init."""
-    args = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, bias=False, name=name,
-                dtype=module.dtype, param_dtype=module.param_dtype)
+    args = dict(
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        bias=False,
+        name=name,
+        dtype=module.dtype,
+        param_dtype=module.param_dtype,
+    )
     if module.rectified_conv:
         y = RFConv2d(x.shape[-1], out, 3, average_mode=module.rectify_avg, **args)(x)
         _he_reinit_convs(module, name)
@@ -267,8 +299,13 @@ def _add_shortcut(module: nn.Module, x: jax.Array, out: jax.Array, train: bool) 
     residual = x
     if module.downsample:
         residual = _Downsample(
-            out.shape[-1], module.stride, module.avg_down, module.norm_layer, name="downsample",
-            dtype=module.dtype, param_dtype=module.param_dtype,
+            out.shape[-1],
+            module.stride,
+            module.avg_down,
+            module.norm_layer,
+            name="downsample",
+            dtype=module.dtype,
+            param_dtype=module.param_dtype,
         )(x, train=train)
     return jax.nn.relu(out + residual.astype(out.dtype))
 
@@ -319,29 +356,58 @@ class Bottleneck(nn.Module):
         stride = 1 if avd else self.stride
 
         def avd_pool(v):
-            return avg_pool2d(v, 3, self.stride, padding=1)  # count_include_pad=True, as torch's default
+            return avg_pool2d(
+                v, 3, self.stride, padding=1
+            )  # count_include_pad=True, as torch's default
 
         out = Conv2d(gw, 1, bias=False, kernel_init=he_fan_out_normal, name="conv1", **kw)(x)
-        out = jax.nn.relu(_dropblock(self, norm(gw, name="bn1", **kw)(out, train=train), "dropblock1", train))
+        out = jax.nn.relu(
+            _dropblock(self, norm(gw, name="bn1", **kw)(out, train=train), "dropblock1", train)
+        )
         if avd and self.avd_first:
             out = avd_pool(out)
 
         d = self.dilation
         if self.radix > 1:
             out = SplAtConv2d(
-                gw, gw, 3, stride=stride, padding=d, dilation=d, groups=self.cardinality, bias=False,
-                radix=self.radix, rectify=self.rectified_conv, rectify_avg=self.rectify_avg,
-                norm_layer=norm, dropblock_prob=drop, name="conv2", **kw,
+                gw,
+                gw,
+                3,
+                stride=stride,
+                padding=d,
+                dilation=d,
+                groups=self.cardinality,
+                bias=False,
+                radix=self.radix,
+                rectify=self.rectified_conv,
+                rectify_avg=self.rectify_avg,
+                norm_layer=norm,
+                dropblock_prob=drop,
+                name="conv2",
+                **kw,
             )(out, train=train)
             _he_reinit_convs(self, "conv2")
         else:
-            out = _conv3x3(self, out, gw, stride=stride, padding=d, dilation=d, groups=self.cardinality, name="conv2")
-            out = jax.nn.relu(_dropblock(self, norm(gw, name="bn2", **kw)(out, train=train), "dropblock2", train))
+            out = _conv3x3(
+                self,
+                out,
+                gw,
+                stride=stride,
+                padding=d,
+                dilation=d,
+                groups=self.cardinality,
+                name="conv2",
+            )
+            out = jax.nn.relu(
+                _dropblock(self, norm(gw, name="bn2", **kw)(out, train=train), "dropblock2", train)
+            )
         if avd and not self.avd_first:
             out = avd_pool(out)
 
         out_channels = self.planes * self.expansion
-        out = Conv2d(out_channels, 1, bias=False, kernel_init=he_fan_out_normal, name="conv3", **kw)(out)
+        out = Conv2d(
+            out_channels, 1, bias=False, kernel_init=he_fan_out_normal, name="conv3", **kw
+        )(out)
         out = norm(out_channels, name="bn3", **kw)(out, train=train)
         if self.last_gamma:
             _zero_scale(self, "bn3", "Bottleneck")
@@ -380,7 +446,14 @@ class BasicBlock(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         planes, d = self.planes, self.dilation
         out = _conv3x3(self, x, planes, stride=self.stride, padding=d, dilation=d, name="conv1")
-        out = jax.nn.relu(_dropblock(self, self.norm_layer(planes, name="bn1", **kw)(out, train=train), "dropblock1", train))
+        out = jax.nn.relu(
+            _dropblock(
+                self,
+                self.norm_layer(planes, name="bn1", **kw)(out, train=train),
+                "dropblock1",
+                train,
+            )
+        )
         out = _conv3x3(self, out, planes, stride=1, padding=d, dilation=d, name="conv2")
         out = self.norm_layer(planes, name="bn2", **kw)(out, train=train)
         if self.last_gamma:
@@ -431,7 +504,7 @@ class _Stage(nn.Module):
         return x
 
 
-def _validate_resnet(self: "ResNet") -> None:
+def _validate_resnet(self: ResNet) -> None:
     """Check :class:`ResNet`'s fields (a function: Flax wraps module methods, even during construction)."""
     where = "ResNet"
     if self.block not in _BLOCKS:
@@ -456,10 +529,14 @@ def _validate_resnet(self: "ResNet") -> None:
             f"{where}: dilation must be 1 (output stride 32), 2 (16) or 4 (8, as dilated=True), got {self.dilation!r}"
         )
     if check_probability(self.final_drop, "final_drop", where) == 1.0:
-        raise ValueError(f"{where}: final_drop must be < 1 (it would drop every feature), got {self.final_drop!r}")
+        raise ValueError(
+            f"{where}: final_drop must be < 1 (it would drop every feature), got {self.final_drop!r}"
+        )
     check_probability(self.dropblock_prob, "dropblock_prob", where)
     if self.norm_layer is None or not callable(self.norm_layer):
-        raise ValueError(f"{where}: norm_layer must be a callable building a norm module, got {self.norm_layer!r}")
+        raise ValueError(
+            f"{where}: norm_layer must be a callable building a norm module, got {self.norm_layer!r}"
+        )
     check_remat(self.remat, where)
     if self.block == "basic":
         bad = {
@@ -476,20 +553,35 @@ def _validate_resnet(self: "ResNet") -> None:
                 )
 
 
-def _resnet_stem(module: "ResNet", x: jax.Array, train: bool) -> jax.Array:
+def _resnet_stem(module: ResNet, x: jax.Array, train: bool) -> jax.Array:
     """:class:`ResNet`'s stem on ``module``'s scope: conv1 (7x7/2, or the deep stem) -> bn1 -> ReLU ->
     3x3/2 max pool. (B, H, W, 3) -> (B, H/4, W/4, 64 or 2 * stem_width)."""
     kw = dict(dtype=module.dtype, param_dtype=module.param_dtype)
     stem_out = 2 * module.stem_width if module.deep_stem else 64
     if module.deep_stem:
-        x = _DeepStem(module.stem_width, module.rectified_conv, module.rectify_avg, module.norm_layer, name="conv1",
-                      **kw)(x, train=train)
+        x = _DeepStem(
+            module.stem_width,
+            module.rectified_conv,
+            module.rectify_avg,
+            module.norm_layer,
+            name="conv1",
+            **kw,
+        )(x, train=train)
     elif module.rectified_conv:
         rf = dict(average_mode=module.rectify_avg, name="conv1", **kw)
         x = RFConv2d(3, 64, 7, stride=2, padding=3, bias=False, **rf)(x)
         _he_reinit_convs(module, "conv1")
     else:
-        x = Conv2d(64, 7, stride=2, padding=3, bias=False, kernel_init=he_fan_out_normal, name="conv1", **kw)(x)
+        x = Conv2d(
+            64,
+            7,
+            stride=2,
+            padding=3,
+            bias=False,
+            kernel_init=he_fan_out_normal,
+            name="conv1",
+            **kw,
+        )(x)
     x = jax.nn.relu(module.norm_layer(stem_out, name="bn1", **kw)(x, train=train))
     return max_pool2d(x, 3, 2, 1)
 
@@ -554,28 +646,46 @@ class ResNet(nn.Module):
         """(planes, stride, dilation, dropblock_prob) of layer1..layer4, as upstream's constructor."""
         p = self.dropblock_prob
         if self.dilated or self.dilation == 4:
-                plan = [(1, 1, 0.0), (2, 1, 0.0), (1, 2, p), (1, 4, p)]
+            plan = [(1, 1, 0.0), (2, 1, 0.0), (1, 2, p), (1, 4, p)]
         elif self.dilation == 2:
             plan = [(1, 1, 0.0), (2, 1, 0.0), (2, 1, p), (1, 2, p)]
         else:
             plan = [(1, 1, 0.0), (2, 1, 0.0), (2, 1, p), (2, 1, p)]
         return [(planes, *rest) for planes, rest in zip(self.stage_planes, plan)]
 
-    def _stage(self, inplanes: int, planes: int, n: int, stride: int, dilation: int, dropblock_prob: float,
-               is_first: bool, name: str) -> tuple[_Stage, int]:
+    def _stage(
+        self,
+        inplanes: int,
+        planes: int,
+        n: int,
+        stride: int,
+        dilation: int,
+        dropblock_prob: float,
+        is_first: bool,
+        name: str,
+    ) -> tuple[_Stage, int]:
         """Upstream's ``_make_layer``: the first block strides (and projects), the rest keep the shape."""
         expansion = _EXPANSION[self.block]
         common = dict(
-            planes=planes, avg_down=self.avg_down, rectified_conv=self.rectified_conv, rectify_avg=self.rectify_avg,
-            norm_layer=self.norm_layer, dropblock_prob=dropblock_prob, last_gamma=self.last_gamma,
-            dtype=self.dtype, param_dtype=self.param_dtype,
+            planes=planes,
+            avg_down=self.avg_down,
+            rectified_conv=self.rectified_conv,
+            rectify_avg=self.rectify_avg,
+            norm_layer=self.norm_layer,
+            dropblock_prob=dropblock_prob,
+            last_gamma=self.last_gamma,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
         )
         first = dict(stride=stride, downsample=stride != 1 or inplanes != planes * expansion)
         first["dilation"] = 2 if dilation == 4 else 1
         if self.block == "bottleneck":
             cls = Bottleneck
             common.update(
-                radix=self.radix, cardinality=self.groups, bottleneck_width=self.bottleneck_width, avd=self.avd,
+                radix=self.radix,
+                cardinality=self.groups,
+                bottleneck_width=self.bottleneck_width,
+                avd=self.avd,
                 avd_first=self.avd_first,
             )
             first["is_first"] = is_first
@@ -590,7 +700,9 @@ class ResNet(nn.Module):
         where = "ResNet"
         x = jnp.asarray(x)
         if x.ndim != 4 or x.shape[-1] != 3:
-            raise ValueError(f"{where}: expected an NHWC image batch (B, H, W, 3), got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"{where}: expected an NHWC image batch (B, H, W, 3), got shape {tuple(x.shape)}"
+            )
         if self.dtype is not None:
             x = x.astype(self.dtype)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -600,7 +712,9 @@ class ResNet(nn.Module):
         inplanes = 2 * self.stem_width if self.deep_stem else 64
         for i, (planes, stride, dilation, drop) in enumerate(self._stage_plan()):
             n = self.layers[i]
-            stage, inplanes = self._stage(inplanes, planes, n, stride, dilation, drop, i > 0, f"layer{i + 1}")
+            stage, inplanes = self._stage(
+                inplanes, planes, n, stride, dilation, drop, i > 0, f"layer{i + 1}"
+            )
             x = stage(x, train=train)
             features.append(x)
 
@@ -613,8 +727,11 @@ class ResNet(nn.Module):
             x = nn.Dropout(self.final_drop, name="drop")(x, deterministic=not train)
         fan_in = x.shape[-1]
         x = nn.Dense(
-            self.num_classes, kernel_init=torch_uniform_init(fan_in), bias_init=torch_uniform_init(fan_in),
-            name="fc", **kw,
+            self.num_classes,
+            kernel_init=torch_uniform_init(fan_in),
+            bias_init=torch_uniform_init(fan_in),
+            name="fc",
+            **kw,
         )(x)
         return x
 
@@ -622,8 +739,13 @@ class ResNet(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # Named constructors
 
-def _build(model: str, presets: dict[str, Any], pretrained: bool, overrides: dict[str, Any]) -> ResNet:
-    return build_named(model, ResNet, pretrained, presets, overrides, tuple_fields=("layers", "stage_planes"))
+
+def _build(
+    model: str, presets: dict[str, Any], pretrained: bool, overrides: dict[str, Any]
+) -> ResNet:
+    return build_named(
+        model, ResNet, pretrained, presets, overrides, tuple_fields=("layers", "stage_planes")
+    )
 
 
 _RESNEST = dict(radix=2, groups=1, bottleneck_width=64, deep_stem=True, avg_down=True, avd=True)
@@ -680,59 +802,97 @@ def resnet152s(pretrained: bool = False, **kwargs: Any) -> ResNet:
 @register_model("resnet50d")
 def resnet50d(pretrained: bool = False, **kwargs: Any) -> ResNet:
     """ResNet-50-D (He et al., Bag of Tricks, CVPR 2019): deep stem of width 32, avg-down shortcut."""
-    return _build("resnet50d", dict(layers=(3, 4, 6, 3), deep_stem=True, stem_width=32, avg_down=True), pretrained,
-                  kwargs)
+    return _build(
+        "resnet50d",
+        dict(layers=(3, 4, 6, 3), deep_stem=True, stem_width=32, avg_down=True),
+        pretrained,
+        kwargs,
+    )
 
 
 @register_model("resnext50_32x4d")
 def resnext50_32x4d(pretrained: bool = False, **kwargs: Any) -> ResNet:
     """ResNeXt-50 32x4d (Xie et al., CVPR 2017): groups 32, bottleneck width 4, [3, 4, 6, 3]."""
-    return _build("resnext50_32x4d", dict(layers=(3, 4, 6, 3), groups=32, bottleneck_width=4), pretrained, kwargs)
+    return _build(
+        "resnext50_32x4d",
+        dict(layers=(3, 4, 6, 3), groups=32, bottleneck_width=4),
+        pretrained,
+        kwargs,
+    )
 
 
 @register_model("resnext101_32x8d")
 def resnext101_32x8d(pretrained: bool = False, **kwargs: Any) -> ResNet:
     """ResNeXt-101 32x8d: groups 32, bottleneck width 8, [3, 4, 23, 3]."""
-    return _build("resnext101_32x8d", dict(layers=(3, 4, 23, 3), groups=32, bottleneck_width=8), pretrained, kwargs)
+    return _build(
+        "resnext101_32x8d",
+        dict(layers=(3, 4, 23, 3), groups=32, bottleneck_width=8),
+        pretrained,
+        kwargs,
+    )
 
 
 @register_model("resnest50")
 def resnest50(pretrained: bool = False, **kwargs: Any) -> ResNet:
     """ResNeSt-50 (Zhang et al., arXiv:2004.08955): radix 2, deep stem 32, avg-down, avd after the conv."""
-    return _build("resnest50", dict(layers=(3, 4, 6, 3), stem_width=32, avd_first=False, **_RESNEST), pretrained,
-                  kwargs)
+    return _build(
+        "resnest50",
+        dict(layers=(3, 4, 6, 3), stem_width=32, avd_first=False, **_RESNEST),
+        pretrained,
+        kwargs,
+    )
 
 
 @register_model("resnest101")
 def resnest101(pretrained: bool = False, **kwargs: Any) -> ResNet:
     """ResNeSt-101: radix 2, deep stem 64, avg-down, avd, [3, 4, 23, 3]."""
-    return _build("resnest101", dict(layers=(3, 4, 23, 3), stem_width=64, avd_first=False, **_RESNEST), pretrained,
-                  kwargs)
+    return _build(
+        "resnest101",
+        dict(layers=(3, 4, 23, 3), stem_width=64, avd_first=False, **_RESNEST),
+        pretrained,
+        kwargs,
+    )
 
 
 @register_model("resnest200")
 def resnest200(pretrained: bool = False, **kwargs: Any) -> ResNet:
     """ResNeSt-200: radix 2, deep stem 64, avg-down, avd, [3, 24, 36, 3]."""
-    return _build("resnest200", dict(layers=(3, 24, 36, 3), stem_width=64, avd_first=False, **_RESNEST), pretrained,
-                  kwargs)
+    return _build(
+        "resnest200",
+        dict(layers=(3, 24, 36, 3), stem_width=64, avd_first=False, **_RESNEST),
+        pretrained,
+        kwargs,
+    )
 
 
 @register_model("resnest269")
 def resnest269(pretrained: bool = False, **kwargs: Any) -> ResNet:
     """ResNeSt-269: radix 2, deep stem 64, avg-down, avd, [3, 30, 48, 8]."""
-    return _build("resnest269", dict(layers=(3, 30, 48, 8), stem_width=64, avd_first=False, **_RESNEST), pretrained,
-                  kwargs)
+    return _build(
+        "resnest269",
+        dict(layers=(3, 30, 48, 8), stem_width=64, avd_first=False, **_RESNEST),
+        pretrained,
+        kwargs,
+    )
 
 
 @register_model("resnest50_fast")
 def resnest50_fast(pretrained: bool = False, **kwargs: Any) -> ResNet:
     """ResNeSt-50-fast: resnest50 with the avd pool before the 3x3 conv (avd_first=True)."""
-    return _build("resnest50_fast", dict(layers=(3, 4, 6, 3), stem_width=32, avd_first=True, **_RESNEST),
-                  pretrained, kwargs)
+    return _build(
+        "resnest50_fast",
+        dict(layers=(3, 4, 6, 3), stem_width=32, avd_first=True, **_RESNEST),
+        pretrained,
+        kwargs,
+    )
 
 
 @register_model("resnest101_fast")
 def resnest101_fast(pretrained: bool = False, **kwargs: Any) -> ResNet:
     """ResNeSt-101-fast: resnest101 with avd_first=True."""
-    return _build("resnest101_fast", dict(layers=(3, 4, 23, 3), stem_width=64, avd_first=True, **_RESNEST),
-                  pretrained, kwargs)
+    return _build(
+        "resnest101_fast",
+        dict(layers=(3, 4, 23, 3), stem_width=64, avd_first=True, **_RESNEST),
+        pretrained,
+        kwargs,
+    )

@@ -73,16 +73,17 @@ pass recomputes their internals instead of storing them, trading about one extra
 activation memory. Variables and outputs (up to float rounding) are the same as with ``remat="none"``
 (default).
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxenc._checks import check_positive_int
 from jaxenc.models import resnet as _resnet
 from jaxenc.models.heads import (
     ATTENHead,
@@ -99,6 +100,7 @@ from jaxenc.models.resnet import check_remat, remat_call
 from jaxenc.nn.customize import check_up_kwargs
 from jaxenc.nn.norm import BatchNorm
 from jaxenc.nn.resample import interpolate_bilinear
+from jaxenc.validation import check_positive_int
 
 Dtype = Any
 NormLayer = Callable[..., nn.Module]
@@ -127,6 +129,7 @@ __all__ = [
 ]
 
 #: Number of classes of upstream's segmentation datasets (``encoding.datasets``), by dataset name.
+# fmt: off
 SEGMENTATION_DATASETS: dict[str, int] = {
     "pascal_voc": 21,
     "pascal_aug": 21,
@@ -136,15 +139,18 @@ SEGMENTATION_DATASETS: dict[str, int] = {
     "cityscapes": 19,
     "coco": 21,
 }
+# fmt: on
 
 # Backbones a segmentation model can use. Upstream's heads assume the bottleneck ResNets' 1024/2048-channel
 # c3/c4; the heads here take their input widths from the backbone, so ResNet-18/34 (basic blocks, 256/512)
 # work too (jaxenc's addition, for small models).
+# fmt: off
 _BACKBONES = (
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet50s", "resnet101s", "resnet152s", "resnet50d",
     "resnext50_32x4d", "resnext101_32x8d", "resnest50", "resnest101", "resnest200", "resnest269",
     "resnest50_fast", "resnest101_fast",
 )
+# fmt: on
 
 
 def get_backbone(name: str, **kwargs: Any) -> _resnet.ResNet:
@@ -155,7 +161,9 @@ def get_backbone(name: str, **kwargs: Any) -> _resnet.ResNet:
     backbone weights explicitly from the model store.
     """
     if not isinstance(name, str) or name.lower() not in _BACKBONES:
-        raise ValueError(f"get_backbone: unknown backbone {name!r}; segmentation backbones: {', '.join(_BACKBONES)}")
+        raise ValueError(
+            f"get_backbone: unknown backbone {name!r}; segmentation backbones: {', '.join(_BACKBONES)}"
+        )
     return getattr(_resnet, name.lower())(**kwargs)
 
 
@@ -220,11 +228,17 @@ class BaseNet(nn.Module):
         options = dict(self.backbone_kwargs or {})
         clash = sorted(set(options) & {"dilated", "norm_layer", "dtype", "param_dtype", "remat"})
         if clash:
-            raise ValueError(f"{type(self).__name__}: backbone_kwargs must not set {clash}; use the model's own fields")
+            raise ValueError(
+                f"{type(self).__name__}: backbone_kwargs must not set {clash}; use the model's own fields"
+            )
         try:
             self.pretrained = get_backbone(
-                self.backbone, dilated=self.dilated, norm_layer=self.norm_layer, remat=self.remat, **self._kw(),
-                **options
+                self.backbone,
+                dilated=self.dilated,
+                norm_layer=self.norm_layer,
+                remat=self.remat,
+                **self._kw(),
+                **options,
             )
         except ValueError as err:
             raise ValueError(f"{type(self).__name__}: {err}") from None
@@ -272,7 +286,14 @@ class FCN(BaseNet):
     with_global: bool = False
 
     def make_head(self) -> nn.Module:
-        return FCNHead(self.widths[3], self.nclass, self.norm_layer, self.up_kwargs, self.with_global, **self._kw())
+        return FCNHead(
+            self.widths[3],
+            self.nclass,
+            self.norm_layer,
+            self.up_kwargs,
+            self.with_global,
+            **self._kw(),
+        )
 
 
 class PSP(BaseNet):
@@ -291,8 +312,15 @@ class EncNet(BaseNet):
     lateral: bool = False
 
     def make_head(self) -> nn.Module:
-        return EncHead(self.widths[3], self.nclass, se_loss=self.se_loss, lateral=self.lateral, norm_layer=self.norm_layer,
-                       up_kwargs=self.up_kwargs, **self._kw())
+        return EncHead(
+            self.widths[3],
+            self.nclass,
+            se_loss=self.se_loss,
+            lateral=self.lateral,
+            norm_layer=self.norm_layer,
+            up_kwargs=self.up_kwargs,
+            **self._kw(),
+        )
 
     def head_forward(self, features, train):
         return self.call_head(*features, train=train)
@@ -305,7 +333,14 @@ class DeepLabV3(BaseNet):
     atrous_rates: Sequence[int] = (12, 24, 36)
 
     def make_head(self) -> nn.Module:
-        return DeepLabV3Head(self.widths[3], self.nclass, self.norm_layer, self.up_kwargs, tuple(self.atrous_rates), **self._kw())
+        return DeepLabV3Head(
+            self.widths[3],
+            self.nclass,
+            self.norm_layer,
+            self.up_kwargs,
+            tuple(self.atrous_rates),
+            **self._kw(),
+        )
 
 
 class _FPNNet(BaseNet):
@@ -315,7 +350,9 @@ class _FPNNet(BaseNet):
     def _validate(self) -> None:
         super()._validate()
         if self.aux:
-            raise ValueError(f"{type(self).__name__}: aux=True is not supported (no auxiliary head); use aux=False")
+            raise ValueError(
+                f"{type(self).__name__}: aux=True is not supported (no auxiliary head); use aux=False"
+            )
 
     def head_forward(self, features, train):
         return self.call_head(*features, train=train)
@@ -327,7 +364,9 @@ class UperNet(_FPNNet):
     logits at stride 4 upsampled to the input. No aux head."""
 
     def make_head(self) -> nn.Module:
-        return UperNetHead(self.nclass, self.norm_layer, self.widths, 256, self.up_kwargs, **self._kw())
+        return UperNetHead(
+            self.nclass, self.norm_layer, self.widths, 256, self.up_kwargs, **self._kw()
+        )
 
 
 class FCFPN(_FPNNet):
@@ -335,7 +374,9 @@ class FCFPN(_FPNNet):
     non-dilated backbone. No aux head."""
 
     def make_head(self) -> nn.Module:
-        return FCFPNHead(self.nclass, self.norm_layer, self.widths, 256, self.up_kwargs, **self._kw())
+        return FCFPNHead(
+            self.nclass, self.norm_layer, self.widths, 256, self.up_kwargs, **self._kw()
+        )
 
 
 class ATTEN(BaseNet):
@@ -350,9 +391,19 @@ class ATTEN(BaseNet):
     with_lateral: bool = False
 
     def make_head(self) -> nn.Module:
-        return ATTENHead(self.widths[3], self.nclass, self.norm_layer, self.up_kwargs, nheads=self.nheads, nmixs=self.nmixs,
-                         with_global=self.with_global, with_enc=self.with_enc, se_loss=self.se_loss,
-                         lateral=self.with_lateral, **self._kw())
+        return ATTENHead(
+            self.widths[3],
+            self.nclass,
+            self.norm_layer,
+            self.up_kwargs,
+            nheads=self.nheads,
+            nmixs=self.nmixs,
+            with_global=self.with_global,
+            with_enc=self.with_enc,
+            se_loss=self.se_loss,
+            lateral=self.with_lateral,
+            **self._kw(),
+        )
 
     def head_forward(self, features, train):
         return self.call_head(*features, train=train)
@@ -407,7 +458,9 @@ def get_segmentation_model(
     """
     key = name.lower() if isinstance(name, str) else name
     if key not in _MODELS:
-        raise ValueError(f"get_segmentation_model: unknown model {name!r}; choose one of {sorted(_MODELS)}")
+        raise ValueError(
+            f"get_segmentation_model: unknown model {name!r}; choose one of {sorted(_MODELS)}"
+        )
     cls = _MODELS[key]
     where = f"get_segmentation_model({key!r})"
     if pretrained:
@@ -428,7 +481,9 @@ def get_segmentation_model(
     if unknown:
         raise ValueError(f"{where}: unknown option(s) {unknown}; valid options: {sorted(fields)}")
     if not isinstance(backbone, str) or backbone.lower() not in _BACKBONES:
-        raise ValueError(f"{where}: unknown backbone {backbone!r}; segmentation backbones: {', '.join(_BACKBONES)}")
+        raise ValueError(
+            f"{where}: unknown backbone {backbone!r}; segmentation backbones: {', '.join(_BACKBONES)}"
+        )
     return cls(nclass=nclass, backbone=backbone.lower(), **kwargs)
 
 
@@ -436,10 +491,21 @@ def get_segmentation_model(
 
 
 def _constructor(model: str):
-    def build(dataset: str = "pascal_voc", backbone: str = "resnet50s", nclass: int | None = None,
-              pretrained: bool = False, **kwargs: Any) -> BaseNet:
-        return get_segmentation_model(model, dataset=dataset, backbone=backbone, nclass=nclass,
-                                      pretrained=pretrained, **kwargs)
+    def build(
+        dataset: str = "pascal_voc",
+        backbone: str = "resnet50s",
+        nclass: int | None = None,
+        pretrained: bool = False,
+        **kwargs: Any,
+    ) -> BaseNet:
+        return get_segmentation_model(
+            model,
+            dataset=dataset,
+            backbone=backbone,
+            nclass=nclass,
+            pretrained=pretrained,
+            **kwargs,
+        )
 
     build.__name__ = build.__qualname__ = f"get_{model}"
     build.__doc__ = (
@@ -463,21 +529,43 @@ _PCONTEXT = dict(dataset="pcontext")
 
 # Upstream's model_zoo names (``encoding/models/model_zoo.py``, lower-cased) and their presets.
 _UPSTREAM_NAMES: dict[str, tuple[Callable[..., BaseNet], dict[str, Any]]] = {
-    "encnet_resnet101s_coco": (get_encnet, dict(dataset="coco", backbone="resnet101s", aux=True, base_size=520,
-                                                crop_size=480, lateral=True)),
+    "encnet_resnet101s_coco": (
+        get_encnet,
+        dict(
+            dataset="coco",
+            backbone="resnet101s",
+            aux=True,
+            base_size=520,
+            crop_size=480,
+            lateral=True,
+        ),
+    ),
     "fcn_resnet50s_pcontext": (get_fcn, dict(_PCONTEXT, backbone="resnet50s", aux=False)),
-    "encnet_resnet50s_pcontext": (get_encnet, dict(_PCONTEXT, backbone="resnet50s", aux=True, base_size=520,
-                                                   crop_size=480)),
-    "encnet_resnet101s_pcontext": (get_encnet, dict(_PCONTEXT, backbone="resnet101s", aux=True, base_size=520,
-                                                    crop_size=480)),
-    "encnet_resnet50s_ade": (get_encnet, dict(_ADE, backbone="resnet50s", aux=True, base_size=520, crop_size=480)),
-    "encnet_resnet101s_ade": (get_encnet, dict(_ADE, backbone="resnet101s", aux=True, base_size=640, crop_size=576)),
+    "encnet_resnet50s_pcontext": (
+        get_encnet,
+        dict(_PCONTEXT, backbone="resnet50s", aux=True, base_size=520, crop_size=480),
+    ),
+    "encnet_resnet101s_pcontext": (
+        get_encnet,
+        dict(_PCONTEXT, backbone="resnet101s", aux=True, base_size=520, crop_size=480),
+    ),
+    "encnet_resnet50s_ade": (
+        get_encnet,
+        dict(_ADE, backbone="resnet50s", aux=True, base_size=520, crop_size=480),
+    ),
+    "encnet_resnet101s_ade": (
+        get_encnet,
+        dict(_ADE, backbone="resnet101s", aux=True, base_size=640, crop_size=576),
+    ),
     "fcn_resnet50s_ade": (get_fcn, dict(_ADE, backbone="resnet50s")),
     "psp_resnet50s_ade": (get_psp, dict(_ADE, backbone="resnet50s")),
     "fcn_resnest50_ade": (get_fcn, dict(_ADE, backbone="resnest50", aux=True)),
     "fcn_resnest50_pcontext": (get_fcn, dict(_PCONTEXT, backbone="resnest50", aux=True)),
     **{
-        f"deeplab_resnest{depth}_{acronym}": (get_deeplab, dict(dataset=dataset, backbone=f"resnest{depth}", aux=True))
+        f"deeplab_resnest{depth}_{acronym}": (
+            get_deeplab,
+            dict(dataset=dataset, backbone=f"resnest{depth}", aux=True),
+        )
         for acronym, dataset in (("ade", "ade20k"), ("pcontext", "pcontext"))
         for depth in (50, 101, 200, 269)
     },

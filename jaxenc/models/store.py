@@ -23,6 +23,7 @@ concurrent processes see either no file or a complete one. Unregistered download
 Importing this module only defines things: it touches neither disk nor network, and imports torch
 only when a torch file is read.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,8 +38,9 @@ import tempfile
 import urllib.parse
 import urllib.request
 import zipfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import filelock
 import jax
@@ -124,9 +126,13 @@ class PretrainedEntry:
                 raise ValueError(f"{where}: {field} must be {length} hex digits, got {value!r}")
             object.__setattr__(self, field, value.lower())
         if self.sha256 is None and self.upstream_sha1 is None:
-            raise ValueError(f"{where}: give sha256 (or upstream_sha1 for an upstream torch file) so the file can be verified")
+            raise ValueError(
+                f"{where}: give sha256 (or upstream_sha1 for an upstream torch file) so the file can be verified"
+            )
         if self.format == "jaxenc" and self.sha256 is None:
-            raise ValueError(f"{where}: a native ('jaxenc') checkpoint is verified by sha256, which is missing")
+            raise ValueError(
+                f"{where}: a native ('jaxenc') checkpoint is verified by sha256, which is missing"
+            )
 
     @property
     def file_name(self) -> str:
@@ -149,6 +155,7 @@ def _upstream(name: str, sha1: str) -> PretrainedEntry:
 
 
 # PyTorch-Encoding's published weights: (name, SHA-1 of the .pth), as in its model_store.py.
+# fmt: off
 _UPSTREAM_SHA1 = (
     # ResNeSt backbones
     ("resnest50", "fb9de5b360976e3e8bd3679d3e93c5409a5eff3c"),
@@ -182,8 +189,11 @@ _UPSTREAM_SHA1 = (
     ("deeplab_resnest200_pcontext", "fe76a26551dd5dcf2d474fd37cba99d43f6e984e"),
     ("deeplab_resnest269_pcontext", "b661fd26c49656e01e9487cd9245babb12f37449"),
 )
+# fmt: on
 
-_PRETRAINED: dict[str, PretrainedEntry] = {name: _upstream(name, sha1) for name, sha1 in _UPSTREAM_SHA1}
+_PRETRAINED: dict[str, PretrainedEntry] = {
+    name: _upstream(name, sha1) for name, sha1 in _UPSTREAM_SHA1
+}
 
 
 def register_pretrained(entry: PretrainedEntry, *, overwrite: bool = False) -> PretrainedEntry:
@@ -192,7 +202,9 @@ def register_pretrained(entry: PretrainedEntry, *, overwrite: bool = False) -> P
     Raises ValueError when the name is taken by a different entry, unless ``overwrite``.
     """
     if not isinstance(entry, PretrainedEntry):
-        raise TypeError(f"register_pretrained: expected a PretrainedEntry, got {type(entry).__name__}")
+        raise TypeError(
+            f"register_pretrained: expected a PretrainedEntry, got {type(entry).__name__}"
+        )
     old = _PRETRAINED.get(entry.name)
     if old is not None and old != entry and not overwrite:
         raise ValueError(
@@ -274,7 +286,9 @@ def _read_sidecar(path: Path) -> str | None:
     text = sidecar.read_text().strip()
     digest = text.split()[0].lower() if text else ""
     if not re.fullmatch("[0-9a-f]{64}", digest):
-        raise ValueError(f"{sidecar}: not a SHA-256 digest file (expected '<64 hex digits>  <file name>')")
+        raise ValueError(
+            f"{sidecar}: not a SHA-256 digest file (expected '<64 hex digits>  <file name>')"
+        )
     return digest
 
 
@@ -356,13 +370,17 @@ def _download(url: str, dest: Path) -> None:
 def _zip_member(archive: Path, name: str | None) -> str:
     """The ``.pth`` inside upstream's packaging zip (preferring the registered file name)."""
     with zipfile.ZipFile(archive) as zf:
-        members = [m for m in zf.namelist() if m.lower().endswith(_TORCH_SUFFIXES) and not m.endswith("/")]
+        members = [
+            m for m in zf.namelist() if m.lower().endswith(_TORCH_SUFFIXES) and not m.endswith("/")
+        ]
     if name is not None:
         preferred = [m for m in members if os.path.basename(m) == name]
         if preferred:
             return preferred[0]
     if len(members) != 1:
-        raise ValueError(f"{archive}: expected a zip holding exactly one .pth file, found {members or 'none'}")
+        raise ValueError(
+            f"{archive}: expected a zip holding exactly one .pth file, found {members or 'none'}"
+        )
     return members[0]
 
 
@@ -379,7 +397,9 @@ def _kind(path: Path) -> str:
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
         # torch.save writes a zip too; its archive holds a data.pkl.
-        if not any(n.endswith("data.pkl") for n in names) and any(n.lower().endswith(_TORCH_SUFFIXES) for n in names):
+        if not any(n.endswith("data.pkl") for n in names) and any(
+            n.lower().endswith(_TORCH_SUFFIXES) for n in names
+        ):
             return "zip"
     return "torch"
 
@@ -490,7 +510,7 @@ def purge(name: str | None = None) -> list[Path]:
                 continue
             n = p.name
             if n.endswith(".part") and n.startswith("."):
-                n = n[1:-len(".part")].rsplit(".", 1)[0]
+                n = n[1 : -len(".part")].rsplit(".", 1)[0]
             elif n.endswith(".sha256"):
                 n = n[: -len(".sha256")]
             finals.add(n)
@@ -518,7 +538,9 @@ def _resolve(entry: PretrainedEntry | None, source: Any) -> Path:
                 "  * pass source= a local .pth/.zip/.msgpack file, or an explicit URL",
             ]
             if entry.upstream_url:
-                lines[-1] += f", e.g. load_pretrained({entry.name!r}, source={entry.upstream_url!r})"
+                lines[-1] += (
+                    f", e.g. load_pretrained({entry.name!r}, source={entry.upstream_url!r})"
+                )
             lines.append("  (set $JAXENC_CACHE to use another cache directory).")
             raise FileNotFoundError("\n".join(lines))
         problem = _cached_file_ok(final, entry)
@@ -570,14 +592,18 @@ def _torch_state_dict(path: Path, member: str | None = None) -> dict[str, Any]:
             with zipfile.ZipFile(path) as zf:
                 obj = torch.load(io.BytesIO(zf.read(member)), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise ValueError(
+            f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})"
+        ) from exc
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{path}: expected a state_dict (a mapping of tensors), got {type(obj).__name__}")
+        raise ValueError(
+            f"{path}: expected a state_dict (a mapping of tensors), got {type(obj).__name__}"
+        )
     state = dict(obj)
     if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     return state
 
 
@@ -598,7 +624,9 @@ def read_weights(path: str | os.PathLike) -> tuple[str, dict[str, Any]]:
 # Native checkpoints
 
 
-def save_checkpoint(path: str | os.PathLike, variables: Mapping, *, metadata: Mapping | None = None) -> str:
+def save_checkpoint(
+    path: str | os.PathLike, variables: Mapping, *, metadata: Mapping | None = None
+) -> str:
     """Write ``variables`` (e.g. ``{"params", "batch_stats"}``) as a native jaxenc checkpoint.
 
     The file is flax.serialization msgpack holding the variables and a JSON metadata record
@@ -615,7 +643,12 @@ def save_checkpoint(path: str | os.PathLike, variables: Mapping, *, metadata: Ma
         raise TypeError(f"save_checkpoint: metadata must be JSON-serialisable ({exc})") from exc
     state = jax.tree.map(np.asarray, serialization.to_state_dict(jax.device_get(variables)))
     data = serialization.msgpack_serialize(
-        {"format": _CHECKPOINT_FORMAT, "format_version": _CHECKPOINT_VERSION, "metadata": meta_json, "variables": state}
+        {
+            "format": _CHECKPOINT_FORMAT,
+            "format_version": _CHECKPOINT_VERSION,
+            "metadata": meta_json,
+            "variables": state,
+        }
     )
     path = Path(path).expanduser()
     digest = hashlib.sha256(data).hexdigest()
@@ -633,7 +666,9 @@ def shape_problems(expected: Any, actual: Any) -> list[str]:
     problems += [f"unexpected {k}" for k in sorted(set(act) - set(exp))]
     for k in sorted(set(exp) & set(act)):
         if tuple(np.shape(exp[k])) != tuple(np.shape(act[k])):
-            problems.append(f"{k}: shape {tuple(np.shape(act[k]))}, expected {tuple(np.shape(exp[k]))}")
+            problems.append(
+                f"{k}: shape {tuple(np.shape(act[k]))}, expected {tuple(np.shape(exp[k]))}"
+            )
     return problems
 
 
@@ -657,9 +692,13 @@ def load_checkpoint(path: str | os.PathLike, target: Any = None, *, with_metadat
     except FileNotFoundError:
         raise
     except Exception as exc:
-        raise ValueError(f"load_checkpoint: {path} is not a jaxenc checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise ValueError(
+            f"load_checkpoint: {path} is not a jaxenc checkpoint ({type(exc).__name__}: {exc})"
+        ) from exc
     if not isinstance(record, dict) or record.get("format") != _CHECKPOINT_FORMAT:
-        raise ValueError(f"load_checkpoint: {path} is not a jaxenc checkpoint (no {_CHECKPOINT_FORMAT!r} record)")
+        raise ValueError(
+            f"load_checkpoint: {path} is not a jaxenc checkpoint (no {_CHECKPOINT_FORMAT!r} record)"
+        )
     if record.get("format_version", 0) > _CHECKPOINT_VERSION:
         raise ValueError(
             f"load_checkpoint: {path} has format version {record['format_version']}, "
@@ -669,7 +708,9 @@ def load_checkpoint(path: str | os.PathLike, target: Any = None, *, with_metadat
     if target is not None:
         problems = shape_problems(target, variables)
         if problems:
-            raise ValueError(f"load_checkpoint: {path} does not match the target: " + "; ".join(problems))
+            raise ValueError(
+                f"load_checkpoint: {path} does not match the target: " + "; ".join(problems)
+            )
         variables = serialization.from_state_dict(target, variables)
     variables = jax.tree.map(jnp.asarray, variables)
     if with_metadata:
@@ -727,7 +768,9 @@ def load_pretrained(
     path = _resolve(entry, source)
     kind = _kind(path)
     if entry is not None and entry.format == "jaxenc" and kind != "jaxenc":
-        raise ValueError(f"load_pretrained: {entry.name!r} is a native checkpoint but {path} is not a .msgpack file")
+        raise ValueError(
+            f"load_pretrained: {entry.name!r} is a native checkpoint but {path} is not a .msgpack file"
+        )
 
     if kind == "jaxenc":
         target = None

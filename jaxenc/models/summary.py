@@ -7,6 +7,7 @@ of dimensions, the convention of the papers and of fvcore/ptflops tables (ResNet
 GMACs, often quoted as "4.1 GFLOPs"). ``gflops`` is XLA's own cost analysis of the lowered
 program, which also counts elementwise work and skips taps that fall on zero padding.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,8 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from jaxenc.nn.grouped_conv import grouped_conv_impl
 from jaxenc.models.registry import get_model, list_models
+from jaxenc.nn.grouped_conv import grouped_conv_impl
 
 __all__ = ["count_params", "summarize"]
 
@@ -31,7 +32,9 @@ def _abstract_variables(model, size: int):
 def count_params(variables) -> int:
     """Number of scalars in the ``params`` collection (BatchNorm statistics excluded, as torch's
     ``sum(p.numel() for p in model.parameters())``)."""
-    return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(variables.get("params", {})))
+    return sum(
+        math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(variables.get("params", {}))
+    )
 
 
 def _macs(jaxpr) -> int:
@@ -79,7 +82,9 @@ def summarize(name: str, sizes=(224,), **overrides) -> dict:
         # taps) do the same function with other flop counts.
         with grouped_conv_impl("xla"):
             out["gmacs"][size] = _macs(jax.make_jaxpr(infer)(variables, x).jaxpr) / 1e9
-            out["gflops"][size] = float(jax.jit(infer).lower(variables, x).cost_analysis()["flops"]) / 1e9
+            out["gflops"][size] = (
+                float(jax.jit(infer).lower(variables, x).cost_analysis()["flops"]) / 1e9
+            )
     return out
 
 
@@ -93,7 +98,9 @@ def main(argv=None) -> int:
         print("\n".join(list_models()))
         return 0
     if not args.json:
-        header = f"{'model':<32} {'params':>14} " + " ".join(f"{'GMACs@' + str(s):>12}" for s in args.sizes)
+        header = f"{'model':<32} {'params':>14} " + " ".join(
+            f"{'GMACs@' + str(s):>12}" for s in args.sizes
+        )
         print(header)
         print("-" * len(header))
     for name in args.names:
@@ -101,7 +108,10 @@ def main(argv=None) -> int:
         if args.json:
             print(json.dumps(row))
         else:
-            print(f"{name:<32} {row['params']:>14,} " + " ".join(f"{row['gmacs'][s]:>12.2f}" for s in args.sizes))
+            print(
+                f"{name:<32} {row['params']:>14,} "
+                + " ".join(f"{row['gmacs'][s]:>12.2f}" for s in args.sizes)
+            )
     return 0
 
 

@@ -62,21 +62,23 @@ Deliberate differences from upstream (docs/DESIGN.md, "Decisions on upstream bug
 - Invalid options (``layers`` not 6 positive ints, a non-bool ``dilated``, dropout rates outside
   [0, 1)) raise a ValueError naming the option.
 """
+
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxenc._checks import check_probability
 from jaxenc.models.registry import build_named, register_model
 from jaxenc.models.resnet import _check_int, _Stage, check_remat
 from jaxenc.nn.norm import SyncBatchNorm
 from jaxenc.nn.resample import max_pool2d
 from jaxenc.nn.torch_compat import Conv2d, torch_uniform_init
+from jaxenc.validation import check_probability
 
 Dtype = Any
 
@@ -99,8 +101,15 @@ class _Projection(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return Conv2d(self.out_channels, 1, stride=self.stride, bias=False, name="0", dtype=self.dtype,
-                      param_dtype=self.param_dtype)(x)
+        return Conv2d(
+            self.out_channels,
+            1,
+            stride=self.stride,
+            bias=False,
+            name="0",
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )(x)
 
 
 def _preactivate(module: nn.Module, x: jax.Array, out_channels: int, train: bool, where: str):
@@ -145,7 +154,16 @@ class WideBasicBlock(nn.Module):
         out_channels = self.planes * self.expansion
         out, residual = _preactivate(self, x, out_channels, train, "WideBasicBlock")
         d, pd = self.dilation, self.previous_dilation
-        out = Conv2d(self.planes, 3, stride=self.stride, padding=d, dilation=d, bias=False, name="conv1", **kw)(out)
+        out = Conv2d(
+            self.planes,
+            3,
+            stride=self.stride,
+            padding=d,
+            dilation=d,
+            bias=False,
+            name="conv1",
+            **kw,
+        )(out)
         out = self.norm_layer(self.planes, name="bn2", **kw)(out, train=train)
         out = Conv2d(out_channels, 3, padding=pd, dilation=pd, bias=False, name="conv2", **kw)(out)
         return out + residual.astype(out.dtype)
@@ -181,7 +199,9 @@ class WideBottleneck(nn.Module):
         out = Conv2d(self.planes, 1, bias=False, name="conv1", **kw)(out)
         out = self.norm_layer(self.planes, name="bn2", **kw)(out, train=train)
         d = self.dilation
-        out = Conv2d(mid, 3, stride=self.stride, padding=d, dilation=d, bias=False, name="conv2", **kw)(out)
+        out = Conv2d(
+            mid, 3, stride=self.stride, padding=d, dilation=d, bias=False, name="conv2", **kw
+        )(out)
         out = self.norm_layer(mid, name="bn3", **kw)(out, train=train)
         if self.dropout > 0.0:
             out = nn.Dropout(self.dropout, name="drop")(out, deterministic=not train)
@@ -189,7 +209,7 @@ class WideBottleneck(nn.Module):
         return out + residual.astype(out.dtype)
 
 
-def _validate(self: "WideResNet") -> None:
+def _validate(self: WideResNet) -> None:
     """Check :class:`WideResNet`'s fields (a function: Flax wraps module methods)."""
     where = "WideResNet"
     layers = self.layers
@@ -207,9 +227,13 @@ def _validate(self: "WideResNet") -> None:
         raise ValueError(f"{where}: dropout must be a pair of rates (mod6, mod7), got {rates!r}")
     for stage, p in zip(("mod6", "mod7"), rates):
         if check_probability(p, f"dropout[{stage}]", where) == 1.0:
-            raise ValueError(f"{where}: dropout[{stage}] must be < 1 (it would drop every feature), got {p!r}")
+            raise ValueError(
+                f"{where}: dropout[{stage}] must be < 1 (it would drop every feature), got {p!r}"
+            )
     if self.norm_layer is None or not callable(self.norm_layer):
-        raise ValueError(f"{where}: norm_layer must be a callable building a norm module, got {self.norm_layer!r}")
+        raise ValueError(
+            f"{where}: norm_layer must be a callable building a norm module, got {self.norm_layer!r}"
+        )
     check_remat(self.remat, where)
 
 
@@ -248,19 +272,43 @@ class WideResNet(nn.Module):
     def _stage_plan(self) -> list[tuple[type, int, int, int, int, float]]:
         """(block, planes, expansion, stride, dilation, dropout) of mod2..mod7, as upstream's constructor."""
         d6, d7 = (float(p) for p in self.dropout)
-        head = [(WideBasicBlock, 128, 1, 1, 1, 0.0), (WideBasicBlock, 256, 1, 1, 1, 0.0),
-                (WideBasicBlock, 512, 1, 2, 1, 0.0)]
+        head = [
+            (WideBasicBlock, 128, 1, 1, 1, 0.0),
+            (WideBasicBlock, 256, 1, 1, 1, 0.0),
+            (WideBasicBlock, 512, 1, 2, 1, 0.0),
+        ]
         if self.dilated:
-            return head + [(WideBasicBlock, 512, 2, 1, 2, 0.0), (WideBottleneck, 512, 4, 1, 4, d6),
-                           (WideBottleneck, 1024, 4, 1, 4, d7)]
-        return head + [(WideBasicBlock, 512, 2, 2, 1, 0.0), (WideBottleneck, 512, 4, 2, 1, d6),
-                       (WideBottleneck, 1024, 4, 1, 1, d7)]
+            return head + [
+                (WideBasicBlock, 512, 2, 1, 2, 0.0),
+                (WideBottleneck, 512, 4, 1, 4, d6),
+                (WideBottleneck, 1024, 4, 1, 4, d7),
+            ]
+        return head + [
+            (WideBasicBlock, 512, 2, 2, 1, 0.0),
+            (WideBottleneck, 512, 4, 2, 1, d6),
+            (WideBottleneck, 1024, 4, 1, 1, d7),
+        ]
 
-    def _stage(self, index: int, inplanes: int, block: type, planes: int, expansion: int, n: int, stride: int,
-               dilation: int, dropout: float) -> tuple[_Stage, int]:
+    def _stage(
+        self,
+        index: int,
+        inplanes: int,
+        block: type,
+        planes: int,
+        expansion: int,
+        n: int,
+        stride: int,
+        dilation: int,
+        dropout: float,
+    ) -> tuple[_Stage, int]:
         """Upstream's ``_make_layer`` for stage ``mod{index}``: the first block strides and projects."""
-        common = dict(planes=planes, expansion=expansion, norm_layer=self.norm_layer, dtype=self.dtype,
-                      param_dtype=self.param_dtype)
+        common = dict(
+            planes=planes,
+            expansion=expansion,
+            norm_layer=self.norm_layer,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
         if block is WideBottleneck:
             common["dropout"] = dropout
         if dilation in (1, 2):
@@ -269,21 +317,28 @@ class WideResNet(nn.Module):
             first_dilation = 2
         else:  # mod7's first block is dilated at once
             first_dilation = dilation
-        first = dict(stride=stride, dilation=first_dilation,
-                     downsample=stride != 1 or inplanes != planes * expansion)
+        first = dict(
+            stride=stride,
+            dilation=first_dilation,
+            downsample=stride != 1 or inplanes != planes * expansion,
+        )
         rest = dict(dilation=dilation)
         if block is WideBasicBlock:
             first["previous_dilation"] = dilation
             rest["previous_dilation"] = dilation
         configs = [tuple({**common, **first}.items())]
         configs += [tuple({**common, **rest}.items()) for _ in range(1, n)]
-        return _Stage(block, tuple(configs), remat=self.remat, name=f"mod{index}"), planes * expansion
+        return _Stage(
+            block, tuple(configs), remat=self.remat, name=f"mod{index}"
+        ), planes * expansion
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, *, return_features: bool = False):
         x = jnp.asarray(x)
         if x.ndim != 4 or x.shape[-1] != 3:
-            raise ValueError(f"WideResNet: expected an NHWC image batch (B, H, W, 3), got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"WideResNet: expected an NHWC image batch (B, H, W, 3), got shape {tuple(x.shape)}"
+            )
         if self.dtype is not None:
             x = x.astype(self.dtype)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -299,8 +354,9 @@ class WideResNet(nn.Module):
             index = i + 2
             if index == 3:
                 x = max_pool(x)  # pool3
-            stage, inplanes = self._stage(index, inplanes, block, planes, expansion, self.layers[i], stride,
-                                          dilation, drop)
+            stage, inplanes = self._stage(
+                index, inplanes, block, planes, expansion, self.layers[i], stride, dilation, drop
+            )
             x = stage(x, train=train)
             outputs[index] = x
         x = self.norm_layer(inplanes, name="bn_out", **kw)(x, train=train)
@@ -312,16 +368,29 @@ class WideResNet(nn.Module):
         x = jnp.mean(x.astype(acc), axis=(1, 2)).astype(x.dtype)
         fan_in = x.shape[-1]
         return nn.Dense(
-            self.num_classes, kernel_init=torch_uniform_init(fan_in), bias_init=torch_uniform_init(fan_in),
-            name="fc", **kw,
+            self.num_classes,
+            kernel_init=torch_uniform_init(fan_in),
+            bias_init=torch_uniform_init(fan_in),
+            name="fc",
+            **kw,
         )(x)
 
 
 # --------------------------------------------------------------------------------------------------
 # Named constructors
 
-def _build(model: str, layers: tuple[int, ...], pretrained: bool, overrides: dict[str, Any]) -> WideResNet:
-    return build_named(model, WideResNet, pretrained, {"layers": layers}, overrides, tuple_fields=("layers", "dropout"))
+
+def _build(
+    model: str, layers: tuple[int, ...], pretrained: bool, overrides: dict[str, Any]
+) -> WideResNet:
+    return build_named(
+        model,
+        WideResNet,
+        pretrained,
+        {"layers": layers},
+        overrides,
+        tuple_fields=("layers", "dropout"),
+    )
 
 
 @register_model("wideresnet38")

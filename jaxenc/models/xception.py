@@ -66,19 +66,21 @@ Deliberate differences from upstream:
 - ``pretrained=True`` raises (upstream's pretrained path references undefined names); converted
   weights come from :func:`jaxenc.models.load_pretrained`.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxenc._checks import check_channels, check_positive_int
 from jaxenc.models.registry import build_named, register_model
 from jaxenc.models.resnet import check_remat, he_fan_out_normal, remat_call
 from jaxenc.nn.norm import BatchNorm
 from jaxenc.nn.torch_compat import Conv2d, torch_uniform_init
+from jaxenc.validation import check_channels, check_positive_int
 
 Dtype = Any
 
@@ -94,20 +96,32 @@ __all__ = [
 
 # output_stride -> (entry block3 stride, middle-flow dilation, block20 stride, (block20 dilation,
 # conv3..conv5 dilation)), upstream's table.
+# fmt: off
 _OUTPUT_STRIDES = {
     32: (2, 1, 2, (1, 1)),
     16: (2, 1, 1, (1, 2)),
     8: (1, 2, 1, (2, 4)),
 }
+# fmt: on
 
 
 def _check_norm_layer(norm_layer, where: str) -> None:
     if norm_layer is None or not callable(norm_layer):
-        raise ValueError(f"{where}: norm_layer must be a callable building a norm module, got {norm_layer!r}")
+        raise ValueError(
+            f"{where}: norm_layer must be a callable building a norm module, got {norm_layer!r}"
+        )
 
 
-def rep_layout(inplanes: int, planes: int, reps: int, stride: int = 1, dilation: int = 1,
-               start_with_relu: bool = True, grow_first: bool = True, is_last: bool = False) -> tuple:
+def rep_layout(
+    inplanes: int,
+    planes: int,
+    reps: int,
+    stride: int = 1,
+    dilation: int = 1,
+    start_with_relu: bool = True,
+    grow_first: bool = True,
+    is_last: bool = False,
+) -> tuple:
     """The entries of upstream ``Block.rep`` in order; an entry's index is its torch Sequential index.
 
     Entries: ``("relu",)``, ``("sep", in, out, stride, dilation)`` (a :class:`SeparableConv2d`) and
@@ -181,11 +195,21 @@ class SeparableConv2d(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = _fixed_padding(x, self.kernel_size, self.dilation)
         x = Conv2d(
-            self.inplanes, self.kernel_size, stride=self.stride, dilation=self.dilation, groups=self.inplanes,
-            bias=self.bias, in_channels=self.inplanes, kernel_init=he_fan_out_normal, name="conv1", **kw,
+            self.inplanes,
+            self.kernel_size,
+            stride=self.stride,
+            dilation=self.dilation,
+            groups=self.inplanes,
+            bias=self.bias,
+            in_channels=self.inplanes,
+            kernel_init=he_fan_out_normal,
+            name="conv1",
+            **kw,
         )(x)
         x = self.norm_layer(self.inplanes, name="bn", **kw)(x, train=train)
-        return Conv2d(self.planes, 1, bias=self.bias, kernel_init=he_fan_out_normal, name="pointwise", **kw)(x)
+        return Conv2d(
+            self.planes, 1, bias=self.bias, kernel_init=he_fan_out_normal, name="pointwise", **kw
+        )(x)
 
 
 class _Rep(nn.Module):
@@ -204,9 +228,9 @@ class _Rep(nn.Module):
                 x = jax.nn.relu(x)
             elif entry[0] == "sep":
                 _, cin, cout, stride, dilation = entry
-                x = SeparableConv2d(cin, cout, 3, stride, dilation, norm_layer=self.norm_layer, name=str(i), **kw)(
-                    x, train=train
-                )
+                x = SeparableConv2d(
+                    cin, cout, 3, stride, dilation, norm_layer=self.norm_layer, name=str(i), **kw
+                )(x, train=train)
             else:
                 x = self.norm_layer(entry[1], name=str(i), **kw)(x, train=train)
         return x
@@ -243,8 +267,10 @@ class XceptionBlock(nn.Module):
         for name in ("inplanes", "planes", "reps", "dilation"):
             check_positive_int(getattr(self, name), name, where)
         if isinstance(self.stride, bool) or self.stride not in (1, 2):
-            raise ValueError(f"{where}: stride must be 1 or 2 (upstream's strided separable conv is fixed at 2), "
-                             f"got {self.stride!r}")
+            raise ValueError(
+                f"{where}: stride must be 1 or 2 (upstream's strided separable conv is fixed at 2), "
+                f"got {self.stride!r}"
+            )
         _check_norm_layer(self.norm_layer, where)
         super().__post_init__()
 
@@ -252,14 +278,29 @@ class XceptionBlock(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         check_channels(x, self.inplanes, "XceptionBlock", "inplanes")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        layout = rep_layout(self.inplanes, self.planes, self.reps, self.stride, self.dilation, self.start_with_relu,
-                            self.grow_first, self.is_last)
+        layout = rep_layout(
+            self.inplanes,
+            self.planes,
+            self.reps,
+            self.stride,
+            self.dilation,
+            self.start_with_relu,
+            self.grow_first,
+            self.is_last,
+        )
         if self.inplace_relu and layout[0][0] == "relu":
             x = jax.nn.relu(x)  # upstream's in-place ReLU rewrites the input the shortcut reads
         out = _Rep(layout, self.norm_layer, name="rep", **kw)(x, train=train)
         if self.planes != self.inplanes or self.stride != 1:
-            skip = Conv2d(self.planes, 1, stride=self.stride, bias=False, kernel_init=he_fan_out_normal, name="skip",
-                          **kw)(x)
+            skip = Conv2d(
+                self.planes,
+                1,
+                stride=self.stride,
+                bias=False,
+                kernel_init=he_fan_out_normal,
+                name="skip",
+                **kw,
+            )(x)
             skip = self.norm_layer(self.planes, name="skipbn", **kw)(skip, train=train)
         else:
             skip = x
@@ -279,11 +320,13 @@ class _Blocks(nn.Module):
         return x
 
 
-def _validate_xception(self: "_AlignedXception") -> None:
+def _validate_xception(self: _AlignedXception) -> None:
     """Check the fields (a function: Flax wraps module methods, even during construction)."""
     where = type(self).__name__
     if isinstance(self.output_stride, bool) or self.output_stride not in _OUTPUT_STRIDES:
-        raise ValueError(f"{where}: output_stride must be one of (8, 16, 32), got {self.output_stride!r}")
+        raise ValueError(
+            f"{where}: output_stride must be one of (8, 16, 32), got {self.output_stride!r}"
+        )
     check_positive_int(self.num_classes, "num_classes", where)
     check_positive_int(self.num_middle_blocks, "num_middle_blocks", where)
     _check_norm_layer(self.norm_layer, where)
@@ -309,8 +352,16 @@ class _AlignedXception(nn.Module):
         super().__post_init__()
 
     def _block_config(self, inplanes: int, planes: int, reps: int, **kwargs: Any) -> tuple:
-        config = dict(inplanes=inplanes, planes=planes, reps=reps, norm_layer=self.norm_layer,
-                      inplace_relu=self.inplace_relu, dtype=self.dtype, param_dtype=self.param_dtype, **kwargs)
+        config = dict(
+            inplanes=inplanes,
+            planes=planes,
+            reps=reps,
+            norm_layer=self.norm_layer,
+            inplace_relu=self.inplace_relu,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            **kwargs,
+        )
         return tuple(config.items())
 
     @nn.compact
@@ -318,24 +369,41 @@ class _AlignedXception(nn.Module):
         where = type(self).__name__
         x = jnp.asarray(x)
         if x.ndim != 4 or x.shape[-1] != 3:
-            raise ValueError(f"{where}: expected an NHWC image batch (B, H, W, 3), got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"{where}: expected an NHWC image batch (B, H, W, 3), got shape {tuple(x.shape)}"
+            )
         if self.dtype is not None:
             x = x.astype(self.dtype)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = self.norm_layer
-        entry3_stride, middle_dilation, exit_stride, (exit_dilation, conv_dilation) = _OUTPUT_STRIDES[
-            self.output_stride
-        ]
+        entry3_stride, middle_dilation, exit_stride, (exit_dilation, conv_dilation) = (
+            _OUTPUT_STRIDES[self.output_stride]
+        )
 
         def block(name: str, inplanes: int, planes: int, reps: int, **kwargs: Any) -> XceptionBlock:
-            return XceptionBlock(**dict(self._block_config(inplanes, planes, reps, **kwargs)), name=name)
+            return XceptionBlock(
+                **dict(self._block_config(inplanes, planes, reps, **kwargs)), name=name
+            )
 
         # Entry flow
-        x = Conv2d(32, 3, stride=2, padding=1, bias=False, kernel_init=he_fan_out_normal, name="conv1", **kw)(x)
+        x = Conv2d(
+            32,
+            3,
+            stride=2,
+            padding=1,
+            bias=False,
+            kernel_init=he_fan_out_normal,
+            name="conv1",
+            **kw,
+        )(x)
         x = jax.nn.relu(norm(32, name="bn1", **kw)(x, train=train))
-        x = Conv2d(64, 3, padding=1, bias=False, kernel_init=he_fan_out_normal, name="conv2", **kw)(x)
+        x = Conv2d(64, 3, padding=1, bias=False, kernel_init=he_fan_out_normal, name="conv2", **kw)(
+            x
+        )
         x = jax.nn.relu(norm(64, name="bn2", **kw)(x, train=train))
-        x = remat_call(block("block1", 64, 128, 2, stride=2, start_with_relu=False), self.remat, x, train=train)
+        x = remat_call(
+            block("block1", 64, 128, 2, stride=2, start_with_relu=False), self.remat, x, train=train
+        )
         c1 = x = jax.nn.relu(x)
         if self._VARIANT == 65:
             block2 = block("block2", 128, 256, 2, stride=2, start_with_relu=False)
@@ -359,14 +427,22 @@ class _AlignedXception(nn.Module):
         c3 = x = _Blocks(middle, remat=self.remat, name="midflow")(x, train=train)
 
         # Exit flow
-        block20 = block("block20", 728, 1024, 2, stride=exit_stride, dilation=exit_dilation, grow_first=False,
-                        is_last=True)
+        block20 = block(
+            "block20",
+            728,
+            1024,
+            2,
+            stride=exit_stride,
+            dilation=exit_dilation,
+            grow_first=False,
+            is_last=True,
+        )
         x = remat_call(block20, self.remat, x, train=train)
         x = jax.nn.relu(x)
         for i, (cin, cout) in enumerate(((1024, 1536), (1536, 1536), (1536, 2048)), start=3):
-            x = SeparableConv2d(cin, cout, 3, 1, conv_dilation, norm_layer=norm, name=f"conv{i}", **kw)(
-                x, train=train
-            )
+            x = SeparableConv2d(
+                cin, cout, 3, 1, conv_dilation, norm_layer=norm, name=f"conv{i}", **kw
+            )(x, train=train)
             x = jax.nn.relu(norm(cout, name=f"bn{i}", **kw)(x, train=train))
 
         if return_features:
@@ -376,8 +452,11 @@ class _AlignedXception(nn.Module):
         x = jnp.mean(x.astype(acc), axis=(1, 2)).astype(x.dtype)
         fan_in = x.shape[-1]
         return nn.Dense(
-            self.num_classes, kernel_init=torch_uniform_init(fan_in), bias_init=torch_uniform_init(fan_in),
-            name="fc", **kw,
+            self.num_classes,
+            kernel_init=torch_uniform_init(fan_in),
+            bias_init=torch_uniform_init(fan_in),
+            name="fc",
+            **kw,
         )(x)
 
 
@@ -417,6 +496,7 @@ class Xception71(_AlignedXception):
 
 # --------------------------------------------------------------------------------------------------
 # Named constructors
+
 
 def _build(model: str, cls: type, pretrained: bool, overrides: dict[str, Any]) -> _AlignedXception:
     return build_named(model, cls, pretrained, {}, overrides)

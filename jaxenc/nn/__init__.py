@@ -6,6 +6,7 @@ BN), ``conv``, ``customize``, ``encoding``, ``grouped_conv`` (per-backend groupe
 torch-equivalent primitives they share. Every public name of those modules (their ``__all__``) is
 available here.
 """
+
 from jaxenc.nn import activation as _activation
 from jaxenc.nn import attention as _attention
 from jaxenc.nn import batch_stats as _batch_stats
@@ -38,8 +39,19 @@ from jaxenc.nn.transformer import *  # noqa: F401,F403
 __all__ = [
     name
     for family in (
-        _activation, _attention, _batch_stats, _conv, _customize, _encoding, _grouped_conv, _norm, _pooling, _regularization, _resample,
-        _torch_compat, _transformer,
+        _activation,
+        _attention,
+        _batch_stats,
+        _conv,
+        _customize,
+        _encoding,
+        _grouped_conv,
+        _norm,
+        _pooling,
+        _regularization,
+        _resample,
+        _torch_compat,
+        _transformer,
     )
     for name in family.__all__
 ]

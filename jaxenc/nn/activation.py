@@ -3,6 +3,7 @@
 Upstream's ``inplace`` argument is not kept: JAX arrays are immutable, so there is nothing to do in
 place (XLA reuses buffers on its own).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -11,15 +12,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxenc._checks import check_channels, check_positive_int, check_rank
 from jaxenc.nn.module_utils import cast_input
 from jaxenc.nn.norm import BatchNorm
 from jaxenc.nn.torch_compat import Conv2d
+from jaxenc.validation import check_channels, check_positive_int, check_rank
 
 Dtype = Any
 
 __all__ = ["FReLU", "HardMish", "NLReLU", "hard_mish", "nl_relu"]
-
 
 
 def hard_mish(x: jax.Array) -> jax.Array:
@@ -119,5 +119,7 @@ class FReLU(nn.Module):
             param_dtype=self.param_dtype,
             name="conv",
         )(x)
-        t = BatchNorm(self.in_channels, dtype=self.dtype, param_dtype=self.param_dtype, name="bn")(t, train=train)
+        t = BatchNorm(self.in_channels, dtype=self.dtype, param_dtype=self.param_dtype, name="bn")(
+            t, train=train
+        )
         return jnp.maximum(x, t.astype(x.dtype))

@@ -4,27 +4,35 @@ MixtureOfSoftMaxACF) and DANet (PAM_Module, CAM_Module), NHWC.
 Parameter names and layouts follow pylocron 0.3.0 so that :func:`jaxenc.port.torch_to_flax` maps a
 torch ``state_dict`` onto them unchanged.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxenc._checks import check_channels, check_divisible, check_positive_int, check_rank
 from jaxenc.nn.norm import BatchNorm
 from jaxenc.nn.pooling import z_pool
 from jaxenc.nn.resample import avg_pool2d
 from jaxenc.nn.torch_compat import Conv2d
 from jaxenc.port import register_torch_aliases
+from jaxenc.validation import check_channels, check_divisible, check_positive_int, check_rank
 
 Dtype = Any
 
 __all__ = [
-    "SAM", "DimAttention", "TripletAttention", "LambdaLayer",
+    "SAM",
+    "DimAttention",
+    "TripletAttention",
+    "LambdaLayer",
     # PyTorch-Encoding / DANet
-    "ACFModule", "MixtureOfSoftMaxACF", "PAM_Module", "CAM_Module",
+    "ACFModule",
+    "MixtureOfSoftMaxACF",
+    "PAM_Module",
+    "CAM_Module",
 ]
 
 _NHWC = "N, H, W, C"
@@ -50,7 +58,14 @@ class SAM(nn.Module):
         check_channels(x, self.in_channels, "SAM")
         dtype = self.dtype or x.dtype
         gate = jax.nn.sigmoid(
-            Conv2d(1, 1, in_channels=self.in_channels, dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
+            Conv2d(
+                1,
+                1,
+                in_channels=self.in_channels,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name="conv",
+            )(x)
         )
         return x.astype(dtype) * gate.astype(dtype)
 
@@ -111,7 +126,9 @@ class DimAttention(nn.Module):
         # Swapping the pooled axis with the channel axis yields NHWC whose (H, W) are torch's (row,
         # col) after transpose(dim, 1); the swap is its own inverse, so it also rotates the gate back.
         pooled = jnp.swapaxes(pooled, axis, 3)
-        gate = _Compress(dtype=self.dtype, param_dtype=self.param_dtype, name="compress")(pooled, train=train)
+        gate = _Compress(dtype=self.dtype, param_dtype=self.param_dtype, name="compress")(
+            pooled, train=train
+        )
         gate = jnp.swapaxes(gate, axis, 3)
         return x.astype(dtype) * gate.astype(dtype)
 
@@ -189,7 +206,9 @@ class LambdaLayer(nn.Module):
         if self.r is not None:
             check_positive_int(self.r, "r", where)
             if self.r % 2 != 1:
-                raise ValueError(f"{where}: r (receptive field of the position lambdas) must be odd, got r={self.r}")
+                raise ValueError(
+                    f"{where}: r (receptive field of the position lambdas) must be odd, got r={self.r}"
+                )
         elif self.n is None:
             raise ValueError(
                 f"{where}: give r (local position lambdas) or n (global ones: the number of input pixels H * W); "
@@ -214,7 +233,9 @@ class LambdaLayer(nn.Module):
         heads, k, u = self.num_heads, self.dim_k, self.dim_u
         v = self.out_channels // heads
         dtype = self.dtype or x.dtype
-        kw = dict(in_channels=self.in_channels, bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(
+            in_channels=self.in_channels, bias=False, dtype=self.dtype, param_dtype=self.param_dtype
+        )
         bn = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
         q = Conv2d(k * heads, 1, name="to_q", **kw)(x)
@@ -249,7 +270,9 @@ class LambdaLayer(nn.Module):
             lambda_p = lambda_p.reshape(b, v, m, k)
             y = y + _einsum("bmhk,bvmk->bmhv", q, lambda_p, dtype)
         else:
-            pos_emb = self.param("pos_emb", nn.initializers.normal(1.0), (self.n, self.n, k, u), self.param_dtype)
+            pos_emb = self.param(
+                "pos_emb", nn.initializers.normal(1.0), (self.n, self.n, k, u), self.param_dtype
+            )
             lambda_p = _einsum("nmku,bmvu->bnkv", pos_emb, vals, dtype)
             y = y + _einsum("bmhk,bmkv->bmhv", q, lambda_p, dtype)
 
@@ -277,9 +300,23 @@ class _KQFeedForward(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        y = Conv2d(self.channels, 3, padding=self.dilation, dilation=self.dilation, bias=False, name="0", **kw)(x)
+        y = Conv2d(
+            self.channels,
+            3,
+            padding=self.dilation,
+            dilation=self.dilation,
+            bias=False,
+            name="0",
+            **kw,
+        )(x)
         y = jax.nn.relu(self.norm_layer(self.channels, name="1", **kw)(y, train=train))
-        return Conv2d(self.channels, 1, kernel_init=nn.initializers.normal((1.0 / self.d_k) ** 0.5), name="3", **kw)(y)
+        return Conv2d(
+            self.channels,
+            1,
+            kernel_init=nn.initializers.normal((1.0 / self.d_k) ** 0.5),
+            name="3",
+            **kw,
+        )(y)
 
 
 class MixtureOfSoftMaxACF(nn.Module):
@@ -391,7 +428,9 @@ class ACFModule(nn.Module):
             check_positive_int(getattr(self, name), name, where)
         check_divisible(self.d_k, self.n_mix, "d_k", "n_mix", where)
         if self.kq_transform not in _KQ_TRANSFORMS:
-            raise ValueError(f"{where}: kq_transform must be one of {_KQ_TRANSFORMS}, got {self.kq_transform!r}")
+            raise ValueError(
+                f"{where}: kq_transform must be one of {_KQ_TRANSFORMS}, got {self.kq_transform!r}"
+            )
         if self.value_transform != "conv":
             raise ValueError(
                 f"{where}: value_transform must be 'conv' (the only one upstream has), got {self.value_transform!r}"
@@ -415,15 +454,31 @@ class ACFModule(nn.Module):
         h, d_k, d_v, d_model = self.n_head, self.d_k, self.d_v, self.d_model
 
         if self.kq_transform == "conv":
-            conv_qs = Conv2d(h * d_k, 1, kernel_init=nn.initializers.normal((2.0 / (d_model + d_k)) ** 0.5), name="conv_qs", **kw)
+            conv_qs = Conv2d(
+                h * d_k,
+                1,
+                kernel_init=nn.initializers.normal((2.0 / (d_model + d_k)) ** 0.5),
+                name="conv_qs",
+                **kw,
+            )
             kq = lambda t: conv_qs(t)  # noqa: E731
         else:
             ffn = _KQFeedForward(
-                h * d_k, d_k, dilation=1 if self.kq_transform == "ffn" else 4, norm_layer=self.norm_layer,
-                name="conv_qs", **kw,
+                h * d_k,
+                d_k,
+                dilation=1 if self.kq_transform == "ffn" else 4,
+                norm_layer=self.norm_layer,
+                name="conv_qs",
+                **kw,
             )
             kq = lambda t: ffn(t, train=train)  # noqa: E731
-        conv_vs = Conv2d(h * d_v, 1, kernel_init=nn.initializers.normal((2.0 / (d_model + d_v)) ** 0.5), name="conv_vs", **kw)
+        conv_vs = Conv2d(
+            h * d_v,
+            1,
+            kernel_init=nn.initializers.normal((2.0 / (d_model + d_v)) ** 0.5),
+            name="conv_vs",
+            **kw,
+        )
 
         def split_heads(t, d):
             # (B, h', w', heads * d) -> (B * heads, h' * w', d): batch index b * heads + head, like upstream.
@@ -440,10 +495,14 @@ class ACFModule(nn.Module):
             q = k
             v = split_heads(conv_vs(x), d_v)
 
-        out, _ = MixtureOfSoftMaxACF(self.n_mix, d_k, attn_dropout=self.dropout, name="attention", **kw)(
-            q, k, v, train=train
+        out, _ = MixtureOfSoftMaxACF(
+            self.n_mix, d_k, attn_dropout=self.dropout, name="attention", **kw
+        )(q, k, v, train=train)
+        out = (
+            out.reshape(b, h, height * width, d_v)
+            .transpose(0, 2, 1, 3)
+            .reshape(b, height, width, h * d_v)
         )
-        out = out.reshape(b, h, height * width, d_v).transpose(0, 2, 1, 3).reshape(b, height, width, h * d_v)
         out = Conv2d(d_model, 1, bias=False, name="conv", **kw)(out)
         out = self.norm_layer(d_model, name="norm_layer", **kw)(out, train=train).astype(dtype)
         if self.concat:
@@ -454,7 +513,9 @@ class ACFModule(nn.Module):
 def _gamma_residual(module: nn.Module, out: jax.Array, x: jax.Array, dtype) -> jax.Array:
     """``gamma * out + x`` with DANet's scalar ``gamma`` (torch shape (1,), initialised to 0)."""
     gamma = module.param("gamma", nn.initializers.zeros, (1,), module.param_dtype)
-    return (gamma.astype(jnp.float32) * out.astype(jnp.float32) + x.astype(jnp.float32)).astype(dtype)
+    return (gamma.astype(jnp.float32) * out.astype(jnp.float32) + x.astype(jnp.float32)).astype(
+        dtype
+    )
 
 
 class PAM_Module(nn.Module):  # noqa: N801 (upstream name)

@@ -8,9 +8,11 @@ module runs the original one in the same variable scope with every BatchNorm swi
 synchronised statistics. Variables are untouched: the converted module loads the original's
 checkpoints, and the other way round.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -18,7 +20,12 @@ import jax.numpy as jnp
 
 from jaxenc.nn.norm import batch_norm_core, batchnorm_axis_override
 
-__all__ = ["SyncBatchNormConverted", "convert_sync_batchnorm", "revert_sync_batchnorm", "recompute_batch_stats"]
+__all__ = [
+    "SyncBatchNormConverted",
+    "convert_sync_batchnorm",
+    "revert_sync_batchnorm",
+    "recompute_batch_stats",
+]
 
 
 def _flax_feature_axis(module: nn.BatchNorm, x: jax.Array) -> int:
@@ -31,11 +38,15 @@ def _flax_feature_axis(module: nn.BatchNorm, x: jax.Array) -> int:
     return axes[0] % x.ndim
 
 
-def _flax_batchnorm_as_sync(module: nn.BatchNorm, axis_name, axis_index_groups, x, use_running_average=None, *, mask=None):
+def _flax_batchnorm_as_sync(
+    module: nn.BatchNorm, axis_name, axis_index_groups, x, use_running_average=None, *, mask=None
+):
     """A bound ``flax.linen.BatchNorm`` call computed as a jaxenc SyncBatchNorm on its own variables
     (torch numerics: unbiased running variance; the module's momentum, epsilon and feature axis)."""
     scope = module.scope
-    train = not nn.merge_param("use_running_average", module.use_running_average, use_running_average)
+    train = not nn.merge_param(
+        "use_running_average", module.use_running_average, use_running_average
+    )
     y, update = batch_norm_core(
         x,
         where="flax.linen.BatchNorm (converted to SyncBatchNorm)",
@@ -84,15 +95,24 @@ class SyncBatchNormConverted(nn.Module):
                 and not context.module.is_initializing()
             ):
                 return _flax_batchnorm_as_sync(
-                    context.module, self.axis_name, self.axis_index_groups, *call_args, **call_kwargs
+                    context.module,
+                    self.axis_name,
+                    self.axis_index_groups,
+                    *call_args,
+                    **call_kwargs,
                 )
             return next_fun(*call_args, **call_kwargs)
 
-        with batchnorm_axis_override(self.axis_name, self.axis_index_groups), nn.intercept_methods(intercept):
+        with (
+            batchnorm_axis_override(self.axis_name, self.axis_index_groups),
+            nn.intercept_methods(intercept),
+        ):
             return self.module(*args, **kwargs)
 
 
-def convert_sync_batchnorm(module: nn.Module, axis_name: str | None = "data", *, axis_index_groups: Any = None):
+def convert_sync_batchnorm(
+    module: nn.Module, axis_name: str | None = "data", *, axis_index_groups: Any = None
+):
     """Return ``module`` with every BatchNorm (jaxenc or flax.linen) synchronised over ``axis_name``.
 
     The result is a :class:`SyncBatchNormConverted` with the same variables as ``module``; use it
@@ -103,7 +123,9 @@ def convert_sync_batchnorm(module: nn.Module, axis_name: str | None = "data", *,
     if isinstance(module, SyncBatchNormConverted):
         module = module.module
     if not isinstance(module, nn.Module):
-        raise TypeError(f"convert_sync_batchnorm: expected a flax.linen.Module, got {type(module).__name__}")
+        raise TypeError(
+            f"convert_sync_batchnorm: expected a flax.linen.Module, got {type(module).__name__}"
+        )
     return SyncBatchNormConverted(module, axis_name=axis_name, axis_index_groups=axis_index_groups)
 
 
@@ -142,7 +164,9 @@ def recompute_batch_stats(
     """
     stats = variables["batch_stats"]
     is_float = lambda a: jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating)  # noqa: E731
-    fill = lambda value: jax.tree_util.tree_map(lambda a: jnp.full_like(a, value) if is_float(a) else a, stats)  # noqa: E731
+    fill = lambda value: jax.tree_util.tree_map(
+        lambda a: jnp.full_like(a, value) if is_float(a) else a, stats
+    )  # noqa: E731
     zeros, ones = fill(0.0), fill(1.0)
 
     def batch_statistics(batch, start):
@@ -153,7 +177,9 @@ def recompute_batch_stats(
     try:
         first = next(iterator)
     except StopIteration:
-        raise ValueError("recompute_batch_stats: batches is empty; pass at least one batch") from None
+        raise ValueError(
+            "recompute_batch_stats: batches is empty; pass at least one batch"
+        ) from None
     from_zero = batch_statistics(first, zeros)
     decay = jax.tree_util.tree_map(
         lambda r1, r0: (r1 - r0) if is_float(r0) else r0, batch_statistics(first, ones), from_zero
@@ -171,6 +197,8 @@ def recompute_batch_stats(
         current = jax.tree_util.tree_map(unscale, batch_statistics(batch, zeros), decay, stats)
         count += 1
         average = jax.tree_util.tree_map(
-            lambda avg, cur: avg + (cur - avg) / count if is_float(avg) else avg, average, current
+            lambda avg, cur, n=count: avg + (cur - avg) / n if is_float(avg) else avg,
+            average,
+            current,
         )
     return {**variables, "batch_stats": average}

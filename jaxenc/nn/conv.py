@@ -15,18 +15,19 @@ Deliberate differences from upstream (docs/DESIGN.md, "Decisions on upstream bug
 - Invalid configurations that upstream turns into a shape error deep in the forward pass (or,
   for PyConv2d, into silently fewer output channels) raise a ValueError naming the argument.
 """
+
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxenc._checks import check_channels, check_divisible, check_positive_int, check_rank, conv_output_hw
 from jaxenc.kernels.involution_op import involution, strided_taps
 from jaxenc.nn.module_utils import cast_input
 from jaxenc.nn.norm import BatchNorm
@@ -38,6 +39,13 @@ from jaxenc.nn.torch_compat import (
     conv_args,
     pad_nhwc,
     torch_conv_inputs,
+)
+from jaxenc.validation import (
+    check_channels,
+    check_divisible,
+    check_positive_int,
+    check_rank,
+    conv_output_hw,
 )
 
 __all__ = [
@@ -98,7 +106,10 @@ def _normalise_windows(windows: jax.Array, eps: float) -> jax.Array:
 
 
 # Compiled as one program even when called eagerly (arguments already validated).
-@functools.partial(jax.jit, static_argnames=("stride", "padding", "dilation", "groups", "adder", "normalize", "eps"))
+@functools.partial(
+    jax.jit,
+    static_argnames=("stride", "padding", "dilation", "groups", "adder", "normalize", "eps"),
+)
 def _window_op(x, weight, bias, *, stride, padding, dilation, groups, adder, normalize, eps):
     kh, kw, cg, c_out = weight.shape
     out_dtype = jnp.result_type(x, weight)
@@ -112,7 +123,9 @@ def _window_op(x, weight, bias, *, stride, padding, dilation, groups, adder, nor
     if adder:
         # (B, H', W', K2, G, C/G, 1) against (K2, G, C/G, O/G): in the forward pass XLA fuses the
         # difference into the reduction, so the window x filter space is not stored.
-        diff = windows.astype(jnp.float32)[..., None] - filters.transpose(0, 2, 1, 3).astype(jnp.float32)
+        diff = windows.astype(jnp.float32)[..., None] - filters.transpose(0, 2, 1, 3).astype(
+            jnp.float32
+        )
         y = -jnp.sum(jnp.abs(diff), axis=(3, 5))
     else:
         y = jnp.einsum("bhwkgc,kcgo->bhwgo", windows, filters, preferred_element_type=jnp.float32)
@@ -148,8 +161,16 @@ def norm_conv2d(
     args = _check_window_op(x, weight, bias, stride, padding, dilation, groups, "norm_conv2d")
     stride, padding, dilation, groups = args
     return _window_op(
-        x, weight, bias, stride=stride, padding=padding, dilation=dilation, groups=groups,
-        adder=False, normalize=True, eps=float(eps),
+        x,
+        weight,
+        bias,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        adder=False,
+        normalize=True,
+        eps=float(eps),
     )
 
 
@@ -176,10 +197,20 @@ def add2d(
     (N, H', W', C_out). The L1 distance is reduced in float32; the result has x's dtype
     (promoted with the weight's).
     """
-    stride, padding, dilation, groups = _check_window_op(x, weight, bias, stride, padding, dilation, groups, "add2d")
+    stride, padding, dilation, groups = _check_window_op(
+        x, weight, bias, stride, padding, dilation, groups, "add2d"
+    )
     return _window_op(
-        x, weight, bias, stride=stride, padding=padding, dilation=dilation, groups=groups,
-        adder=True, normalize=bool(normalize_slices), eps=float(eps),
+        x,
+        weight,
+        bias,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        adder=True,
+        normalize=bool(normalize_slices),
+        eps=float(eps),
     )
 
 
@@ -268,7 +299,9 @@ class SlimConv2d(nn.Module):
         groups = check_positive_int(self.groups, "groups", where)
         check_divisible(c // 2, groups, "in_channels // 2", "groups", where)
         check_divisible(c // 4, groups, "in_channels // 4", "groups", where)
-        mid = max(c // check_positive_int(self.r, "r", where), check_positive_int(self.L, "L", where))
+        mid = max(
+            c // check_positive_int(self.r, "r", where), check_positive_int(self.L, "L", where)
+        )
         if train and x.shape[0] < 2:
             raise ValueError(
                 f"{where}: training needs a batch of at least 2 samples (its BatchNorm normalises one value per "
@@ -309,11 +342,20 @@ class SlimConv2d(nn.Module):
 
 
 def _pyconv_levels(
-    out_channels: int, kernel_size: tuple[int, int], num_levels: int, padding: tuple[int, int], groups, where: str
+    out_channels: int,
+    kernel_size: tuple[int, int],
+    num_levels: int,
+    padding: tuple[int, int],
+    groups,
+    where: str,
 ) -> list[tuple[int, tuple[int, int], tuple[int, int], int]]:
     """(out_channels, kernel_size, padding, groups) of every pyramid level, upstream's split."""
     if groups is not None:
-        if isinstance(groups, (str, bytes)) or not isinstance(groups, Sequence) or len(groups) != num_levels:
+        if (
+            isinstance(groups, (str, bytes))
+            or not isinstance(groups, Sequence)
+            or len(groups) != num_levels
+        ):
             raise ValueError(
                 f"{where}: groups must be None or a list of num_levels={num_levels} ints (one per level), "
                 f"got {groups!r}"
@@ -323,7 +365,9 @@ def _pyconv_levels(
         return [(out_channels, kernel_size, padding, groups[0] if groups else 1)]
     e = int(math.log2(num_levels))
     rem = num_levels - 2**e
-    outs = [out_channels // 2 ** (e + 1)] * (2 * rem) + [out_channels // 2**e] * (num_levels - 2 * rem)
+    outs = [out_channels // 2 ** (e + 1)] * (2 * rem) + [out_channels // 2**e] * (
+        num_levels - 2 * rem
+    )
     if sum(outs) != out_channels or min(outs) < 1:
         raise ValueError(
             f"{where}: out_channels={out_channels} cannot be split over num_levels={num_levels}: the pyramid gives "
@@ -332,7 +376,12 @@ def _pyconv_levels(
     if groups is None:
         groups = [1] + [min(2 ** (i + 1), outs[i]) for i in range(1, num_levels)]
     return [
-        (outs[i], (kernel_size[0] + 2 * i, kernel_size[1] + 2 * i), (padding[0] + i, padding[1] + i), groups[i])
+        (
+            outs[i],
+            (kernel_size[0] + 2 * i, kernel_size[1] + 2 * i),
+            (padding[0] + i, padding[1] + i),
+            groups[i],
+        )
         for i in range(num_levels)
     ]
 
@@ -374,10 +423,17 @@ class PyConv2d(nn.Module):
         )
         check_positive_int(self.out_channels, "out_channels", where)
         levels = _pyconv_levels(
-            self.out_channels, kernel_size, check_positive_int(self.num_levels, "num_levels", where), padding,
-            self.groups, where,
+            self.out_channels,
+            kernel_size,
+            check_positive_int(self.num_levels, "num_levels", where),
+            padding,
+            self.groups,
+            where,
         )
-        sizes = [conv_output_hw(x.shape, k_i, stride, pad_i, dilation, where) for _, k_i, pad_i, _ in levels]
+        sizes = [
+            conv_output_hw(x.shape, k_i, stride, pad_i, dilation, where)
+            for _, k_i, pad_i, _ in levels
+        ]
         if len(set(sizes)) > 1:
             # Level i grows the kernel by 2i and the padding by i, which keeps sizes equal only at dilation 1.
             raise ValueError(
@@ -394,8 +450,16 @@ class PyConv2d(nn.Module):
                         f"(levels as (out_channels, groups): {[(lv[0], lv[3]) for lv in levels]})"
                     )
             conv = Conv2d(
-                out_i, k_i, stride=self.stride, padding=pad_i, dilation=self.dilation, groups=groups_i,
-                bias=self.bias, padding_mode=self.padding_mode, dtype=self.dtype, param_dtype=self.param_dtype,
+                out_i,
+                k_i,
+                stride=self.stride,
+                padding=pad_i,
+                dilation=self.dilation,
+                groups=groups_i,
+                bias=self.bias,
+                padding_mode=self.padding_mode,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
                 name=str(i),
             )
             outputs.append(conv(x))
@@ -438,11 +502,18 @@ class Involution2d(nn.Module):
         check_rank(x, 4, "N, H, W, C", where)
         c = check_channels(x, self.in_channels, where)
         k = check_positive_int(self.kernel_size, "kernel_size", where)
-        (_, _), stride, padding, dilation = conv_args(k, self.stride, self.padding, self.dilation, where)
+        (_, _), stride, padding, dilation = conv_args(
+            k, self.stride, self.padding, self.dilation, where
+        )
         groups = check_positive_int(self.groups, "groups", where)
         check_divisible(c, groups, "in_channels", "groups", where)
         ratio = self.reduction_ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio <= 0 or c % ratio:
+        if (
+            isinstance(ratio, bool)
+            or not isinstance(ratio, (int, float))
+            or ratio <= 0
+            or c % ratio
+        ):
             raise ValueError(
                 f"{where}: reduction_ratio must be a positive number dividing in_channels={c}, got {ratio!r}"
             )
@@ -464,14 +535,23 @@ class Involution2d(nn.Module):
         source = x
         if stride != (1, 1):
             cropped = x[:, : ho * stride[0], : wo * stride[1]].astype(jnp.float32)
-            source = cropped.reshape(n, ho, stride[0], wo, stride[1], c).mean(axis=(2, 4)).astype(x.dtype)
+            source = (
+                cropped.reshape(n, ho, stride[0], wo, stride[1], c)
+                .mean(axis=(2, 4))
+                .astype(x.dtype)
+            )
         common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         kernels = Conv2d(int(c // ratio), 1, name="reduce", **common)(source)
         kernels = Conv2d(k * k * groups, 1, name="span", **common)(kernels)
         kernels = kernels.reshape(n, ho, wo, groups, k, k)
         compute = self.dtype or jnp.result_type(x, self.param_dtype)
         return involution(
-            x.astype(compute), kernels, kernel_size=k, stride=stride, padding=padding, dilation=dilation,
+            x.astype(compute),
+            kernels,
+            kernel_size=k,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
             impl=self.impl,
         )
 
@@ -502,14 +582,20 @@ def _rectify_axis(size: int, out_size: int, kernel: int, stride: int, pad: int, 
     return pool, count
 
 
-def _rectify_scale(in_hw, out_hw, kernel_size, stride, padding, dilation, average_mode: bool, where: str):
+def _rectify_scale(
+    in_hw, out_hw, kernel_size, stride, padding, dilation, average_mode: bool, where: str
+):
     """The (H_out, W_out) float32 factor RFConv2d multiplies its convolution output with.
 
     Default mode ``pool / cnt``, ``average_mode`` ``1 / cnt``, with upstream's pool size and count
     (see :class:`RFConv2d`), in float32 as the CUDA kernel computes them.
     """
-    pool_h, count_h = _rectify_axis(in_hw[0], out_hw[0], kernel_size[0], stride[0], padding[0], dilation[0])
-    pool_w, count_w = _rectify_axis(in_hw[1], out_hw[1], kernel_size[1], stride[1], padding[1], dilation[1])
+    pool_h, count_h = _rectify_axis(
+        in_hw[0], out_hw[0], kernel_size[0], stride[0], padding[0], dilation[0]
+    )
+    pool_w, count_w = _rectify_axis(
+        in_hw[1], out_hw[1], kernel_size[1], stride[1], padding[1], dilation[1]
+    )
     count = count_h[:, None] * count_w[None, :]
     if count.min() < 1:
         raise ValueError(
@@ -566,7 +652,9 @@ class RFConv2d(ConvNdFields):
         y = conv2d_nhwc(x, kernel, bias, **args)
         if padding == (0, 0) and not self.average_mode:
             return y
-        scale = _rectify_scale(in_hw, out_hw, kernel_size, stride, padding, dilation, self.average_mode, where)
+        scale = _rectify_scale(
+            in_hw, out_hw, kernel_size, stride, padding, dilation, self.average_mode, where
+        )
         acc = jnp.promote_types(y.dtype, jnp.float32)
         return (y.astype(acc) * scale[:, :, None]).astype(y.dtype)
 
@@ -659,12 +747,16 @@ class SplAtConv2d(nn.Module):
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
-    def _conv_groups(self, c_in: int, channels: int, radix: int, cardinality: int, where: str) -> int:
+    def _conv_groups(
+        self, c_in: int, channels: int, radix: int, cardinality: int, where: str
+    ) -> int:
         if self.group_width is None:
             total = cardinality * radix
         else:
             width = check_positive_int(self.group_width, "group_width", where)
-            check_divisible(channels // width, cardinality, "channels // group_width", "groups", where)
+            check_divisible(
+                channels // width, cardinality, "channels // group_width", "groups", where
+            )
             check_divisible(c_in, width, "in_channels", "group_width", where)
             check_divisible(channels * radix, width, "channels * radix", "group_width", where)
             total = channels * radix // width
@@ -694,7 +786,9 @@ class SplAtConv2d(nn.Module):
             )
         drop = self.dropblock_prob
         if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0.0 <= drop <= 1.0:
-            raise ValueError(f"{where}: dropblock_prob must be a probability in [0, 1], got {drop!r}")
+            raise ValueError(
+                f"{where}: dropblock_prob must be a probability in [0, 1], got {drop!r}"
+            )
 
         common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         conv_kwargs = dict(
@@ -708,7 +802,9 @@ class SplAtConv2d(nn.Module):
             **common,
         )
         if self.rectify and padding != (0, 0):
-            conv = RFConv2d(c_in, channels * radix, kernel_size, average_mode=self.rectify_avg, **conv_kwargs)
+            conv = RFConv2d(
+                c_in, channels * radix, kernel_size, average_mode=self.rectify_avg, **conv_kwargs
+            )
         else:
             conv = Conv2d(channels * radix, kernel_size, in_channels=c_in, **conv_kwargs)
         u = conv(x)
@@ -788,11 +884,17 @@ class ConvBnAct(nn.Module):
         if self.radix > 0:
             split = dict(radix=self.radix, rectify=self.rectify, rectify_avg=self.rectify_avg)
             return SplAtConv2d(
-                *in_out, norm_layer=self.norm_layer, group_width=self.group_width, **split, **conv_kwargs
+                *in_out,
+                norm_layer=self.norm_layer,
+                group_width=self.group_width,
+                **split,
+                **conv_kwargs,
             )(x, train=train)
         if self.rectify:
             y = RFConv2d(*in_out, average_mode=self.rectify_avg, **conv_kwargs)(x)
         else:
-            y = Conv2d(self.out_channels, self.kernel_size, in_channels=self.in_channels, **conv_kwargs)(x)
+            y = Conv2d(
+                self.out_channels, self.kernel_size, in_channels=self.in_channels, **conv_kwargs
+            )(x)
         y = BatchNorm(self.out_channels, name="bn", dtype=self.dtype)(y, train=train)
         return jax.nn.relu(y) if self.act else y

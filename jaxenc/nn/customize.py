@@ -10,20 +10,22 @@ and have no module here.
 ``norm(x, train=train)``, e.g. :class:`jaxenc.nn.BatchNorm` or ``functools.partial(BatchNorm,
 axis_name="data")`` for synchronised statistics (upstream's SyncBatchNorm).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxenc._checks import check_channels, check_positive_int, check_rank
 from jaxenc.nn.module_utils import accepts_train, cast_input
 from jaxenc.nn.norm import BatchNorm
 from jaxenc.nn.resample import adaptive_avg_pool2d, interpolate_bilinear
 from jaxenc.nn.torch_compat import Conv2d
+from jaxenc.validation import check_channels, check_positive_int, check_rank
 
 Dtype = Any
 
@@ -45,7 +47,9 @@ def lp_normalize(x: jax.Array, p: float = 2.0, dim: int = -1, eps: float = 1e-8)
     if isinstance(p, bool) or not isinstance(p, (int, float)) or math.isnan(p) or p < 0:
         raise ValueError(f"{where}: p must be a number >= 0 or inf, got {p!r}")
     if isinstance(dim, bool) or not isinstance(dim, int) or not -x.ndim <= dim < x.ndim:
-        raise ValueError(f"{where}: dim={dim!r} is out of range for an input of rank {x.ndim} (shape {tuple(x.shape)})")
+        raise ValueError(
+            f"{where}: dim={dim!r} is out of range for an input of rank {x.ndim} (shape {tuple(x.shape)})"
+        )
     v = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     a = jnp.abs(v)
     if math.isinf(p):
@@ -90,7 +94,6 @@ class Normalize(nn.Module):
 # --- ConcurrentModule -----------------------------------------------------------------------------
 
 
-
 class ConcurrentModule(nn.Module):
     """Apply every module in ``modules`` to the same input and concatenate the outputs on channels.
 
@@ -115,7 +118,9 @@ class ConcurrentModule(nn.Module):
         outputs = []
         for i, module in enumerate(self.modules):
             if not isinstance(module, nn.Module):
-                raise TypeError(f"{where}: modules[{i}] must be a flax.linen Module, got {type(module).__name__}")
+                raise TypeError(
+                    f"{where}: modules[{i}] must be a flax.linen Module, got {type(module).__name__}"
+                )
             child = module.clone(parent=self, name=str(i))
             outputs.append(child(x, train=train) if accepts_train(module) else child(x))
         lead = outputs[0].shape[:-1]
@@ -139,7 +144,9 @@ def check_up_kwargs(up_kwargs: Mapping[str, Any] | None, where: str) -> bool:
     kw = dict(_DEFAULT_UP_KWARGS if up_kwargs is None else up_kwargs)
     unknown = set(kw) - {"mode", "align_corners"}
     if unknown:
-        raise ValueError(f"{where}: up_kwargs accepts 'mode' and 'align_corners', got unknown keys {sorted(unknown)}")
+        raise ValueError(
+            f"{where}: up_kwargs accepts 'mode' and 'align_corners', got unknown keys {sorted(unknown)}"
+        )
     if kw.get("mode", "bilinear") != "bilinear":
         raise ValueError(
             f"{where}: up_kwargs['mode'] must be 'bilinear' (the only mode upstream uses), got {kw['mode']!r}"
@@ -170,8 +177,13 @@ class ConvNormReLU(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         conv = Conv2d(
-            self.out_channels, self.kernel_size, padding=self.padding, dilation=self.dilation, bias=False,
-            name="0", **kw,
+            self.out_channels,
+            self.kernel_size,
+            padding=self.padding,
+            dilation=self.dilation,
+            bias=False,
+            name="0",
+            **kw,
         )
         y = conv(x)
         y = self.norm_layer(self.out_channels, name="1", **kw)(y, train=train)
@@ -223,9 +235,14 @@ class PyramidPooling(nn.Module):
         for i, bins in enumerate((1, 2, 3, 6), start=1):
             y = adaptive_avg_pool2d(x, bins)
             block = ConvNormReLU(
-                out_channels, norm_layer=self.norm_layer, dtype=self.dtype, param_dtype=self.param_dtype,
+                out_channels,
+                norm_layer=self.norm_layer,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
                 name=f"conv{i}",
             )
             y = block(y, train=train)
-            feats.append(interpolate_bilinear(y, (h, w), align_corners=align_corners).astype(x.dtype))
+            feats.append(
+                interpolate_bilinear(y, (h, w), align_corners=align_corners).astype(x.dtype)
+            )
         return jnp.concatenate(feats, axis=-1)

@@ -26,6 +26,7 @@ Deliberate differences from upstream (docs/DESIGN.md, "Decisions on upstream bug
   imported there); its initialisation is the one upstream intends.
 - Wrong ranks or sizes raise ValueError naming the argument (upstream: bare asserts or RuntimeError).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -35,12 +36,17 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
-from jaxenc._checks import check_channels, check_divisible, check_positive_int, check_rank
-from jaxenc.kernels.encoding_op import aggregate_reference, check_codebook, check_encoding_args, scaled_l2_reference
+from jaxenc.kernels.encoding_op import (
+    aggregate_reference,
+    check_codebook,
+    check_encoding_args,
+    scaled_l2_reference,
+)
 from jaxenc.kernels.encoding_op import encoding as fused_encoding
 from jaxenc.nn.module_utils import cast_input
 from jaxenc.nn.torch_compat import conv2d_nhwc, conv_args, conv_output_size, torch_uniform_init
 from jaxenc.port import register_torch_leaf_names
+from jaxenc.validation import check_channels, check_divisible, check_positive_int, check_rank
 
 __all__ = [
     "Encoding",
@@ -106,7 +112,12 @@ def aggregate(assignments: jax.Array, x: jax.Array, codewords: jax.Array) -> jax
 
 
 def encoding(
-    x: jax.Array, codewords: jax.Array, scale: jax.Array, *, impl: str = "auto", interpret: bool = False
+    x: jax.Array,
+    codewords: jax.Array,
+    scale: jax.Array,
+    *,
+    impl: str = "auto",
+    interpret: bool = False,
 ) -> jax.Array:
     """Residual encoding (Deep TEN): softmax-over-codewords assignment of scaled L2 distances, then aggregate.
 
@@ -136,13 +147,16 @@ def pairwise_cosine(x: jax.Array, codewords: jax.Array, normalize: bool = False)
     dtype = _compute_dtype(x, codewords)
     x, codewords = x.astype(dtype), codewords.astype(dtype)
     if normalize:
+
         def unit(v):
             v32 = v.astype(jnp.float32)
             norm = jnp.sqrt(jnp.sum(v32 * v32, axis=-1, keepdims=True))
             return (v32 / jnp.maximum(norm, 1e-8)).astype(dtype)
 
         x, codewords = unit(x), unit(codewords)
-    return jnp.einsum("bnd,kd->bnk", x, codewords, preferred_element_type=jnp.float32, precision=_HIGHEST)
+    return jnp.einsum(
+        "bnd,kd->bnk", x, codewords, preferred_element_type=jnp.float32, precision=_HIGHEST
+    )
 
 
 def gram_matrix(x: jax.Array) -> jax.Array:
@@ -214,7 +228,9 @@ class _EncodingBase(nn.Module):
         check_positive_int(self.D, "D", where)
         check_positive_int(self.K, "K", where)
         x = _tokens(x, self.D, where)
-        codewords = self.param("codewords", _codeword_init(self.K, self.D), (self.K, self.D), self.param_dtype)
+        codewords = self.param(
+            "codewords", _codeword_init(self.K, self.D), (self.K, self.D), self.param_dtype
+        )
         scale = self.param("scale", _smoothing_init, (self.K,), self.param_dtype)
         x, codewords = promote_dtype(x, codewords, dtype=self.dtype)
         return x, codewords, scale
@@ -284,7 +300,9 @@ class EncodingCosine(nn.Module):
         check_positive_int(self.D, "D", where)
         check_positive_int(self.K, "K", where)
         x = _tokens(x, self.D, where)
-        codewords = self.param("codewords", _codeword_init(self.K, self.D), (self.K, self.D), self.param_dtype)
+        codewords = self.param(
+            "codewords", _codeword_init(self.K, self.D), (self.K, self.D), self.param_dtype
+        )
         x, codewords = promote_dtype(x, codewords, dtype=self.dtype)
         assignments = jax.nn.softmax(pairwise_cosine(x, codewords), axis=-1)
         return aggregate(assignments, x, codewords)
@@ -341,11 +359,15 @@ class Inspiration(nn.Module):
                 f"and an input batch of {x.shape[0]}, got {tuple(target_gram.shape)}"
             )
         weight = self.param(
-            "weight", lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, 0.0, 0.02), (1, self.C, self.C),
+            "weight",
+            lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, 0.0, 0.02),
+            (1, self.C, self.C),
             self.param_dtype,
         )
         x, weight, target_gram = promote_dtype(x, weight, target_gram, dtype=self.dtype)
-        p = jnp.einsum("ij,bjk->bik", weight[0], target_gram, preferred_element_type=jnp.float32).astype(x.dtype)
+        p = jnp.einsum(
+            "ij,bjk->bik", weight[0], target_gram, preferred_element_type=jnp.float32
+        ).astype(x.dtype)
         # y[b, c] = Σ_c' P[b, c', c]·x[b, c']: upstream's Pᵀ·X_flat, with G's batch broadcast as its expand does.
         if p.shape[0] == 1:
             y = jnp.einsum("bhwi,ic->bhwc", x, p[0], preferred_element_type=jnp.float32)
@@ -403,10 +425,14 @@ class UpsampleConv2d(nn.Module):
                     f"dilation={dilation}, padding={(ph, pw)})"
                 )
         init = torch_uniform_init(c_in * kh * kw)
-        kernel = self.param("kernel", init, (kh, kw, c_in // groups, c_out * s * s), self.param_dtype)
+        kernel = self.param(
+            "kernel", init, (kh, kw, c_in // groups, c_out * s * s), self.param_dtype
+        )
         bias = self.param("bias", init, (c_out * s * s,), self.param_dtype) if self.bias else None
         x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = conv2d_nhwc(x, kernel, bias, stride=stride, padding=(ph, pw), dilation=dilation, groups=groups)
+        y = conv2d_nhwc(
+            x, kernel, bias, stride=stride, padding=(ph, pw), dilation=dilation, groups=groups
+        )
         return pixel_shuffle(y, s)
 
 

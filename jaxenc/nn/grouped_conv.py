@@ -27,6 +27,7 @@ All strategies compute the same function (sums in another order: float32 differe
 relative). :func:`grouped_conv_impl` overrides ``auto`` in a ``with`` block (e.g. to count MACs
 on the plain grouped convolution, or to time the strategies against each other).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -58,19 +59,29 @@ def grouped_conv_impl(impl: str):
         _IMPL.reset(token)
 
 
-def resolve_grouped_impl(c_in: int, groups: int, impl: str = "auto", backend: str | None = None, *,
-                         pointwise: bool = False) -> str:
+def resolve_grouped_impl(
+    c_in: int,
+    groups: int,
+    impl: str = "auto",
+    backend: str | None = None,
+    *,
+    pointwise: bool = False,
+) -> str:
     """The strategy ``conv2d_grouped`` uses for ``c_in`` channels in ``groups`` groups;
     ``pointwise``: the kernel is 1x1 with no padding."""
     if impl == "auto":
         impl = _IMPL.get()
     if impl != "auto":
         if impl == "taps" and c_in != groups:
-            raise ValueError(f"conv2d_grouped: impl='taps' needs one input channel per group, got {c_in} "
-                             f"channels in {groups} groups")
+            raise ValueError(
+                f"conv2d_grouped: impl='taps' needs one input channel per group, got {c_in} "
+                f"channels in {groups} groups"
+            )
         if impl == "dot" and not (pointwise and groups == 1):
-            raise ValueError(f"conv2d_grouped: impl='dot' needs a 1x1 kernel, no padding and groups=1, got "
-                             f"groups={groups}, pointwise={pointwise}")
+            raise ValueError(
+                f"conv2d_grouped: impl='dot' needs a 1x1 kernel, no padding and groups=1, got "
+                f"groups={groups}, pointwise={pointwise}"
+            )
         return impl
     if (backend or jax.default_backend()) != "cpu":
         return "xla"
@@ -82,8 +93,14 @@ def resolve_grouped_impl(c_in: int, groups: int, impl: str = "auto", backend: st
 def _xla(x, kernel, *, stride, padding, dilation, groups):
     (ph, pw) = padding
     return jax.lax.conv_general_dilated(
-        x, kernel, window_strides=stride, padding=[(ph, ph), (pw, pw)], rhs_dilation=dilation,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+        x,
+        kernel,
+        window_strides=stride,
+        padding=[(ph, ph), (pw, pw)],
+        rhs_dilation=dilation,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups,
+    )
 
 
 def _taps(x, kernel, *, stride, padding, dilation, groups):
@@ -100,7 +117,9 @@ def _taps(x, kernel, *, stride, padding, dilation, groups):
         for j in range(kw):
             start = (0, i * dh, j * dw, 0)
             limit = (n, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, c)
-            tap = jax.lax.slice(x, start, limit, (1, sh, sw, 1)).astype(acc) * kernel[i, j, 0].astype(acc)
+            tap = jax.lax.slice(x, start, limit, (1, sh, sw, 1)).astype(acc) * kernel[
+                i, j, 0
+            ].astype(acc)
             y = tap if y is None else y + tap
     return y.astype(x.dtype)
 
@@ -108,7 +127,9 @@ def _taps(x, kernel, *, stride, padding, dilation, groups):
 def _chunks(x, kernel, *, stride, padding, dilation, groups):
     kh, kw, cg, c_out = kernel.shape
     og = c_out // groups
-    per_chunk = max(d for d in range(1, groups + 1) if groups % d == 0 and d * cg <= max(_CHUNK_WIDTH, cg))
+    per_chunk = max(
+        d for d in range(1, groups + 1) if groups % d == 0 and d * cg <= max(_CHUNK_WIDTH, cg)
+    )
     per_chunk = max(per_chunk, groups // _MAX_CHUNKS)
     while groups % per_chunk:
         per_chunk += 1
@@ -119,7 +140,9 @@ def _chunks(x, kernel, *, stride, padding, dilation, groups):
         if per_chunk > 1:
             # (kh, kw, cg, g, og) -> block diagonal (kh, kw, g*cg, g*og): input group G feeds only output group G.
             blocks = ks.reshape(kh, kw, cg, per_chunk, og)
-            ks = jnp.einsum("hwcgo,Gg->hwGcgo", blocks, eye).reshape(kh, kw, per_chunk * cg, per_chunk * og)
+            ks = jnp.einsum("hwcgo,Gg->hwGcgo", blocks, eye).reshape(
+                kh, kw, per_chunk * cg, per_chunk * og
+            )
         outs.append(_xla(xs, ks, stride=stride, padding=padding, dilation=dilation, groups=1))
     return outs[0] if n_chunks == 1 else jnp.concatenate(outs, axis=-1)
 
@@ -135,7 +158,9 @@ def _dot(x, kernel, *, stride, padding, dilation, groups):
 _STRATEGIES = {"xla": _xla, "taps": _taps, "chunks": _chunks, "dot": _dot}
 
 
-def conv2d_grouped(x, kernel, *, stride, padding, dilation, groups, impl: str = "auto") -> jax.Array:
+def conv2d_grouped(
+    x, kernel, *, stride, padding, dilation, groups, impl: str = "auto"
+) -> jax.Array:
     """torch's grouped conv2d (no bias) on NHWC / HWIO arrays with a backend-chosen strategy.
 
     Shapes: x (N, H, W, C_in), kernel (kh, kw, C_in/groups, C_out) -> (N, H_out, W_out, C_out);
@@ -145,4 +170,6 @@ def conv2d_grouped(x, kernel, *, stride, padding, dilation, groups, impl: str = 
         raise ValueError(f"conv2d_grouped: impl must be one of {IMPLS}, got {impl!r}")
     pointwise = kernel.shape[:2] == (1, 1) and tuple(padding) == (0, 0)
     strategy = resolve_grouped_impl(x.shape[-1], groups, impl, pointwise=pointwise)
-    return _STRATEGIES[strategy](x, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups)
+    return _STRATEGIES[strategy](
+        x, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups
+    )

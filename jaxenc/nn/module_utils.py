@@ -1,4 +1,5 @@
 """Small helpers shared by jaxenc's Flax modules."""
+
 from __future__ import annotations
 
 import inspect

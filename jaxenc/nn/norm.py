@@ -6,12 +6,14 @@ torch does; the defaults are torch's (eps 1e-5, momentum 0.9 in Flax's decay con
 0.1); statistics are always computed in float32, with a two-pass variance so that inputs with a
 large mean keep their precision.
 """
+
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -149,11 +151,18 @@ def batch_norm_core(
                 )
             axis_name = None  # init runs outside the mapped context: local statistics, no update
         if math.prod(x.shape[a] for a in reduce_axes) == 1 and mask is None and axis_name is None:
-            raise ValueError(f"{where}: training needs more than 1 value per feature, got input shape {tuple(x.shape)}")
-        mean, var, count = batch_moments(x, reduce_axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups)
+            raise ValueError(
+                f"{where}: training needs more than 1 value per feature, got input shape {tuple(x.shape)}"
+            )
+        mean, var, count = batch_moments(
+            x, reduce_axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups
+        )
         if not initializing:
             unbiased = var * count / jnp.maximum(count - 1.0, 1.0)
-            update = (momentum * ra_mean + (1.0 - momentum) * mean, momentum * ra_var + (1.0 - momentum) * unbiased)
+            update = (
+                momentum * ra_mean + (1.0 - momentum) * mean,
+                momentum * ra_var + (1.0 - momentum) * unbiased,
+            )
     else:
         mean, var = ra_mean, ra_var
     y = normalize(x, mean, var, scale, bias, epsilon, feature_shape, eps_mode=eps_mode)
@@ -197,10 +206,14 @@ class BatchNorm(nn.Module):
         return {}
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False, mask: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, train: bool = False, mask: jax.Array | None = None
+    ) -> jax.Array:
         name = type(self).__name__
         if x.ndim < 2:
-            raise ValueError(f"{name}: expected an input of rank >= 2 (batch and features), got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"{name}: expected an input of rank >= 2 (batch and features), got shape {tuple(x.shape)}"
+            )
         axis = self.axis % x.ndim
         features = x.shape[axis]
         if self.num_features is not None and features != self.num_features:
@@ -210,13 +223,33 @@ class BatchNorm(nn.Module):
             )
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
-        scale = self.param("scale", nn.initializers.ones, (features,), self.param_dtype) if self.use_scale else None
-        bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype) if self.use_bias else None
+        scale = (
+            self.param("scale", nn.initializers.ones, (features,), self.param_dtype)
+            if self.use_scale
+            else None
+        )
+        bias = (
+            self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
+            if self.use_bias
+            else None
+        )
         axis_name, groups = effective_axis(self.axis_name, self.axis_index_groups)
         y, update = batch_norm_core(
-            x, where=name, feature_axis=axis, train=train, mask=mask, ra_mean=ra_mean.value, ra_var=ra_var.value,
-            scale=scale, bias=bias, momentum=self.momentum, epsilon=self.epsilon, axis_name=axis_name,
-            axis_index_groups=groups, initializing=self.is_initializing(), **self._extra(),
+            x,
+            where=name,
+            feature_axis=axis,
+            train=train,
+            mask=mask,
+            ra_mean=ra_mean.value,
+            ra_var=ra_var.value,
+            scale=scale,
+            bias=bias,
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            axis_name=axis_name,
+            axis_index_groups=groups,
+            initializing=self.is_initializing(),
+            **self._extra(),
         )
         if update is not None:
             ra_mean.value, ra_var.value = update

@@ -1,18 +1,20 @@
 """Pooling and downsampling layers from holocron.nn, NHWC: ZPool, ConcatDownsample2d,
 GlobalAvgPool2d, GlobalMaxPool2d, BlurPool2d, SPP."""
+
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxenc._checks import check_channels, check_divisible, check_positive_int, check_rank
 from jaxenc.nn.module_utils import cast_input
 from jaxenc.nn.torch_compat import pad_nhwc
+from jaxenc.validation import check_channels, check_divisible, check_positive_int, check_rank
 
 Dtype = Any
 
@@ -37,13 +39,18 @@ def z_pool(x: jax.Array, dim: int = -1) -> jax.Array:
     """
     dim = dim % x.ndim if -x.ndim <= dim < x.ndim else _bad_dim(x, dim)
     return jnp.concatenate(
-        [jnp.max(x, axis=dim, keepdims=True), jnp.mean(x, axis=dim, keepdims=True, dtype=jnp.float32).astype(x.dtype)],
+        [
+            jnp.max(x, axis=dim, keepdims=True),
+            jnp.mean(x, axis=dim, keepdims=True, dtype=jnp.float32).astype(x.dtype),
+        ],
         axis=dim,
     )
 
 
 def _bad_dim(x, dim):
-    raise ValueError(f"ZPool: dim={dim} is out of range for an input of rank {x.ndim} (shape {tuple(x.shape)})")
+    raise ValueError(
+        f"ZPool: dim={dim} is out of range for an input of rank {x.ndim} (shape {tuple(x.shape)})"
+    )
 
 
 class ZPool(nn.Module):
@@ -60,7 +67,6 @@ class ZPool(nn.Module):
 
 
 # --- downsampling and global pooling --------------------------------------------------------------
-
 
 
 def concat_downsample2d(x: jax.Array, scale_factor: int) -> jax.Array:
@@ -125,7 +131,10 @@ class GlobalAvgPool2d(nn.Module):
         x = cast_input(x, self.dtype)
         acc = jnp.promote_types(x.dtype, jnp.float32)
         return _global_pool(
-            x, self.flatten, lambda v: jnp.mean(v, axis=(1, 2), dtype=acc).astype(v.dtype), "GlobalAvgPool2d"
+            x,
+            self.flatten,
+            lambda v: jnp.mean(v, axis=(1, 2), dtype=acc).astype(v.dtype),
+            "GlobalAvgPool2d",
         )
 
 
@@ -142,7 +151,12 @@ class GlobalMaxPool2d(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return _global_pool(cast_input(x, self.dtype), self.flatten, lambda v: jnp.max(v, axis=(1, 2)), "GlobalMaxPool2d")
+        return _global_pool(
+            cast_input(x, self.dtype),
+            self.flatten,
+            lambda v: jnp.max(v, axis=(1, 2)),
+            "GlobalMaxPool2d",
+        )
 
 
 # --- blur pooling ----------------------------------------------------------------------------------
@@ -239,7 +253,9 @@ class SPP(nn.Module):
             feats.append(
                 jax.lax.reduce_window(
                     x,
-                    np.array(-np.inf, x.dtype),  # a numpy constant: a jnp one breaks jit(grad) linearisation
+                    np.array(
+                        -np.inf, x.dtype
+                    ),  # a numpy constant: a jnp one breaks jit(grad) linearisation
                     jax.lax.max,
                     (1, k, k, 1),
                     (1, 1, 1, 1),

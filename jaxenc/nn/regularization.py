@@ -10,6 +10,7 @@ position is covered by exactly block_size² candidate blocks, each present indep
 gamma = 1 - (1 - p)^(1 / block_size²): P(position dropped) = p everywhere, borders included, for odd
 and even block sizes alike.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -20,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxenc._checks import check_positive_int, check_rank
 from jaxenc.port import register_absent_in_torch
+from jaxenc.validation import check_positive_int, check_rank
 
 Dtype = Any
 
@@ -33,7 +34,9 @@ def _check_prob(drop_prob, name: str, where: str):
     if isinstance(drop_prob, jax.core.Tracer):
         return drop_prob
     if np.ndim(drop_prob) != 0:
-        raise ValueError(f"{where}: {name} must be a scalar probability, got shape {np.shape(drop_prob)}")
+        raise ValueError(
+            f"{where}: {name} must be a scalar probability, got shape {np.shape(drop_prob)}"
+        )
     p = float(drop_prob)
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"{where}: {name} must be a probability in [0, 1], got {drop_prob!r}")

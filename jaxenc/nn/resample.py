@@ -12,19 +12,27 @@ two small matrix products, so there are no gathers and the backward pass is anot
 products. Fixed-window average pooling is a windowed sum (``lax.reduce_window``) times a static
 divisor map: its windows are local, so a dense (H_out x H) matrix would waste work.
 """
+
 from __future__ import annotations
 
 import functools
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxenc._checks import check_rank, to_pair
+from jaxenc.validation import check_rank, to_pair
 
-__all__ = ["interpolate_bilinear", "adaptive_avg_pool2d", "avg_pool2d", "max_pool2d", "bilinear_weights", "adaptive_pool_weights"]
+__all__ = [
+    "interpolate_bilinear",
+    "adaptive_avg_pool2d",
+    "avg_pool2d",
+    "max_pool2d",
+    "bilinear_weights",
+    "adaptive_pool_weights",
+]
 
 _NHWC = "N, H, W, C"
 
@@ -32,7 +40,9 @@ _NHWC = "N, H, W, C"
 # --- per-axis weight matrices ---------------------------------------------------------------------
 
 
-def bilinear_weights(in_size: int, out_size: int, align_corners: bool, scale_factor: float | None = None) -> np.ndarray:
+def bilinear_weights(
+    in_size: int, out_size: int, align_corners: bool, scale_factor: float | None = None
+) -> np.ndarray:
     """(out_size, in_size) float32 matrix of torch's 1-D linear interpolation along one axis.
 
     Row ``i`` holds the two taps of output ``i``. The source coordinate follows torch's
@@ -88,10 +98,14 @@ def _apply_separable(x: jax.Array, wh: np.ndarray | None, ww: np.ndarray | None)
     hi = jax.lax.Precision.HIGHEST
 
     def along_h(v):
-        return v if wh is None else jnp.einsum("ih,nhwc->niwc", jnp.asarray(wh, acc), v, precision=hi)
+        return (
+            v if wh is None else jnp.einsum("ih,nhwc->niwc", jnp.asarray(wh, acc), v, precision=hi)
+        )
 
     def along_w(v):
-        return v if ww is None else jnp.einsum("jw,nhwc->nhjc", jnp.asarray(ww, acc), v, precision=hi)
+        return (
+            v if ww is None else jnp.einsum("jw,nhwc->nhjc", jnp.asarray(ww, acc), v, precision=hi)
+        )
 
     _, h, w, _ = x.shape
     ho = h if wh is None else wh.shape[0]
@@ -122,7 +136,9 @@ def _check_size_pair(value, name: str, where: str, allow_none: bool = False) -> 
         if v is None and allow_none:
             continue
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-            what = "positive ints (or None to keep that input size)" if allow_none else "positive ints"
+            what = (
+                "positive ints (or None to keep that input size)" if allow_none else "positive ints"
+            )
             raise ValueError(f"{where}: {name} must be an int or a pair of {what}, got {value!r}")
     return pair
 
@@ -167,9 +183,17 @@ def interpolate_bilinear(
         ho, wo = _check_size_pair(size, "size", where)
         scales = (None, None)
     else:
-        scales = tuple(scale_factor) if isinstance(scale_factor, Sequence) else (scale_factor, scale_factor)
-        if len(scales) != 2 or any(isinstance(s, bool) or not isinstance(s, (int, float)) or s <= 0 for s in scales):
-            raise ValueError(f"{where}: scale_factor must be a positive number or a pair of them, got {scale_factor!r}")
+        scales = (
+            tuple(scale_factor)
+            if isinstance(scale_factor, Sequence)
+            else (scale_factor, scale_factor)
+        )
+        if len(scales) != 2 or any(
+            isinstance(s, bool) or not isinstance(s, (int, float)) or s <= 0 for s in scales
+        ):
+            raise ValueError(
+                f"{where}: scale_factor must be a positive number or a pair of them, got {scale_factor!r}"
+            )
         ho, wo = math.floor(h * float(scales[0])), math.floor(w * float(scales[1]))
         if ho < 1 or wo < 1:
             raise ValueError(
@@ -204,10 +228,21 @@ def adaptive_avg_pool2d(x: jax.Array, output_size: int | Sequence[int | None]) -
     ho, wo = _check_size_pair(output_size, "output_size", where, allow_none=True)
     ho = h if ho is None else ho
     wo = w if wo is None else wo
-    return _apply_separable(x, _identity_or(adaptive_pool_weights(h, ho)), _identity_or(adaptive_pool_weights(w, wo)))
+    return _apply_separable(
+        x, _identity_or(adaptive_pool_weights(h, ho)), _identity_or(adaptive_pool_weights(w, wo))
+    )
 
 
-def _pool_axis(size: int, k: int, s: int, p: int, ceil_mode: bool, count_include_pad: bool, where: str, axis: str):
+def _pool_axis(
+    size: int,
+    k: int,
+    s: int,
+    p: int,
+    ceil_mode: bool,
+    count_include_pad: bool,
+    where: str,
+    axis: str,
+):
     """Output length, high-side padding and per-output divisor of torch's avg_pool along one axis."""
     out = (size + 2 * p - k + (s - 1 if ceil_mode else 0)) // s + 1
     # torch: the last window must start inside the input or its left padding.
@@ -267,9 +302,15 @@ def avg_pool2d(
             f"{where}: padding must be between 0 and half the kernel size (torch's limit), got padding={padding!r} "
             f"for kernel_size={kernel_size!r}"
         )
-    bad_divisor = isinstance(divisor_override, bool) or not isinstance(divisor_override, int) or divisor_override == 0
+    bad_divisor = (
+        isinstance(divisor_override, bool)
+        or not isinstance(divisor_override, int)
+        or divisor_override == 0
+    )
     if divisor_override is not None and bad_divisor:
-        raise ValueError(f"{where}: divisor_override must be a non-zero int or None, got {divisor_override!r}")
+        raise ValueError(
+            f"{where}: divisor_override must be a non-zero int or None, got {divisor_override!r}"
+        )
     _, h, w, _ = x.shape
     ho, hi_h, div_h = _pool_axis(h, kh, sh, ph, ceil_mode, count_include_pad, where, "height")
     wo, hi_w, div_w = _pool_axis(w, kw, sw, pw, ceil_mode, count_include_pad, where, "width")
@@ -284,7 +325,11 @@ def avg_pool2d(
         (1, sh, sw, 1),
         ((0, 0), (ph, hi_h), (pw, hi_w), (0, 0)),
     )[:, :ho, :wo, :]
-    divisor = np.full((ho, wo), float(divisor_override)) if divisor_override is not None else np.outer(div_h, div_w)
+    divisor = (
+        np.full((ho, wo), float(divisor_override))
+        if divisor_override is not None
+        else np.outer(div_h, div_w)
+    )
     return (sums / jnp.asarray(divisor[None, :, :, None], acc)).astype(dtype)
 
 
@@ -295,7 +340,9 @@ def _max_pool_taps(x, kernel, stride, padding):
     n, hp, wp, c = xp.shape
     ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
     taps = [
-        jax.lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c), (1, sh, sw, 1))
+        jax.lax.slice(
+            xp, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c), (1, sh, sw, 1)
+        )
         for i in range(kh)
         for j in range(kw)
     ]
@@ -306,7 +353,9 @@ def _max_pool_forward(x, kernel, stride, padding):
     _, taps = _max_pool_taps(x, kernel, stride, padding)
     best, index = taps[0], jnp.zeros(taps[0].shape, jnp.int8)
     for t, tap in enumerate(taps[1:], start=1):
-        take = (tap > best) | jnp.isnan(tap)  # torch's rule: the first maximum in window order; NaN wins
+        take = (tap > best) | jnp.isnan(
+            tap
+        )  # torch's rule: the first maximum in window order; NaN wins
         best = jnp.where(take, tap, best)
         index = jnp.where(take, jnp.int8(t), index)
     return best, index
@@ -333,17 +382,27 @@ def _max_pool_bwd(kernel, stride, padding, residual, g):
     for t in range(kh * kw):
         i, j = divmod(t, kw)
         # Place tap t's share back on the input grid: stride-1 zeros between outputs, offset (i, j).
-        part = jax.lax.pad(jnp.where(index == t, g, zero), zero, (
-            (0, 0, 0), (i, hp - i - (ho - 1) * sh - 1, sh - 1), (j, wp - j - (wo - 1) * sw - 1, sw - 1), (0, 0, 0)))
+        part = jax.lax.pad(
+            jnp.where(index == t, g, zero),
+            zero,
+            (
+                (0, 0, 0),
+                (i, hp - i - (ho - 1) * sh - 1, sh - 1),
+                (j, wp - j - (wo - 1) * sw - 1, sw - 1),
+                (0, 0, 0),
+            ),
+        )
         dx = part if dx is None else dx + part
-    return (dx[:, ph:ph + h, pw:pw + w, :],)
+    return (dx[:, ph : ph + h, pw : pw + w, :],)
 
 
 _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def max_pool2d(
-    x: jax.Array, kernel_size: int | Sequence[int], stride: int | Sequence[int] | None = None,
+    x: jax.Array,
+    kernel_size: int | Sequence[int],
+    stride: int | Sequence[int] | None = None,
     padding: int | Sequence[int] = 0,
 ) -> jax.Array:
     """``F.max_pool2d`` (floor mode, no dilation) on an NHWC tensor, with torch's gradient.
@@ -367,11 +426,15 @@ def max_pool2d(
     padding = to_pair(padding, "padding", where)
     if min(kernel) < 1 or min(stride) < 1:
         raise ValueError(
-            f"{where}: kernel_size and stride must be positive, got kernel_size={kernel_size!r}, stride={stride!r}")
+            f"{where}: kernel_size and stride must be positive, got kernel_size={kernel_size!r}, stride={stride!r}"
+        )
     if min(padding) < 0 or padding[0] > kernel[0] // 2 or padding[1] > kernel[1] // 2:
         raise ValueError(
             f"{where}: padding must be between 0 and half the kernel size (torch's limit), got padding={padding!r} "
-            f"for kernel_size={kernel_size!r}")
+            f"for kernel_size={kernel_size!r}"
+        )
     if x.shape[1] + 2 * padding[0] < kernel[0] or x.shape[2] + 2 * padding[1] < kernel[1]:
-        raise ValueError(f"{where}: input {tuple(x.shape)} is smaller than the kernel {kernel} (padding {padding})")
+        raise ValueError(
+            f"{where}: input {tuple(x.shape)} is smaller than the kernel {kernel} (padding {padding})"
+        )
     return _max_pool(x, kernel, stride, padding)

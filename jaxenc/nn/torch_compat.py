@@ -4,10 +4,12 @@ Every jaxenc layer that mirrors a torch ``nn.Conv2d`` uses :class:`Conv2d` here,
 (``kernel`` (kh, kw, C_in/groups, C_out), ``bias`` (C_out)) and the torch -> Flax layout mapping
 stay uniform; :mod:`jaxenc.port` relies on that.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -15,7 +17,7 @@ import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
 from jaxenc.nn.grouped_conv import conv2d_grouped
-from jaxenc._checks import (  # noqa: F401  (conv_args, conv_output_size re-exported)
+from jaxenc.validation import (  # noqa: F401  (conv_args, conv_output_size re-exported)
     check_channels,
     check_divisible,
     check_positive_int,
@@ -26,12 +28,23 @@ from jaxenc._checks import (  # noqa: F401  (conv_args, conv_output_size re-expo
 
 Dtype = Any
 
-__all__ = ["Conv2d", "ConvNdFields", "conv2d_nhwc", "conv_args", "conv_output_size", "pad_nhwc", "torch_conv_inputs", "torch_uniform_init"]
+__all__ = [
+    "Conv2d",
+    "ConvNdFields",
+    "conv2d_nhwc",
+    "conv_args",
+    "conv_output_size",
+    "pad_nhwc",
+    "torch_conv_inputs",
+    "torch_uniform_init",
+]
 
 _PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
 
 
-def pad_nhwc(x: jax.Array, padding: tuple[int, int], mode: str = "zeros", where: str = "pad") -> jax.Array:
+def pad_nhwc(
+    x: jax.Array, padding: tuple[int, int], mode: str = "zeros", where: str = "pad"
+) -> jax.Array:
     """Pad H and W of an NHWC tensor symmetrically with a torch ``padding_mode``.
 
     Args:
@@ -76,17 +89,23 @@ def torch_conv_inputs(module: nn.Module, x: jax.Array):
     where = type(module).__name__
     check_rank(x, 4, "N, H, W, C", where)
     c_in = check_channels(x, module.in_channels, where)
-    (kh, kw), stride, padding, dilation = conv_args(module.kernel_size, module.stride, module.padding, module.dilation, where)
+    (kh, kw), stride, padding, dilation = conv_args(
+        module.kernel_size, module.stride, module.padding, module.dilation, where
+    )
     groups = check_positive_int(module.groups, "groups", where)
     check_positive_int(module.out_channels, "out_channels", where)
     check_divisible(c_in, groups, "in_channels", "groups", where)
     check_divisible(module.out_channels, groups, "out_channels", "groups", where)
     fan_in = (c_in // groups) * kh * kw
     kernel_init = getattr(module, "kernel_init", None) or torch_uniform_init(fan_in)
-    kernel = module.param("kernel", kernel_init, (kh, kw, c_in // groups, module.out_channels), module.param_dtype)
+    kernel = module.param(
+        "kernel", kernel_init, (kh, kw, c_in // groups, module.out_channels), module.param_dtype
+    )
     bias = None
     if module.bias:
-        bias = module.param("bias", torch_uniform_init(fan_in), (module.out_channels,), module.param_dtype)
+        bias = module.param(
+            "bias", torch_uniform_init(fan_in), (module.out_channels,), module.param_dtype
+        )
     if module.padding_mode != "zeros":
         x = pad_nhwc(x, padding, module.padding_mode, where)
         padding = (0, 0)

@@ -15,6 +15,7 @@ Deliberate change from upstream: :class:`Dropsample` drops whole samples (per-sa
 depth), as upstream intends; upstream's mask broadcasts over the width axis instead (see its
 docstring).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,10 +25,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxenc._checks import check_positive_int, check_probability, check_rank
 from jaxenc.nn.module_utils import accepts_train, cast_input
 from jaxenc.nn.norm import BatchNorm
 from jaxenc.nn.torch_compat import Conv2d, torch_uniform_init
+from jaxenc.validation import check_positive_int, check_probability, check_rank
 
 Dtype = Any
 
@@ -76,7 +77,11 @@ def _linear(features: int, fan_in: int, use_bias: bool, name: str, module: nn.Mo
 def _layer_norm(module: nn.Module) -> nn.LayerNorm:
     """``torch.nn.LayerNorm(dim)``: eps 1e-5 and a two-pass variance, statistics in float32."""
     return nn.LayerNorm(
-        epsilon=1e-5, use_fast_variance=False, dtype=module.dtype, param_dtype=module.param_dtype, name="norm"
+        epsilon=1e-5,
+        use_fast_variance=False,
+        dtype=module.dtype,
+        param_dtype=module.param_dtype,
+        name="norm",
     )
 
 
@@ -147,7 +152,9 @@ class CaiTAttention(nn.Module):
         super().__post_init__()
 
     @nn.compact
-    def __call__(self, x: jax.Array, context: jax.Array | None = None, train: bool = False) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, context: jax.Array | None = None, train: bool = False
+    ) -> jax.Array:
         where = "CaiTAttention"
         x = jnp.asarray(x)
         check_rank(x, 3, "B, N, dim", where)
@@ -183,7 +190,9 @@ class CaiTAttention(nn.Module):
         attn = nn.Dropout(self.dropout)(attn, deterministic=not train)
         attn = jnp.einsum("bhij,hg->bgij", attn, mix_post)
         out = _einsum("bhij,bjhd->bihd", attn, v, dtype).reshape(b, n, inner).astype(dtype)
-        return _ToOut(self.dim, inner, self.dropout, self.dtype, self.param_dtype, name="to_out")(out, train=train)
+        return _ToOut(self.dim, inner, self.dropout, self.dtype, self.param_dtype, name="to_out")(
+            out, train=train
+        )
 
 
 class XCAttention(nn.Module):
@@ -219,7 +228,9 @@ class XCAttention(nn.Module):
         where = "XCAttention"
         x = jnp.asarray(x)
         if x.ndim < 2:
-            raise ValueError(f"{where}: expected x of rank >= 2 (B, ..., dim), got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"{where}: expected x of rank >= 2 (B, ..., dim), got shape {tuple(x.shape)}"
+            )
         _check_features(x, self.dim, where)
         h, d = self.heads, self.dim_head
         inner = h * d
@@ -243,7 +254,9 @@ class XCAttention(nn.Module):
         attn = nn.Dropout(self.dropout)(attn, deterministic=not train)
         out = _einsum("bhij,bnhj->bnhi", attn, v, dtype).astype(dtype)
         out = out.reshape(*shape[:-1], inner)
-        return _ToOut(self.dim, inner, self.dropout, self.dtype, self.param_dtype, name="to_out")(out, train=train)
+        return _ToOut(self.dim, inner, self.dropout, self.dtype, self.param_dtype, name="to_out")(
+            out, train=train
+        )
 
 
 # --- MBConv family --------------------------------------------------------------------------------
@@ -292,7 +305,9 @@ class SqueezeExcitation(nn.Module):
         check_rank(x, 4, _NHWC, where)
         _check_features(x, self.dim, where)
         dtype = _compute_dtype(self, x)
-        gate = _SEGate(self.dim, int(self.dim * self.shrinkage_rate), self.dtype, self.param_dtype, name="gate")(x)
+        gate = _SEGate(
+            self.dim, int(self.dim * self.shrinkage_rate), self.dtype, self.param_dtype, name="gate"
+        )(x)
         return (x.astype(_F32) * gate).astype(dtype)
 
 
@@ -329,14 +344,15 @@ class Dropsample(nn.Module):
         if not train or p == 0.0:
             return x
         if x.ndim < 1:
-            raise ValueError(f"Dropsample: expected x with a leading batch axis, got a scalar of shape {x.shape}")
+            raise ValueError(
+                f"Dropsample: expected x with a leading batch axis, got a scalar of shape {x.shape}"
+            )
         if p == 1.0:
             return jnp.zeros_like(x)
         u = jax.random.uniform(self.make_rng("dropout"), (x.shape[0],) + (1,) * (x.ndim - 1))
         # multiply by the rounded 1 / (1 - p) (XLA would turn a division by a constant into this anyway)
         scale = jnp.asarray(1.0 / (1.0 - p), x.dtype)
         return jnp.where(u > p, x * scale, jnp.zeros((), x.dtype))
-
 
 
 def _add_residual(y: jax.Array, x: jax.Array, dropout: float, train: bool, where: str) -> jax.Array:
@@ -380,7 +396,7 @@ class MBConvResidual(nn.Module):
         return _add_residual(y, x, self.dropout, train, "MBConvResidual")
 
 
-def _mbconv_layers(cfg: "MBConv | _MBConvLayers", x: jax.Array, train: bool) -> jax.Array:
+def _mbconv_layers(cfg: MBConv | _MBConvLayers, x: jax.Array, train: bool) -> jax.Array:
     """Upstream's MBConv nn.Sequential, its children "0".."8" created in the calling compact module."""
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     hidden = cfg.hidden_dim
@@ -389,7 +405,9 @@ def _mbconv_layers(cfg: "MBConv | _MBConvLayers", x: jax.Array, train: bool) -> 
     bn = dict(momentum=0.9, epsilon=1e-5, **kw)
     y = Conv2d(hidden, 1, in_channels=cfg.dim_in, name="0", **kw)(x)
     y = _gelu(BatchNorm(hidden, name="1", **bn)(y, train=train))
-    y = Conv2d(hidden, 3, stride=stride, padding=1, groups=hidden, in_channels=hidden, name="3", **kw)(y)
+    y = Conv2d(
+        hidden, 3, stride=stride, padding=1, groups=hidden, in_channels=hidden, name="3", **kw
+    )(y)
     y = _gelu(BatchNorm(hidden, name="4", **bn)(y, train=train))
     y = SqueezeExcitation(hidden, cfg.shrinkage_rate, name="6", **kw)(y)
     y = Conv2d(cfg.dim_out, 1, in_channels=hidden, name="7", **kw)(y)
@@ -477,8 +495,14 @@ class MBConv(nn.Module):
         if self.dtype is not None:
             x = x.astype(self.dtype)
         fn = _MBConvLayers(
-            self.dim_in, self.dim_out, self.downsample, self.expansion_rate, self.shrinkage_rate,
-            self.dtype, self.param_dtype, name="fn",
+            self.dim_in,
+            self.dim_out,
+            self.downsample,
+            self.expansion_rate,
+            self.shrinkage_rate,
+            self.dtype,
+            self.param_dtype,
+            name="fn",
         )
         y = fn(x, train=train)
         return _add_residual(y, x, self.dropout, train, where)

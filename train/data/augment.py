@@ -31,6 +31,7 @@ Random draws are made in the order upstream makes them (with ``rng.random()`` fo
 ``random.uniform``), so each transform is upstream's distribution exactly; the streams themselves
 differ from Python's ``random``/torch's, so outputs are not bit-equal to an upstream run.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,15 +50,21 @@ CIFAR_STD = (0.2023, 0.1994, 0.2010)
 # AlexNet-style PCA lighting noise: ImageNet RGB eigenvalues and eigenvectors (columns), as in
 # upstream get_transform.py's ``_imagenet_pca``.
 IMAGENET_PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
+# fmt: off
 IMAGENET_PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009),
                        (-0.5808, -0.0045, -0.8140),
                        (-0.5836, -0.6948, 0.4203))
+# fmt: on
 
-_RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
-             "bicubic": Image.Resampling.BICUBIC}
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+}
 
 
 # -- argument checks -------------------------------------------------------------------------------
+
 
 def _positive_int(owner: str, arg: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -72,8 +79,12 @@ def _nonneg_int(owner: str, arg: str, value: Any) -> int:
 
 
 def _nonneg_float(owner: str, arg: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(value) or value < 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float, np.integer, np.floating))
+        or not math.isfinite(value)
+        or value < 0
+    ):
         raise ValueError(f"{owner}: {arg} must be a finite number >= 0, got {value!r}")
     return float(value)
 
@@ -84,7 +95,9 @@ def _range(owner: str, arg: str, value: Any, *, lower: float = 0.0) -> tuple[flo
     except (TypeError, ValueError):
         raise ValueError(f"{owner}: {arg} must be a pair (lo, hi), got {value!r}") from None
     if not (math.isfinite(lo) and math.isfinite(hi)) or not lower < lo <= hi:
-        raise ValueError(f"{owner}: {arg} must be (lo, hi) with {lower:g} < lo <= hi, got {value!r}")
+        raise ValueError(
+            f"{owner}: {arg} must be (lo, hi) with {lower:g} < lo <= hi, got {value!r}"
+        )
     return lo, hi
 
 
@@ -112,11 +125,14 @@ def _set(obj, **fields) -> None:
 
 def _need_rng(owner: str, rng) -> None:
     if rng is None:
-        raise ValueError(f"{owner} is a training transform and needs an rng: apply it with grain's "
-                         "random_map (or pass a np.random.Generator)")
+        raise ValueError(
+            f"{owner} is a training transform and needs an rng: apply it with grain's "
+            "random_map (or pass a np.random.Generator)"
+        )
 
 
 # -- array helpers ---------------------------------------------------------------------------------
+
 
 def as_rgb_image(image: Any) -> np.ndarray:
     """uint8 (H, W, 3); grayscale (H, W[, 1]) is repeated to RGB, a 4th (alpha) channel dropped."""
@@ -126,7 +142,9 @@ def as_rgb_image(image: Any) -> np.ndarray:
     if image.ndim == 2:
         image = image[..., None]
     if image.ndim != 3 or image.shape[-1] not in (1, 3, 4) or min(image.shape[:2]) < 1:
-        raise ValueError(f"example['image'] must be (H, W, 3) (or 1/4 channels), got shape {image.shape}")
+        raise ValueError(
+            f"example['image'] must be (H, W, 3) (or 1/4 channels), got shape {image.shape}"
+        )
     if image.shape[-1] == 1:
         image = np.repeat(image, 3, axis=-1)
     return np.ascontiguousarray(image[..., :3])
@@ -141,13 +159,13 @@ def align_mask(mask: Any, shape: tuple[int, int]) -> np.ndarray:
     if mask.ndim == 3 and mask.shape[-1] == 1:
         mask = mask[..., 0]
     if mask.ndim != 2 or not np.issubdtype(mask.dtype, np.integer) or min(mask.shape) < 1:
-        raise ValueError(f"example['mask'] must be an integer (H, W) array, got {mask.dtype} {mask.shape}")
+        raise ValueError(
+            f"example['mask'] must be an integer (H, W) array, got {mask.dtype} {mask.shape}"
+        )
     mask = np.ascontiguousarray(mask, np.int32)
     if mask.shape != tuple(shape):
         mask = resize_mask(mask, shape[1], shape[0])
     return mask
-
-
 
 
 def _label(example: Mapping[str, Any]) -> np.ndarray:
@@ -170,7 +188,9 @@ def resize_mask(mask: np.ndarray, width: int, height: int) -> np.ndarray:
     """int32 (H, W) -> (height, width), PIL nearest on mode "I" (so -1 survives)."""
     if mask.shape == (height, width):
         return mask.copy()
-    resized = Image.fromarray(np.ascontiguousarray(mask, np.int32)).resize((width, height), Image.Resampling.NEAREST)
+    resized = Image.fromarray(np.ascontiguousarray(mask, np.int32)).resize(
+        (width, height), Image.Resampling.NEAREST
+    )
     return np.asarray(resized, np.int32)
 
 
@@ -191,6 +211,7 @@ def _flip(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
 
 
 # == segmentation =================================================================================
+
 
 @dataclasses.dataclass(frozen=True)
 class UpstreamSegTrain:
@@ -233,13 +254,26 @@ class UpstreamSegTrain:
         crop = _positive_int(name, "crop_size", self.crop_size)
         scale = _range(name, "scale", self.scale)
         if int(base * scale[0]) < 1:
-            raise ValueError(f"{name}: scale[0] * base_size must be >= 1, got scale={self.scale!r}, "
-                             f"base_size={base}")
+            raise ValueError(
+                f"{name}: scale[0] * base_size must be >= 1, got scale={self.scale!r}, "
+                f"base_size={base}"
+            )
         if isinstance(self.mask_pad, bool) or not isinstance(self.mask_pad, (int, np.integer)):
-            raise ValueError(f"{name}: mask_pad must be an integer label (-1 = ignore), got {self.mask_pad!r}")
+            raise ValueError(
+                f"{name}: mask_pad must be an integer label (-1 = ignore), got {self.mask_pad!r}"
+            )
         mean, std = _stats(name, self.mean, self.std)
-        _set(self, base_size=base, crop_size=crop, flip=bool(self.flip), scale=scale, mean=mean, std=std,
-             mask_pad=int(self.mask_pad), interpolation=_interpolation(name, self.interpolation))
+        _set(
+            self,
+            base_size=base,
+            crop_size=crop,
+            flip=bool(self.flip),
+            scale=scale,
+            mean=mean,
+            std=std,
+            mask_pad=int(self.mask_pad),
+            interpolation=_interpolation(name, self.interpolation),
+        )
 
     def long_side_range(self) -> tuple[int, int]:
         """The inclusive range of the random long side: ``(int(base*lo), int(base*hi))``."""
@@ -279,9 +313,11 @@ class UpstreamSegTrain:
             image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), constant_values=0)
             mask = np.pad(mask, ((0, pad_h), (0, pad_w)), constant_values=self.mask_pad)
         x, y = p["x"], p["y"]
-        image, mask = image[y:y + c, x:x + c], mask[y:y + c, x:x + c]
-        return {"image": _normalise(_to_unit(image), self.mean, self.std),
-                "mask": np.ascontiguousarray(mask, np.int32)}
+        image, mask = image[y : y + c, x : x + c], mask[y : y + c, x : x + c]
+        return {
+            "image": _normalise(_to_unit(image), self.mean, self.std),
+            "mask": np.ascontiguousarray(mask, np.int32),
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,8 +344,13 @@ class UpstreamSegVal:
     def __post_init__(self):
         name = type(self).__name__
         mean, std = _stats(name, self.mean, self.std)
-        _set(self, crop_size=_positive_int(name, "crop_size", self.crop_size), mean=mean, std=std,
-             interpolation=_interpolation(name, self.interpolation))
+        _set(
+            self,
+            crop_size=_positive_int(name, "crop_size", self.crop_size),
+            mean=mean,
+            std=std,
+            interpolation=_interpolation(name, self.interpolation),
+        )
 
     def geometry(self, height: int, width: int) -> dict:
         """``{"width", "height" (after the resize), "x", "y" (crop origin)}``."""
@@ -318,7 +359,12 @@ class UpstreamSegVal:
             oh, ow = c, max(c, int(1.0 * width * c / height))
         else:
             ow, oh = c, max(c, int(1.0 * height * c / width))
-        return {"width": ow, "height": oh, "x": int(round((ow - c) / 2.0)), "y": int(round((oh - c) / 2.0))}
+        return {
+            "width": ow,
+            "height": oh,
+            "x": int(round((ow - c) / 2.0)),
+            "y": int(round((oh - c) / 2.0)),
+        }
 
     def __call__(self, example: Mapping[str, Any], rng: np.random.Generator | None = None) -> dict:
         image = as_rgb_image(example["image"])
@@ -327,8 +373,10 @@ class UpstreamSegVal:
         image = resize_image(image, g["width"], g["height"], self.interpolation)
         mask = resize_mask(mask, g["width"], g["height"])
         c, x, y = self.crop_size, g["x"], g["y"]
-        return {"image": _normalise(_to_unit(image[y:y + c, x:x + c]), self.mean, self.std),
-                "mask": np.ascontiguousarray(mask[y:y + c, x:x + c], np.int32)}
+        return {
+            "image": _normalise(_to_unit(image[y : y + c, x : x + c]), self.mean, self.std),
+            "mask": np.ascontiguousarray(mask[y : y + c, x : x + c], np.int32),
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -352,6 +400,7 @@ class UpstreamSegTestval:
 
 
 # == recognition building blocks (uint8 (H, W, 3) -> uint8) =====================================
+
 
 @dataclasses.dataclass(frozen=True)
 class ECenterCrop:
@@ -378,7 +427,9 @@ class ECenterCrop:
         image = as_rgb_image(image)
         left, top, right, bottom = self.box(*image.shape[:2])
         right, bottom = max(right, left + 1), max(bottom, top + 1)
-        return resize_image(image[top:bottom, left:right], self.crop_size, self.crop_size, "bicubic")
+        return resize_image(
+            image[top:bottom, left:right], self.crop_size, self.crop_size, "bicubic"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -403,12 +454,18 @@ class ERandomCrop:
         name = type(self).__name__
         if not _nonneg_float(name, "min_covered", self.min_covered) > 0:
             raise ValueError(f"{name}: min_covered must be > 0, got {self.min_covered!r}")
-        _set(self, crop_size=_positive_int(name, "crop_size", self.crop_size), min_covered=float(self.min_covered),
-             aspect_ratio_range=_range(name, "aspect_ratio_range", self.aspect_ratio_range),
-             area_range=_range(name, "area_range", self.area_range),
-             max_attempts=_positive_int(name, "max_attempts", self.max_attempts))
+        _set(
+            self,
+            crop_size=_positive_int(name, "crop_size", self.crop_size),
+            min_covered=float(self.min_covered),
+            aspect_ratio_range=_range(name, "aspect_ratio_range", self.aspect_ratio_range),
+            area_range=_range(name, "area_range", self.area_range),
+            max_attempts=_positive_int(name, "max_attempts", self.max_attempts),
+        )
 
-    def box(self, height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int] | None:
+    def box(
+        self, height: int, width: int, rng: np.random.Generator
+    ) -> tuple[int, int, int, int] | None:
         """``(left, top, width, height)`` of the sampled crop, or None for the centre-crop fallback."""
         total = width * height
         min_area, max_area = self.area_range[0] * total, self.area_range[1] * total
@@ -443,7 +500,7 @@ class ERandomCrop:
         if box is None:
             return ECenterCrop(self.crop_size)(image)
         x, y, w, h = box
-        return resize_image(image[y:y + h, x:x + w], self.crop_size, self.crop_size, "bicubic")
+        return resize_image(image[y : y + h, x : x + w], self.crop_size, self.crop_size, "bicubic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -463,8 +520,13 @@ class RandomResizedCrop:
 
     def __post_init__(self):
         name = type(self).__name__
-        _set(self, size=_positive_int(name, "size", self.size), scale=_range(name, "scale", self.scale),
-             ratio=_range(name, "ratio", self.ratio), interpolation=_interpolation(name, self.interpolation))
+        _set(
+            self,
+            size=_positive_int(name, "size", self.size),
+            scale=_range(name, "scale", self.scale),
+            ratio=_range(name, "ratio", self.ratio),
+            interpolation=_interpolation(name, self.interpolation),
+        )
 
     def box(self, height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
         """``(top, left, h, w)`` as torchvision's ``get_params``."""
@@ -492,7 +554,9 @@ class RandomResizedCrop:
         _need_rng(type(self).__name__, rng)
         image = as_rgb_image(image)
         top, left, h, w = self.box(*image.shape[:2], rng)
-        return resize_image(image[top:top + h, left:left + w], self.size, self.size, self.interpolation)
+        return resize_image(
+            image[top : top + h, left : left + w], self.size, self.size, self.interpolation
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -506,8 +570,11 @@ class Resize:
 
     def __post_init__(self):
         name = type(self).__name__
-        _set(self, size=_positive_int(name, "size", self.size),
-             interpolation=_interpolation(name, self.interpolation))
+        _set(
+            self,
+            size=_positive_int(name, "size", self.size),
+            interpolation=_interpolation(name, self.interpolation),
+        )
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """``(new_h, new_w)``."""
@@ -541,7 +608,7 @@ class CenterCrop:
             image = np.pad(image, ((ph // 2, (ph + 1) // 2), (pw // 2, (pw + 1) // 2), (0, 0)))
             h, w = image.shape[:2]
         top, left = int(round((h - s) / 2.0)), int(round((w - s) / 2.0))
-        return np.ascontiguousarray(image[top:top + s, left:left + s])
+        return np.ascontiguousarray(image[top : top + s, left : left + s])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -556,7 +623,11 @@ class RandomCrop:
 
     def __post_init__(self):
         name = type(self).__name__
-        _set(self, size=_positive_int(name, "size", self.size), padding=_nonneg_int(name, "padding", self.padding))
+        _set(
+            self,
+            size=_positive_int(name, "size", self.size),
+            padding=_nonneg_int(name, "padding", self.padding),
+        )
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
         _need_rng(type(self).__name__, rng)
@@ -566,10 +637,12 @@ class RandomCrop:
             image = np.pad(image, ((p, p), (p, p), (0, 0)))
         h, w = image.shape[:2]
         if h < self.size or w < self.size:
-            raise ValueError(f"RandomCrop: size={self.size} is larger than the padded image {(h, w)}")
+            raise ValueError(
+                f"RandomCrop: size={self.size} is larger than the padded image {(h, w)}"
+            )
         top = int(rng.integers(0, h - self.size + 1))
         left = int(rng.integers(0, w - self.size + 1))
-        return np.ascontiguousarray(image[top:top + self.size, left:left + self.size])
+        return np.ascontiguousarray(image[top : top + self.size, left : left + self.size])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -589,14 +662,22 @@ class ColorJitter:
 
     def __post_init__(self):
         name = type(self).__name__
-        _set(self, **{k: _nonneg_float(name, k, getattr(self, k)) for k in ("brightness", "contrast", "saturation")})
+        _set(
+            self,
+            **{
+                k: _nonneg_float(name, k, getattr(self, k))
+                for k in ("brightness", "contrast", "saturation")
+            },
+        )
 
     def params(self, rng: np.random.Generator) -> tuple[tuple[int, ...], tuple[float | None, ...]]:
         """``(order, factors)``: a permutation of (0 brightness, 1 contrast, 2 saturation, 3 hue)
         and the three factors (None when that jitter is 0)."""
         order = tuple(int(i) for i in rng.permutation(4))
-        factors = tuple(None if v == 0 else float(rng.uniform(max(0.0, 1.0 - v), 1.0 + v))
-                        for v in (self.brightness, self.contrast, self.saturation))
+        factors = tuple(
+            None if v == 0 else float(rng.uniform(max(0.0, 1.0 - v), 1.0 + v))
+            for v in (self.brightness, self.contrast, self.saturation)
+        )
         return order, factors
 
     @classmethod
@@ -633,14 +714,19 @@ class Lighting:
             raise ValueError(f"{name}: eigval must have 3 values, got {self.eigval!r}")
         if np.shape(self.eigvec) != (3, 3):
             raise ValueError(f"{name}: eigvec must be 3x3, got {self.eigvec!r}")
-        _set(self, alphastd=_nonneg_float(name, "alphastd", self.alphastd),
-             eigval=tuple(float(v) for v in self.eigval),
-             eigvec=tuple(tuple(float(v) for v in row) for row in self.eigvec))
+        _set(
+            self,
+            alphastd=_nonneg_float(name, "alphastd", self.alphastd),
+            eigval=tuple(float(v) for v in self.eigval),
+            eigvec=tuple(tuple(float(v) for v in row) for row in self.eigvec),
+        )
 
     def offset(self, alpha) -> np.ndarray:
         """float32 (3,) RGB offset for ``alpha`` (3,): ``eigvec @ (alpha * eigval)``."""
         alpha = np.asarray(alpha, np.float32)
-        return (np.asarray(self.eigvec, np.float32) * (alpha * np.asarray(self.eigval, np.float32))).sum(1)
+        return (
+            np.asarray(self.eigvec, np.float32) * (alpha * np.asarray(self.eigval, np.float32))
+        ).sum(1)
 
     def __call__(self, image01: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
         image01 = np.asarray(image01, np.float32)
@@ -652,13 +738,16 @@ class Lighting:
 
 # -- RandAugment -------------------------------------------------------------------------------------
 
+
 def _signed(rng: np.random.Generator, v: float) -> float:
     """Upstream's random mirror: ``-v`` when ``random.random() > 0.5``."""
     return -v if rng.random() > 0.5 else v
 
 
 def _affine(img: Image.Image, coeffs) -> Image.Image:
-    return img.transform(img.size, Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BICUBIC)
+    return img.transform(
+        img.size, Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BICUBIC
+    )
 
 
 def _posterize(img: Image.Image, v: float) -> Image.Image:
@@ -703,8 +792,16 @@ _RAND_AUGMENT = {
     "ShearX": (lambda img, v, rng: _affine(img, (1, _signed(rng, v), 0, 0, 1, 0)), 0.0, 0.3),
     "ShearY": (lambda img, v, rng: _affine(img, (1, 0, 0, _signed(rng, v), 1, 0)), 0.0, 0.3),
     "CutoutAbs": (_cutout, 0.0, 40.0),
-    "TranslateXabs": (lambda img, v, rng: _affine(img, (1, 0, _signed(rng, v), 0, 1, 0)), 0.0, 100.0),
-    "TranslateYabs": (lambda img, v, rng: _affine(img, (1, 0, 0, 0, 1, _signed(rng, v))), 0.0, 100.0),
+    "TranslateXabs": (
+        lambda img, v, rng: _affine(img, (1, 0, _signed(rng, v), 0, 1, 0)),
+        0.0,
+        100.0,
+    ),
+    "TranslateYabs": (
+        lambda img, v, rng: _affine(img, (1, 0, 0, 0, 1, _signed(rng, v))),
+        0.0,
+        100.0,
+    ),
 }
 RAND_AUGMENT_OPS: tuple[str, ...] = tuple(_RAND_AUGMENT)
 
@@ -712,7 +809,9 @@ RAND_AUGMENT_OPS: tuple[str, ...] = tuple(_RAND_AUGMENT)
 def rand_augment_value(name: str, m: float) -> float:
     """Upstream's magnitude rule: ``m / 30 * (max - min) + min`` for op ``name``."""
     if name not in _RAND_AUGMENT:
-        raise ValueError(f"rand_augment_value: name must be one of {list(RAND_AUGMENT_OPS)}, got {name!r}")
+        raise ValueError(
+            f"rand_augment_value: name must be one of {list(RAND_AUGMENT_OPS)}, got {name!r}"
+        )
     _, lo, hi = _RAND_AUGMENT[name]
     return float(m) / 30.0 * (hi - lo) + lo
 
@@ -722,7 +821,9 @@ def rand_augment_op(image: np.ndarray, name: str, m: float, rng: np.random.Gener
     sign (Rotate, Shear*, Translate*abs) and the cutout position come from ``rng``.
     Rotate is PIL nearest, shears/translations bicubic, fills black (cutout grey (125, 123, 114))."""
     if name not in _RAND_AUGMENT:
-        raise ValueError(f"rand_augment_op: name must be one of {list(RAND_AUGMENT_OPS)}, got {name!r}")
+        raise ValueError(
+            f"rand_augment_op: name must be one of {list(RAND_AUGMENT_OPS)}, got {name!r}"
+        )
     fn = _RAND_AUGMENT[name][0]
     return np.asarray(fn(_pil(as_rgb_image(image)), rand_augment_value(name, m), rng))
 
@@ -762,6 +863,7 @@ class RandAugment:
 
 # == recognition example transforms ================================================================
 
+
 def _rand_aug(owner: str, value) -> tuple[int, float] | None:
     """None or a validated (n, m); n = 0 (the config's (0, 0)) means off, hence None. m = 0 is a
     valid magnitude (the ops' minimum), so only n switches RandAugment off."""
@@ -796,9 +898,16 @@ class ImageNetTrain:
     def __post_init__(self):
         name = type(self).__name__
         mean, std = _stats(name, self.mean, self.std)
-        _set(self, crop_size=_positive_int(name, "crop_size", self.crop_size),
-             rand_aug=_rand_aug(name, self.rand_aug), jitter=_nonneg_float(name, "jitter", self.jitter),
-             lighting=_nonneg_float(name, "lighting", self.lighting), mean=mean, std=std, etrans=bool(self.etrans))
+        _set(
+            self,
+            crop_size=_positive_int(name, "crop_size", self.crop_size),
+            rand_aug=_rand_aug(name, self.rand_aug),
+            jitter=_nonneg_float(name, "jitter", self.jitter),
+            lighting=_nonneg_float(name, "lighting", self.lighting),
+            mean=mean,
+            std=std,
+            etrans=bool(self.etrans),
+        )
 
     def __call__(self, example: Mapping[str, Any], rng: np.random.Generator | None = None) -> dict:
         _need_rng(type(self).__name__, rng)
@@ -826,8 +935,13 @@ class ImageNetVal:
     def __post_init__(self):
         name = type(self).__name__
         mean, std = _stats(name, self.mean, self.std)
-        _set(self, crop_size=_positive_int(name, "crop_size", self.crop_size), mean=mean, std=std,
-             etrans=bool(self.etrans))
+        _set(
+            self,
+            crop_size=_positive_int(name, "crop_size", self.crop_size),
+            mean=mean,
+            std=std,
+            etrans=bool(self.etrans),
+        )
 
     def __call__(self, example: Mapping[str, Any], rng: np.random.Generator | None = None) -> dict:
         image = as_rgb_image(example["image"])
@@ -852,8 +966,13 @@ class CifarTrain:
     def __post_init__(self):
         name = type(self).__name__
         mean, std = _stats(name, self.mean, self.std)
-        _set(self, crop_size=_positive_int(name, "crop_size", self.crop_size),
-             padding=_nonneg_int(name, "padding", self.padding), mean=mean, std=std)
+        _set(
+            self,
+            crop_size=_positive_int(name, "crop_size", self.crop_size),
+            padding=_nonneg_int(name, "padding", self.padding),
+            mean=mean,
+            std=std,
+        )
 
     def __call__(self, example: Mapping[str, Any], rng: np.random.Generator | None = None) -> dict:
         _need_rng(type(self).__name__, rng)
@@ -874,8 +993,10 @@ class CifarVal:
         _set(self, mean=mean, std=std)
 
     def __call__(self, example: Mapping[str, Any], rng: np.random.Generator | None = None) -> dict:
-        return {"image": _normalise(_to_unit(as_rgb_image(example["image"])), self.mean, self.std),
-                "label": _label(example)}
+        return {
+            "image": _normalise(_to_unit(as_rgb_image(example["image"])), self.mean, self.std),
+            "label": _label(example),
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -894,10 +1015,15 @@ class MincTrain:
     def __post_init__(self):
         name = type(self).__name__
         mean, std = _stats(name, self.mean, self.std)
-        _set(self, base_size=_positive_int(name, "base_size", self.base_size),
-             crop_size=_positive_int(name, "crop_size", self.crop_size),
-             jitter=_nonneg_float(name, "jitter", self.jitter),
-             lighting=_nonneg_float(name, "lighting", self.lighting), mean=mean, std=std)
+        _set(
+            self,
+            base_size=_positive_int(name, "base_size", self.base_size),
+            crop_size=_positive_int(name, "crop_size", self.crop_size),
+            jitter=_nonneg_float(name, "jitter", self.jitter),
+            lighting=_nonneg_float(name, "lighting", self.lighting),
+            mean=mean,
+            std=std,
+        )
 
     def __call__(self, example: Mapping[str, Any], rng: np.random.Generator | None = None) -> dict:
         _need_rng(type(self).__name__, rng)
@@ -921,8 +1047,13 @@ class MincVal:
     def __post_init__(self):
         name = type(self).__name__
         mean, std = _stats(name, self.mean, self.std)
-        _set(self, base_size=_positive_int(name, "base_size", self.base_size),
-             crop_size=_positive_int(name, "crop_size", self.crop_size), mean=mean, std=std)
+        _set(
+            self,
+            base_size=_positive_int(name, "base_size", self.base_size),
+            crop_size=_positive_int(name, "crop_size", self.crop_size),
+            mean=mean,
+            std=std,
+        )
 
     def __call__(self, example: Mapping[str, Any], rng: np.random.Generator | None = None) -> dict:
         image = CenterCrop(self.crop_size)(Resize(self.base_size)(example["image"]))

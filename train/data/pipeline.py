@@ -26,6 +26,7 @@ downscaling, i.e. it antialiases), masks nearest on int32 (PIL mode "I", so -1 s
 Non-square inputs are resized to a square (train and eval alike), so the geometry is the same in
 both. Normalisation is ``(x / 255 - mean) / std`` in float32.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,11 +36,10 @@ from typing import Any
 import grain
 import numpy as np
 
+from jaxenc.constants import IMAGENET_MEAN, IMAGENET_STD
 from train import observe
 from train.data import augment, synthetic
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 IGNORE_INDEX = -1
 
 # Default host-side parallelism: a couple of threads overlap data generation with device compute;
@@ -51,6 +51,7 @@ _REQUIRED = object()
 
 
 # -- config access -------------------------------------------------------------------------------
+
 
 def _cfg(config: Any, key: str, default: Any = _REQUIRED, *, prefix: str = "config.dataset") -> Any:
     """``config[key]`` for a ConfigDict or a mapping, with a KeyError naming the full key."""
@@ -68,7 +69,9 @@ _SOURCES: dict[str, SourceFn] = {}
 _PALETTES: dict[str, np.ndarray] = {}
 
 
-def register_source(name: str, fn: SourceFn, *, palette: Any = None, overwrite: bool = False) -> None:
+def register_source(
+    name: str, fn: SourceFn, *, palette: Any = None, overwrite: bool = False
+) -> None:
     """Registers ``fn(dataset_config, split) -> source`` under ``config.dataset.name == name``.
 
     A source is random-access (``__len__``, ``__getitem__(i) -> dict of numpy arrays``) and picklable.
@@ -81,12 +84,16 @@ def register_source(name: str, fn: SourceFn, *, palette: Any = None, overwrite: 
     if not callable(fn):
         raise TypeError(f"register_source: fn must be callable, got {type(fn).__name__}")
     if name in _SOURCES and not overwrite:
-        raise ValueError(f"register_source: {name!r} is already registered (pass overwrite=True to replace it)")
+        raise ValueError(
+            f"register_source: {name!r} is already registered (pass overwrite=True to replace it)"
+        )
     if palette is not None:
         palette = np.asarray(palette)
         if palette.ndim != 2 or palette.shape[1] != 3 or palette.min() < 0 or palette.max() > 255:
-            raise ValueError(f"register_source: palette must be (num_classes, 3) RGB in [0, 255], "
-                             f"got shape {palette.shape}")
+            raise ValueError(
+                f"register_source: palette must be (num_classes, 3) RGB in [0, 255], "
+                f"got shape {palette.shape}"
+            )
         _PALETTES[name] = palette.astype(np.uint8)
     else:
         _PALETTES.pop(name, None)
@@ -107,13 +114,17 @@ def get_source(dataset_config: Any, split: str):
     """
     name = _cfg(dataset_config, "name")
     if name not in _SOURCES:
-        raise ValueError(f"config.dataset.name: unknown dataset {name!r}; known datasets: {list(known_sources())}")
+        raise ValueError(
+            f"config.dataset.name: unknown dataset {name!r}; known datasets: {list(known_sources())}"
+        )
     source = _SOURCES[name](dataset_config, split)
     expected = _cfg(dataset_config, "num_classes", None)
     actual = getattr(source, "num_classes", None)
     if expected is not None and actual is not None and int(expected) != int(actual):
-        raise ValueError(f"config.dataset.num_classes={expected} does not match dataset {name!r}, "
-                         f"which has {actual} classes")
+        raise ValueError(
+            f"config.dataset.num_classes={expected} does not match dataset {name!r}, "
+            f"which has {actual} classes"
+        )
     return source
 
 
@@ -121,17 +132,27 @@ def _shapes_factory(cls):
     def build(dataset_config, split):
         splits = {"train": "num_train", "validation": "num_val"}
         if split not in splits:
-            raise ValueError(f"dataset {_cfg(dataset_config, 'name')!r} has no split {split!r}; "
-                             f"available splits: {list(splits)}")
+            raise ValueError(
+                f"dataset {_cfg(dataset_config, 'name')!r} has no split {split!r}; "
+                f"available splits: {list(splits)}"
+            )
         # The dataset's content seed is part of the dataset, not of the training run: it comes from
         # config.dataset.seed (default 0), so changing config.seed reshuffles but keeps the data.
-        return cls(split, num_examples=_cfg(dataset_config, splits[split]),
-                   image_size=_cfg(dataset_config, "image_size", 64), seed=_cfg(dataset_config, "seed", 0))
+        return cls(
+            split,
+            num_examples=_cfg(dataset_config, splits[split]),
+            image_size=_cfg(dataset_config, "image_size", 64),
+            seed=_cfg(dataset_config, "seed", 0),
+        )
+
     return build
 
 
-register_source("shapes_seg", _shapes_factory(synthetic.ShapesSegmentation),
-                palette=synthetic.ShapesSegmentation.PALETTE)
+register_source(
+    "shapes_seg",
+    _shapes_factory(synthetic.ShapesSegmentation),
+    palette=synthetic.ShapesSegmentation.PALETTE,
+)
 register_source("shapes_cls", _shapes_factory(synthetic.ShapesRecognition))
 
 
@@ -140,33 +161,46 @@ def palette(dataset_config: Any) -> np.ndarray:
     dataset, else the PASCAL VOC colour map for ``config.dataset.num_classes`` classes."""
     name = _cfg(dataset_config, "name")
     if name not in _SOURCES:
-        raise ValueError(f"config.dataset.name: unknown dataset {name!r}; known datasets: {list(known_sources())}")
+        raise ValueError(
+            f"config.dataset.name: unknown dataset {name!r}; known datasets: {list(known_sources())}"
+        )
     if name in _PALETTES:
         return _PALETTES[name].copy()
     num_classes = _cfg(dataset_config, "num_classes", None)
     if num_classes is None or int(num_classes) < 1:
-        raise ValueError(f"palette: dataset {name!r} registered no palette and config.dataset.num_classes is "
-                         f"{num_classes!r}; a positive class count is needed")
+        raise ValueError(
+            f"palette: dataset {name!r} registered no palette and config.dataset.num_classes is "
+            f"{num_classes!r}; a positive class count is needed"
+        )
     return observe.voc_palette(int(num_classes))
 
 
 # -- transforms ----------------------------------------------------------------------------------
+
 
 def _as_mask(mask: Any) -> np.ndarray:
     mask = np.asarray(mask)
     if mask.ndim == 3 and mask.shape[-1] == 1:
         mask = mask[..., 0]
     if mask.ndim != 2 or not np.issubdtype(mask.dtype, np.integer):
-        raise ValueError(f"example['mask'] must be an integer (H, W) array, got {mask.dtype} {mask.shape}")
+        raise ValueError(
+            f"example['mask'] must be an integer (H, W) array, got {mask.dtype} {mask.shape}"
+        )
     return mask.astype(np.int32)
 
 
 def _check_transform_args(name, image_size, scale_range, mean, std):
-    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1:
+    if (
+        isinstance(image_size, bool)
+        or not isinstance(image_size, (int, np.integer))
+        or image_size < 1
+    ):
         raise ValueError(f"{name}: image_size must be a positive integer, got {image_size!r}")
     if scale_range is not None:
         if len(scale_range) != 2 or not 0 < scale_range[0] <= scale_range[1]:
-            raise ValueError(f"{name}: scale_range must be None or (lo, hi) with 0 < lo <= hi, got {scale_range!r}")
+            raise ValueError(
+                f"{name}: scale_range must be None or (lo, hi) with 0 < lo <= hi, got {scale_range!r}"
+            )
     for arg, value in (("mean", mean), ("std", std)):
         if np.shape(value) != (3,):
             raise ValueError(f"{name}: {arg} must have 3 values (RGB), got {value!r}")
@@ -197,15 +231,21 @@ class _ImageTransform:
         std = np.asarray(self.std, np.float32)
         return (image.astype(np.float32) * np.float32(1 / 255) - mean) / std
 
-    def _geometry(self, image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator | None):
+    def _geometry(
+        self, image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator | None
+    ):
         """Returns (normalised float32 image (S, S, 3), int32 mask (S, S) or None)."""
         size = self.image_size
         if not self.train:
             image = augment.resize_image(image, size, size, "bilinear")
-            return self._normalise(image), None if mask is None else augment.resize_mask(mask, size, size)
+            return self._normalise(image), None if mask is None else augment.resize_mask(
+                mask, size, size
+            )
         if rng is None:
-            raise ValueError(f"{type(self).__name__}(train=True) needs an rng: apply it with grain's random_map "
-                             "(or call it with a np.random.Generator)")
+            raise ValueError(
+                f"{type(self).__name__}(train=True) needs an rng: apply it with grain's random_map "
+                "(or call it with a np.random.Generator)"
+            )
         scaled = size
         if self.scale_range is not None:
             scaled = max(1, int(round(size * rng.uniform(*self.scale_range))))
@@ -219,16 +259,16 @@ class _ImageTransform:
             # Random placement on an S x S canvas (normalised 0 = the mean colour; mask = ignore).
             top, left = rng.integers(0, size - scaled + 1, 2)
             canvas = np.zeros((size, size, 3), np.float32)
-            canvas[top:top + scaled, left:left + scaled] = image
+            canvas[top : top + scaled, left : left + scaled] = image
             image = canvas
             if mask is not None:
                 padded = np.full((size, size), IGNORE_INDEX, np.int32)
-                padded[top:top + scaled, left:left + scaled] = mask
+                padded[top : top + scaled, left : left + scaled] = mask
                 mask = padded
         elif scaled > size:
             top, left = rng.integers(0, scaled - size + 1, 2)
-            image = image[top:top + size, left:left + size]
-            mask = None if mask is None else mask[top:top + size, left:left + size]
+            image = image[top : top + size, left : left + size]
+            mask = None if mask is None else mask[top : top + size, left : left + size]
         image = np.ascontiguousarray(image, np.float32)
         return image, None if mask is None else np.ascontiguousarray(mask, np.int32)
 
@@ -238,7 +278,9 @@ class SegmentationTransform(_ImageTransform):
     """``(example, rng) -> {"image": float32 (S, S, 3), "mask": int32 (S, S)}``; see ``segmentation_transform``."""
 
     def __call__(self, example: Mapping[str, Any], rng: np.random.Generator | None = None) -> dict:
-        image, mask = self._geometry(augment.as_rgb_image(example["image"]), _as_mask(example["mask"]), rng)
+        image, mask = self._geometry(
+            augment.as_rgb_image(example["image"]), _as_mask(example["mask"]), rng
+        )
         return {"image": image, "mask": mask}
 
 
@@ -251,9 +293,15 @@ class RecognitionTransform(_ImageTransform):
         return {"image": image, "label": np.asarray(example["label"], np.int32)}
 
 
-def segmentation_transform(*, train: bool, image_size: int, flip: bool = True,
-                           scale_range: tuple[float, float] | None = None,
-                           mean=IMAGENET_MEAN, std=IMAGENET_STD) -> SegmentationTransform:
+def segmentation_transform(
+    *,
+    train: bool,
+    image_size: int,
+    flip: bool = True,
+    scale_range: tuple[float, float] | None = None,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+) -> SegmentationTransform:
     """Image + mask transform: ``example {"image": uint8 (H, W, 3), "mask": int (H, W[, 1])}`` ->
     ``{"image": float32 (S, S, 3) normalised, "mask": int32 (S, S)}`` with ``S = image_size``.
 
@@ -265,22 +313,43 @@ def segmentation_transform(*, train: bool, image_size: int, flip: bool = True,
     Image and mask are resized independently, so they need not share a size on input.
     """
     _check_transform_args("segmentation_transform", image_size, scale_range, mean, std)
-    return SegmentationTransform(bool(train), int(image_size), bool(flip), _scale_range(scale_range),
-                                 tuple(float(m) for m in mean), tuple(float(s) for s in std))
+    return SegmentationTransform(
+        bool(train),
+        int(image_size),
+        bool(flip),
+        _scale_range(scale_range),
+        tuple(float(m) for m in mean),
+        tuple(float(s) for s in std),
+    )
 
 
-def recognition_transform(*, train: bool, image_size: int, flip: bool = True,
-                          scale_range: tuple[float, float] | None = None,
-                          mean=IMAGENET_MEAN, std=IMAGENET_STD) -> RecognitionTransform:
+def recognition_transform(
+    *,
+    train: bool,
+    image_size: int,
+    flip: bool = True,
+    scale_range: tuple[float, float] | None = None,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+) -> RecognitionTransform:
     """Image + label transform: ``{"image": uint8 (H, W, 3|1), "label": int}`` ->
     ``{"image": float32 (S, S, 3) normalised, "label": int32 ()}``; the image geometry is exactly
     that of ``segmentation_transform`` (random rescale, flip, pad/crop in train; resize in eval)."""
     _check_transform_args("recognition_transform", image_size, scale_range, mean, std)
-    return RecognitionTransform(bool(train), int(image_size), bool(flip), _scale_range(scale_range),
-                                tuple(float(m) for m in mean), tuple(float(s) for s in std))
+    return RecognitionTransform(
+        bool(train),
+        int(image_size),
+        bool(flip),
+        _scale_range(scale_range),
+        tuple(float(m) for m in mean),
+        tuple(float(s) for s in std),
+    )
 
 
-AUGMENTS = {"segmentation": ("basic", "upstream"), "recognition": ("basic", "imagenet", "cifar", "minc")}
+AUGMENTS = {
+    "segmentation": ("basic", "upstream"),
+    "recognition": ("basic", "imagenet", "cifar", "minc"),
+}
 
 
 def transform_from_config(input_config: Any, *, task: str, image_size: int, train: bool):
@@ -308,25 +377,39 @@ def transform_from_config(input_config: Any, *, task: str, image_size: int, trai
     get = lambda key, default: _cfg(input_config, key, default, prefix="config.input")  # noqa: E731
     name = get("augment", "basic")
     if name not in AUGMENTS[task]:
-        raise ValueError(f"config.input.augment must be one of {list(AUGMENTS[task])} for task {task!r}, "
-                         f"got {name!r}")
+        raise ValueError(
+            f"config.input.augment must be one of {list(AUGMENTS[task])} for task {task!r}, "
+            f"got {name!r}"
+        )
     if name == "basic":
         builders = {"segmentation": segmentation_transform, "recognition": recognition_transform}
         scale_range = get("scale_range", None)
-        return builders[task](train=train, image_size=image_size, flip=bool(get("flip", True)),
-                              scale_range=None if scale_range is None else tuple(scale_range),
-                              mean=tuple(get("mean", IMAGENET_MEAN)), std=tuple(get("std", IMAGENET_STD)))
+        return builders[task](
+            train=train,
+            image_size=image_size,
+            flip=bool(get("flip", True)),
+            scale_range=None if scale_range is None else tuple(scale_range),
+            mean=tuple(get("mean", IMAGENET_MEAN)),
+            std=tuple(get("std", IMAGENET_STD)),
+        )
     if name == "cifar":
-        stats = dict(mean=tuple(get("mean", augment.CIFAR_MEAN)), std=tuple(get("std", augment.CIFAR_STD)))
+        stats = dict(
+            mean=tuple(get("mean", augment.CIFAR_MEAN)), std=tuple(get("std", augment.CIFAR_STD))
+        )
         return augment.CifarTrain(image_size, **stats) if train else augment.CifarVal(**stats)
     stats = dict(mean=tuple(get("mean", IMAGENET_MEAN)), std=tuple(get("std", IMAGENET_STD)))
     if name == "upstream":
         interpolation = get("interpolation", "bilinear")
         if not train:
             return augment.UpstreamSegVal(image_size, interpolation=interpolation, **stats)
-        return augment.UpstreamSegTrain(get("base_size", 520), image_size, flip=bool(get("flip", True)),
-                                        mask_pad=get("mask_pad", IGNORE_INDEX), interpolation=interpolation,
-                                        **stats)
+        return augment.UpstreamSegTrain(
+            get("base_size", 520),
+            image_size,
+            flip=bool(get("flip", True)),
+            mask_pad=get("mask_pad", IGNORE_INDEX),
+            interpolation=interpolation,
+            **stats,
+        )
     jitter, lighting = get("color_jitter", 0.4), get("lighting", 0.1)
     if name == "minc":
         base_size = get("base_size", int(1.0 * image_size / 0.875))
@@ -337,18 +420,27 @@ def transform_from_config(input_config: Any, *, task: str, image_size: int, trai
     if not train:
         return augment.ImageNetVal(image_size, etrans=etrans, **stats)
     rand_aug = get("rand_augment", (0, 0))
-    return augment.ImageNetTrain(image_size, rand_aug=None if rand_aug is None else tuple(rand_aug), jitter=jitter,
-                                 lighting=lighting, etrans=etrans, **stats)
+    return augment.ImageNetTrain(
+        image_size,
+        rand_aug=None if rand_aug is None else tuple(rand_aug),
+        jitter=jitter,
+        lighting=lighting,
+        etrans=etrans,
+        **stats,
+    )
 
 
 def testval_transform(input_config: Any) -> augment.UpstreamSegTestval:
     """Upstream's "testval" transform for the multi-scale evaluator: the full image and mask,
     normalised with ``config.input.mean`` / ``std`` (variable size; apply per image, unbatched)."""
-    return augment.UpstreamSegTestval(mean=tuple(_cfg(input_config, "mean", IMAGENET_MEAN, prefix="config.input")),
-                                      std=tuple(_cfg(input_config, "std", IMAGENET_STD, prefix="config.input")))
+    return augment.UpstreamSegTestval(
+        mean=tuple(_cfg(input_config, "mean", IMAGENET_MEAN, prefix="config.input")),
+        std=tuple(_cfg(input_config, "std", IMAGENET_STD, prefix="config.input")),
+    )
 
 
 # -- iterators -----------------------------------------------------------------------------------
+
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
@@ -365,15 +457,19 @@ def _processes(process_index: int | None, process_count: int | None) -> tuple[in
     process_count = _check_int("process_count", process_count, 1)
     process_index = _check_int("process_index", process_index, 0)
     if process_index >= process_count:
-        raise ValueError(f"process_index must be < process_count={process_count}, got {process_index}")
+        raise ValueError(
+            f"process_index must be < process_count={process_count}, got {process_index}"
+        )
     return process_index, process_count
 
 
 def _local_batch_size(arg: str, batch_size: Any, process_count: int) -> int:
     batch_size = _check_int(arg, batch_size, 1)
     if batch_size % process_count:
-        raise ValueError(f"{arg}={batch_size} is not divisible by process_count={process_count}: "
-                         "every process must hold the same number of rows")
+        raise ValueError(
+            f"{arg}={batch_size} is not divisible by process_count={process_count}: "
+            "every process must hold the same number of rows"
+        )
     return batch_size // process_count
 
 
@@ -381,7 +477,9 @@ def _check_source(source: Any) -> int:
     try:
         n = len(source)
     except TypeError as err:
-        raise TypeError(f"source must be random-access (__len__, __getitem__), got {type(source).__name__}") from err
+        raise TypeError(
+            f"source must be random-access (__len__, __getitem__), got {type(source).__name__}"
+        ) from err
     if n < 1:
         raise ValueError(f"source is empty: {source!r}")
     return n
@@ -398,8 +496,10 @@ def _ensure_absl_flags_parsed() -> None:
 
 def _iterate(ds: grain.MapDataset, worker_count: int, read_threads: int, prefetch_batches: int):
     worker_count = _check_int("worker_count", worker_count, 0)
-    read_options = grain.ReadOptions(num_threads=_check_int("read_threads", read_threads, 0),
-                                     prefetch_buffer_size=_check_int("prefetch_batches", prefetch_batches, 0))
+    read_options = grain.ReadOptions(
+        num_threads=_check_int("read_threads", read_threads, 0),
+        prefetch_buffer_size=_check_int("prefetch_batches", prefetch_batches, 0),
+    )
     iter_ds = ds.to_iter_dataset(read_options)
     if worker_count > 0:
         _ensure_absl_flags_parsed()
@@ -407,10 +507,18 @@ def _iterate(ds: grain.MapDataset, worker_count: int, read_threads: int, prefetc
     return iter(iter_ds)
 
 
-def train_iterator(source, *, global_batch_size: int, seed: int, process_index: int | None = None,
-                   process_count: int | None = None, transform: Callable | None,
-                   worker_count: int = 0, read_threads: int = DEFAULT_READ_THREADS,
-                   prefetch_batches: int = DEFAULT_PREFETCH_BATCHES) -> grain.DatasetIterator:
+def train_iterator(
+    source,
+    *,
+    global_batch_size: int,
+    seed: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    transform: Callable | None,
+    worker_count: int = 0,
+    read_threads: int = DEFAULT_READ_THREADS,
+    prefetch_batches: int = DEFAULT_PREFETCH_BATCHES,
+) -> grain.DatasetIterator:
     """Endless per-process training batches: a grain ``DatasetIterator`` of dicts of stacked arrays
     with leading dim ``global_batch_size // process_count``.
 
@@ -469,9 +577,17 @@ def num_eval_batches(num_examples: int, batch_size: int) -> int:
     return -(-num_examples // batch_size)
 
 
-def eval_batches(source, *, batch_size: int, process_index: int | None = None, process_count: int | None = None,
-                 transform: Callable | None, worker_count: int = 0, read_threads: int = DEFAULT_READ_THREADS,
-                 prefetch_batches: int = DEFAULT_PREFETCH_BATCHES) -> grain.DatasetIterator:
+def eval_batches(
+    source,
+    *,
+    batch_size: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    transform: Callable | None,
+    worker_count: int = 0,
+    read_threads: int = DEFAULT_READ_THREADS,
+    prefetch_batches: int = DEFAULT_PREFETCH_BATCHES,
+) -> grain.DatasetIterator:
     """One ordered pass over ``source`` in global batches of ``batch_size`` (per process:
     ``batch_size // process_count`` rows, same sharding rule as ``train_iterator``).
 

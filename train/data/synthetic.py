@@ -25,6 +25,7 @@ farthest from the background under the shape centre, so shapes stay visible.
 Each image is rendered with vectorised numpy on (S, S) grids (a few dozen array operations per
 image, no per-pixel Python loops).
 """
+
 from __future__ import annotations
 
 import operator
@@ -43,8 +44,11 @@ _MIN_IMAGE_SIZE = 16
 def _check_common(split, num_examples, image_size, seed, cls_name):
     if split not in SPLITS:
         raise ValueError(f"{cls_name}: split must be one of {SPLITS}, got {split!r}")
-    for name, value, minimum in (("num_examples", num_examples, 1), ("image_size", image_size, _MIN_IMAGE_SIZE),
-                                 ("seed", seed, 0)):
+    for name, value, minimum in (
+        ("num_examples", num_examples, 1),
+        ("image_size", image_size, _MIN_IMAGE_SIZE),
+        ("seed", seed, 0),
+    ):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
             raise ValueError(f"{cls_name}: {name} must be an integer >= {minimum}, got {value!r}")
 
@@ -64,7 +68,9 @@ class _ShapesBase:
         """The names of classes ``0..num_classes-1`` (the source contract of train.data.pipeline)."""
         return self.CLASS_NAMES
 
-    def __init__(self, split: str = "train", *, num_examples: int, image_size: int = 64, seed: int = 0):
+    def __init__(
+        self, split: str = "train", *, num_examples: int, image_size: int = 64, seed: int = 0
+    ):
         _check_common(split, num_examples, image_size, seed, type(self).__name__)
         self.split = split
         self.num_examples = int(num_examples)
@@ -79,8 +85,10 @@ class _ShapesBase:
         return self.num_examples
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(split={self.split!r}, num_examples={self.num_examples}, "
-                f"image_size={self.image_size}, seed={self.seed})")
+        return (
+            f"{type(self).__name__}(split={self.split!r}, num_examples={self.num_examples}, "
+            f"image_size={self.image_size}, seed={self.seed})"
+        )
 
     def __getitem__(self, index):
         """Example ``index`` (negative indices count from the end) as a dict of numpy arrays."""
@@ -88,9 +96,14 @@ class _ShapesBase:
         if i < 0:
             i += self.num_examples
         if not 0 <= i < self.num_examples:
-            raise IndexError(f"{type(self).__name__}: index {index} out of range for {self.num_examples} examples")
-        rng = np.random.default_rng(np.random.SeedSequence(
-            self.seed, spawn_key=(_DATASET_TAGS[self._TAG], SPLITS.index(self.split), i)))
+            raise IndexError(
+                f"{type(self).__name__}: index {index} out of range for {self.num_examples} examples"
+            )
+        rng = np.random.default_rng(
+            np.random.SeedSequence(
+                self.seed, spawn_key=(_DATASET_TAGS[self._TAG], SPLITS.index(self.split), i)
+            )
+        )
         return self._example(rng)
 
     def _example(self, rng: np.random.Generator) -> dict:
@@ -127,7 +140,9 @@ class _ShapesBase:
             x0, y0 = ends[:, 0, None, None], ends[:, 1, None, None]
             dx, dy = ends[:, 2, None, None] - x0, ends[:, 3, None, None] - y0
             # Distance from every pixel to every segment at once: (n_lines, S, S).
-            t = np.clip(((xx - x0) * dx + (yy - y0) * dy) / np.maximum(dx * dx + dy * dy, 1e-6), 0.0, 1.0)
+            t = np.clip(
+                ((xx - x0) * dx + (yy - y0) * dy) / np.maximum(dx * dx + dy * dy, 1e-6), 0.0, 1.0
+            )
             dist2 = (xx - x0 - t * dx) ** 2 + (yy - y0 - t * dy) ** 2
             for k in range(n_lines):
                 img[dist2[k] <= half_width[k] ** 2] = colours[k]
@@ -136,13 +151,21 @@ class _ShapesBase:
             centres = rng.uniform(0.0, size, (n_blobs, 2)).astype(np.float32)
             radii = (rng.uniform(1.0, 3.0, (n_blobs, 2)) * self._scale).astype(np.float32)
             colours = rng.uniform(0.0, 255.0, (n_blobs, 3)).astype(np.float32)
-            d2 = (((yy - centres[:, 0, None, None]) / radii[:, 0, None, None]) ** 2
-                  + ((xx - centres[:, 1, None, None]) / radii[:, 1, None, None]) ** 2)
+            d2 = ((yy - centres[:, 0, None, None]) / radii[:, 0, None, None]) ** 2 + (
+                (xx - centres[:, 1, None, None]) / radii[:, 1, None, None]
+            ) ** 2
             for k in range(n_blobs):
                 img[d2[k] <= 1.0] = colours[k]
 
-    def _draw_shape(self, rng: np.random.Generator, img: np.ndarray, kind: int, radius: float,
-                    cy: float, cx: float) -> np.ndarray:
+    def _draw_shape(
+        self,
+        rng: np.random.Generator,
+        img: np.ndarray,
+        kind: int,
+        radius: float,
+        cy: float,
+        cx: float,
+    ) -> np.ndarray:
         """Paints shape ``kind`` (index into SHAPE_NAMES) in place; returns its (S, S) bool cover."""
         theta = rng.uniform(0.0, 2 * np.pi)
         cos, sin = np.float32(np.cos(theta)), np.float32(np.sin(theta))
@@ -225,8 +248,10 @@ class ShapesSegmentation(_ShapesBase):
     CLASS_NAMES = ("background",) + SHAPE_NAMES
     NUM_CLASSES = len(CLASS_NAMES)
     # Colours for visualising masks (row = class id).
-    PALETTE = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
-                        [245, 130, 48]], dtype=np.uint8)
+    PALETTE = np.array(
+        [[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48]],
+        dtype=np.uint8,
+    )
 
     def _example(self, rng):
         size = self.image_size

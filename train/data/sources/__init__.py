@@ -26,6 +26,7 @@ Adapters with two backends (ade20k, cityscapes) read ``config.dataset.backend``:
 the local folder when it exists under data_dir, else TFDS), "folder" or "tfds".
 TFDS is imported only when a TFDS backend is opened.
 """
+
 from __future__ import annotations
 
 from train.data import pipeline

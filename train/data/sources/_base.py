@@ -15,6 +15,7 @@
 ``tensorflow_datasets`` is imported only inside ``open_tfds`` (it costs about a second), so
 registering the adapters and using the folder adapters never imports it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,6 +37,7 @@ BACKENDS = ("auto", "folder", "tfds")
 
 
 # -- config --------------------------------------------------------------------------------------
+
 
 def cfg_get(config: Any, key: str, default: Any = None) -> Any:
     """``config[key]`` when present and not None, else ``default`` (ConfigDict or mapping)."""
@@ -60,8 +62,10 @@ def require_data_dir(config: Any, dataset: str, layout: str) -> str:
     """The data directory of a folder adapter; FileNotFoundError with the layout when it is unset."""
     root = data_dir(config)
     if root is None:
-        raise FileNotFoundError(f"dataset {dataset!r} reads a local folder but config.dataset.data_dir is not set; "
-                                f"expected layout:\n{layout}")
+        raise FileNotFoundError(
+            f"dataset {dataset!r} reads a local folder but config.dataset.data_dir is not set; "
+            f"expected layout:\n{layout}"
+        )
     return root
 
 
@@ -69,18 +73,23 @@ def backend(config: Any, dataset: str) -> str:
     """``config.dataset.backend``: "auto" (default), "folder" or "tfds"."""
     value = str(cfg_get(config, "backend", "auto"))
     if value not in BACKENDS:
-        raise ValueError(f"dataset {dataset!r}: config.dataset.backend must be one of {list(BACKENDS)}, got {value!r}")
+        raise ValueError(
+            f"dataset {dataset!r}: config.dataset.backend must be one of {list(BACKENDS)}, got {value!r}"
+        )
     return value
 
 
 def lookup_split(dataset: str, split: str, splits: Mapping[str, Any]) -> Any:
     """``splits[split]``, or ValueError naming the dataset's splits."""
     if split not in splits:
-        raise ValueError(f"dataset {dataset!r} has no split {split!r}; available splits: {list(splits)}")
+        raise ValueError(
+            f"dataset {dataset!r} has no split {split!r}; available splits: {list(splits)}"
+        )
     return splits[split]
 
 
 # -- decoding ------------------------------------------------------------------------------------
+
 
 def to_rgb(image: Any) -> np.ndarray:
     """uint8 (H, W, 3) from (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) (alpha dropped)."""
@@ -102,12 +111,15 @@ def read_label_png(path: str) -> np.ndarray:
     """A label image as int (H, W): its pixel values (palette indices for mode P), unconverted."""
     with Image.open(path) as img:
         if img.mode not in _LABEL_MODES:
-            raise ValueError(f"{path}: a label image must be single-channel (PIL mode L, P or I, whose pixel "
-                             f"values are the labels), got mode {img.mode!r}; colour-coded masks are not read")
+            raise ValueError(
+                f"{path}: a label image must be single-channel (PIL mode L, P or I, whose pixel "
+                f"values are the labels), got mode {img.mode!r}; colour-coded masks are not read"
+            )
         return np.asarray(img)
 
 
 # -- labels --------------------------------------------------------------------------------------
+
 
 class LabelTable:
     """Raw label id -> class index (``IGNORE`` = -1 for every id the table does not list).
@@ -123,7 +135,9 @@ class LabelTable:
         self.channel = channel
 
     @classmethod
-    def from_pairs(cls, pairs: Mapping[int, int], size: int = 256, channel: int | None = None) -> "LabelTable":
+    def from_pairs(
+        cls, pairs: Mapping[int, int], size: int = 256, channel: int | None = None
+    ) -> LabelTable:
         table = np.full(size, IGNORE, np.int32)
         for raw, label in pairs.items():
             table[raw] = label
@@ -159,6 +173,7 @@ def identity_table(num_classes: int, size: int = 256) -> LabelTable:
 
 # -- sources -------------------------------------------------------------------------------------
 
+
 def _index(index: Any, n: int, owner: Any) -> int:
     i = operator.index(index)
     if i < 0:
@@ -187,8 +202,15 @@ class _Source:
 class FileSegmentation(_Source):
     """Image files paired with label PNGs; ``label_map(raw)`` turns raw ids into class indices."""
 
-    def __init__(self, name: str, split: str, image_paths: Sequence[str], mask_paths: Sequence[str],
-                 label_map: Callable[[np.ndarray], np.ndarray], class_names: Sequence[str]):
+    def __init__(
+        self,
+        name: str,
+        split: str,
+        image_paths: Sequence[str],
+        mask_paths: Sequence[str],
+        label_map: Callable[[np.ndarray], np.ndarray],
+        class_names: Sequence[str],
+    ):
         super().__init__(name, split, class_names)
         if len(image_paths) != len(mask_paths):
             raise ValueError(f"{name}: {len(image_paths)} images but {len(mask_paths)} masks")
@@ -204,16 +226,24 @@ class FileSegmentation(_Source):
         image = read_rgb(self.image_paths[i])
         mask = np.asarray(self.label_map(read_label_png(self.mask_paths[i])), np.int32)
         if mask.shape != image.shape[:2]:
-            raise ValueError(f"{self.name}: image {self.image_paths[i]} is {image.shape[:2]} but its mask "
-                             f"{self.mask_paths[i]} is {mask.shape}")
+            raise ValueError(
+                f"{self.name}: image {self.image_paths[i]} is {image.shape[:2]} but its mask "
+                f"{self.mask_paths[i]} is {mask.shape}"
+            )
         return {"image": image, "mask": mask}
 
 
 class FileRecognition(_Source):
     """Image files with integer labels."""
 
-    def __init__(self, name: str, split: str, image_paths: Sequence[str], labels: Sequence[int],
-                 class_names: Sequence[str]):
+    def __init__(
+        self,
+        name: str,
+        split: str,
+        image_paths: Sequence[str],
+        labels: Sequence[int],
+        class_names: Sequence[str],
+    ):
         super().__init__(name, split, class_names)
         if len(image_paths) != len(labels):
             raise ValueError(f"{name}: {len(image_paths)} images but {len(labels)} labels")
@@ -225,14 +255,25 @@ class FileRecognition(_Source):
 
     def __getitem__(self, index: Any) -> dict:
         i = _index(index, len(self), self)
-        return {"image": read_rgb(self.image_paths[i]), "label": np.asarray(self.labels[i], np.int32)}
+        return {
+            "image": read_rgb(self.image_paths[i]),
+            "label": np.asarray(self.labels[i], np.int32),
+        }
 
 
 class TfdsSegmentation(_Source):
     """A ``tfds.data_source`` with an image and a label-image feature."""
 
-    def __init__(self, name: str, split: str, inner: Any, image_key: str, mask_key: str,
-                 label_map: Callable[[np.ndarray], np.ndarray], class_names: Sequence[str]):
+    def __init__(
+        self,
+        name: str,
+        split: str,
+        inner: Any,
+        image_key: str,
+        mask_key: str,
+        label_map: Callable[[np.ndarray], np.ndarray],
+        class_names: Sequence[str],
+    ):
         super().__init__(name, split, class_names)
         self.inner = inner
         self.image_key = image_key
@@ -244,15 +285,24 @@ class TfdsSegmentation(_Source):
 
     def __getitem__(self, index: Any) -> dict:
         example = self.inner[_index(index, len(self), self)]
-        return {"image": to_rgb(example[self.image_key]),
-                "mask": np.asarray(self.label_map(example[self.mask_key]), np.int32)}
+        return {
+            "image": to_rgb(example[self.image_key]),
+            "mask": np.asarray(self.label_map(example[self.mask_key]), np.int32),
+        }
 
 
 class TfdsRecognition(_Source):
     """A ``tfds.data_source`` with an image and an integer label feature (label passed through)."""
 
-    def __init__(self, name: str, split: str, inner: Any, class_names: Sequence[str],
-                 image_key: str = "image", label_key: str = "label"):
+    def __init__(
+        self,
+        name: str,
+        split: str,
+        inner: Any,
+        class_names: Sequence[str],
+        image_key: str = "image",
+        label_key: str = "label",
+    ):
         super().__init__(name, split, class_names)
         self.inner = inner
         self.image_key = image_key
@@ -263,7 +313,10 @@ class TfdsRecognition(_Source):
 
     def __getitem__(self, index: Any) -> dict:
         example = self.inner[_index(index, len(self), self)]
-        return {"image": to_rgb(example[self.image_key]), "label": np.asarray(example[self.label_key], np.int32)}
+        return {
+            "image": to_rgb(example[self.image_key]),
+            "label": np.asarray(example[self.label_key], np.int32),
+        }
 
 
 def tfds_class_names(inner: Any, key: str, num_classes: int) -> tuple:
@@ -280,7 +333,10 @@ def tfds_class_names(inner: Any, key: str, num_classes: int) -> tuple:
 
 # -- TFDS ----------------------------------------------------------------------------------------
 
-def open_tfds(dataset: str, builder_name: str, tfds_split: str, root: str | None, how_to_prepare: str) -> Any:
+
+def open_tfds(
+    dataset: str, builder_name: str, tfds_split: str, root: str | None, how_to_prepare: str
+) -> Any:
     """``tfds.data_source(builder_name, split=tfds_split, data_dir=root, download=False)``.
 
     Never downloads. When TFDS cannot open the split because the dataset is not prepared in ``root``
@@ -299,7 +355,8 @@ def open_tfds(dataset: str, builder_name: str, tfds_split: str, root: str | None
             f"dataset {dataset!r}: TFDS dataset {builder_name!r} (split {tfds_split!r}) {problem} "
             f"(config.dataset.data_dir={root!r}; None = TFDS's default, $TFDS_DATA_DIR or ~/tensorflow_datasets). "
             f"tfds.data_source needs it prepared in the ArrayRecord format. To prepare it: {how_to_prepare}. "
-            f"TFDS said: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+            f"TFDS said: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        ) from err
 
 
 def _diagnose_tfds(tfds: Any, builder_name: str, root: str | None) -> str | None:
@@ -314,8 +371,10 @@ def _diagnose_tfds(tfds: Any, builder_name: str, root: str | None) -> str | None
         return f"is not prepared: nothing found at {builder.data_dir}"
     file_format = getattr(builder.info.file_format, "value", builder.info.file_format)
     if str(file_format) not in ("array_record", "parquet"):
-        return (f"is prepared at {builder.data_dir} in the {file_format!r} format, which has no random access "
-                "(no ArrayRecord files found)")
+        return (
+            f"is prepared at {builder.data_dir} in the {file_format!r} format, which has no random access "
+            "(no ArrayRecord files found)"
+        )
     return None
 
 
@@ -323,22 +382,34 @@ def tfds_prepare_hint(builder_name: str, root: str | None, manual: str | None = 
     target = root or "~/tensorflow_datasets"
     cmd = f"run `tfds build {builder_name} --data_dir {target} --file_format=array_record"
     if manual:
-        return (cmd + " --manual_dir <DIR>` on a machine with TensorFlow, where <DIR> holds " + manual
-                + f"; then copy the prepared folder to {target}")
-    return cmd + f"` on a machine with TensorFlow and network access, then copy the prepared folder to {target}"
+        return (
+            cmd
+            + " --manual_dir <DIR>` on a machine with TensorFlow, where <DIR> holds "
+            + manual
+            + f"; then copy the prepared folder to {target}"
+        )
+    return (
+        cmd
+        + f"` on a machine with TensorFlow and network access, then copy the prepared folder to {target}"
+    )
 
 
 # -- folders -------------------------------------------------------------------------------------
 
+
 def require_dir(path: str, dataset: str, layout: str) -> str:
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"dataset {dataset!r}: directory not found: {path}\nexpected layout:\n{layout}")
+        raise FileNotFoundError(
+            f"dataset {dataset!r}: directory not found: {path}\nexpected layout:\n{layout}"
+        )
     return path
 
 
 def require_file(path: str, dataset: str, layout: str) -> str:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"dataset {dataset!r}: file not found: {path}\nexpected layout:\n{layout}")
+        raise FileNotFoundError(
+            f"dataset {dataset!r}: file not found: {path}\nexpected layout:\n{layout}"
+        )
     return path
 
 
@@ -346,14 +417,18 @@ def require_all(paths: Sequence[str], dataset: str, layout: str) -> None:
     """FileNotFoundError naming the first missing file (and how many are missing)."""
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
-        raise FileNotFoundError(f"dataset {dataset!r}: {len(missing)} of {len(paths)} listed files are missing, "
-                                f"e.g. {missing[0]}\nexpected layout:\n{layout}")
+        raise FileNotFoundError(
+            f"dataset {dataset!r}: {len(missing)} of {len(paths)} listed files are missing, "
+            f"e.g. {missing[0]}\nexpected layout:\n{layout}"
+        )
 
 
 def list_images(directory: str) -> list[str]:
     """Sorted image files (jpg/jpeg/png, any case) directly in ``directory``."""
     with os.scandir(directory) as entries:
-        names = [e.name for e in entries if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)]
+        names = [
+            e.name for e in entries if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)
+        ]
     return [os.path.join(directory, n) for n in sorted(names)]
 
 

@@ -22,6 +22,7 @@ Two backends (``config.dataset.backend``: "auto" = the folder when it exists, el
   ``tfds build cityscapes/semantic_segmentation --manual_dir <dir with the two zips>
   --data_dir <data_dir> --file_format=array_record``. Splits: train, validation, test, trainval.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,26 +35,61 @@ NAME = "cityscapes"
 TFDS_NAME = "cityscapes/semantic_segmentation"
 FOLDER = "cityscapes"
 
+# fmt: off
 CLASS_NAMES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
                "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
                "bicycle")
+# fmt: on
 NUM_CLASSES = len(CLASS_NAMES)
 LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
-TRAIN_IDS = _base.LabelTable.from_pairs({label_id: k for k, label_id in enumerate(LABEL_IDS)}, size=256)
+TRAIN_IDS = _base.LabelTable.from_pairs(
+    {label_id: k for k, label_id in enumerate(LABEL_IDS)}, size=256
+)
 
 # The official Cityscapes colours of the 19 train ids.
-PALETTE = np.array([
-    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
-    (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60), (255, 0, 0),
-    (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
-], np.uint8)
+PALETTE = np.array(
+    [
+        (128, 64, 128),
+        (244, 35, 232),
+        (70, 70, 70),
+        (102, 102, 156),
+        (190, 153, 153),
+        (153, 153, 153),
+        (250, 170, 30),
+        (220, 220, 0),
+        (107, 142, 35),
+        (152, 251, 152),
+        (70, 130, 180),
+        (220, 20, 60),
+        (255, 0, 0),
+        (0, 0, 142),
+        (0, 0, 70),
+        (0, 60, 100),
+        (0, 80, 100),
+        (0, 0, 230),
+        (119, 11, 32),
+    ],
+    np.uint8,
+)
 
-_FOLDER_SPLITS = {"train": ("train",), "validation": ("val",), "test": ("test",), "trainval": ("train", "val")}
-_TFDS_SPLITS = {"train": "train", "validation": "validation", "test": "test", "trainval": "train+validation"}
+_FOLDER_SPLITS = {
+    "train": ("train",),
+    "validation": ("val",),
+    "test": ("test",),
+    "trainval": ("train", "val"),
+}
+_TFDS_SPLITS = {
+    "train": "train",
+    "validation": "validation",
+    "test": "test",
+    "trainval": "train+validation",
+}
 
-LAYOUT = (f"  <data_dir>/{FOLDER}/leftImg8bit/{{train,val,test}}/<city>/<id>_leftImg8bit.png\n"
-          f"  <data_dir>/{FOLDER}/gtFine/{{train,val,test}}/<city>/<id>_gtFine_labelIds.png\n"
-          f"or TFDS {TFDS_NAME!r} prepared (array_record) in <data_dir>")
+LAYOUT = (
+    f"  <data_dir>/{FOLDER}/leftImg8bit/{{train,val,test}}/<city>/<id>_leftImg8bit.png\n"
+    f"  <data_dir>/{FOLDER}/gtFine/{{train,val,test}}/<city>/<id>_gtFine_labelIds.png\n"
+    f"or TFDS {TFDS_NAME!r} prepared (array_record) in <data_dir>"
+)
 _MANUAL = "leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip from cityscapes-dataset.com (registration)"
 
 
@@ -72,10 +108,16 @@ def _folder(config, split: str, name: str) -> _base.FileSegmentation:
                 if not base.endswith("_leftImg8bit.png"):
                     continue
                 images.append(path)
-                masks.append(os.path.join(mask_root, city, base[:-len("_leftImg8bit.png")] + "_gtFine_labelIds.png"))
+                masks.append(
+                    os.path.join(
+                        mask_root, city, base[: -len("_leftImg8bit.png")] + "_gtFine_labelIds.png"
+                    )
+                )
     if not images:
-        raise FileNotFoundError(f"dataset {name!r}: no *_leftImg8bit.png images for split {split!r} under "
-                                f"{root}/leftImg8bit\nexpected layout:\n{LAYOUT}")
+        raise FileNotFoundError(
+            f"dataset {name!r}: no *_leftImg8bit.png images for split {split!r} under "
+            f"{root}/leftImg8bit\nexpected layout:\n{LAYOUT}"
+        )
     _base.require_all(masks, name, LAYOUT)
     return _base.FileSegmentation(name, split, images, masks, TRAIN_IDS, CLASS_NAMES)
 
@@ -83,10 +125,14 @@ def _folder(config, split: str, name: str) -> _base.FileSegmentation:
 def _tfds(config, split: str, name: str) -> _base.TfdsSegmentation:
     tfds_split = _base.lookup_split(name, split, _TFDS_SPLITS)
     root = _base.data_dir(config)
-    hint = (f"extract the official zips under <data_dir>/{FOLDER}/ (the folder backend), or "
-            f"{_base.tfds_prepare_hint(TFDS_NAME, root, _MANUAL)}")
+    hint = (
+        f"extract the official zips under <data_dir>/{FOLDER}/ (the folder backend), or "
+        f"{_base.tfds_prepare_hint(TFDS_NAME, root, _MANUAL)}"
+    )
     inner = _base.open_tfds(name, TFDS_NAME, tfds_split, root, hint)
-    return _base.TfdsSegmentation(name, split, inner, "image_left", "segmentation_label", TRAIN_IDS, CLASS_NAMES)
+    return _base.TfdsSegmentation(
+        name, split, inner, "image_left", "segmentation_label", TRAIN_IDS, CLASS_NAMES
+    )
 
 
 def build(config, split: str):
@@ -95,5 +141,9 @@ def build(config, split: str):
     choice = _base.backend(config, name)
     if choice == "auto":
         root = _base.data_dir(config)
-        choice = "folder" if root is not None and os.path.isdir(os.path.join(root, FOLDER, "leftImg8bit")) else "tfds"
+        choice = (
+            "folder"
+            if root is not None and os.path.isdir(os.path.join(root, FOLDER, "leftImg8bit"))
+            else "tfds"
+        )
     return _folder(config, split, name) if choice == "folder" else _tfds(config, split, name)

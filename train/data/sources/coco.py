@@ -27,6 +27,7 @@ What is and is not supported:
 
 Splits: train (train2017), validation (val2017).
 """
+
 from __future__ import annotations
 
 import collections
@@ -50,10 +51,12 @@ _CAT_TO_CLASS = {cat: k for k, cat in enumerate(CAT_LIST) if k > 0}
 MASK_FOLDER = "masks_voc"
 
 _SPLITS = {"train": "train2017", "validation": "val2017"}
-LAYOUT = ("  <data_dir>/{train2017,val2017}/<stem>.jpg\n"
-          f"  <data_dir>/{MASK_FOLDER}/{{train2017,val2017}}/<stem>.png  (0..20, 255 = ignore)\n"
-          "  (render the masks with train.data.sources.coco.prepare_voc_masks(data_dir, split) from "
-          "<data_dir>/annotations/instances_<split>.json)")
+LAYOUT = (
+    "  <data_dir>/{train2017,val2017}/<stem>.jpg\n"
+    f"  <data_dir>/{MASK_FOLDER}/{{train2017,val2017}}/<stem>.png  (0..20, 255 = ignore)\n"
+    "  (render the masks with train.data.sources.coco.prepare_voc_masks(data_dir, split) from "
+    "<data_dir>/annotations/instances_<split>.json)"
+)
 
 
 def build(config, split: str) -> _base.FileSegmentation:
@@ -65,13 +68,18 @@ def build(config, split: str) -> _base.FileSegmentation:
     image_dir = _base.require_dir(os.path.join(root, folder), name, LAYOUT)
     masks = [p for p in _base.list_images(mask_dir) if p.lower().endswith(".png")]
     if not masks:
-        raise FileNotFoundError(f"dataset {name!r}: no masks in {mask_dir}\nexpected layout:\n{LAYOUT}")
-    images = [os.path.join(image_dir, os.path.splitext(os.path.basename(p))[0] + ".jpg") for p in masks]
+        raise FileNotFoundError(
+            f"dataset {name!r}: no masks in {mask_dir}\nexpected layout:\n{LAYOUT}"
+        )
+    images = [
+        os.path.join(image_dir, os.path.splitext(os.path.basename(p))[0] + ".jpg") for p in masks
+    ]
     _base.require_all(images, name, LAYOUT)
     return _base.FileSegmentation(name, split, images, masks, LABELS, CLASS_NAMES)
 
 
 # -- mask rendering ------------------------------------------------------------------------------
+
 
 def rle_counts_from_string(s: str) -> list[int]:
     """Run lengths of a compressed COCO RLE string (each count: 5-bit groups as chars from '0',
@@ -111,7 +119,11 @@ def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarra
         draw = ImageDraw.Draw(canvas)
         for poly in segmentation:
             if len(poly) >= 6:
-                draw.polygon([(float(x), float(y)) for x, y in zip(poly[0::2], poly[1::2])], fill=1, outline=1)
+                draw.polygon(
+                    [(float(x), float(y)) for x, y in zip(poly[0::2], poly[1::2])],
+                    fill=1,
+                    outline=1,
+                )
         return np.asarray(canvas, np.uint8).astype(bool)
     counts = segmentation["counts"]
     h, w = (int(v) for v in segmentation.get("size", (height, width)))
@@ -120,7 +132,9 @@ def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarra
     return decode_rle(counts, h, w)
 
 
-def render_voc_mask(annotations: Iterable[Mapping[str, Any]], height: int, width: int) -> np.ndarray:
+def render_voc_mask(
+    annotations: Iterable[Mapping[str, Any]], height: int, width: int
+) -> np.ndarray:
     """uint8 (H, W) VOC-class mask (0 = background, 1..20) of one image's COCO instance annotations:
     ``CAT_LIST`` mapping, other categories skipped, the first instance covering a pixel wins."""
     mask = np.zeros((height, width), np.uint8)
@@ -147,14 +161,18 @@ def prepare_voc_masks(data_dir: str, split: str, *, min_foreground_pixels: int =
     out_dir = os.path.join(data_dir, MASK_FOLDER, split)
     os.makedirs(out_dir, exist_ok=True)
     palette = np.zeros((256, 3), np.uint8)
-    palette[:len(PALETTE)] = PALETTE
+    palette[: len(PALETTE)] = PALETTE
     palette[255] = 255
     written = 0
     for info in data["images"]:
-        mask = render_voc_mask(by_image.get(info["id"], ()), int(info["height"]), int(info["width"]))
+        mask = render_voc_mask(
+            by_image.get(info["id"], ()), int(info["height"]), int(info["width"])
+        )
         if int(np.count_nonzero(mask)) <= min_foreground_pixels:
             continue
-        img = Image.frombytes("P", (mask.shape[1], mask.shape[0]), np.ascontiguousarray(mask).tobytes())
+        img = Image.frombytes(
+            "P", (mask.shape[1], mask.shape[0]), np.ascontiguousarray(mask).tobytes()
+        )
         img.putpalette(palette.tobytes())
         stem = os.path.splitext(info["file_name"])[0]
         img.save(os.path.join(out_dir, stem + ".png"))

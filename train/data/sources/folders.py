@@ -18,6 +18,7 @@ test.
 error when the example is read. ``config.dataset.class_names`` (optional) names the classes.
 No palette is registered: visualisations use the VOC colour map for K classes.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,10 +29,14 @@ from train.data.sources import _base
 
 _SPLIT_DIRS = {"train": ("train",), "validation": ("validation", "val"), "test": ("test",)}
 
-IMAGE_LAYOUT = "  <data_dir>/<split>/<class>/*.{jpg,jpeg,png}   (split: train, validation or val, test)"
-SEG_LAYOUT = ("  <data_dir>/<split>/images/<stem>.{jpg,jpeg,png}\n"
-              "  <data_dir>/<split>/masks/<stem>.png   (0..num_classes-1, 255 = ignore)   "
-              "(split: train, validation or val, test)")
+IMAGE_LAYOUT = (
+    "  <data_dir>/<split>/<class>/*.{jpg,jpeg,png}   (split: train, validation or val, test)"
+)
+SEG_LAYOUT = (
+    "  <data_dir>/<split>/images/<stem>.{jpg,jpeg,png}\n"
+    "  <data_dir>/<split>/masks/<stem>.png   (0..num_classes-1, 255 = ignore)   "
+    "(split: train, validation or val, test)"
+)
 
 
 def _split_dir(config, split: str, name: str, layout: str) -> str:
@@ -54,10 +59,14 @@ def build_image_folder(config, split: str) -> _base.FileRecognition:
     train_dir = os.path.join(os.path.dirname(directory), "train")
     classes = _classes(train_dir if os.path.isdir(train_dir) else directory)
     if not classes:
-        raise FileNotFoundError(f"dataset {name!r}: no class folders in {directory}\nexpected layout:\n{IMAGE_LAYOUT}")
+        raise FileNotFoundError(
+            f"dataset {name!r}: no class folders in {directory}\nexpected layout:\n{IMAGE_LAYOUT}"
+        )
     extra = sorted(set(_classes(directory)) - set(classes))
     if extra:
-        raise ValueError(f"dataset {name!r}: {directory} has classes {extra} that {train_dir} does not have")
+        raise ValueError(
+            f"dataset {name!r}: {directory} has classes {extra} that {train_dir} does not have"
+        )
     paths, labels = [], []
     for k, cls in enumerate(classes):
         cls_dir = os.path.join(directory, cls)
@@ -66,7 +75,9 @@ def build_image_folder(config, split: str) -> _base.FileRecognition:
             paths += found
             labels += [k] * len(found)
     if not paths:
-        raise FileNotFoundError(f"dataset {name!r}: no images under {directory}\nexpected layout:\n{IMAGE_LAYOUT}")
+        raise FileNotFoundError(
+            f"dataset {name!r}: no images under {directory}\nexpected layout:\n{IMAGE_LAYOUT}"
+        )
     return _base.FileRecognition(name, split, paths, labels, classes)
 
 
@@ -81,13 +92,17 @@ class FolderLabels:
         if raw.ndim == 3 and raw.shape[-1] == 1:
             raw = raw[..., 0]
         if raw.ndim != 2 or not np.issubdtype(raw.dtype, np.integer):
-            raise ValueError(f"seg_folder: expected an integer (H, W) mask, got {raw.dtype} {raw.shape}")
+            raise ValueError(
+                f"seg_folder: expected an integer (H, W) mask, got {raw.dtype} {raw.shape}"
+            )
         mask = raw.astype(np.int32)
         ignore = mask == 255
         bad = ~ignore & ((mask < 0) | (mask >= self.num_classes))
         if bad.any():
-            raise ValueError(f"seg_folder: mask values {sorted(np.unique(mask[bad]).tolist())[:10]} are outside "
-                             f"0..{self.num_classes - 1} (and are not 255 = ignore)")
+            raise ValueError(
+                f"seg_folder: mask values {sorted(np.unique(mask[bad]).tolist())[:10]} are outside "
+                f"0..{self.num_classes - 1} (and are not 255 = ignore)"
+            )
         mask[ignore] = _base.IGNORE
         return mask
 
@@ -97,22 +112,34 @@ def build_seg_folder(config, split: str) -> _base.FileSegmentation:
     name = _base.dataset_name(config, "seg_folder")
     num_classes = _base.cfg_get(config, "num_classes")
     if num_classes is None or int(num_classes) < 1:
-        raise ValueError(f"dataset {name!r}: config.dataset.num_classes (the number of mask classes) is required")
+        raise ValueError(
+            f"dataset {name!r}: config.dataset.num_classes (the number of mask classes) is required"
+        )
     num_classes = int(num_classes)
     if num_classes > 255:
-        raise ValueError(f"dataset {name!r}: at most 255 classes (255 marks ignored pixels), got {num_classes}")
+        raise ValueError(
+            f"dataset {name!r}: at most 255 classes (255 marks ignored pixels), got {num_classes}"
+        )
     class_names = _base.cfg_get(config, "class_names")
     if class_names is None:
         class_names = tuple(f"class_{k}" for k in range(num_classes))
     elif len(class_names) != num_classes:
-        raise ValueError(f"dataset {name!r}: config.dataset.class_names has {len(class_names)} names for "
-                         f"{num_classes} classes")
+        raise ValueError(
+            f"dataset {name!r}: config.dataset.class_names has {len(class_names)} names for "
+            f"{num_classes} classes"
+        )
     directory = _split_dir(config, split, name, SEG_LAYOUT)
     image_dir = _base.require_dir(os.path.join(directory, "images"), name, SEG_LAYOUT)
     mask_dir = _base.require_dir(os.path.join(directory, "masks"), name, SEG_LAYOUT)
     images = _base.list_images(image_dir)
     if not images:
-        raise FileNotFoundError(f"dataset {name!r}: no images in {image_dir}\nexpected layout:\n{SEG_LAYOUT}")
-    masks = [os.path.join(mask_dir, os.path.splitext(os.path.basename(p))[0] + ".png") for p in images]
+        raise FileNotFoundError(
+            f"dataset {name!r}: no images in {image_dir}\nexpected layout:\n{SEG_LAYOUT}"
+        )
+    masks = [
+        os.path.join(mask_dir, os.path.splitext(os.path.basename(p))[0] + ".png") for p in images
+    ]
     _base.require_all(masks, name, SEG_LAYOUT)
-    return _base.FileSegmentation(name, split, images, masks, FolderLabels(num_classes), class_names)
+    return _base.FileSegmentation(
+        name, split, images, masks, FolderLabels(num_classes), class_names
+    )

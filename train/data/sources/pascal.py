@@ -26,6 +26,7 @@ Labels: 0 -> -1 ignore (the 59-class protocol does not score background), k -> k
 -> -1. Splits: train (4996 images), validation (val.txt, 5104). The 60-class variant (background
 scored) is not provided.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,12 +37,15 @@ from train.observe import voc_palette
 VOC_NAME = "pascal_voc"
 CONTEXT_NAME = "pcontext"
 
+# fmt: off
 VOC_CLASS_NAMES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
                    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
                    "train", "tvmonitor")
+# fmt: on
 VOC_LABELS = _base.identity_table(len(VOC_CLASS_NAMES))
 VOC_PALETTE = voc_palette(len(VOC_CLASS_NAMES))
 
+# fmt: off
 CONTEXT_CLASS_NAMES = (
     "aeroplane", "bag", "bed", "bedclothes", "bench", "bicycle", "bird", "boat", "book", "bottle", "building",
     "bus", "cabinet", "car", "cat", "ceiling", "chair", "cloth", "computer", "cow", "cup", "curtain", "dog",
@@ -50,26 +54,38 @@ CONTEXT_CLASS_NAMES = (
     "sidewalk", "sign", "sky", "snow", "sofa", "table", "track", "train", "tree", "truck", "tvmonitor", "wall",
     "water", "window", "wood",
 )
+# fmt: on
 CONTEXT_LABELS = _base.shift_table(len(CONTEXT_CLASS_NAMES))
 # Class k is stored as PNG value k+1, so it gets the VOC colour of k+1 (as the PNG viewers show it).
 CONTEXT_PALETTE = voc_palette(len(CONTEXT_CLASS_NAMES) + 1)[1:]
 
-VOC_LAYOUT = ("  <data_dir>/VOCdevkit/VOC2012/JPEGImages/<id>.jpg\n"
-              "  <data_dir>/VOCdevkit/VOC2012/SegmentationClass/<id>.png  (palette PNG, 0..20, 255 = void)\n"
-              "  <data_dir>/VOCdevkit/VOC2012/ImageSets/Segmentation/{train,val,trainval}.txt")
-CONTEXT_LAYOUT = ("  <data_dir>/VOCdevkit/VOC2010/JPEGImages/<id>.jpg\n"
-                  "  <data_dir>/VOCdevkit/VOC2010/SegmentationClassContext/<id>.png  (0 = background, 1..59)\n"
-                  "  <data_dir>/VOCdevkit/VOC2010/ImageSets/SegmentationContext/{train,val}.txt")
+VOC_LAYOUT = (
+    "  <data_dir>/VOCdevkit/VOC2012/JPEGImages/<id>.jpg\n"
+    "  <data_dir>/VOCdevkit/VOC2012/SegmentationClass/<id>.png  (palette PNG, 0..20, 255 = void)\n"
+    "  <data_dir>/VOCdevkit/VOC2012/ImageSets/Segmentation/{train,val,trainval}.txt"
+)
+CONTEXT_LAYOUT = (
+    "  <data_dir>/VOCdevkit/VOC2010/JPEGImages/<id>.jpg\n"
+    "  <data_dir>/VOCdevkit/VOC2010/SegmentationClassContext/<id>.png  (0 = background, 1..59)\n"
+    "  <data_dir>/VOCdevkit/VOC2010/ImageSets/SegmentationContext/{train,val}.txt"
+)
 
 
-def _voc_style(config, split, *, name, year, mask_dir, sets_dir, splits, layout, labels, class_names):
+def _voc_style(
+    config, split, *, name, year, mask_dir, sets_dir, splits, layout, labels, class_names
+):
     list_name = _base.lookup_split(name, split, splits)
     root = os.path.join(_base.require_data_dir(config, name, layout), "VOCdevkit", year)
     _base.require_dir(root, name, layout)
-    ids = _base.read_ids(_base.require_file(os.path.join(root, "ImageSets", sets_dir, list_name + ".txt"),
-                                            name, layout))
+    ids = _base.read_ids(
+        _base.require_file(
+            os.path.join(root, "ImageSets", sets_dir, list_name + ".txt"), name, layout
+        )
+    )
     if not ids:
-        raise FileNotFoundError(f"dataset {name!r}: the split list for {split!r} is empty\nexpected layout:\n{layout}")
+        raise FileNotFoundError(
+            f"dataset {name!r}: the split list for {split!r} is empty\nexpected layout:\n{layout}"
+        )
     images = [os.path.join(root, "JPEGImages", i + ".jpg") for i in ids]
     masks = [os.path.join(root, mask_dir, i + ".png") for i in ids]
     _base.require_all(images, name, layout)
@@ -79,15 +95,31 @@ def _voc_style(config, split, *, name, year, mask_dir, sets_dir, splits, layout,
 
 def build_voc(config, split: str) -> _base.FileSegmentation:
     """``fn(config.dataset, split)`` for ``"pascal_voc"`` (module docstring)."""
-    return _voc_style(config, split, name=_base.dataset_name(config, VOC_NAME), year="VOC2012",
-                      mask_dir="SegmentationClass", sets_dir="Segmentation",
-                      splits={"train": "train", "validation": "val", "trainval": "trainval"},
-                      layout=VOC_LAYOUT, labels=VOC_LABELS, class_names=VOC_CLASS_NAMES)
+    return _voc_style(
+        config,
+        split,
+        name=_base.dataset_name(config, VOC_NAME),
+        year="VOC2012",
+        mask_dir="SegmentationClass",
+        sets_dir="Segmentation",
+        splits={"train": "train", "validation": "val", "trainval": "trainval"},
+        layout=VOC_LAYOUT,
+        labels=VOC_LABELS,
+        class_names=VOC_CLASS_NAMES,
+    )
 
 
 def build_context(config, split: str) -> _base.FileSegmentation:
     """``fn(config.dataset, split)`` for ``"pcontext"`` (module docstring)."""
-    return _voc_style(config, split, name=_base.dataset_name(config, CONTEXT_NAME), year="VOC2010",
-                      mask_dir="SegmentationClassContext", sets_dir="SegmentationContext",
-                      splits={"train": "train", "validation": "val"},
-                      layout=CONTEXT_LAYOUT, labels=CONTEXT_LABELS, class_names=CONTEXT_CLASS_NAMES)
+    return _voc_style(
+        config,
+        split,
+        name=_base.dataset_name(config, CONTEXT_NAME),
+        year="VOC2010",
+        mask_dir="SegmentationClassContext",
+        sets_dir="SegmentationContext",
+        splits={"train": "train", "validation": "val"},
+        layout=CONTEXT_LAYOUT,
+        labels=CONTEXT_LABELS,
+        class_names=CONTEXT_CLASS_NAMES,
+    )

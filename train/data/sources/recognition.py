@@ -23,69 +23,115 @@ class is its parent directory. Splits: train (train<fold>.txt), validation (vali
 test (test<fold>.txt); ``config.dataset.fold`` picks the official split 1..5 (default 1). Upstream
 evaluates on test1.txt; here that is the "test" split.
 """
+
 from __future__ import annotations
 
 import os
 
 from train.data.sources import _base
 
-CIFAR10_CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR10_CLASS_NAMES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+# fmt: off
 MINC_CLASS_NAMES = ("brick", "carpet", "ceramic", "fabric", "foliage", "food", "glass", "hair", "leather",
                     "metal", "mirror", "other", "painted", "paper", "plastic", "polishedstone", "skin", "sky",
                     "stone", "tile", "wallpaper", "water", "wood")
+# fmt: on
 
-_IMAGENET_MANUAL = "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (from image-net.org, registration)"
+_IMAGENET_MANUAL = (
+    "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (from image-net.org, registration)"
+)
 
 
-def _tfds_recognition(config, split, *, name, builder, splits, num_classes, manual=None, class_names=None):
+def _tfds_recognition(
+    config, split, *, name, builder, splits, num_classes, manual=None, class_names=None
+):
     tfds_split = _base.lookup_split(name, split, splits)
     root = _base.data_dir(config)
-    inner = _base.open_tfds(name, builder, tfds_split, root, _base.tfds_prepare_hint(builder, root, manual))
+    inner = _base.open_tfds(
+        name, builder, tfds_split, root, _base.tfds_prepare_hint(builder, root, manual)
+    )
     names = class_names or _base.tfds_class_names(inner, "label", num_classes)
     return _base.TfdsRecognition(name, split, inner, names)
 
 
 def build_imagenet(config, split: str) -> _base.TfdsRecognition:
     """``fn(config.dataset, split)`` for ``"imagenet2012"`` (module docstring)."""
-    return _tfds_recognition(config, split, name=_base.dataset_name(config, "imagenet2012"), builder="imagenet2012",
-                             splits={"train": "train", "validation": "validation"}, num_classes=1000,
-                             manual=_IMAGENET_MANUAL)
+    return _tfds_recognition(
+        config,
+        split,
+        name=_base.dataset_name(config, "imagenet2012"),
+        builder="imagenet2012",
+        splits={"train": "train", "validation": "validation"},
+        num_classes=1000,
+        manual=_IMAGENET_MANUAL,
+    )
 
 
 def build_cifar10(config, split: str) -> _base.TfdsRecognition:
     """``fn(config.dataset, split)`` for ``"cifar10"`` (module docstring)."""
-    return _tfds_recognition(config, split, name=_base.dataset_name(config, "cifar10"), builder="cifar10",
-                             splits={"train": "train", "validation": "test", "test": "test"}, num_classes=10,
-                             class_names=CIFAR10_CLASS_NAMES)
+    return _tfds_recognition(
+        config,
+        split,
+        name=_base.dataset_name(config, "cifar10"),
+        builder="cifar10",
+        splits={"train": "train", "validation": "test", "test": "test"},
+        num_classes=10,
+        class_names=CIFAR10_CLASS_NAMES,
+    )
 
 
-MINC_LAYOUT = ("  <data_dir>/minc-2500/images/<class>/*.jpg            (23 class folders)\n"
-               "  <data_dir>/minc-2500/labels/{train,validate,test}<fold>.txt  (lines images/<class>/<file>.jpg)")
+MINC_LAYOUT = (
+    "  <data_dir>/minc-2500/images/<class>/*.jpg            (23 class folders)\n"
+    "  <data_dir>/minc-2500/labels/{train,validate,test}<fold>.txt  (lines images/<class>/<file>.jpg)"
+)
 
 
 def build_minc(config, split: str) -> _base.FileRecognition:
     """``fn(config.dataset, split)`` for ``"minc"`` (module docstring)."""
     name = _base.dataset_name(config, "minc")
-    prefix = _base.lookup_split(name, split, {"train": "train", "validation": "validate", "test": "test"})
+    prefix = _base.lookup_split(
+        name, split, {"train": "train", "validation": "validate", "test": "test"}
+    )
     fold = int(_base.cfg_get(config, "fold", 1))
     if not 1 <= fold <= 5:
         raise ValueError(f"dataset {name!r}: config.dataset.fold must be 1..5, got {fold}")
     root = os.path.join(_base.require_data_dir(config, name, MINC_LAYOUT), "minc-2500")
     image_root = _base.require_dir(os.path.join(root, "images"), name, MINC_LAYOUT)
-    classes = sorted(d for d in os.listdir(image_root) if os.path.isdir(os.path.join(image_root, d)))
+    classes = sorted(
+        d for d in os.listdir(image_root) if os.path.isdir(os.path.join(image_root, d))
+    )
     if len(classes) != len(MINC_CLASS_NAMES):
-        raise ValueError(f"dataset {name!r}: {image_root} has {len(classes)} class folders, expected "
-                         f"{len(MINC_CLASS_NAMES)} ({', '.join(MINC_CLASS_NAMES)})")
+        raise ValueError(
+            f"dataset {name!r}: {image_root} has {len(classes)} class folders, expected "
+            f"{len(MINC_CLASS_NAMES)} ({', '.join(MINC_CLASS_NAMES)})"
+        )
     index = {c: k for k, c in enumerate(classes)}
-    list_path = _base.require_file(os.path.join(root, "labels", f"{prefix}{fold}.txt"), name, MINC_LAYOUT)
+    list_path = _base.require_file(
+        os.path.join(root, "labels", f"{prefix}{fold}.txt"), name, MINC_LAYOUT
+    )
     paths, labels = [], []
     for line in _base.read_ids(list_path):
         cls = os.path.basename(os.path.dirname(line))
         if cls not in index:
-            raise ValueError(f"dataset {name!r}: {list_path}: {line!r} is not under images/<class>/")
+            raise ValueError(
+                f"dataset {name!r}: {list_path}: {line!r} is not under images/<class>/"
+            )
         paths.append(os.path.join(root, line))
         labels.append(index[cls])
     if not paths:
-        raise FileNotFoundError(f"dataset {name!r}: {list_path} lists no images\nexpected layout:\n{MINC_LAYOUT}")
+        raise FileNotFoundError(
+            f"dataset {name!r}: {list_path} lists no images\nexpected layout:\n{MINC_LAYOUT}"
+        )
     _base.require_all(paths, name, MINC_LAYOUT)
     return _base.FileRecognition(name, split, paths, labels, classes)

@@ -1,12 +1,15 @@
-"""Input validation shared by every jaxenc layer and loss.
+"""Argument checks shared by jaxenc, jaxenc.kernels and the trainer (one argument order, one message style).
 
-Errors name the layer, the argument, what was expected and what was given (docs/DESIGN.md, Public conventions:
-the error message is part of the API). All checks run on static shapes at trace time, so they cost nothing
-inside a compiled program.
+Every check takes ``(value, name, where)`` and raises ``"{where}: {name} must be ..., got {value!r}"``
+(docs/DESIGN.md, Public conventions: the error message is part of the API). Checks on arrays read static
+shapes at trace time, so they cost nothing inside a compiled program.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
+
+import numpy as np
 
 _REDUCTIONS = ("none", "mean", "sum")
 
@@ -30,11 +33,34 @@ def check_channels(x, expected: int | None, where: str, name: str = "in_channels
     return channels
 
 
+def is_int(value) -> bool:
+    """Whether ``value`` is a Python or numpy integer (``bool`` is not)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def check_int(value, name: str, where: str, minimum: int | None = None) -> int:
+    """Return ``value`` as an int; ValueError unless it is an integer (not a bool) >= ``minimum``."""
+    if not is_int(value) or (minimum is not None and value < minimum):
+        if minimum is None:
+            wanted = "an integer"
+        elif minimum == 1:
+            wanted = "a positive integer"
+        elif minimum == 0:
+            wanted = "a non-negative integer"
+        else:
+            wanted = f"an integer >= {minimum}"
+        raise ValueError(f"{where}: {name} must be {wanted}, got {value!r}")
+    return int(value)
+
+
 def check_positive_int(value, name: str, where: str) -> int:
-    """Raise ValueError unless ``value`` is an int >= 1."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{where}: {name} must be a positive integer, got {value!r}")
-    return value
+    """Return ``value`` as an int; ValueError unless it is an integer >= 1."""
+    return check_int(value, name, where, minimum=1)
+
+
+def check_step(value, name: str = "step", where: str = "step") -> int:
+    """Return a training step as an int; ValueError unless it is an integer >= 0."""
+    return check_int(value, name, where, minimum=0)
 
 
 def check_divisible(value: int, divisor: int, what: str, by: str, where: str) -> None:
