@@ -196,7 +196,7 @@ def test_published_weights_file_gives_the_checkpoints_numbers(trained, tmp_path)
     import jax
 
     from jaxenc.models import store
-    from train import checkpoint
+    from train import finetune
     from train.trainer import build_model
 
     config, workdir, _ = trained
@@ -206,7 +206,7 @@ def test_published_weights_file_gives_the_checkpoints_numbers(trained, tmp_path)
         )
     )
     target = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-    variables = checkpoint.load_params_for_finetune(workdir, dict(target))
+    variables = finetune.load_params_for_finetune(workdir, dict(target))
     store.save_checkpoint(tmp_path / "exported.msgpack", jax.tree.map(np.asarray, variables))
     settings = {"mode": "single_scale", "base_size": SIZE, "crop_size": SIZE, "save_predictions": 0}
     from_ckpt = evaluate.evaluate_checkpoint(

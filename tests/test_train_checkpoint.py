@@ -18,8 +18,8 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from train_states import META, _assert_bitwise, _state
 
-from jaxenc.models.store import save_checkpoint
 from train.checkpoint import (
     BEST_DIR,
     CHECKPOINT_DIR,
@@ -29,58 +29,9 @@ from train.checkpoint import (
     GracefulShutdown,
     _own_data_state,
     check_config,
-    load_params_for_finetune,
 )
-from train.step import TrainState
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _variables(seed=0, classes=3):
-    r = np.random.default_rng(seed)
-    return {
-        "params": {
-            "conv": {"kernel": jnp.asarray(r.normal(size=(3, 3, 3, 4)), jnp.float32)},
-            "head": {
-                "kernel": jnp.asarray(r.normal(size=(4, classes)), jnp.float32),
-                "bias": jnp.zeros(classes),
-            },
-        },
-        "batch_stats": {
-            "bn": {"mean": jnp.asarray(r.normal(size=4), jnp.float32), "var": jnp.ones(4)}
-        },
-    }
-
-
-def _state(seed=0, step=0):
-    """A trainer-like state: params, batch_stats, SGD-momentum opt_state, empty EMA, rng key data, step."""
-    variables = _variables(seed)
-    tx = optax.sgd(0.1, momentum=0.9)
-    params = variables["params"]
-    opt_state = tx.init(params)
-    grads = jax.tree.map(lambda p: p * 0.5 + seed, params)
-    _, opt_state = tx.update(grads, opt_state, params)  # non-zero momentum trace
-    return {
-        "step": jnp.asarray(step, jnp.int32),
-        "params": params,
-        "batch_stats": variables["batch_stats"],
-        "opt_state": opt_state,
-        "ema_params": {},
-        "rng": jax.random.key_data(jax.random.key(seed)),
-    }
-
-
-META = {"config_hash": "abc", "best_so_far": None}
-
-
-def _assert_bitwise(a, b):
-    la, ta = jax.tree.flatten(a)
-    lb, tb = jax.tree.flatten(b)
-    assert ta == tb
-    for x, y in zip(la, lb):
-        x, y = np.asarray(x), np.asarray(y)
-        assert x.dtype == y.dtype and x.shape == y.shape
-        assert x.tobytes() == y.tobytes()
 
 
 # ---------------------------------------------------------------------------------------------- save/restore
@@ -463,83 +414,3 @@ def test_graceful_shutdown_second_sigint_forces_quit():
             for _ in range(100):
                 time.sleep(0.01)
     assert signal.getsignal(signal.SIGINT) is before
-
-
-# ---------------------------------------------------------------------------------------------- fine-tuning
-
-
-def test_finetune_from_checkpointer_and_msgpack(tmp_path):
-    source_state = _state(seed=3, step=5)
-    workdir = tmp_path / "run"
-    with Checkpointer(workdir) as ckpt:  # a dataclass state round-trips too
-        ckpt.save(1, state=TrainState(**source_state), data_state=None, meta=META)
-        restored, _, _ = ckpt.restore(
-            abstract_state=jax.eval_shape(lambda: TrainState(**source_state))
-        )
-    assert isinstance(restored, TrainState)
-    _assert_bitwise(restored, TrainState(**source_state))
-    workdir = tmp_path / "run2"
-    with Checkpointer(workdir) as ckpt:
-        ckpt.save(5, state=source_state, data_state=None, meta=META)
-    target = _variables(seed=9)
-    expected = {"params": source_state["params"], "batch_stats": source_state["batch_stats"]}
-    for path in (workdir, workdir / CHECKPOINT_DIR, workdir / CHECKPOINT_DIR / "5"):
-        _assert_bitwise(load_params_for_finetune(path, target), expected)
-    # the target may be abstract
-    _assert_bitwise(load_params_for_finetune(workdir, jax.eval_shape(lambda: target)), expected)
-
-    file = tmp_path / "weights.msgpack"
-    save_checkpoint(file, _variables(seed=4), metadata={"model": "toy"})
-    _assert_bitwise(load_params_for_finetune(file, target), _variables(seed=4))
-
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no checkpoint written by Checkpointer"):
-        load_params_for_finetune(tmp_path / "empty", target)
-    with pytest.raises(ValueError, match="load_pretrained"):
-        (tmp_path / "w.pth").write_bytes(b"")
-        load_params_for_finetune(tmp_path / "w.pth", target)
-
-
-def test_finetune_mismatch_strict_and_non_strict(tmp_path):
-    file = tmp_path / "weights.msgpack"
-    source = _variables(seed=4, classes=3)
-    source["params"]["extra"] = {"kernel": jnp.ones(2)}
-    save_checkpoint(file, source)
-    target = _variables(seed=9, classes=5)  # new head with another number of classes
-    target["params"]["new"] = {"bias": jnp.full(2, 7.0)}
-    with pytest.raises(ValueError) as err:
-        load_params_for_finetune(file, target)
-    text = str(err.value)
-    assert "params/head/kernel: shape (4, 3) in the checkpoint, (4, 5) in the target" in text
-    assert "params/head/bias: shape (3,)" in text
-    assert "params/new/bias: missing in the checkpoint" in text
-    assert "params/extra/kernel: in the checkpoint but not in the target" in text
-
-    loaded = load_params_for_finetune(file, target, strict=False)
-    assert jax.tree.structure(loaded) == jax.tree.structure(target)
-    np.testing.assert_array_equal(
-        loaded["params"]["conv"]["kernel"], source["params"]["conv"]["kernel"]
-    )
-    np.testing.assert_array_equal(
-        loaded["batch_stats"]["bn"]["mean"], source["batch_stats"]["bn"]["mean"]
-    )
-    np.testing.assert_array_equal(
-        loaded["params"]["head"]["kernel"], target["params"]["head"]["kernel"]
-    )
-    np.testing.assert_array_equal(loaded["params"]["new"]["bias"], np.full(2, 7.0))
-    with pytest.raises(ValueError, match="ShapeDtypeStruct"):
-        load_params_for_finetune(file, jax.eval_shape(lambda: target), strict=False)
-
-    # the same from a Checkpointer directory, with the EMA weights
-    workdir = tmp_path / "run"
-    state = _state(seed=2)
-    state["ema_params"] = jax.tree.map(lambda p: p + 1, state["params"])
-    with Checkpointer(workdir) as ckpt:
-        ckpt.save(1, state=state, data_state=None, meta=META)
-    loaded = load_params_for_finetune(workdir, target, strict=False, use_ema=True)
-    np.testing.assert_array_equal(
-        loaded["params"]["conv"]["kernel"], state["ema_params"]["conv"]["kernel"]
-    )
-    np.testing.assert_array_equal(
-        loaded["params"]["head"]["kernel"], target["params"]["head"]["kernel"]
-    )

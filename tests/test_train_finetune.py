@@ -20,7 +20,7 @@ from torch_ref import resnest_torch
 
 from jaxenc import models
 from jaxenc.models import store
-from train import checkpoint
+from train import checkpoint, finetune
 from train.trainer import build_model, load_backbone, train_and_evaluate
 
 SMALL = {"layers": (1, 1, 1, 1), "stage_planes": (8, 16, 32, 64)}
@@ -39,7 +39,7 @@ def _abstract_variables(config):
 def _final_params(workdir, config):
     target = _abstract_variables(config)
     target = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), target)
-    return checkpoint.load_params_for_finetune(
+    return finetune.load_params_for_finetune(
         workdir, {"params": target["params"], "batch_stats": target["batch_stats"]}
     )["params"]
 

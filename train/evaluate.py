@@ -244,7 +244,7 @@ def resolve_checkpoint(
 
 
 def _load_variables(config, model, step_dir: Path) -> dict:
-    from train import checkpoint
+    from train import finetune
 
     size = config.dataset.image_size
     key = jax.random.key(0)
@@ -255,7 +255,7 @@ def _load_variables(config, model, step_dir: Path) -> dict:
     )
     target = {"params": abstract["params"], "batch_stats": abstract.get("batch_stats", {})}
     use_ema = _get(_get(config, "optim"), "ema_decay") is not None
-    return checkpoint.load_params_for_finetune(step_dir, target, use_ema=use_ema)
+    return finetune.load_params_for_finetune(step_dir, target, use_ema=use_ema)
 
 
 def _is_weights(checkpoint: str | os.PathLike) -> bool:

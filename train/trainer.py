@@ -34,7 +34,7 @@ from jaxenc import metrics as jmetrics
 from jaxenc import models, port
 from jaxenc.models import segmentation as seg_models
 from jaxenc.models import store
-from train import checkpoint, compile_cache, observe, optim
+from train import checkpoint, compile_cache, finetune, observe, optim
 from train.data import pipeline
 from train.step import (
     StepConfig,
@@ -304,7 +304,7 @@ def _restore_or_start(ckpt, state, train_iter, config, model, example) -> tuple[
         )
     if config.train.finetune_from:
         target = {"params": state.params, "batch_stats": state.batch_stats}
-        variables = checkpoint.load_params_for_finetune(config.train.finetune_from, target)
+        variables = finetune.load_params_for_finetune(config.train.finetune_from, target)
         state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
     return state, {}
 
