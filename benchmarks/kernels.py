@@ -300,7 +300,8 @@ def time_calls(call: Callable[[], Any], repeats: int) -> list[float]:
 
 
 def timing(times: list[float]) -> dict:
-    return dict(time_ms=statistics.median(times) * 1e3, min_ms=min(times) * 1e3, repeats=len(times))
+    """{'time_ms', 'min_ms', 'repeats'} of per-call seconds."""
+    return reporting.timing(times, "ms")
 
 
 def with_gradients(fn: Callable) -> Callable:

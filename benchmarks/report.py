@@ -63,9 +63,22 @@ def time_calls(
     return times
 
 
+_UNIT_SCALE = {"s": 1.0, "ms": 1e3}
+
+
+def timing(times: list[float], unit: str = "s") -> dict:
+    """{'time_<unit>': median, 'min_<unit>', 'repeats'} of per-call seconds, in ``unit`` (s or ms)."""
+    scale = _UNIT_SCALE[unit]
+    return {
+        f"time_{unit}": statistics.median(times) * scale,
+        f"min_{unit}": min(times) * scale,
+        "repeats": len(times),
+    }
+
+
 def timing_s(times: list[float]) -> dict:
     """{'time_s': median, 'min_s', 'repeats'} of per-call seconds."""
-    return {"time_s": statistics.median(times), "min_s": min(times), "repeats": len(times)}
+    return timing(times, "s")
 
 
 def aligned_table(lines: list[list], left: int) -> str:

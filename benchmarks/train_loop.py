@@ -163,7 +163,9 @@ def _time_step_alone(config, captured: dict, steps: int) -> dict:
         seed=config.seed,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
-        transform=trainer._transform(config, True),
+        transform=pipeline.transform_from_config(
+            config.input, task=config.task, image_size=config.dataset.image_size, train=True
+        ),
         worker_count=config.input.worker_count,
     )
     host_ms = []

@@ -17,8 +17,8 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from train.data import pipeline
+from train.data.palette import voc_palette
 from train.data.sources import _base, ade20k, cityscapes, coco, folders, pascal, recognition
-from train.observe import voc_palette
 
 SEG_NAMES = ("ade20k", "cityscapes", "pascal_voc", "pcontext", "coco", "seg_folder")
 CLS_NAMES = ("imagenet2012", "cifar10", "minc", "image_folder")

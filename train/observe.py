@@ -36,6 +36,9 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from jaxenc.validation import check_step
+from train.data.palette import voc_palette
+
 __all__ = ["Observer", "read_metrics", "save_segmentation_samples", "voc_palette"]
 
 METRICS_FILE = "metrics.jsonl"
@@ -350,12 +353,6 @@ class Observer:
         if self._closed:
             raise RuntimeError(f"Observer.{what} called after close()")
 
-    @staticmethod
-    def _check_step(step: Any) -> int:
-        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-            raise ValueError(f"step: expected a non-negative int, got {step!r}")
-        return int(step)
-
     def _update_best(self, step: int, metrics: Mapping[str, Any]) -> None:
         if self.best_metric is None or self.best_metric not in metrics:
             return
@@ -385,7 +382,7 @@ class Observer:
         ``paused()`` time) and returns them. Values must be scalars; steps must increase.
         """
         self._check_open("log_train")
-        step = self._check_step(step)
+        step = check_step(step, "step", "Observer")
         _check_metrics(metrics, "metrics")
         for k, v in metrics.items():
             if not _is_scalar(v):
@@ -448,7 +445,7 @@ class Observer:
         the JSONL and the printed line; non-scalars (per-class IoU list/array) only to the JSONL.
         Flushes both files so a killed run keeps its metrics."""
         self._check_open("log_eval")
-        step = self._check_step(step)
+        step = check_step(step, "step", "Observer")
         _check_metrics(metrics, "metrics")
         scalars = {k: float(v) for k, v in metrics.items() if _is_scalar(v)}
         payload = {k: _jsonable(v, k) for k, v in metrics.items()}  # validates before writing
@@ -474,7 +471,7 @@ class Observer:
     def save_samples(self, step: int, images, masks, preds, **kwargs) -> Path | None:
         """``save_segmentation_samples`` to ``workdir/samples/step_XXXXXXX.png`` on the main process;
         returns the path (``None`` on other processes)."""
-        step = self._check_step(step)
+        step = check_step(step, "step", "Observer")
         if not self.is_main:
             return None
         path = self.workdir / SAMPLES_DIR / f"step_{step:07d}.png"
@@ -545,26 +542,6 @@ class Observer:
 
 
 # ---------------------------------------------------------------------- prediction PNGs
-def voc_palette(num_classes: int = 256) -> np.ndarray:
-    """The Pascal VOC colour map (as upstream ``encoding.utils.pallete``): (num_classes, 3) uint8.
-    Class 0 is black; white never occurs for num_classes <= 256, so it can mark ignore pixels."""
-    if (
-        isinstance(num_classes, bool)
-        or not isinstance(num_classes, (int, np.integer))
-        or num_classes < 1
-    ):
-        raise ValueError(f"num_classes: expected a positive int, got {num_classes!r}")
-    out = np.zeros((num_classes, 3), np.int64)
-    for i in range(num_classes):
-        c, j = i, 0
-        while c:
-            for ch in range(3):
-                out[i, ch] |= ((c >> ch) & 1) << (7 - j)
-            c >>= 3
-            j += 1
-    return (out % 256).astype(np.uint8)
-
-
 def _as_palette(palette) -> np.ndarray:
     pal = np.asarray(palette)
     if pal.ndim == 1 and pal.size % 3 == 0 and pal.size > 0:

@@ -45,6 +45,8 @@ import jax
 import numpy as np
 import optax
 
+from jaxenc.validation import check_positive_int, is_int
+
 __all__ = [
     "make_optimizer",
     "make_lr_schedule",
@@ -93,10 +95,6 @@ def _is_real(value) -> bool:
         and isinstance(value, (int, float, np.integer, np.floating))
         and math.isfinite(float(value))
     )
-
-
-def _is_int(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, np.integer))
 
 
 def _real(
@@ -161,11 +159,11 @@ def _read_config(optim_config) -> dict[str, Any]:
         cfg["clip_grad_norm"] = _real(cfg, "clip_grad_norm", low=0.0, low_open=True)
     if cfg["ema_decay"] is not None:
         cfg["ema_decay"] = _real(cfg, "ema_decay", low=0.0, high=1.0, high_open=False)
-    if not _is_int(cfg["warmup_steps"]) or cfg["warmup_steps"] < 0:
+    if not is_int(cfg["warmup_steps"]) or cfg["warmup_steps"] < 0:
         raise ValueError(
             f"config.optim.warmup_steps must be an integer >= 0, got {cfg['warmup_steps']!r}"
         )
-    if not _is_int(cfg["grad_accum_steps"]) or cfg["grad_accum_steps"] < 1:
+    if not is_int(cfg["grad_accum_steps"]) or cfg["grad_accum_steps"] < 1:
         raise ValueError(
             f"config.optim.grad_accum_steps must be an integer >= 1, got {cfg['grad_accum_steps']!r}"
         )
@@ -177,16 +175,10 @@ def _read_config(optim_config) -> dict[str, Any]:
             f"config.optim.step_boundaries must be a sequence of step numbers, got {boundaries!r}"
         )
     boundaries = tuple(boundaries)
-    if not all(_is_int(b) for b in boundaries):
+    if not all(is_int(b) for b in boundaries):
         raise ValueError(f"config.optim.step_boundaries must hold integers, got {boundaries!r}")
     cfg["step_boundaries"] = tuple(int(b) for b in boundaries)
     return cfg
-
-
-def _check_positive_int(value, name: str) -> int:
-    if not _is_int(value) or value < 1:
-        raise ValueError(f"make_optimizer: {name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -203,8 +195,8 @@ def make_lr_schedule(optim_config, *, total_steps: int, global_batch_size: int) 
 
 
 def _schedule(cfg: dict, total_steps, global_batch_size) -> Callable:
-    total = _check_positive_int(total_steps, "total_steps")
-    batch = _check_positive_int(global_batch_size, "global_batch_size")
+    total = check_positive_int(total_steps, "total_steps", "make_optimizer")
+    batch = check_positive_int(global_batch_size, "global_batch_size", "make_optimizer")
     warmup = cfg["warmup_steps"]
     if warmup >= total:
         raise ValueError(

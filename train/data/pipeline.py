@@ -37,8 +37,9 @@ import grain
 import numpy as np
 
 from jaxenc.constants import IMAGENET_MEAN, IMAGENET_STD
-from train import observe
+from jaxenc.validation import check_int
 from train.data import augment, synthetic
+from train.data.palette import voc_palette
 
 IGNORE_INDEX = -1
 
@@ -172,7 +173,7 @@ def palette(dataset_config: Any) -> np.ndarray:
             f"palette: dataset {name!r} registered no palette and config.dataset.num_classes is "
             f"{num_classes!r}; a positive class count is needed"
         )
-    return observe.voc_palette(int(num_classes))
+    return voc_palette(int(num_classes))
 
 
 # -- transforms ----------------------------------------------------------------------------------
@@ -442,20 +443,14 @@ def testval_transform(input_config: Any) -> augment.UpstreamSegTestval:
 # -- iterators -----------------------------------------------------------------------------------
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
     if process_index is None or process_count is None:
         import jax  # only when asked for the defaults; keeps grain workers free of a jax import
 
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
-    process_count = _check_int("process_count", process_count, 1)
-    process_index = _check_int("process_index", process_index, 0)
+    process_count = check_int(process_count, "process_count", "input pipeline", minimum=1)
+    process_index = check_int(process_index, "process_index", "input pipeline", minimum=0)
     if process_index >= process_count:
         raise ValueError(
             f"process_index must be < process_count={process_count}, got {process_index}"
@@ -464,7 +459,7 @@ def _processes(process_index: int | None, process_count: int | None) -> tuple[in
 
 
 def _local_batch_size(arg: str, batch_size: Any, process_count: int) -> int:
-    batch_size = _check_int(arg, batch_size, 1)
+    batch_size = check_int(batch_size, arg, "input pipeline", minimum=1)
     if batch_size % process_count:
         raise ValueError(
             f"{arg}={batch_size} is not divisible by process_count={process_count}: "
@@ -495,10 +490,12 @@ def _ensure_absl_flags_parsed() -> None:
 
 
 def _iterate(ds: grain.MapDataset, worker_count: int, read_threads: int, prefetch_batches: int):
-    worker_count = _check_int("worker_count", worker_count, 0)
+    worker_count = check_int(worker_count, "worker_count", "input pipeline", minimum=0)
     read_options = grain.ReadOptions(
-        num_threads=_check_int("read_threads", read_threads, 0),
-        prefetch_buffer_size=_check_int("prefetch_batches", prefetch_batches, 0),
+        num_threads=check_int(read_threads, "read_threads", "input pipeline", minimum=0),
+        prefetch_buffer_size=check_int(
+            prefetch_batches, "prefetch_batches", "input pipeline", minimum=0
+        ),
     )
     iter_ds = ds.to_iter_dataset(read_options)
     if worker_count > 0:
@@ -533,7 +530,7 @@ def train_iterator(
     _check_source(source)
     process_index, process_count = _processes(process_index, process_count)
     local = _local_batch_size("global_batch_size", global_batch_size, process_count)
-    seed = _check_int("seed", seed, 0)
+    seed = check_int(seed, "seed", "input pipeline", minimum=0)
     # Separate 32-bit seeds (grain's limit) for the permutation and the augmentation streams.
     shuffle_seed, augment_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
     ds = grain.MapDataset.source(source).shuffle(seed=shuffle_seed).repeat()

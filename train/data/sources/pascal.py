@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import os
 
+from train.data.palette import voc_palette
 from train.data.sources import _base
-from train.observe import voc_palette
 
 VOC_NAME = "pascal_voc"
 CONTEXT_NAME = "pcontext"
