@@ -4,22 +4,13 @@ Run from the repository root on a machine with a GPU::
 
     python -m benchmarks.gpu_check --out benchmarks/results/ [--record kernels/verified.json]
 
-Within about 8 minutes it
-
-1. compiles and runs both Pallas kernels (``jaxenc.kernels.encoding``, ``involution``) on the
-   README's benchmark shapes (``benchmarks.kernels.SWEEPS["full"]``, float32), checks their values
-   and gradients against the XLA twins and times Pallas against XLA, forward and forward+backward;
-2. times a ResNeSt-50 bfloat16 train step (batch 64, 224 x 224, SGD momentum, cross-entropy;
-   float32 parameters) and reports its model FLOPs utilisation (XLA's FLOP count of the step over
-   the device's dense bf16 peak);
-3. times the same step in PyTorch on the same GPU (timm ``resnest50d``, channels_last, bf16
-   autocast) when torch and timm are installed, and reports jaxenc / torch;
-4. writes ``gpu_check-<device>.json`` under ``--out`` and the kernels' verification records to
-   ``--record`` (the file ``impl="auto"`` reads): a kernel is recorded ``verified`` when every
-   shape matched the twin within tolerance, with its geometric-mean speed-ups over the shapes.
-
-On a machine without a GPU it exits at once (status 2) with a message. Stages that would run past
-the time budget are skipped and say so in the JSON.
+It checks both Pallas kernels against their XLA twins (values and gradients, float32, the shapes of
+``benchmarks.kernels.SWEEPS["full"]``) and times them against XLA (fwd, fwd+bwd); times a ResNeSt-50
+bfloat16 train step with its MFU (XLA's FLOP count over the dense bf16 peak) and, when torch and timm
+are installed, timm's ``resnest50d``; writes ``gpu_check-<device>.json`` under ``--out`` and to
+``--record`` the records ``impl="auto"`` reads (``verified`` when every shape matched, with the
+geometric-mean speed-ups). Without a GPU it exits at once (status 2); a stage that would run past
+the time budget is skipped and says so in the JSON. README, Pallas kernels.
 """
 
 from __future__ import annotations

@@ -5,40 +5,14 @@ Run from the repository root::
     .venv/bin/python -m benchmarks.kernels [--quick] [--out PATH] [--ops encoding,involution]
                                            [--repeats N] [--dtype float32|bfloat16]
 
-It prints one table row per (op, shape, pass) and writes every number to JSON (default
-``benchmarks/results/kernels-<backend>.json``).
-
-What is measured, for each op, each shape of its sweep and each pass -- "fwd": the op's output;
-"fwd+bwd": one forward and one backward, returning the gradients of <output, cotangent> with
-respect to every input (x, codewords, scale / x, weights):
-
-* ``time_ms``: median wall time of up to ``--repeats`` calls after one warm-up call, each JAX call
-  ending in ``block_until_ready`` (torch on CPU is synchronous). Repeats are cut so one
-  measurement takes about ``MEASURE_BUDGET_S``; ``repeats`` records how many ran. ``compile_s`` is
-  the JAX lowering + compilation time, excluded from ``time_ms``.
-* JAX implementations: "xla" (``impl="xla"``), "pallas" (``impl="pallas"``, GPU backend only) and,
-  on CPU, "pallas-interpret" (``impl="pallas", interpret=True``: the Pallas interpreter, a
-  correctness path whose times say nothing about the GPU kernels; shapes where one call is
-  estimated to take more than ``INTERPRET_BUDGET_S`` are skipped). Memory comes from the compiled
-  program's ``memory_analysis()``: ``argument_bytes``, ``output_bytes``, ``temp_bytes`` (XLA's
-  buffer assignment for intermediates) and ``peak_bytes`` = argument + output + temp - alias. These
-  are what the compiler plans, not a measurement of the running process.
-* "torch" (CPU backend only): the PyTorch-Encoding / holocron formulation, which forms the big
-  tensor (the (B, N, K, D) residuals; the unfolded (B, C, K², H', W') input). Its memory is
-  ``largest_intermediate_bytes`` (analytic: the size of that tensor) and ``rss_peak_delta_bytes``
-  (measured: in a fresh subprocess per shape and pass, after one warm-up call, the rise of the
-  process's peak resident set size (VmHWM, reset through /proc/self/clear_refs) over a second call;
-  it includes allocator slack and page granularity; ``rss_method`` says how it was taken). Shapes whose
-  estimated torch peak exceeds ``TORCH_MEMORY_FRACTION`` of the available RAM are skipped.
-* ``avoided_tensor_bytes``: the size of the tensor the kernels never form (B·N·K·D for encoding,
-  B·C·K²·H'·W' for involution, times the itemsize).
-* ``min_io_bytes``: the jitted function's input plus output bytes, the least any implementation
-  must move between memory and the compute units.
-* GPU backend only: ``copy_bandwidth_gbps`` (``x + 1`` on a 1 GiB float32 array: 2 GiB read +
-  written over the median time) and, per JAX result, ``bandwidth_gbps`` = min_io_bytes / time and
-  ``bandwidth_fraction`` of the copy bandwidth.
-
-Skipped (implementation, shape, pass) combinations appear in the JSON with ``skipped`` saying why.
+Prints a row per (op, shape, pass: "fwd" or "fwd+bwd", the gradients of <output, cotangent> w.r.t.
+every input) and writes ``benchmarks/results/kernels-<backend>.json`` (README, Benchmarks).
+Implementations: "xla", "pallas" (GPU only), "pallas-interpret" (CPU; a correctness path whose times
+say nothing about the GPU) and "torch" (CPU only; upstream's formulation, which forms the big tensor).
+``time_ms`` is a median after one warm-up call, compilation excluded. JAX memory is the compiled
+plan (``memory_analysis()``), not a measurement; torch memory is the peak-RSS rise (VmHWM) of a
+second call in a fresh subprocess. On a GPU it adds the copy bandwidth and each result's
+``min_io_bytes`` / time. Skipped combinations appear in the JSON with ``skipped`` saying why.
 """
 
 from __future__ import annotations

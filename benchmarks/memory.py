@@ -6,39 +6,15 @@ Run from the repository root::
                                           [--dtypes float32,bfloat16] [--remat none,block]
                                           [--size 480] [--batch 2] [--out PATH]
 
-It prints one table row per (model, dtype, remat) and writes every number to JSON (default
-``benchmarks/results/memory.json``; rewritten after every case, so an interrupted run keeps what it
-measured). Nothing is executed: each train step is lowered and compiled, and the numbers are the
-compiled program's ``memory_analysis()`` (XLA's buffer assignment on the backend it ran on).
-
-The train step is the trainer's own (:func:`train.step.make_train_step`) on a one-device mesh:
-forward with ``train=True`` (synchronised BatchNorm, dropout), upstream's segmentation loss
-(cross-entropy on the main output, + 0.2 x aux cross-entropy, + 0.2 x SE loss for EncNet), gradient,
-SGD with momentum 0.9 (optax) and the new state, with the state donated. Shapes follow upstream's
-recipes: ``--batch`` images per device (default 2: a global batch of 16 on 8 devices), square
-``--size`` crops (default 480), ADE20K's 150 classes, aux head on. ``dtype`` is the model's compute
-dtype; parameters and optimizer state stay float32.
-
-Per device (data parallel: the state is replicated, the batch split):
-
-* ``argument_bytes``: the inputs (state: params, batch_stats, momentum, step, rng; and the batch);
-* ``output_bytes``: the outputs (new state, metrics);
-* ``temp_bytes``: XLA's temporaries (activations kept for the backward pass, workspaces);
-* ``alias_bytes``: outputs written into donated input buffers;
-* ``total_bytes`` = argument + output + temp - alias: what must be resident while the step runs.
-
-``fits``: the device sizes (16, 40, 80 GB; decimal gigabytes, 1e9 bytes, slightly below what such
-devices offer, which leaves room for the runtime) with total_bytes < capacity. ``temp_ratio``:
-temp_bytes with ``remat="block"`` over temp_bytes with ``remat="none"`` (same model and dtype).
-
-Backend caveats. XLA:CPU expands ``jax.checkpoint``'s optimization barriers early in its pipeline
-(the ``cse_barrier_expander`` pass), after which common-subexpression elimination merges much of
-the backward pass's recomputation with the forward pass and so undoes the rematerialisation; GPU and
-TPU keep the barriers. The trainer's train step (:func:`jaxenc.compiler_options` with ``remat``) is
-therefore compiled on CPU with that pass disabled (``xla_disable_hlo_passes=cse_barrier_expander``,
-recorded per row), which gives the plan an accelerator makes; ``--cpu-barriers expand`` measures
-XLA:CPU's default pipeline instead. A GPU compile still fuses and schedules differently (and adds
-convolution workspaces), so its numbers differ: run this on the target device for its plan.
+Nothing is executed: the trainer's own step (:func:`train.step.make_train_step`, one-device mesh,
+upstream's segmentation loss, SGD momentum, donated state) is compiled and its ``memory_analysis()``
+written to ``benchmarks/results/memory.json`` (rewritten after every case). Defaults follow
+upstream's recipes (2 images per device, 480 crops, 150 classes, aux head); ``dtype`` is the compute
+dtype, parameters and optimizer state stay float32. ``total_bytes`` = argument + output + temp -
+alias; ``fits`` compares it with 16 / 40 / 80 GB (1e9 bytes); ``temp_ratio`` = temp with
+``remat="block"`` / temp without. On CPU the step keeps ``jax.checkpoint``'s barriers
+(``xla_disable_hlo_passes=cse_barrier_expander``, as GPU and TPU do; ``--cpu-barriers expand``
+measures XLA:CPU's default pipeline). A GPU fuses differently: run it there for its own plan.
 """
 
 from __future__ import annotations

@@ -6,50 +6,19 @@ Run from the repository root::
     .venv/bin/python -m benchmarks.train_loop [--configs default,resnest50] [--steps N] [--log-every L]
                                               [--image-size S] [--worker-count W] [--out PATH]
 
-It prints one table row per configuration and writes every number to JSON (default
-``benchmarks/results/train_loop.json``).
+Writes ``benchmarks/results/train_loop.json``. ``default`` is configs/default.py as it is;
+``resnest50`` is configs/imagenet_resnest50.py at global batch 8 on the built-in ``shapes_cls`` set
+at ``--image-size`` px; both with ``input.worker_count = --worker-count`` (default 0). Per config:
 
-Configurations:
+* ``trainer_steps_per_s``: the observer's ``steps_per_sec`` over N steps after an L-step window
+  holding the compilation (eval and checkpoint at the last step only, ``optim.warmup_steps = 1``);
+* ``step_alone_steps_per_s``: the trainer's own jitted step (captured by wrapping
+  ``train.trainer.make_train_step``) called N times on its last batch, blocking at the end only;
+* ``step_with_input_steps_per_s``: the same, also reading and sharding a fresh batch per step;
+* ``overhead`` = 1 - trainer / step alone (negative values are noise); ``host_batch_ms``: median
+  host time of ``next`` + ``shard_batch``.
 
-* ``default``: ``configs/default.py`` as it is (EncNet on a narrow dilated ResNet-18, procedural
-  ``shapes_seg`` at 64 px, batch 16).
-* ``resnest50``: ``configs/imagenet_resnest50.py`` (ResNeSt-50, ImageNet augmentation with
-  RandAugment(2, 12), label smoothing, mixup) at global batch 8 on the built-in procedural
-  ``shapes_cls`` set (5 classes) at ``--image-size`` px (default 64: a 224 px step takes ~5 s on a
-  2-core CPU), since ImageNet itself is not assumed to be on the machine.
-
-Both run with ``input.worker_count = --worker-count`` (default 0: batches are made in the training
-process, so the host work the loop must hide is all in the measured process).
-
-What is measured, per configuration:
-
-* ``trainer_steps_per_s``: the real trainer, ``train_and_evaluate(config, fresh workdir)`` with
-  ``train.num_steps = L + N`` and ``train.log_every = L`` (``--log-every``, ``--steps``); eval and
-  checkpoints happen at the last step only (``eval_every = checkpoint_every = num_steps``) and
-  ``optim.warmup_steps = 1`` (the recipes' warmup is longer than such a run). The
-  rate is the observer's own: each ``log_train`` row of ``metrics.jsonl`` carries ``steps_per_sec``
-  over its window (wall time between two logs, ``observer.paused()`` time excluded; a log follows a
-  fetch of the window's metrics, so each window ends with the device done). The first window holds
-  the jit compilation and is left out; the rate is N / (sum of the other windows' times). It counts
-  everything the loop does per step: reading and sharding the batch, dispatch, the
-  ``should_stop`` check, input-state capture, the metric fetch and the log.
-* ``step_alone_steps_per_s``: the very jitted train step the trainer ran (captured by wrapping
-  ``train.trainer.make_train_step``, which adds one Python call per trainer step; no new
-  compilation), from the trainer's final state on its last batch (already on the device), called
-  N times in a tight loop with ``jax.block_until_ready`` at the end only (after two warm-up calls).
-* ``step_with_input_steps_per_s``: the same, but each iteration also reads and shards a fresh batch
-  after dispatching the step and waits for the previous step, as the trainer's loop does, without
-  its bookkeeping (logging, metric fetches, ``should_stop``, input-state capture). Between it and
-  the trainer lies the loop's own cost; between it and the step alone, the input pipeline's (zero
-  when it is fully hidden behind the step).
-* ``overhead`` = 1 - trainer_steps_per_s / step_alone_steps_per_s: the share of the trainer's time
-  the device would not be busy if it were the bottleneck. Negative values are noise.
-* ``host_batch_ms``: the host time to read one batch from the train iterator and put it on the
-  device (``next`` + ``shard_batch``), median over N batches: the work the loop overlaps with the
-  step. On a CPU backend the "device" is the same cores, so overlap hides little there.
-
-``--configs default --steps 4 --log-every 2`` is a smoke run of about a minute on a 2-core CPU
-(mostly compilation); resnest50 adds about two minutes (ResNeSt-50 compilation).
+``--configs default --steps 4 --log-every 2`` is a smoke run of about a minute on 2 CPU cores.
 """
 
 from __future__ import annotations

@@ -5,25 +5,11 @@ Run from the repository root (stack A: needs torch and the oracles ``bash .ci/se
     .venv/bin/python -m benchmarks.vs_torch [--models resnest50,deeplab_resnest50] [--repeats 5]
                                             [--warmup 2] [--out benchmarks/results/vs_torch_cpu.json]
 
-Per model, float32:
-
-* ``train``: one SGD step (momentum 0.9): forward in train mode, cross-entropy (segmentation: the
-  mean pixel cross-entropy of every output, main and aux), backward, update. jaxenc: one jitted
-  function of (params, batch_stats, opt_state) with that state donated; torch: ``zero_grad``,
-  forward, ``backward``, ``step``.
-* ``eval``: the forward in eval mode (torch under ``no_grad``).
-* ``time_s``: the median of ``--repeats`` timed calls after ``--warmup`` untimed ones; every JAX
-  call ends in ``block_until_ready`` (torch on CPU is synchronous). torch runs with as many threads
-  as the machine has cores, in NCHW and in channels_last; the faster is the reference, and
-  ``ratio`` = jaxenc time / that reference (below 1: jaxenc is faster).
-* jaxenc's ``init_s`` (``jaxenc.models.init_variables`` on one image, what the trainer calls) and
-  ``compile_s`` of the train step and of the eval forward (lowering + XLA compilation).
-
-Upstream definitions: classification models are the ``resnest`` package's torch ResNet (the
-backbone PyTorch-Encoding restates: ``radix=0`` plain ResNet / ResNeXt, ``resnest50`` /
-``resnest101`` from ``resnest.torch``); the segmentation model is the tests' torch restatement of
-PyTorch-Encoding's DeepLabV3 (``tests/test_models_segmentation.py``: ``torch_model_for``) on that
-backbone, dilated to output stride 8. Weights are random on both sides (times do not depend on them).
+Per model, float32, random weights: ``train`` (one SGD-momentum step; jaxenc: one jitted function,
+state donated) and ``eval`` (forward); ``time_s`` is the median of ``--repeats`` calls after
+``--warmup``; torch runs NCHW and channels_last and ``ratio`` = jaxenc / the faster. Also jaxenc's
+``init_s`` and ``compile_s``. Upstream: the ``resnest`` package's torch ResNet / ResNeXt / ResNeSt and
+the tests' torch DeepLabV3 (``tests/test_models_segmentation.py``: ``torch_model_for``), output stride 8.
 """
 
 from __future__ import annotations

@@ -4,11 +4,9 @@
         --config.dataset.data_dir=/data
     python -m train.evaluate --config configs/cityscapes_deeplab_resnest50.py --checkpoint runs/citys_deeplab_s50
 
-train.py defaults for citys: batch 16, crop 480 / base 520 (upstream's defaults; Cityscapes work
-elsewhere usually trains at base 1024 / crop 768: override ``--config.input.base_size`` and
-``--config.dataset.image_size``), SGD lr 0.004 (10x heads), poly, 240 epochs over the 2,975 fine
-training images; evaluation at upstream's Cityscapes scales 0.75..2.25. Upstream publishes no
-Cityscapes number for this code (issue #290), so there is nothing to compare against.
+Upstream's defaults, crop 480 / base 520 (Cityscapes work elsewhere usually trains at base 1024 /
+crop 768: override ``--config.input.base_size`` and ``--config.dataset.image_size``), 240 epochs,
+evaluation at scales 0.75..2.25. Upstream publishes no Cityscapes number for this code (issue #290).
 """
 
 from configs import common

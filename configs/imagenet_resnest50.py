@@ -3,11 +3,8 @@
     python -m train.main --config configs/imagenet_resnest50.py --workdir runs/imagenet_resnest50 \
         --config.dataset.data_dir=/data/tfds
 
-270 epochs, global batch 2048 at lr 0.8 (0.1 per 256, linear scaling), cosine with 5 warmup epochs,
-SGD momentum 0.9, wd 1e-4 not applied to BN/bias (--no-bn-wd), zero-initialised last BN gamma of
-each block (--last-gamma), label smoothing 0.1, mixup 0.2, RandAugment(2, 12), EfficientNet-style
-crop 224 + flip + ColorJitter 0.4 + PCA lighting 0.1; evaluation: centre crop 224/(224+32).
-Published top-1 at 224: 81.03 (weights trained in MXNet; store ``resnest50``).
+lr 0.1 per 256 examples (linear scaling), --no-bn-wd, --last-gamma, label smoothing, mixup,
+RandAugment(2, 12). Published top-1 (weights trained in MXNet; store ``resnest50``): README, Recipes.
 """
 
 from configs import common

@@ -3,10 +3,8 @@
     python -m train.main --config configs/minc_deepten_resnet50s.py --workdir runs/minc_deepten \
         --config.dataset.data_dir=/data
 
-Batch 512 at lr 0.004, 80 epochs, lr x0.1 at epoch 60, wd 5e-4, SGD momentum 0.9; MINC transform
-(resize 256, random resized crop 224, flip, ColorJitter 0.4, lighting 0.1; val resize + centre crop).
-Published top-1 on test-1 at 224: 81.04 (store ``deepten_resnet50_minc``). 48,875 training images
-(2,125 per class x 23).
+48,875 training images (2,125 per class x 23). Published top-1 on test-1 (store
+``deepten_resnet50_minc``): README, Recipes.
 """
 
 from configs import common

@@ -4,9 +4,8 @@
         --config.dataset.data_dir=/data
     python -m train.evaluate --config configs/pcontext_encnet_resnet50s.py --checkpoint runs/pc_encnet50
 
-train.py defaults for pcontext: batch 16, crop 480 / base 520, SGD lr 0.001 (10x on the heads), poly,
-80 epochs, aux + SE losses. Published (multi-scale + flip): pixAcc 79.2, mIoU 51.0 (store
-``encnet_resnet50s_pcontext``). 4,998 training images (VOC2010 train split).
+train.py defaults for pcontext, 80 epochs at lr 0.001, aux + SE losses; 4,998 training images (VOC2010
+train split). Published numbers (store ``encnet_resnet50s_pcontext``): README, Recipes.
 """
 
 from configs import common
