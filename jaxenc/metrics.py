@@ -1,29 +1,12 @@
-"""Evaluation metrics: pixel accuracy, mIoU (PyTorch-Encoding semantics) and top-k accuracy.
+"""Evaluation metrics: pixel accuracy, mIoU and top-k accuracy (PyTorch-Encoding ``encoding/utils/metrics.py``).
 
-Two layers, as upstream (``encoding/utils/metrics.py``):
-
-* jit-friendly jnp functions that turn one batch into **integer counts**
-  (:func:`pixel_accuracy_counts`, :func:`intersection_union_counts`, :func:`segmentation_counts`,
-  :func:`topk_correct`). Counts, not ratios, so they can be summed over devices, batches and
-  processes without weighting mistakes.
-* :class:`SegmentationMetric`, a host-side numpy accumulator of those counts that computes the
-  dataset-level scores: ``pixAcc = Σcorrect / (eps + Σlabeled)``, ``IoU_c = Σinter_c / (eps + Σunion_c)``
-  accumulated over the whole dataset (not averaged per image), ``mIoU`` = mean over **all** classes,
-  absent ones contributing 0, ``eps = np.spacing(1)``.
-
-Conventions: class axis last (logits ``(B, H, W, C)``), integer targets ``(B, H, W)``, any negative
-target (``-1`` in jaxenc) is ignored. Every batch function takes ``valid`` ``(B,)`` (True = a real
-example) so the padded tail of the last evaluation batch counts for nothing.
-
-Upstream semantics reproduced exactly (``encoding/utils/metrics.py``): the prediction is zeroed at ignored pixels and
-classes ``1..nclass`` are histogrammed after a ``+1`` shift. The consequence for **labels >=
-num_classes** (not ignore, not a class) is kept as upstream: such a pixel counts as *labeled* and is
-never correct for pixAcc; it adds to no class's label area, but the class predicted there gets the pixel
-in its prediction area (so it enlarges that class's union, i.e. it is an error). Map such labels to -1
-in the input pipeline if they are meant to be ignored (upstream datasets do that for 255).
-
-Counts are int32 under jax's default (x64 disabled): one batch may hold up to 2**31 - 1 pixels.
-The accumulator keeps int64 sums.
+Jit-friendly batch functions return **integer counts** (summable over devices, batches and
+processes); :class:`SegmentationMetric` accumulates them on the host (int64) and scores the whole
+dataset, as upstream: ``mIoU`` is the mean over **all** classes, absent ones scoring 0.
+Class axis last (logits ``(B, H, W, C)``), integer targets ``(B, H, W)``, negative targets ignored;
+``valid`` ``(B,)`` masks the padded tail of the last batch. Labels ``>= num_classes`` behave as
+upstream: labeled, never correct, added to the predicted class's area (an error); map them to -1 in
+the pipeline to ignore them. Batch counts are int32 (x64 off): at most 2**31 - 1 pixels per batch.
 """
 
 from __future__ import annotations

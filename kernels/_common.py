@@ -1,18 +1,12 @@
 """Pieces shared by the Pallas kernels: implementation dispatch, block-size arithmetic, Triton settings.
 
-Dispatch: ``impl="auto"`` runs a Pallas kernel only where ``verified.json`` (beside this file)
-records that kernel as checked against its XLA twin and faster than it on this device kind and
-jax minor version (``python -m benchmarks.gpu_check`` writes such records); everywhere else,
-including every GPU without a record, it runs XLA. The kernels are written for the Pallas Triton
-backend, which jax deprecated in 0.11 (Mosaic GPU is its successor on Hopper and newer).
-
-The GPU kernels use ``pl.pallas_call`` with a grid and BlockSpecs and no backend-specific
-primitives, so one kernel body runs three ways: compiled by the Pallas Triton backend on a GPU,
-interpreted on any backend (``interpret=True``, how the tests run them on CPU), and cross-lowered
-for CUDA on a CPU-only machine (tests/test_kernels_lowering.py). The Triton backend requires every
-array a kernel loads, stores or computes with to have a power-of-two number of elements, and
-matmul operands to be at least 16 x 16; the block sizes chosen here respect both, and the wrappers
-pad the operands to whole blocks (padding is masked out inside the kernels).
+``impl="auto"`` runs a Pallas kernel only where ``verified.json`` (beside this file) records it as
+matching its XLA twin and faster on this device kind and jax minor version; XLA everywhere else.
+One kernel body (``pl.pallas_call`` with BlockSpecs, no backend-specific primitives) is compiled by
+the Pallas Triton backend on a GPU, interpreted anywhere (``interpret=True``) and cross-lowered for
+CUDA on CPU (tests/test_kernels_lowering.py). Triton needs power-of-two element counts per tile and
+matmul operands of at least 16 x 16: the block sizes here respect both, and the wrappers pad
+operands to whole blocks (the padding is masked inside the kernels).
 """
 
 from __future__ import annotations

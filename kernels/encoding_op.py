@@ -1,30 +1,19 @@
 """Fused residual encoding (Deep TEN) as Pallas kernels, with its XLA reference twin.
 
 Zhang, Xue & Dana, "Deep TEN: Texture Encoding Network", CVPR 2017; Zhang et al., "Context
-Encoding for Semantic Segmentation", CVPR 2018 (PyTorch-Encoding ``encoding.functions.encoding``).
+Encoding for Semantic Segmentation", CVPR 2018 (PyTorch-Encoding ``encoding.functions.encoding``):
 
     SL[b,i,k] = s_k · ||x_bi - c_k||²,   A = softmax_k(SL),   E[b,k] = Σ_i A[b,i,k] (x_bi - c_k)
 
 Neither implementation forms the (B, N, K, D) residuals: distances are expanded into
 ||x||² - 2 x·c + ||c||² (float32 accumulation, clamped at 0) and the aggregate is Aᵀ X - (Σ_i A) C.
+Kernels: a forward over (batch, position slices), a backward over position tiles (dX, dSL and
+partial sums) and one forming dSLᵀ X per feature block (README, Pallas kernels).
+Deviation from upstream: the scale gradient is Σ_i dSL·||x - c||², with no division by s_k (upstream's
+hand-written backward divides, which fails at s_k = 0).
 
-Pallas kernels (grid over batch elements, slices of the positions and, for the codeword
-gradient, feature blocks):
-
-* forward: per position tile, logits (a loop over feature blocks), a masked softmax over the
-  codewords, then the tile's contribution Aᵀ X_j - (Σ A) c_j to every feature block j of the
-  slice's partial E (summed over slices by XLA);
-* backward, rows: recomputes the tile's assignments, forms dA = X Gᵀ - (G·c) and the softmax
-  backward dSL, writes dX for the tile, dSL (B, N, K) and per-tile partial sums for the scale and
-  codeword gradients (Σ_i A, Σ_i dSL, Σ_i dSL·||x - c||²);
-* backward, codewords: dSLᵀ X per feature block, accumulated over position tiles.
-
-The scale gradient is Σ_i dSL·||x - c||², with no division by s (PyTorch-Encoding's hand-written
-backward divides by s_k, which fails at s_k = 0).
-
-Shapes: x (B, N, D), codewords (K, D), scale (K) -> (B, K, D). Activations and codewords may be
-float32 or bfloat16 (promoted to a common dtype); all accumulation is float32 and the result has
-the promoted dtype.
+Shapes: x (B, N, D), codewords (K, D), scale (K) -> (B, K, D); float32 or bfloat16 (promoted to a
+common dtype), float32 accumulation.
 """
 
 from __future__ import annotations

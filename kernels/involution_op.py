@@ -6,20 +6,10 @@ Li et al., "Involution: Inverting the Inherence of Convolution for Visual Recogn
     out[b, h, w, c] = Σ_ij weights[b, h, w, g(c), i, j] · x[b, h·s + i·d - p, w·s + j·d - p, c]
 
 with zero padding outside x and g(c) = c // (C / G). Neither implementation forms the unfolded
-(B, C, K², H', W') tensor, in the forward or the backward pass.
-
-Pallas kernels (one program per output row, tile of output columns, group and channel block):
-
-* forward: for each of the K² taps, a strided (columns x channels) read of the padded input row
-  and the tap's per-position weights, accumulated in float32 registers. Each program's input
-  window (its rows and column span plus the kernel's halo) comes from DRAM once; the K² shifted
-  reads of it are served by the L1/L2 caches.
-* backward, input: the transpose of a strided gather is a stride-1 gather from the cotangent and
-  the weights dilated by the stride (zeros between output positions), so it is the forward kernel
-  again with the taps mirrored. For stride s, s² - 1 of every s² taps read zeros; the dilated
-  copies are the size of x (cotangent) and of the weights times s².
-* backward, weights: per tap, the channel-sum of input window x cotangent, written straight into
-  the (B, H', W', G, K, K) gradient.
+(B, C, K², H', W') tensor. Kernels (one program per output row, column tile, group and channel
+block): the forward accumulates the K² strided tap reads in float32; the input gradient is the same
+gather on the cotangent with the weights dilated by the stride and the taps mirrored (for stride s,
+s² - 1 of every s² taps read zeros); the weight gradient writes each tap's channel sum directly.
 
 Shapes: x (B, H, W, C), weights (B, H', W', G, K, K) with G | C -> (B, H', W', C), H' and W' as
 torch's unfold. float32 or bfloat16 (promoted to a common dtype), float32 accumulation.
