@@ -1,29 +1,12 @@
 """Procedurally generated, seeded shape datasets, served as random-access sources.
 
-Two datasets, both drawn entirely from the seed (nothing is downloaded or cached):
-
-* ``ShapesSegmentation``: 1-3 shapes (disk, square, triangle, ring, cross) on a cluttered textured
-  background; per-pixel class mask (0 = background, 1..5 = the shape classes). Later shapes
-  occlude earlier ones, and the mask follows the occlusion.
-* ``ShapesRecognition``: one shape on the same kind of background; integer label 0..4.
-
-Both follow grain's random-access source protocol (``__len__``, ``__getitem__(i)`` returning a
-dict of numpy arrays) and pickle cheaply (they hold only their arguments and a coordinate grid),
-so grain worker processes can rebuild them. Element ``i`` is a pure function of
-``(seed, dataset, split, i)``: its numpy generator is seeded with
-``SeedSequence(seed, spawn_key=(dataset_tag, split_id, i))``, so the content does not depend on the
-worker count, the read order, or which other elements were read. The validation split draws from a
-disjoint seed stream (another ``split_id``), i.e. it is held-out data, not a re-draw of train.
-
-Design choices that keep the task honest: shape colours and textures (solid, stripes, checker,
-blocky noise) are random and independent of the class, so a network must use the outline; the
-background is a random colour gradient plus a low-frequency wave, pixel noise and clutter (thin
-lines, small blobs) that stays class 0; shape sizes scale with ``image_size`` (radius 8..22 px at
-64 px for segmentation). Shape colour is chosen, among a few random candidates, as the one
-farthest from the background under the shape centre, so shapes stay visible.
-
-Each image is rendered with vectorised numpy on (S, S) grids (a few dozen array operations per
-image, no per-pixel Python loops).
+``ShapesSegmentation`` (1-3 occluding shapes, per-pixel mask 0 = background, 1..5 = shape classes)
+and ``ShapesRecognition`` (one shape, label 0..4), on a cluttered textured background. Element ``i``
+is a pure function of ``(seed, dataset, split, i)`` (numpy generator seeded with
+``SeedSequence(seed, spawn_key=(dataset_tag, split_id, i))``), so content does not depend on the
+worker count or read order, and the validation split is a disjoint seed stream (held-out data).
+Sources pickle cheaply (arguments and a coordinate grid), so grain workers can rebuild them.
+Colours and textures are random and independent of the class, so a network must use the outline.
 """
 
 from __future__ import annotations

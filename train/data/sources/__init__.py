@@ -1,30 +1,13 @@
-"""Real-dataset adapters, registered with ``train.data.pipeline`` on import.
+"""Real-dataset adapters, registered with ``train.data.pipeline`` on import (README, Datasets).
 
 Every adapter is ``fn(config.dataset, split) -> source``: a random-access, picklable source whose
 examples are ``{"image": uint8 (H, W, 3), "mask": int32 (H, W)}`` (labels 0..num_classes-1, -1 =
 ignore) or ``{"image": uint8 (H, W, 3), "label": int32 ()}``, with attributes ``num_classes`` and
-``class_names``. ``config.dataset.data_dir`` is where the data lives (None: TFDS's default data dir
-for the TFDS backends). An unknown split raises ValueError naming the available ones; missing data
-raises FileNotFoundError naming the path (or TFDS dataset) and the expected layout / how to prepare it.
-
-=============  ==============  ===========================================================  ==============
-name           classes         data                                                         module
-=============  ==============  ===========================================================  ==============
-ade20k         150 (seg)       ADEChallengeData2016 folder, or TFDS scene_parse150 (partial)  ade20k
-cityscapes     19 (seg)        leftImg8bit + gtFine folder, or TFDS cityscapes              cityscapes
-pascal_voc     21 (seg)        VOCdevkit/VOC2012 folder                                     pascal
-pcontext       59 (seg)        VOCdevkit/VOC2010 + SegmentationClassContext PNGs            pascal
-coco           21 (seg)        COCO 2017 images + pre-rendered VOC-class masks              coco
-imagenet2012   1000 (cls)      TFDS imagenet2012                                            recognition
-cifar10        10 (cls)        TFDS cifar10                                                 recognition
-minc           23 (cls)        minc-2500 folder                                             recognition
-image_folder   from folders    <split>/<class>/*.jpg                                        folders
-seg_folder     num_classes     <split>/{images,masks}/                                      folders
-=============  ==============  ===========================================================  ==============
-
-Adapters with two backends (ade20k, cityscapes) read ``config.dataset.backend``: "auto" (default:
-the local folder when it exists under data_dir, else TFDS), "folder" or "tfds".
-TFDS is imported only when a TFDS backend is opened.
+``class_names``. ``config.dataset.data_dir`` is where the data lives (None: TFDS's default). An
+unknown split raises ValueError naming the available ones; missing data raises FileNotFoundError
+naming the path (or TFDS dataset) and how to prepare it. Two-backend adapters (ade20k, cityscapes)
+read ``config.dataset.backend``: "auto" (the local folder when it exists, else TFDS), "folder" or
+"tfds". TFDS is imported only when a TFDS backend is opened.
 """
 
 from __future__ import annotations

@@ -1,19 +1,9 @@
-"""Shared pieces of the dataset adapters.
+"""Shared pieces of the dataset adapters: config and split access, the folder / TFDS backend choice,
+image and label-PNG decoding, ``LabelTable``, the file and TFDS source classes and ``open_tfds``.
 
-* config access (``config.dataset`` as a ConfigDict or a mapping), split lookup with a ValueError
-  that names the available splits, and the ``backend`` choice (local folder or TFDS);
-* decoding: RGB images (PIL; grayscale, palette, RGBA, CMYK... -> RGB uint8) and label PNGs
-  (index images: mode L / P / I / I;16, whose pixel values are the labels; colour PNGs are refused);
-* ``LabelTable``: a picklable raw-id -> class-index lookup (-1 = ignore for every unlisted id);
-* the source classes: ``FileSegmentation`` / ``FileRecognition`` over lists of files and
-  ``TfdsSegmentation`` / ``TfdsRecognition`` over a ``tfds.data_source``; all are random-access,
-  picklable (they hold paths and small tables, or TFDS's own picklable source) and return
-  ``{"image": uint8 (H, W, 3), "mask": int32 (H, W)}`` or ``{"image": ..., "label": int32 ()}``;
-* ``open_tfds``: ``tfds.data_source(..., download=False)`` that turns TFDS's "not prepared" failures
-  into a FileNotFoundError naming the dataset, the directory and how to prepare it.
-
-``tensorflow_datasets`` is imported only inside ``open_tfds`` (it costs about a second), so
-registering the adapters and using the folder adapters never imports it.
+Images decode to RGB uint8 whatever their mode; label PNGs must be index images (L / P / I / I;16:
+the pixel values are the labels), colour PNGs are refused. ``tensorflow_datasets`` is imported only
+inside ``open_tfds`` (about a second), so the folder adapters never import it.
 """
 
 from __future__ import annotations

@@ -1,24 +1,15 @@
 """ADE20K / MIT SceneParse150 (150 classes), ``config.dataset.name = "ade20k"``.
 
-Two backends (``config.dataset.backend``: "auto" = the folder when it exists, else TFDS):
+* **folder** (the benchmark; what upstream reads):
+  ``<data_dir>/ADEChallengeData2016/{images,annotations}/{training,validation}/`` (jpg / same-stem
+  png). Labels as upstream (mask - 1): 0 "other" -> -1 ignore, k -> k-1. Splits: train, validation,
+  trainval; unlike upstream, any subset of the images is accepted (upstream asserts the counts).
+* **tfds** (``scene_parse150``): its builder ships the Places Challenge 2017 *instance* masks, not
+  the 150-class annotations, so only their 100 object classes are mapped (by name) onto the 150
+  classes and every stuff class is -1: a partial labelling, not the benchmark. Its train / test
+  splits are exposed as "train" / "validation".
 
-* **folder** (the benchmark; what upstream reads): the ADEChallengeData2016 release,
-  ``<data_dir>/ADEChallengeData2016/images/{training,validation}/*.jpg`` and
-  ``<data_dir>/ADEChallengeData2016/annotations/{training,validation}/<same stem>.png``. The
-  annotations are single-channel PNGs: 0 = "other" (unlabelled), k = class k (1..150). Labels follow
-  upstream (mask - 1): 0 -> -1 ignore, k -> k-1. Splits: train (training/, 20210 images),
-  validation (validation/, 2000), trainval (both). Upstream asserts those counts; here any subset
-  is accepted.
-* **tfds**: TFDS ``scene_parse150``. Its builder does NOT ship the 150-class semantic annotations: it
-  downloads ChallengeData2017 ``annotations_instance.tar``, the Places Challenge 2017 *instance*
-  masks (RGB; R = instance category id in a 100-"thing"-category list, G = instance id; see
-  ``placeschallenge/instancesegmentation``). So this backend labels only those 100 object classes,
-  mapped by name onto their 150-class index (e.g. instance "bed" (1) -> class "bed" (7)); every
-  stuff class (wall, floor, sky, road, grass, ...) and every unlabelled pixel is -1 (ignore). It
-  is a partial labelling of ADE20K, not the SceneParse150 benchmark. TFDS splits: train, test
-  (= the 2000 validation images) -> exposed as "train" and "validation".
-
-The raw -> class mappings are ``SEMANTIC_LABELS`` and ``INSTANCE_LABELS`` (``LabelTable``s).
+Raw -> class mappings: ``SEMANTIC_LABELS`` and ``INSTANCE_LABELS`` (``LabelTable``s).
 """
 
 from __future__ import annotations

@@ -1,26 +1,16 @@
 """Cityscapes fine semantic segmentation, 19 classes, ``config.dataset.name = "cityscapes"``.
 
-Labels: the gtFine ``*_labelIds.png`` ids 0..33 map to the 19 train ids used for training and
-evaluation (``TRAIN_IDS``, the table upstream's CitySegmentation applies):
-7 road, 8 sidewalk, 11 building, 12 wall, 13 fence, 17 pole, 19 traffic light, 20 traffic sign,
-21 vegetation, 22 terrain, 23 sky, 24 person, 25 rider, 26 car, 27 truck, 28 bus, 31 train,
-32 motorcycle, 33 bicycle -> 0..18; every other id (0-6 unlabeled/ego vehicle/rectification border/
-out of roi/static/dynamic/ground, 9 parking, 10 rail track, 14 guard rail, 15 bridge, 16 tunnel,
-18 polegroup, 29 caravan, 30 trailer, license plate, anything >= 34) -> -1 ignore. The test split's
-public labels are all void, so its masks are entirely -1.
+Labels: gtFine ``*_labelIds.png`` ids map to the 19 train ids by ``TRAIN_IDS`` (upstream's
+CitySegmentation table); every other id -> -1 ignore. The test split's public labels are all void.
 
-Two backends (``config.dataset.backend``: "auto" = the folder when it exists, else TFDS):
+* **folder** (upstream's layout): ``<data_dir>/cityscapes/leftImg8bit/{train,val,test}/<city>/*_leftImg8bit.png``
+  and ``gtFine/{train,val,test}/<city>/*_gtFine_labelIds.png``.
+* **tfds** (``cityscapes/semantic_segmentation``; registration needed, so no download): put
+  ``leftImg8bit_trainvaltest.zip`` and ``gtFine_trainvaltest.zip`` in a manual dir and, with
+  TensorFlow, ``tfds build cityscapes/semantic_segmentation --manual_dir <dir> --data_dir <data_dir>
+  --file_format=array_record``.
 
-* **folder** (upstream's layout): the extracted official zips under ``<data_dir>/cityscapes/``:
-  ``leftImg8bit/{train,val,test}/<city>/<id>_leftImg8bit.png`` and
-  ``gtFine/{train,val,test}/<city>/<id>_gtFine_labelIds.png``. Splits: train, validation (val/),
-  test, trainval.
-* **tfds**: TFDS ``cityscapes/semantic_segmentation`` (features ``image_left`` (1024, 2048, 3),
-  ``segmentation_label`` (1024, 2048, 1) = the gtFine labelIds). TFDS cannot download it
-  (registration needed): download ``leftImg8bit_trainvaltest.zip`` and ``gtFine_trainvaltest.zip``
-  from cityscapes-dataset.com into a manual dir, then on a machine with TensorFlow run
-  ``tfds build cityscapes/semantic_segmentation --manual_dir <dir with the two zips>
-  --data_dir <data_dir> --file_format=array_record``. Splits: train, validation, test, trainval.
+Splits: train, validation (val/), test, trainval.
 """
 
 from __future__ import annotations

@@ -1,30 +1,17 @@
 """COCO 2017 restricted to the 20 PASCAL VOC categories (21 classes with background), ``"coco"``.
 
-What is and is not supported:
-
-* TFDS ``coco/2017`` cannot be used here: its builder code imports TensorFlow (``tf.int64`` in its
-  feature spec), so even ``tfds.data_source`` fails without TF, and its features are boxes plus
-  per-instance masks, not the semantic VOC-class masks this task needs.
-* Instead the adapter reads images plus **pre-rendered** class masks from a local folder::
+TFDS ``coco/2017`` is not usable (its builder imports TensorFlow and has no semantic masks), so the
+adapter reads images plus **pre-rendered** class masks::
 
       <data_dir>/{train2017,val2017}/<image id, 12 digits>.jpg        (the official image zips)
       <data_dir>/masks_voc/{train2017,val2017}/<same stem>.png        (0..20, 255 = ignore)
 
-  Every mask file defines one example (the image of the same stem must exist). Mask values:
-  0 = background, 1..20 = the VOC classes, 255 -> -1 ignore, anything else -> -1.
-* ``prepare_voc_masks(data_dir, "train2017")`` renders those masks from the official
-  ``<data_dir>/annotations/instances_{split}.json`` without pycocotools. Mapping, as upstream's
-  COCOSegmentation: COCO category ids in ``CAT_LIST`` order (``CAT_LIST[k]`` is VOC class k:
-  5 airplane -> 1, 2 bicycle -> 2, 16 bird -> 3, 9 boat -> 4, 44 bottle -> 5, 6 bus -> 6, 3 car -> 7,
-  17 cat -> 8, 62 chair -> 9, 21 cow -> 10, 67 dining table -> 11, 18 dog -> 12, 19 horse -> 13,
-  4 motorcycle -> 14, 1 person -> 15, 64 potted plant -> 16, 20 sheep -> 17, 63 couch -> 18,
-  7 train -> 19, 72 tv -> 20); other categories are left as background; instances are painted in
-  annotation-file order and a pixel keeps the first instance that covers it (overlaps: first wins);
-  crowd regions are painted like the others (upstream does not skip them). Like upstream, only
-  images with more than ``min_foreground_pixels`` (1000) VOC-class pixels get a mask (i.e. are
-  kept), for both splits. Polygons are rasterised with PIL, which can differ from pycocotools by a
-  pixel along boundaries; RLE (crowd) masks are decoded exactly.
-
+Every mask file is one example; 255 and values above 20 -> -1. ``prepare_voc_masks`` renders them
+from ``annotations/instances_{split}.json`` without pycocotools, as upstream's COCOSegmentation:
+``CAT_LIST[k]`` is VOC class k, other categories are background, the first instance covering a
+pixel wins, crowd regions are painted too, and only images with more than
+``min_foreground_pixels`` (1000) VOC pixels are kept. Deviation: polygons are rasterised with PIL
+(may differ from pycocotools by a pixel along boundaries); RLE masks are decoded exactly.
 Splits: train (train2017), validation (val2017).
 """
 

@@ -1,22 +1,14 @@
 """Users' own data in plain folders.
 
-**image_folder** (recognition)::
+**image_folder** (recognition): ``<data_dir>/<split>/<class>/*.{jpg,jpeg,png}``. Classes are the
+sorted sub-directories of ``<data_dir>/train`` (of the split itself without a train folder), so all
+splits share label indices; a class the train folder lacks is an error. Splits: train, validation
+(``validation/`` or ``val/``), test.
 
-    <data_dir>/<split>/<class>/*.{jpg,jpeg,png}
-
-Classes are the sorted sub-directory names of ``<data_dir>/train`` (of the split itself when there
-is no train folder), so every split uses the same label indices; a split folder with a class the
-train folder lacks is an error. Split folders: train, validation (``validation/`` or ``val/``),
-test.
-
-**seg_folder** (segmentation)::
-
-    <data_dir>/<split>/images/<stem>.{jpg,jpeg,png}
-    <data_dir>/<split>/masks/<stem>.png     (single-channel; 0..K-1 = classes, 255 = ignore)
-
-``K = config.dataset.num_classes`` (required); 255 -> -1, any other value outside 0..K-1 is an
-error when the example is read. ``config.dataset.class_names`` (optional) names the classes.
-No palette is registered: visualisations use the VOC colour map for K classes.
+**seg_folder** (segmentation): ``<data_dir>/<split>/images/<stem>.{jpg,jpeg,png}`` and
+``<data_dir>/<split>/masks/<stem>.png`` (single-channel; 0..K-1, 255 = ignore), ``K =
+config.dataset.num_classes`` (required); any other value is an error when the example is read.
+``config.dataset.class_names`` is optional; visualisations use the VOC colour map.
 """
 
 from __future__ import annotations

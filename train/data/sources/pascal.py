@@ -1,30 +1,15 @@
 """PASCAL VOC 2012 segmentation (``"pascal_voc"``, 21 classes) and PASCAL Context, 59-class
 protocol (``"pcontext"``), both from local folders.
 
-**pascal_voc**: TFDS ``voc/2012`` is a detection dataset (features ``image``, ``objects`` with boxes,
-``labels``; no segmentation masks), so this adapter reads the standard VOCdevkit layout::
+**pascal_voc** (TFDS ``voc/2012`` has no masks): ``<data_dir>/VOCdevkit/VOC2012/{JPEGImages,
+SegmentationClass,ImageSets/Segmentation/{train,val,trainval}.txt}``; labels 0..20, 255 and others
+-> -1. Deviation: train = train.txt (upstream's train mode reads trainval.txt, which contains the
+validation images). The SBD-augmented set (``pascal_aug``) is not supported.
 
-    <data_dir>/VOCdevkit/VOC2012/JPEGImages/<id>.jpg
-    <data_dir>/VOCdevkit/VOC2012/SegmentationClass/<id>.png      (palette PNG: index = class, 255 = void)
-    <data_dir>/VOCdevkit/VOC2012/ImageSets/Segmentation/{train,val,trainval}.txt
-
-Labels: 0..20 as stored (0 = background), 255 (the void border) -> -1 ignore, anything else -> -1.
-Splits: train = train.txt (1464 images), validation = val.txt (1449), trainval = trainval.txt.
-Upstream's VOCSegmentation reads trainval.txt in its 'train' mode (so its training set contains
-the validation images); that quirk is deliberately not reproduced: train is train.txt.
-The SBD-augmented set (upstream's ``pascal_aug``) is not supported.
-
-**pcontext**: upstream builds the 59-class masks from ``trainval_merged.json`` with the ``detail``
-API. This adapter instead reads the widely used pre-converted PNG layout (e.g. the output of the
-common segmentation toolboxes' Pascal Context converter)::
-
-    <data_dir>/VOCdevkit/VOC2010/JPEGImages/<id>.jpg
-    <data_dir>/VOCdevkit/VOC2010/SegmentationClassContext/<id>.png   (0 = background, 1..59 = classes)
-    <data_dir>/VOCdevkit/VOC2010/ImageSets/SegmentationContext/{train,val}.txt
-
-Labels: 0 -> -1 ignore (the 59-class protocol does not score background), k -> k-1, anything else
--> -1. Splits: train (4996 images), validation (val.txt, 5104). The 60-class variant (background
-scored) is not provided.
+**pcontext**: instead of upstream's ``detail`` API on ``trainval_merged.json``, the common
+pre-converted PNGs: ``<data_dir>/VOCdevkit/VOC2010/{JPEGImages, SegmentationClassContext,
+ImageSets/SegmentationContext/{train,val}.txt}``; 0 (background) -> -1, k -> k-1, others -> -1. The
+60-class variant (background scored) is not provided.
 """
 
 from __future__ import annotations

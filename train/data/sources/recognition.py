@@ -1,27 +1,17 @@
 """Recognition sets: ImageNet-1k and CIFAR-10 through TFDS, MINC-2500 from a local folder.
 
-**imagenet2012** (TFDS ``imagenet2012``, 1000 classes): labels as TFDS gives them (0..999, the
-sorted-WordNet-id order, which is also torchvision ImageFolder's order); ``class_names`` are the
-WordNet ids from TFDS's metadata. Splits: train, validation. TFDS cannot download it: put
-``ILSVRC2012_img_train.tar`` and ``ILSVRC2012_img_val.tar`` in a manual dir and run
-``tfds build imagenet2012 --manual_dir <dir> --data_dir <data_dir> --file_format=array_record`` on a
-machine with TensorFlow. (An ImageNet tree extracted as ``<split>/<wnid>/*.JPEG`` can also be read
-with the ``image_folder`` adapter.)
+**imagenet2012** (TFDS; labels 0..999 in sorted-WordNet-id order, as torchvision's ImageFolder):
+put ``ILSVRC2012_img_{train,val}.tar`` in a manual dir and, with TensorFlow, ``tfds build
+imagenet2012 --manual_dir <dir> --data_dir <data_dir> --file_format=array_record``. An extracted
+``<split>/<wnid>/*.JPEG`` tree also works with ``image_folder``.
 
-**cifar10** (TFDS ``cifar10``, 10 classes, 32x32; ``class_names`` are CIFAR's fixed label order,
-which TFDS keeps): splits train, test, and validation = test (CIFAR
-has no separate validation set). Prepare with ``tfds build cifar10 --data_dir <data_dir>
---file_format=array_record`` (TensorFlow and network needed).
+**cifar10** (TFDS): splits train, test, and validation = test (CIFAR has none);
+``tfds build cifar10 --data_dir <data_dir> --file_format=array_record``.
 
-**minc** (MINC-2500, 23 material classes), local folder as released::
-
-    <data_dir>/minc-2500/images/<class>/<class>_NNNNNN.jpg
-    <data_dir>/minc-2500/labels/{train,validate,test}<fold>.txt   (lines "images/<class>/<file>.jpg")
-
-Class order as upstream's MINCDataset: the sorted sub-directory names of ``images/``; an image's
-class is its parent directory. Splits: train (train<fold>.txt), validation (validate<fold>.txt),
-test (test<fold>.txt); ``config.dataset.fold`` picks the official split 1..5 (default 1). Upstream
-evaluates on test1.txt; here that is the "test" split.
+**minc** (MINC-2500 as released): ``<data_dir>/minc-2500/images/<class>/*.jpg`` and
+``labels/{train,validate,test}<fold>.txt``; classes are the sorted folders (upstream's
+MINCDataset); ``config.dataset.fold`` picks split 1..5 (default 1); upstream evaluates on
+test1.txt, the "test" split here.
 """
 
 from __future__ import annotations
