@@ -1,17 +1,9 @@
 """JAX's persistent compilation cache for the trainer and the evaluator.
 
-A second start of the same model and shapes (a resume, a re-run, an evaluation after training)
-loads the compiled XLA programs from disk instead of compiling them again. ``setting`` (the
-config's ``train.compile_cache``):
-
-- ``"user"`` (default): ``$JAXENC_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/jaxenc/xla`` (default
-  ``~/.cache/jaxenc/xla``), shared by every run of this user;
-- ``"workdir"``: ``<workdir>/xla_cache``, private to the run;
-- ``"off"`` (or empty): no persistent cache;
-- anything else: that directory.
-
-Programs that compile in under ``MIN_COMPILE_S`` are not written (JAX's own threshold, 1 s, keeps
-the cache small). The cache is keyed by the program, the compile options, the backend and the
+``setting`` (``config.train.compile_cache``): ``"user"`` (default: ``$JAXENC_CACHE_DIR``, else
+``$XDG_CACHE_HOME/jaxenc/xla``, default ``~/.cache/jaxenc/xla``), ``"workdir"``
+(``<workdir>/xla_cache``), ``"off"`` or empty (no cache), or a directory. Programs compiling in
+under ``MIN_COMPILE_S`` are not written. JAX keys entries by program, options, backend and
 jax/jaxlib version, so a stale entry is never used.
 """
 

@@ -1,10 +1,7 @@
 """Entry point: ``python -m train.main --config configs/<recipe>.py --workdir runs/<name>``.
 
-Kept short on purpose (flax examples/imagenet style): flags in, ``train_and_evaluate`` out.
-``--config.<key>=<value>`` overrides any config field; unknown keys are rejected by ml_collections
-(the config is locked). Multi-host: ``--config.distributed.initialize=True`` (plus the coordinator
-address, process count and id unless the cluster is auto-detected), or set
-``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` in each process's environment.
+Flags in, ``train_and_evaluate`` out (flax examples/imagenet style). ``--config.<key>=<value>``
+overrides a field (unknown keys are rejected); multi-host setup: README, Training.
 """
 
 from __future__ import annotations

@@ -1,24 +1,15 @@
 """Trainer observability: progress bar, TensorBoard scalars, a JSONL metrics log, a run summary and
 segmentation prediction PNGs. No TensorFlow and no ``clu.metric_writers`` (they import TF).
 
-Files written under ``workdir`` (by process 0 only):
+Process 0 writes, under ``workdir``: ``metrics.jsonl`` (one flushed line per ``log_train`` /
+``log_eval``: ``{"step", "split", "time", **metrics}``; non-finite floats are ``null``, so every line
+is strict JSON), ``tb/events.out.tfevents.*`` (scalars ``train/<key>``, ``eval/<key>``; flushed on
+every eval, every 30 s of logging and on close), ``summary.json`` and ``samples/step_XXXXXXX.png``.
 
-* ``metrics.jsonl`` -- one JSON object per ``log_train`` / ``log_eval`` call:
-  ``{"step": int, "split": "train" | "eval", "time": unix seconds, **metrics}``. Train values are
-  floats; eval values keep ints as ints and non-scalars (per-class IoU) as lists. Non-finite floats (NaN, +-inf)
-  are written as ``null`` so every line is strict JSON (``jq``, pandas and browsers read it);
-  ``read_metrics`` returns them as ``None``. A line is flushed as soon as it is written.
-* ``tb/events.out.tfevents.*`` -- TensorBoard scalars tagged ``train/<key>`` and ``eval/<key>``
-  (scalars only; written with tensorboardX's event writer and protos, see ``_ScalarEventWriter``),
-  flushed on every eval, at least every 30 s of logging, and on close.
-* ``summary.json`` -- written by ``Observer.summary``.
-* ``samples/step_XXXXXXX.png`` -- written by ``Observer.save_samples``.
-
-When the workdir already holds a ``metrics.jsonl`` (resume), rows with ``step > start_step`` come
-from work lost with the killed run and are dropped (they will be logged again), as is a partial last
-line; TensorBoard hides the same steps through a ``SessionLog.START`` event at ``start_step + 1``
-(what ``SummaryWriter(purge_step=...)`` writes). The best eval metric seen up to ``start_step`` is
-restored from the kept rows.
+On resume, ``metrics.jsonl`` rows with ``step > start_step`` (work lost with the killed run) and a
+partial last line are dropped; TensorBoard hides the same steps with a ``SessionLog.START`` event at
+``start_step + 1`` (as ``SummaryWriter(purge_step=...)``); the best eval metric is restored from the
+kept rows.
 """
 
 from __future__ import annotations
@@ -152,15 +143,11 @@ def read_metrics(workdir: str | os.PathLike, split: str | None = None) -> list[d
 
 
 class _ScalarEventWriter:
-    """Synchronous TensorBoard scalar writer built from tensorboardX's ``EventsWriter`` (TFRecord
-    framing + CRCs) and its ``Event``/``Summary`` protos.
+    """Synchronous TensorBoard scalar writer on tensorboardX's ``EventsWriter`` and protos.
 
-    Why not ``tensorboardX.SummaryWriter``: in tensorboardX 2.6.5 its ``flush()`` flushes the file but
-    not the queue feeding the background writer thread, so an event added just before ``flush()`` is
-    usually not on disk yet (seen in tests) and a killed run loses it; and two writers opened in the
-    same second share one file name, the second truncating the first (a quick restart). Here every
-    event is written in the caller's thread, ``flush()`` is complete, and the file name carries the
-    pid and a random tag.
+    Not ``tensorboardX.SummaryWriter`` (2.6.5): its ``flush()`` leaves events queued for its writer
+    thread (a killed run loses them), and two writers opened in the same second share a file name.
+    Here events are written in the caller's thread and the file name carries the pid and a random tag.
     """
 
     FLUSH_SECS = 30.0  # also flush during long training phases so TensorBoard stays live
@@ -203,23 +190,19 @@ class Observer:
     """Progress bar + TensorBoard + JSONL logging for one training run; use as a context manager.
 
     Args:
-      workdir: run directory; files go to ``workdir/metrics.jsonl``, ``workdir/tb``, ...
-      total_steps: number of optimiser steps of the whole run (progress bar total).
+      workdir: run directory.
+      total_steps: optimiser steps of the whole run (progress bar total).
       start_step: step the run (re)starts from; > 0 on resume (see the module docstring).
-      is_main: only the main process (``jax.process_index() == 0``) writes or prints anything; on the
-        others every method is a no-op that still returns the same types.
-      progress: show a tqdm bar. It is also off when ``$JAXENC_NO_PROGRESS`` is set (1/true/yes) or
-        ``stream`` is not a terminal (CI, redirected logs); then every ``log_train`` prints one plain
-        line instead. ``log_eval`` and ``log_text`` always print a line.
+      is_main: only the main process (``jax.process_index() == 0``) writes or prints; on the others
+        every method is a no-op that returns the same types.
+      progress: show a tqdm bar; also off when ``$JAXENC_NO_PROGRESS`` is set (1/true/yes) or
+        ``stream`` is not a terminal, and then each ``log_train`` prints one line. ``log_eval`` and
+        ``log_text`` always print a line.
       stream: text stream for the bar and lines (default ``sys.stderr``).
-      best_metric: eval metric to track the best value of (higher is better), e.g. "mIoU" or "top1".
+      best_metric: eval metric whose best (highest) value is tracked, e.g. "mIoU" or "top1".
 
-    On resume the best metric is restored from ``metrics.jsonl`` by the main process only (the others
-    read no files); every other statistic is the same on all processes.
-
-    ``log_train`` computes throughput from the wall time since the previous ``log_train`` (or since
-    entering the context) minus time spent inside ``with observer.paused():`` blocks (wrap eval and
-    checkpointing in it so they do not count against training throughput).
+    On resume only the main process reads the best metric back. ``log_train`` throughput excludes time
+    spent in ``with observer.paused():`` blocks (wrap eval and checkpointing in it).
     """
 
     def __init__(

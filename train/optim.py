@@ -1,38 +1,23 @@
 """Optimizer and learning-rate schedule from ``config.optim`` (PyTorch-Encoding recipes, built with optax).
 
-:func:`make_optimizer` returns ``(tx, lr_schedule)``:
+:func:`make_optimizer` returns ``(tx, lr_schedule)``; ``T`` counts optimizer updates, ``W = warmup_steps``.
 
-* **Schedule** (upstream ``LR_Scheduler``, ``encoding/utils/lr_scheduler.py``), in optimizer updates ``T``: linear warmup from 0,
-  ``lr = base·T/W`` for ``T < W = warmup_steps``, then
+* Schedule (upstream ``LR_Scheduler``): ``base·T/W`` for ``T < W``, then ``"poly"``
+  ``base·(1 − (T−W)/(total−W))^poly_power``, ``"cosine"`` ``0.5·base·(1 + cos(π·(T−W)/(total−W)))``,
+  ``"step"`` ``base·step_gamma^(#step_boundaries <= T)`` (absolute updates) or ``"constant"``.
+  ``base = lr``, or ``lr·global_batch_size/lr_batch_reference`` when that is set.
+* Groups (upstream ``LR_Scheduler_Head``): the top-level ``backbone_prefix`` subtree gets the
+  scheduled lr, every other top-level subtree ``head_lr_mult`` × it; without that key (classifiers)
+  everything is backbone. Pass ``variables["params"]``, not the whole variables dict.
+* ``"sgd"`` is ``torch.optim.SGD`` (L2 decay added to the gradient before momentum); ``"adamw"`` is
+  ``optax.adamw``. Deviation: ``no_bn_wd`` exempts every parameter with ``ndim <= 1`` (downsample BNs
+  and Encoding's smoothing factors included, which upstream's name rule still decays).
+* ``clip_grad_norm`` comes first; ``grad_accum_steps = k > 1`` wraps the chain in
+  ``optax.MultiSteps`` (one update per k calls, zeros otherwise): ``total_steps`` and the schedule
+  count updates, so a run makes ``k·total_steps`` ``tx.update`` calls.
 
-  - ``"poly"``: ``base·(1 − (T−W)/(total−W))^poly_power`` (upstream: power 0.9, the segmentation default);
-  - ``"cosine"``: ``0.5·base·(1 + cos(π·(T−W)/(total−W)))`` (upstream ``cos``, the recognition default);
-  - ``"step"``: ``base·step_gamma^(number of step_boundaries <= T)`` (boundaries are absolute updates);
-  - ``"constant"``: ``base``.
-
-  ``base = lr`` or, with ``lr_batch_reference = N``, ``lr·global_batch_size/N`` (segmentation recipes
-  quote lr at a total batch of 16). ``lr_schedule`` is the backbone's lr; the head's is
-  ``head_lr_mult`` times it.
-* **Parameter groups** (upstream ``LR_Scheduler_Head``): the top-level subtree named
-  ``backbone_prefix`` (``"pretrained"``, the backbone of every segmentation model) trains at the
-  scheduled lr, every other top-level subtree (``head``, ``auxlayer``, ...) at ``head_lr_mult`` × lr
-  (upstream 10×). When no top-level key equals the prefix (classification models, whose parameters
-  are all "backbone"), every parameter is in the backbone group: no multiplier. Pass
-  ``variables["params"]``, not the whole variables dict.
-* **Update rule**: ``"sgd"`` is ``torch.optim.SGD``: L2 weight decay added to the gradient before
-  momentum (``optax.add_decayed_weights`` then ``optax.sgd``), heavy-ball or Nesterov momentum, lr
-  applied after the momentum buffer. ``"adamw"`` is ``optax.adamw`` (decoupled decay scaled by lr, as
-  ``torch.optim.AdamW``). ``no_bn_wd`` exempts every parameter with ``ndim <= 1`` from weight decay:
-  norm scales/biases (downsample BNs included, which upstream's name rule missed) and all biases, plus
-  any other vector parameter (e.g. Encoding's smoothing factors, which upstream still decays).
-* ``clip_grad_norm``: ``optax.clip_by_global_norm`` over all parameters, before anything else.
-* ``grad_accum_steps = k > 1``: the whole chain is wrapped in ``optax.MultiSteps``; it averages k
-  micro-batch gradients and applies one update on every k-th call (zeros otherwise). The schedule and
-  ``total_steps`` count **optimizer updates**, not micro-steps: ``lr_schedule(n)`` is the lr of the
-  n-th real update, and a run of ``total_steps`` updates makes ``k·total_steps`` ``tx.update`` calls.
-
-``tx.update(grads, opt_state, params)`` always needs ``params`` (weight decay reads them).
-``ema_decay`` is validated here but applied by the trainer with :func:`ema_update`.
+``tx.update(grads, opt_state, params)`` always needs ``params``. ``ema_decay`` is validated here but
+applied by the trainer with :func:`ema_update`.
 """
 
 from __future__ import annotations
@@ -294,15 +279,14 @@ def make_optimizer(optim_config, *, params, total_steps: int, global_batch_size:
     """Build the optax optimizer for ``config.optim`` (see the module docstring).
 
     Args:
-      optim_config: ``config.optim`` (ml_collections ConfigDict or mapping); missing keys take
-        :data:`DEFAULTS`, unknown keys raise KeyError, invalid values ValueError naming the key.
-      params: the model's ``params`` collection (arrays or ``jax.ShapeDtypeStruct``); its top-level keys
-        decide the backbone/head lr groups.
-      total_steps: number of optimizer updates of the run (micro-steps / grad_accum_steps).
-      global_batch_size: examples per optimizer update across all processes, for lr scaling.
+      optim_config: ``config.optim`` (ConfigDict or mapping); missing keys take :data:`DEFAULTS`,
+        unknown keys raise KeyError, invalid values ValueError naming the key.
+      params: the ``params`` collection (arrays or ``jax.ShapeDtypeStruct``); its top-level keys
+        decide the lr groups.
+      total_steps: optimizer updates of the run (micro-steps / grad_accum_steps).
+      global_batch_size: examples per update across all processes, for lr scaling.
     Returns:
-      ``(tx, lr_schedule)``: ``tx`` an ``optax.GradientTransformation`` (call ``tx.update(grads,
-      state, params)``), ``lr_schedule(step)`` the backbone lr of update ``step``.
+      ``(tx, lr_schedule)``: an ``optax.GradientTransformation`` and ``step -> backbone lr``.
     """
     cfg = _read_config(optim_config)
     if isinstance(params, Mapping) and ("batch_stats" in params or set(params) == {"params"}):

@@ -1,21 +1,15 @@
 """The data-parallel train and eval steps: ``jax.shard_map`` over the ``data`` axis of a 1-D mesh.
 
-Parameters, optimizer state and BN running statistics are replicated (``P()``); the batch is split
-along its first axis (``P("data")``). Inside the map each device runs the model on its rows:
+State is replicated (``P()``), the batch split along its first axis (``P("data")``). The loss is
+(local sum) / (global count) (:mod:`train.tasks`), so the ``psum`` of local gradients is the
+global-batch gradient. ``sync_bn`` synchronises every jaxenc BatchNorm over ``data`` (what one
+device would compute on the whole batch); without it each device normalises with its own statistics
+(upstream's DataParallel BatchNorm) and the running statistics are averaged after the step.
+Dropout draws from ``fold_in(fold_in(seed_key, step), device)``, so masks depend on the device
+layout; ``disable_dropout`` makes every ``flax.linen.Dropout`` deterministic.
 
-- gradients: the loss is written as (local sum) / (global count) (:mod:`train.tasks`), so the
-  ``psum`` of the local gradients is the gradient of the global-batch mean;
-- BatchNorm: with ``sync_bn`` every jaxenc BatchNorm synchronises over ``data`` (exact global
-  statistics; :func:`jaxenc.nn.norm.batchnorm_axis_override`), so the step computes what one device
-  would on the whole batch. Without it each device normalises with its own statistics (upstream's
-  plain BatchNorm under DataParallel) and the running statistics are averaged afterwards so that the
-  replicas stay identical;
-- dropout: each device draws from ``fold_in(fold_in(seed_key, step), device)``. Masks therefore
-  depend on how the batch is split; ``disable_dropout`` turns every ``flax.linen.Dropout``
-  deterministic (used to compare device layouts exactly).
-
-Shapes: batch["image"] (B, H, W, 3) float; batch["mask"] (B, H, W) int (segmentation) or
-batch["label"] (B,) int (recognition); B divisible by the mesh size.
+Shapes: batch["image"] (B, H, W, 3) float; batch["mask"] (B, H, W) int or batch["label"] (B,) int;
+B divisible by the mesh size.
 """
 
 from __future__ import annotations

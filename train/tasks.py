@@ -1,15 +1,11 @@
 """Task losses for the data-parallel train step, written so that sharding never changes the result.
 
-A loss that is a mean over examples or pixels is split into a local numerator (the sum over this
-device's part of the batch) and a denominator (the count over the whole global batch). The train
-step sums the per-device numerators' gradients (``psum``), so the gradient is the gradient of the
-global-batch mean however the batch is split; a per-device mean averaged over devices would weight
-devices with few labelled pixels (segmentation ignore regions) too much.
-
-Segmentation (PyTorch-Encoding's ``SegmentationLosses``, ``encoding/nn/loss.py``): pixel cross-entropy
-over labelled pixels (ignore label -1), plus ``aux_weight`` x the aux head's cross-entropy and
-``se_weight`` x the semantic-encoding BCE (EncNet's SE loss: which classes occur in each image).
-Recognition: cross-entropy with optional label smoothing, or soft targets (mixup).
+A mean over examples or pixels is split into a local numerator (the sum over this device's rows)
+and a global denominator (the count over the whole batch), so ``psum`` of the gradients is the
+global-batch mean's gradient; a mean of per-device means would overweight devices with few labelled
+pixels. Segmentation (upstream ``SegmentationLosses``, ``encoding/nn/loss.py``): pixel cross-entropy
+(ignore -1) + ``aux_weight`` x aux cross-entropy + ``se_weight`` x EncNet's SE BCE. Recognition:
+cross-entropy with optional label smoothing, or soft targets (mixup).
 """
 
 from __future__ import annotations
