@@ -1,30 +1,16 @@
 """Grain input pipeline: sources by name, per-process train/eval batches, image/mask transforms.
 
-Sources. ``get_source(config.dataset, split)`` looks ``config.dataset.name`` up in a small registry
-(``register_source(name, fn)``); built in are ``"shapes_seg"`` and ``"shapes_cls"``
-(``train.data.synthetic``). Real datasets (TFDS adapters) register themselves the same way.
-``palette(config.dataset)`` gives the mask colours for visualisation.
-
-Sharding rule (train and eval). Process ``p`` of ``P`` holds rows ``[p*b, (p+1)*b)`` of every
-global batch, ``b = global_batch / P``. So the union over processes of the step-``t`` batches, in
-process order, is exactly the step-``t`` batch a single process would build, and
-``jax.make_array_from_process_local_data`` reassembles it. Each process transforms only its own
-rows: the global element stream is batched into chunks of ``b`` and process ``p`` reads chunks
-``p, p+P, p+2P, ...`` (``MapDataset.batch(b)[p::P]``).
-
-Determinism. The train stream is ``source -> shuffle(seed) -> repeat() -> random_map(transform)``
-as a grain ``MapDataset``: the shuffle is a seeded index permutation, different per epoch (grain
-folds the epoch into the seed), and the augmentation rng grain hands to the transform is derived
-from the seed and the element's position in the global stream. Batches therefore do not depend on
-the worker count, the prefetch threads or the process count, and the iterator state is just a
-position: ``it.get_state()`` / ``it.set_state(state)`` restore it exactly (the state is a small
-dict that ``grain.checkpoint.CheckpointSave`` can store through Orbax).
-
-Transforms are picklable callables ``(example, rng: np.random.Generator | None) -> example``.
-Resizing uses PIL: images bilinear on uint8 (PIL's bilinear filter widens its support when
-downscaling, i.e. it antialiases), masks nearest on int32 (PIL mode "I", so -1 survives).
-Non-square inputs are resized to a square (train and eval alike), so the geometry is the same in
-both. Normalisation is ``(x / 255 - mean) / std`` in float32.
+``get_source(config.dataset, split)`` looks ``config.dataset.name`` up in a registry
+(``register_source``); ``"shapes_seg"`` / ``"shapes_cls"`` are built in, real datasets register
+themselves (``train.data.sources``). Process ``p`` of ``P`` holds rows ``[p*b, (p+1)*b)`` of every
+global batch (``b = global_batch / P``; ``MapDataset.batch(b)[p::P]``), which
+``jax.make_array_from_process_local_data`` reassembles. The train stream ``source -> shuffle(seed)
+-> repeat() -> random_map(transform)`` reshuffles per epoch and derives each augmentation rng from
+the seed and the element's global position, so batches do not depend on worker, thread or process
+counts and ``it.get_state()`` / ``it.set_state(state)`` restore a position exactly.
+Transforms are picklable ``(example, rng | None) -> example``; PIL resizes images bilinear
+(antialiased when downscaling) and masks nearest on int32 (mode "I", so -1 survives); non-square
+inputs become square in train and eval alike; normalisation is ``(x / 255 - mean) / std``, float32.
 """
 
 from __future__ import annotations
