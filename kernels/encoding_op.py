@@ -443,8 +443,7 @@ def _encoding_pallas_bwd(plan: _Plan, interpret: bool, residuals, ct):
     gp = jnp.pad(ct.astype(_F32), ((0, 0), (0, plan.kp - plan.k), (0, plan.dp - plan.d)))
     # Ties the backward's buffers (its copies of x, its outputs) to the cotangent: without it, the
     # scheduler of jax >= 0.12 may allocate them before the forward kernel has run, and the two
-    # passes' x-sized buffers are then live together (300 MiB instead of 236 MiB of temporaries in
-    # tests/test_kernels_memory.py).
+    # passes' x-sized buffers are then live together (tests/test_kernels_memory.py).
     xp, cp, sp, gp = jax.lax.optimization_barrier((xp, cp, sp, gp))
     dxp, dcp, dsp = _backward_call(xp, cp, sp, gp, plan, interpret)
     return dxp[:, : plan.n, : plan.d], dcp[: plan.k, : plan.d].astype(cp.dtype), dsp[: plan.k]

@@ -78,10 +78,7 @@ def involution(
     impl: str = "auto",
     interpret: bool = False,
 ) -> jax.Array:
-    """Involution with given per-position kernels (Li et al., CVPR 2021).
-
-    ``out[b, h, w, c] = Σ_ij weights[b, h, w, g(c), i, j] · x[b, h·s + i·d - p, w·s + j·d - p, c]``
-    (zero outside x), g(c) = c // (C / G).
+    """Involution with given per-position kernels (Li et al., CVPR 2021; formula in the module docstring).
 
     Args:
       x: (B, H, W, C).
