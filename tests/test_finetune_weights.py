@@ -39,7 +39,7 @@ def test_finetune_from_checkpointer_and_msgpack(tmp_path):
     _assert_bitwise(load_params_for_finetune(file, target), _variables(seed=4))
 
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no checkpoint written by Checkpointer"):
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         load_params_for_finetune(tmp_path / "empty", target)
     with pytest.raises(ValueError, match="load_pretrained"):
         (tmp_path / "w.pth").write_bytes(b"")

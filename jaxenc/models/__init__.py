@@ -26,7 +26,9 @@ from jaxenc.models.store import (
     purge,
     register_pretrained,
     save_checkpoint,
+    tree_differences,
 )
+from jaxenc.models.weights import load_weights, resolve_checkpoint
 from jaxenc.models.wideresnet import WideResNet
 from jaxenc.models.xception import Xception65, Xception71
 
@@ -54,9 +56,12 @@ __all__ = [
     "list_models",
     "load_checkpoint",
     "load_pretrained",
+    "load_weights",
     "pretrained_model_list",
     "purge",
     "register_model",
     "register_pretrained",
+    "resolve_checkpoint",
     "save_checkpoint",
+    "tree_differences",
 ]

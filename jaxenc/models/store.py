@@ -30,11 +30,9 @@ import contextlib
 import dataclasses
 import hashlib
 import io
-import json
 import os
 import re
 import shutil
-import tempfile
 import urllib.parse
 import urllib.request
 import zipfile
@@ -45,10 +43,19 @@ from typing import Any
 import filelock
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax import serialization
-from flax.traverse_util import flatten_dict
 
+from jaxenc.models.native import (
+    _CHUNK,
+    _digest_mismatch,
+    _file_digest,
+    _read_sidecar,
+    _temp_in,
+    _write_sidecar,
+    load_checkpoint,
+    save_checkpoint,
+    shape_problems,
+    tree_differences,
+)
 from jaxenc.models.registry import close_match_hint
 
 __all__ = [
@@ -66,6 +73,7 @@ __all__ = [
     "register_pretrained",
     "save_checkpoint",
     "shape_problems",
+    "tree_differences",
 ]
 
 #: Seconds a process waits for another one writing the same cache file before giving up.
@@ -75,9 +83,6 @@ LOCK_TIMEOUT = 300.0
 UPSTREAM_REPO_URL = "https://s3.us-west-1.wasabisys.com/encoding"
 
 _FORMATS = ("torch", "jaxenc")
-_CHECKPOINT_FORMAT = "jaxenc.checkpoint"
-_CHECKPOINT_VERSION = 1
-_CHUNK = 1 << 20
 _URL_SCHEMES = ("http://", "https://", "file://")
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
@@ -252,14 +257,6 @@ def cache_path(name: str) -> Path:
     return cache_dir() / pretrained_entry(name).file_name
 
 
-def _file_digest(path: Path, algorithm: str) -> str:
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _expected_digests(entry: PretrainedEntry) -> list[tuple[str, str, str]]:
     """(hashlib name, display name, expected hex) for every digest the entry records."""
     out = []
@@ -268,28 +265,6 @@ def _expected_digests(entry: PretrainedEntry) -> list[tuple[str, str, str]]:
     if entry.sha256 is not None:
         out.append(("sha256", "SHA-256", entry.sha256))
     return out
-
-
-def _digest_mismatch(path: Path, expected: list[tuple[str, str, str]]) -> str | None:
-    """None if ``path`` matches every expected digest, else a message naming both digests."""
-    for algorithm, label, want in expected:
-        got = _file_digest(path, algorithm)
-        if got != want:
-            return f"{label} mismatch for {path}: expected {want}, got {got}"
-    return None
-
-
-def _read_sidecar(path: Path) -> str | None:
-    sidecar = Path(str(path) + ".sha256")
-    if not sidecar.exists():
-        return None
-    text = sidecar.read_text().strip()
-    digest = text.split()[0].lower() if text else ""
-    if not re.fullmatch("[0-9a-f]{64}", digest):
-        raise ValueError(
-            f"{sidecar}: not a SHA-256 digest file (expected '<64 hex digits>  <file name>')"
-        )
-    return digest
 
 
 def _lock_path(final: Path) -> Path:
@@ -316,29 +291,8 @@ def _cache_lock(final: Path, timeout: float | None = None) -> Iterator[None]:
         lock.release()
 
 
-def _temp_in(directory: Path, final_name: str) -> Path:
-    """A new empty temporary file beside ``final_name`` (``.{final_name}.<random>.part``)."""
-    fd, name = tempfile.mkstemp(dir=directory, prefix=f".{final_name}.", suffix=".part")
-    os.close(fd)
-    return Path(name)
-
-
 def _is_temp_of(file_name: str, final_name: str) -> bool:
     return file_name.startswith(f".{final_name}.") and file_name.endswith(".part")
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_in(path.parent, path.name)
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_sidecar(path: Path, digest: str) -> None:
-    _atomic_write_bytes(Path(str(path) + ".sha256"), f"{digest}  {path.name}\n".encode())
 
 
 def _remove_cached(final: Path) -> None:
@@ -618,104 +572,6 @@ def read_weights(path: str | os.PathLike) -> tuple[str, dict[str, Any]]:
     if kind == "jaxenc":
         return kind, load_checkpoint(path)
     return "torch", _torch_state_dict(path, _zip_member(path, None) if kind == "zip" else None)
-
-
-# --------------------------------------------------------------------------------------------------
-# Native checkpoints
-
-
-def save_checkpoint(
-    path: str | os.PathLike, variables: Mapping, *, metadata: Mapping | None = None
-) -> str:
-    """Write ``variables`` (e.g. ``{"params", "batch_stats"}``) as a native jaxenc checkpoint.
-
-    The file is flax.serialization msgpack holding the variables and a JSON metadata record
-    (``jaxenc_version`` plus the caller's ``metadata``, e.g. ``{"model": "resnest50"}``; it must be
-    JSON-serialisable). ``path + ".sha256"`` receives the file's SHA-256 (``sha256sum`` format).
-    Both are written atomically. Returns the SHA-256 hex digest (for :class:`PretrainedEntry`).
-    """
-    from jaxenc import __version__
-
-    meta = {"jaxenc_version": __version__, **dict(metadata or {})}
-    try:
-        meta_json = json.dumps(meta, sort_keys=True)
-    except TypeError as exc:
-        raise TypeError(f"save_checkpoint: metadata must be JSON-serialisable ({exc})") from exc
-    state = jax.tree.map(np.asarray, serialization.to_state_dict(jax.device_get(variables)))
-    data = serialization.msgpack_serialize(
-        {
-            "format": _CHECKPOINT_FORMAT,
-            "format_version": _CHECKPOINT_VERSION,
-            "metadata": meta_json,
-            "variables": state,
-        }
-    )
-    path = Path(path).expanduser()
-    digest = hashlib.sha256(data).hexdigest()
-    _atomic_write_bytes(path, data)
-    _write_sidecar(path, digest)
-    return digest
-
-
-def shape_problems(expected: Any, actual: Any) -> list[str]:
-    """How the variable tree ``actual`` differs from ``expected``: ``"missing a/b"``, ``"unexpected a/b"``
-    and ``"a/b: shape (..), expected (..)"`` entries (sorted by path); empty when they fit."""
-    exp = {"/".join(k): v for k, v in flatten_dict(serialization.to_state_dict(expected)).items()}
-    act = {"/".join(k): v for k, v in flatten_dict(serialization.to_state_dict(actual)).items()}
-    problems = [f"missing {k}" for k in sorted(set(exp) - set(act))]
-    problems += [f"unexpected {k}" for k in sorted(set(act) - set(exp))]
-    for k in sorted(set(exp) & set(act)):
-        if tuple(np.shape(exp[k])) != tuple(np.shape(act[k])):
-            problems.append(
-                f"{k}: shape {tuple(np.shape(act[k]))}, expected {tuple(np.shape(exp[k]))}"
-            )
-    return problems
-
-
-def load_checkpoint(path: str | os.PathLike, target: Any = None, *, with_metadata: bool = False):
-    """Read a native checkpoint written by :func:`save_checkpoint`.
-
-    Verifies ``path + ".sha256"`` when present (ValueError naming both digests on a mismatch).
-    ``target``: variables (or their ``jax.eval_shape``) of the expected structure; the result is
-    checked against it (ValueError listing missing/unexpected/mis-shaped leaves) and restored into
-    its container types. Returns the variables (jax arrays, dtypes as saved), or
-    ``(variables, metadata)`` when ``with_metadata``.
-    """
-    path = Path(path).expanduser()
-    want = _read_sidecar(path)
-    if want is not None:
-        problem = _digest_mismatch(path, [("sha256", "SHA-256", want)])
-        if problem is not None:
-            raise ValueError(f"load_checkpoint: {problem}")
-    try:
-        record = serialization.msgpack_restore(path.read_bytes())
-    except FileNotFoundError:
-        raise
-    except Exception as exc:
-        raise ValueError(
-            f"load_checkpoint: {path} is not a jaxenc checkpoint ({type(exc).__name__}: {exc})"
-        ) from exc
-    if not isinstance(record, dict) or record.get("format") != _CHECKPOINT_FORMAT:
-        raise ValueError(
-            f"load_checkpoint: {path} is not a jaxenc checkpoint (no {_CHECKPOINT_FORMAT!r} record)"
-        )
-    if record.get("format_version", 0) > _CHECKPOINT_VERSION:
-        raise ValueError(
-            f"load_checkpoint: {path} has format version {record['format_version']}, "
-            f"this jaxenc reads up to {_CHECKPOINT_VERSION}"
-        )
-    variables = record["variables"]
-    if target is not None:
-        problems = shape_problems(target, variables)
-        if problems:
-            raise ValueError(
-                f"load_checkpoint: {path} does not match the target: " + "; ".join(problems)
-            )
-        variables = serialization.from_state_dict(target, variables)
-    variables = jax.tree.map(jnp.asarray, variables)
-    if with_metadata:
-        return variables, json.loads(record.get("metadata") or "{}")
-    return variables
 
 
 # --------------------------------------------------------------------------------------------------
