@@ -506,11 +506,8 @@ def label_smoothing_cross_entropy(logits, targets, *, smoothing=0.1, reduction="
     (N, *S, K) logits (class axis last) give the same per-position formula. There is no
     ``ignore_index`` or ``weight`` (upstream has none).
 
-    Args:
-        logits: (N, K) or (N, *S, K), any float dtype (computed in float32).
-        targets: integer (N,) or (N, *S), values in [0, K).
-        smoothing: ε in [0, 1].
-        reduction: 'none' -> float32 (N, *S); 'mean' | 'sum' -> float32 scalar.
+    Shapes: logits (N, K) or (N, *S, K); targets integer (N,) or (N, *S) in [0, K); 'none' gives
+    float32 (N, *S), 'mean' | 'sum' a float32 scalar. ``smoothing`` ε in [0, 1].
     """
     where = "label_smoothing_cross_entropy"
     check_reduction(reduction, where)
@@ -533,11 +530,8 @@ def soft_target_cross_entropy(logits, targets, *, smoothing=0.1, reduction="mean
     chooses: for hard (integer) targets use :func:`cross_entropy` (upstream's eval branch) or
     :func:`label_smoothing_cross_entropy`.
 
-    Args:
-        logits: (N, K) or (N, *S, K), any float dtype.
-        targets: soft targets of the logits' shape (rows normally sum to 1).
-        smoothing: ε in [0, 1].
-        reduction: 'none' -> float32 (N, *S); 'mean' | 'sum' -> float32 scalar.
+    Shapes: logits (N, K) or (N, *S, K); soft targets of the logits' shape (rows normally sum to 1);
+    reductions as :func:`label_smoothing_cross_entropy`.
     """
     where = "soft_target_cross_entropy"
     check_reduction(reduction, where)
@@ -629,16 +623,9 @@ def segmentation_loss(
     and Semantic Encoding (SE) terms of EncNet ("Context Encoding for Semantic Segmentation",
     Zhang et al., 2018, arXiv:1803.08904).
 
-    ``outputs`` is the segmentation model's output tuple, in upstream's order:
-
-    ============== ====== =================================== =========================================
-    se_loss        aux    outputs                             loss
-    ============== ====== =================================== =========================================
-    False          False  (pred,) or pred                     CE(pred)
-    False          True   (pred, aux_pred)                    CE(pred) + aux_weight·CE(aux_pred)
-    True           False  (pred, se_pred)                     CE(pred) + se_weight·BCE
-    True           True   (pred, se_pred, aux_pred)           CE(pred) + aux_weight·CE(aux_pred) + se_weight·BCE
-    ============== ====== =================================== =========================================
+    ``outputs`` is the model's output tuple in upstream's order: ``(pred, [se_pred], [aux_pred])``
+    (a bare ``pred`` when neither term is on); the loss is CE(pred) [+ aux_weight·CE(aux_pred)]
+    [+ se_weight·BCE].
 
     - CE is :func:`cross_entropy` with ``weight`` and ``ignore_index``: the mean over non-ignored
       pixels (torch's weighted mean Σ w[t]·ℓ / Σ w[t] when ``weight`` is given).

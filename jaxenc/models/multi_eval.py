@@ -55,6 +55,7 @@ from jax.sharding import PartitionSpec as P
 from jaxenc.compiler_options import compiler_options
 from jaxenc.constants import IMAGENET_MEAN, IMAGENET_STD
 from jaxenc.nn.resample import bilinear_weights
+from jaxenc.validation import check_int, check_positive_int
 
 __all__ = [
     "DEFAULT_SCALES",
@@ -63,6 +64,7 @@ __all__ = [
     "SIZE_BUCKET",
     "MultiScaleEvaluator",
     "ScaleGeometry",
+    "check_scales",
     "make_sharded_predict",
     "multi_scale_predict",
     "multi_scale_scores",
@@ -81,13 +83,8 @@ _HI = jax.lax.Precision.HIGHEST
 # argument checks
 
 
-def _positive_int(value, name: str, where: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{where}: {name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _check_scales(scales, where: str) -> tuple[float, ...]:
+def check_scales(scales, where: str) -> tuple[float, ...]:
+    """A scale or a non-empty sequence of positive finite numbers -> a tuple of floats."""
     if isinstance(scales, (int, float, np.number)) and not isinstance(scales, bool):
         scales = (scales,)
     try:
@@ -107,6 +104,9 @@ def _check_scales(scales, where: str) -> tuple[float, ...]:
             f"{where}: scales must be a non-empty sequence of positive numbers, got {scales!r}"
         )
     return tuple(float(s) for s in out)
+
+
+_check_scales = check_scales  # old name, used by train/evaluate.py
 
 
 def _check_mean_std(mean, std, where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -182,11 +182,11 @@ def scale_geometry(
 ) -> ScaleGeometry:
     """Upstream's resize / pad / sliding-window geometry of one scale for an ``(height, width)`` image."""
     where = "scale_geometry"
-    h = _positive_int(height, "height", where)
-    w = _positive_int(width, "width", where)
-    base_size = _positive_int(base_size, "base_size", where)
-    crop = _positive_int(crop_size, "crop_size", where, minimum=2)
-    (scale,) = _check_scales((scale,), where)
+    h = check_positive_int(height, "height", where)
+    w = check_positive_int(width, "width", where)
+    base_size = check_positive_int(base_size, "base_size", where)
+    crop = check_int(crop_size, "crop_size", where, minimum=2)
+    (scale,) = check_scales((scale,), where)
     long_size = int(math.ceil(base_size * scale))
     if h > w:
         rh, rw = long_size, int(1.0 * w * long_size / h + 0.5)
@@ -329,17 +329,17 @@ class MultiScaleEvaluator:
                 f"{where}: predict must be callable (images NHWC -> logits NHWC), got {type(predict).__name__}"
             )
         self.predict_fn = predict
-        self.num_classes = _positive_int(num_classes, "num_classes", where)
-        self.base_size = _positive_int(base_size, "base_size", where)
-        self.crop_size = _positive_int(crop_size, "crop_size", where, minimum=2)
-        self.scales = _check_scales(scales, where)
+        self.num_classes = check_positive_int(num_classes, "num_classes", where)
+        self.base_size = check_positive_int(base_size, "base_size", where)
+        self.crop_size = check_int(crop_size, "crop_size", where, minimum=2)
+        self.scales = check_scales(scales, where)
         if not isinstance(flip, (bool, np.bool_)):
             raise ValueError(f"{where}: flip must be a bool, got {flip!r}")
         self.flip = bool(flip)
         m, s = _check_mean_std(mean, std, where)
         self.mean, self.std = tuple(float(v) for v in m), tuple(float(v) for v in s)
         self.pad_value = (-m / s).astype(np.float32)
-        self.batch_size = _positive_int(batch_size, "batch_size", where)
+        self.batch_size = check_positive_int(batch_size, "batch_size", where)
         self.device = jax.local_devices()[0] if device is None else device
 
     # -- predict wrapper
