@@ -76,14 +76,18 @@ def check_reduction(reduction: str, where: str) -> str:
     return reduction
 
 
-def to_pair(value, name: str, where: str) -> tuple[int, int]:
-    """Torch-style ``int | (int, int)`` argument -> ``(int, int)``, checked."""
+def split_pair(value, name: str, where: str, pair: str = "a pair of ints") -> tuple:
+    """``v | (a, b)`` -> ``(v, v)`` or ``(a, b)``; ValueError for a sequence of another length."""
     if isinstance(value, Sequence) and not isinstance(value, str):
         if len(value) != 2:
-            raise ValueError(f"{where}: {name} must be an int or a pair of ints, got {value!r}")
-        pair = tuple(value)
-    else:
-        pair = (value, value)
+            raise ValueError(f"{where}: {name} must be an int or {pair}, got {value!r}")
+        return tuple(value)
+    return (value, value)
+
+
+def to_pair(value, name: str, where: str) -> tuple[int, int]:
+    """Torch-style ``int | (int, int)`` argument -> ``(int, int)``, checked."""
+    pair = split_pair(value, name, where)
     for v in pair:
         if isinstance(v, bool) or not isinstance(v, int):
             raise TypeError(f"{where}: {name} must be an int or a pair of ints, got {value!r}")

@@ -14,8 +14,10 @@ import pytest
 from optional_torch import F, torch
 from parity import assert_close, check_module_parity, nchw, random_input, randomise_batchnorm
 
-from jaxenc.nn.customize import ConcurrentModule, Normalize, PyramidPooling, lp_normalize
+from jaxenc.nn.containers import ConcurrentModule
+from jaxenc.nn.lp_norm import Normalize, lp_normalize
 from jaxenc.nn.norm import BatchNorm
+from jaxenc.nn.pyramid_pool import PyramidPooling
 from jaxenc.nn.torch_compat import Conv2d
 from jaxenc.port import torch_to_flax
 

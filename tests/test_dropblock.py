@@ -1,4 +1,4 @@
-"""jaxenc.nn.regularization: DropBlock2d / drop_block2d.
+"""jaxenc.nn.drop: DropBlock2d / drop_block2d.
 
 holocron's DropBlock2d drops about p / block_size⁴ of the activations (double division by block_size²);
 docs/DESIGN.md (Decisions on upstream bugs) decides that the dropped fraction equals p, so
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from parity import assert_close, random_input
 
-from jaxenc.nn.regularization import DropBlock2d, drop_block2d, dropblock_seed_rate
+from jaxenc.nn.drop import DropBlock2d, drop_block2d, dropblock_seed_rate
 
 
 def _train(module, x, key):

@@ -1,4 +1,4 @@
-"""jaxenc.nn.regularization.DropBlock2D: PyTorch-Encoding's DropBlock with a schedule that advances.
+"""jaxenc.nn.drop.DropBlock2D: PyTorch-Encoding's DropBlock with a schedule that advances.
 
 Upstream (encoding/nn/dropblock.py) keeps a step counter ``i`` and a
 drop probability that rises linearly between ``start_step`` and ``start_step + nr_steps``, but
@@ -20,7 +20,7 @@ import pytest
 from optional_torch import torch
 from parity import random_input
 
-from jaxenc.nn.regularization import DropBlock2D, drop_block2d, dropblock_seed_rate
+from jaxenc.nn.drop import DropBlock2D, drop_block2d, dropblock_seed_rate
 from jaxenc.port import torch_to_flax
 
 

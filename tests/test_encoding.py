@@ -18,16 +18,13 @@ from jaxenc.nn.encoding import (
     Encoding,
     EncodingCosine,
     EncodingDrop,
-    GramMatrix,
-    Inspiration,
-    UpsampleConv2d,
     aggregate,
     encoding,
-    gram_matrix,
     pairwise_cosine,
-    pixel_shuffle,
     scaled_l2,
 )
+from jaxenc.nn.style import GramMatrix, Inspiration, gram_matrix
+from jaxenc.nn.upsample import UpsampleConv2d, pixel_shuffle
 from jaxenc.port import torch_to_flax
 
 # --------------------------------------------------------------------------------------------------

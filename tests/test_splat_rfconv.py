@@ -17,8 +17,10 @@ import pytest
 from optional_torch import F, _pair, torch
 from parity import assert_close, check_module_parity, nchw, nhwc, random_input, randomise_batchnorm
 
-from jaxenc.nn.conv import ConvBnAct, RFConv2d, SplAtConv2d, r_softmax, rSoftMax
+from jaxenc.nn.conv_bn_act import ConvBnAct
 from jaxenc.nn.norm import BatchNorm
+from jaxenc.nn.rectified_conv import RFConv2d
+from jaxenc.nn.split_attn import SplAtConv2d, r_softmax, rSoftMax
 from jaxenc.port import torch_to_flax
 
 # --------------------------------------------------------------------------------------------------

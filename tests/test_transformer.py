@@ -16,14 +16,10 @@ from optional_torch import torch
 from parity import assert_close, check_module_parity, random_input, randomise_batchnorm
 from torch_ref import vit_module
 
-from jaxenc.nn.transformer import (
-    CaiTAttention,
-    Dropsample,
-    MBConv,
-    MBConvResidual,
-    SqueezeExcitation,
-    XCAttention,
-)
+from jaxenc.nn.drop import Dropsample
+from jaxenc.nn.mbconv import MBConv, MBConvResidual
+from jaxenc.nn.squeeze_excite import SqueezeExcitation
+from jaxenc.nn.transformer import CaiTAttention, XCAttention
 from jaxenc.port import torch_key, torch_to_flax
 
 

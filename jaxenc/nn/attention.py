@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxenc.nn.module_utils import einsum_f32
 from jaxenc.nn.norm import BatchNorm
 from jaxenc.nn.pooling import z_pool
 from jaxenc.nn.resample import avg_pool2d
@@ -155,11 +156,6 @@ class TripletAttention(nn.Module):
         return (x_c + x_h + x_w) / 3
 
 
-def _einsum(spec: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
-    """einsum in the compute dtype with float32 accumulation and a float32 result."""
-    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
-
-
 class LambdaLayer(nn.Module):
     """Lambda layer: content and position lambdas applied to multi-head queries.
 
@@ -248,8 +244,8 @@ class LambdaLayer(nn.Module):
         keys = jax.nn.softmax(keys.reshape(b, m, k, u).astype(jnp.float32), axis=1)
         vals = vals.reshape(b, m, v, u)
 
-        lambda_c = _einsum("bmku,bmvu->bkv", keys, vals, dtype)
-        y = _einsum("bmhk,bkv->bmhv", q, lambda_c, dtype)
+        lambda_c = einsum_f32("bmku,bmvu->bkv", keys, vals, dtype)
+        y = einsum_f32("bmhk,bkv->bmhv", q, lambda_c, dtype)
 
         if self.r is not None:
             r = self.r
@@ -268,13 +264,13 @@ class LambdaLayer(nn.Module):
                 preferred_element_type=jnp.float32,
             )
             lambda_p = lambda_p.reshape(b, v, m, k)
-            y = y + _einsum("bmhk,bvmk->bmhv", q, lambda_p, dtype)
+            y = y + einsum_f32("bmhk,bvmk->bmhv", q, lambda_p, dtype)
         else:
             pos_emb = self.param(
                 "pos_emb", nn.initializers.normal(1.0), (self.n, self.n, k, u), self.param_dtype
             )
-            lambda_p = _einsum("nmku,bmvu->bnkv", pos_emb, vals, dtype)
-            y = y + _einsum("bmhk,bmkv->bmhv", q, lambda_p, dtype)
+            lambda_p = einsum_f32("nmku,bmvu->bnkv", pos_emb, vals, dtype)
+            y = y + einsum_f32("bmhk,bmkv->bmhv", q, lambda_p, dtype)
 
         return y.reshape(b, height, width, heads * v).astype(dtype)
 
@@ -367,7 +363,7 @@ class MixtureOfSoftMaxACF(nn.Module):
 
         q = qt.reshape(b, n, m, d)
         k = kt.reshape(b, n2, m, d)
-        logits = _einsum("bnmd,bkmd->bmnk", q, k, dtype) / (d_k**0.5)
+        logits = einsum_f32("bnmd,bkmd->bmnk", q, k, dtype) / (d_k**0.5)
         attn = jax.nn.softmax(logits, axis=-1)
         attn = nn.Dropout(rate=p)(attn, deterministic=not train)
         if m > 1:
@@ -379,7 +375,7 @@ class MixtureOfSoftMaxACF(nn.Module):
             attn = jnp.einsum("bmnk,bm->bnk", attn, pi)
         else:
             attn = attn[:, 0]
-        out = _einsum("bnk,bkv->bnv", attn, vt, dtype)
+        out = einsum_f32("bnk,bkv->bnv", attn, vt, dtype)
         return out.astype(dtype), attn
 
 
@@ -510,6 +506,21 @@ class ACFModule(nn.Module):
         return out + x
 
 
+class _DANetAttention(nn.Module):
+    """The fields of DANet's attention modules."""
+
+    in_dim: int
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+
+def _danet_input(module: nn.Module, x: jax.Array, where: str):
+    """Check x (N, H, W, in_dim); return its shape and the compute dtype."""
+    check_rank(x, 4, _NHWC, where)
+    check_channels(x, module.in_dim, where, name="in_dim")
+    return x.shape, module.dtype or x.dtype
+
+
 def _gamma_residual(module: nn.Module, out: jax.Array, x: jax.Array, dtype) -> jax.Array:
     """``gamma * out + x`` with DANet's scalar ``gamma`` (torch shape (1,), initialised to 0)."""
     gamma = module.param("gamma", nn.initializers.zeros, (1,), module.param_dtype)
@@ -518,7 +529,7 @@ def _gamma_residual(module: nn.Module, out: jax.Array, x: jax.Array, dtype) -> j
     )
 
 
-class PAM_Module(nn.Module):  # noqa: N801 (upstream name)
+class PAM_Module(_DANetAttention):  # noqa: N801 (upstream name)
     """Position attention module of DANet: every position attends over all H·W positions.
 
     Fu et al., "Dual Attention Network for Scene Segmentation", CVPR 2019 (``junfu1115/DANet``,
@@ -532,10 +543,6 @@ class PAM_Module(nn.Module):  # noqa: N801 (upstream name)
     Shapes: x (N, H, W, in_dim) -> (N, H, W, in_dim). in_dim >= 8.
     """
 
-    in_dim: int
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         where = "PAM_Module"
@@ -544,20 +551,17 @@ class PAM_Module(nn.Module):  # noqa: N801 (upstream name)
             raise ValueError(
                 f"{where}: in_dim must be >= 8 (queries and keys have in_dim // 8 channels), got {self.in_dim}"
             )
-        check_rank(x, 4, _NHWC, where)
-        c = check_channels(x, self.in_dim, where, name="in_dim")
-        b, height, width, _ = x.shape
-        dtype = self.dtype or x.dtype
+        (b, height, width, c), dtype = _danet_input(self, x, where)
         kw = dict(in_channels=c, dtype=self.dtype, param_dtype=self.param_dtype)
         q = Conv2d(c // 8, 1, name="query_conv", **kw)(x).reshape(b, height * width, c // 8)
         k = Conv2d(c // 8, 1, name="key_conv", **kw)(x).reshape(b, height * width, c // 8)
         v = Conv2d(c, 1, name="value_conv", **kw)(x).reshape(b, height * width, c)
-        attn = jax.nn.softmax(_einsum("bic,bjc->bij", q, k, dtype), axis=-1)
-        out = _einsum("bij,bjc->bic", attn, v, dtype).reshape(b, height, width, c)
+        attn = jax.nn.softmax(einsum_f32("bic,bjc->bij", q, k, dtype), axis=-1)
+        out = einsum_f32("bij,bjc->bic", attn, v, dtype).reshape(b, height, width, c)
         return _gamma_residual(self, out, x, dtype)
 
 
-class CAM_Module(nn.Module):  # noqa: N801 (upstream name)
+class CAM_Module(_DANetAttention):  # noqa: N801 (upstream name)
     """Channel attention module of DANet: every channel attends over all channels.
 
     Fu et al., "Dual Attention Network for Scene Segmentation", CVPR 2019 (``junfu1115/DANet``,
@@ -570,22 +574,15 @@ class CAM_Module(nn.Module):  # noqa: N801 (upstream name)
     Shapes: x (N, H, W, in_dim) -> (N, H, W, in_dim).
     """
 
-    in_dim: int
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         where = "CAM_Module"
         check_positive_int(self.in_dim, "in_dim", where)
-        check_rank(x, 4, _NHWC, where)
-        c = check_channels(x, self.in_dim, where, name="in_dim")
-        b, height, width, _ = x.shape
-        dtype = self.dtype or x.dtype
+        (b, height, width, c), dtype = _danet_input(self, x, where)
         feats = x.reshape(b, height * width, c)
-        energy = _einsum("bnc,bnd->bcd", feats, feats, dtype)
+        energy = einsum_f32("bnc,bnd->bcd", feats, feats, dtype)
         attn = jax.nn.softmax(jnp.max(energy, axis=-1, keepdims=True) - energy, axis=-1)
-        out = _einsum("bcd,bnd->bnc", attn, feats, dtype).reshape(b, height, width, c)
+        out = einsum_f32("bcd,bnd->bnc", attn, feats, dtype).reshape(b, height, width, c)
         return _gamma_residual(self, out, x, dtype)
 
 

@@ -1,41 +1,42 @@
-"""Convolution variants of holocron.nn (pylocron 0.3.0), NHWC: NormConv2d, Add2d, SlimConv2d, PyConv2d,
-Involution2d, and the functional ops ``norm_conv2d``, ``add2d``, ``involution``.
+"""Convolution variants of holocron.nn (pylocron 0.3.0), NHWC: NormConv2d, Add2d, SlimConv2d,
+PyConv2d, Involution2d and the functional ``norm_conv2d``, ``add2d``, ``involution``.
 
-Parameter names follow the torch modules, so :func:`jaxenc.port.torch_to_flax` maps an upstream
-``state_dict`` directly (``weight``/``bias`` of NormConv2d and Add2d are the Flax ``kernel``/``bias``;
-submodules carry the torch attribute names, PyConv2d's levels are ``"0"``, ``"1"``, ...).
+PyTorch-Encoding's convolutions live in :mod:`~jaxenc.nn.rectified_conv` (RFConv2d),
+:mod:`~jaxenc.nn.split_attn` (SplAtConv2d, rSoftMax) and :mod:`~jaxenc.nn.conv_bn_act` (ConvBnAct);
+they stay importable from here. Parameter names follow the torch modules (``weight`` is the Flax
+``kernel``; PyConv2d's levels are ``"0"``, ``"1"``, ...), so :func:`jaxenc.port.torch_to_flax`
+maps an upstream ``state_dict`` directly.
 
-Deliberate differences from upstream (docs/DESIGN.md, "Decisions on upstream bugs"):
-- NormConv2d / Add2d honour ``groups``: each group's window (C_in/groups * kh * kw values) is
-  normalised by its own statistics and compared with that group's filters. Upstream accepts
-  ``groups`` but ignores it and fails for groups > 1.
-- NormConv2d and Add2d(normalize_slices=True) are differentiable with respect to their input;
-  upstream normalises the unfolded windows in place, so autograd fails there whenever the input
-  requires a gradient (any layer but the first).
-- Invalid configurations that upstream turns into a shape error deep in the forward pass (or,
-  for PyConv2d, into silently fewer output channels) raise a ValueError naming the argument.
+Deviations from upstream (docs/DESIGN.md, "Decisions on upstream bugs"):
+- NormConv2d / Add2d honour ``groups`` (each group's windows normalised on their own); upstream
+  ignores it and fails for groups > 1.
+- NormConv2d and Add2d(normalize_slices=True) are differentiable w.r.t. their input (upstream
+  normalises the unfolded windows in place, which breaks autograd).
+- Invalid configurations raise a ValueError naming the argument (upstream: a deep shape error or,
+  for PyConv2d, silently fewer output channels).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxenc.kernels.involution_op import involution, strided_taps
-from jaxenc.nn.module_utils import cast_input
+from jaxenc.nn.conv_bn_act import ConvBnAct as ConvBnAct
 from jaxenc.nn.norm import BatchNorm
-from jaxenc.nn.regularization import DropBlock2D
+from jaxenc.nn.rectified_conv import RFConv2d as RFConv2d
+from jaxenc.nn.split_attn import SplAtConv2d as SplAtConv2d
+from jaxenc.nn.split_attn import r_softmax as r_softmax
+from jaxenc.nn.split_attn import rSoftMax as rSoftMax
 from jaxenc.nn.torch_compat import (
     Conv2d,
     ConvNdFields,
-    conv2d_nhwc,
     conv_args,
     pad_nhwc,
     torch_conv_inputs,
@@ -50,18 +51,13 @@ from jaxenc.validation import (
 
 __all__ = [
     "Add2d",
-    "ConvBnAct",
     "Involution2d",
     "NormConv2d",
     "PyConv2d",
-    "RFConv2d",
     "SlimConv2d",
-    "SplAtConv2d",
     "add2d",
     "involution",
     "norm_conv2d",
-    "r_softmax",
-    "rSoftMax",
 ]
 
 Dtype = Any
@@ -135,6 +131,23 @@ def _window_op(x, weight, bias, *, stride, padding, dilation, groups, adder, nor
     return y.astype(out_dtype)
 
 
+def _checked_window_op(x, weight, bias, args, where, adder, normalize, eps):
+    """Validate ``args`` = (stride, padding, dilation, groups), then run :func:`_window_op`."""
+    stride, padding, dilation, groups = _check_window_op(x, weight, bias, *args, where)
+    return _window_op(
+        x,
+        weight,
+        bias,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        adder=adder,
+        normalize=bool(normalize),
+        eps=float(eps),
+    )
+
+
 def norm_conv2d(
     x: jax.Array,
     weight: jax.Array,
@@ -158,20 +171,8 @@ def norm_conv2d(
     Statistics and the dot product accumulate in float32; the result has x's dtype (promoted with
     the weight's).
     """
-    args = _check_window_op(x, weight, bias, stride, padding, dilation, groups, "norm_conv2d")
-    stride, padding, dilation, groups = args
-    return _window_op(
-        x,
-        weight,
-        bias,
-        stride=stride,
-        padding=padding,
-        dilation=dilation,
-        groups=groups,
-        adder=False,
-        normalize=True,
-        eps=float(eps),
-    )
+    args = (stride, padding, dilation, groups)
+    return _checked_window_op(x, weight, bias, args, "norm_conv2d", False, True, eps)
 
 
 def add2d(
@@ -197,21 +198,8 @@ def add2d(
     (N, H', W', C_out). The L1 distance is reduced in float32; the result has x's dtype
     (promoted with the weight's).
     """
-    stride, padding, dilation, groups = _check_window_op(
-        x, weight, bias, stride, padding, dilation, groups, "add2d"
-    )
-    return _window_op(
-        x,
-        weight,
-        bias,
-        stride=stride,
-        padding=padding,
-        dilation=dilation,
-        groups=groups,
-        adder=True,
-        normalize=bool(normalize_slices),
-        eps=float(eps),
-    )
+    args = (stride, padding, dilation, groups)
+    return _checked_window_op(x, weight, bias, args, "add2d", True, normalize_slices, eps)
 
 
 class NormConv2d(ConvNdFields):
@@ -554,347 +542,3 @@ class Involution2d(nn.Module):
             dilation=dilation,
             impl=self.impl,
         )
-
-
-# --------------------------------------------------------------------------------------------------
-# PyTorch-Encoding: RFConv2d, SplAtConv2d (+ rSoftMax), ConvBnAct
-
-
-def _c_div(a: np.ndarray, b: int) -> np.ndarray:
-    """C integer division (truncation toward zero), as the upstream kernel computes counts."""
-    return np.sign(a) * (np.abs(a) // b)
-
-
-def _rectify_axis(size: int, out_size: int, kernel: int, stride: int, pad: int, dilation: int):
-    """Upstream's per-axis (pool size, tap count per output position) for one spatial axis.
-
-    Restates ``conv_rectify_cuda_frame``: the window is ``kernel + 2 (dilation - 1)`` long (the
-    "effective kernel" ``encoding.functions.rectify`` passes; the true dilated extent only for
-    kernel 3), clipped to the padded and then to the unpadded input, and its taps are counted every
-    ``dilation`` from the clipped start.
-    """
-    k_eff = kernel + 2 * (dilation - 1)
-    start = np.arange(out_size, dtype=np.int64) * stride - pad
-    end = np.minimum(np.minimum(start + k_eff, size + pad), size)
-    start = np.maximum(start, 0)
-    count = _c_div(end - start - 1, dilation) + 1
-    pool = (k_eff - 1) // dilation + 1
-    return pool, count
-
-
-def _rectify_scale(
-    in_hw, out_hw, kernel_size, stride, padding, dilation, average_mode: bool, where: str
-):
-    """The (H_out, W_out) float32 factor RFConv2d multiplies its convolution output with.
-
-    Default mode ``pool / cnt``, ``average_mode`` ``1 / cnt``, with upstream's pool size and count
-    (see :class:`RFConv2d`), in float32 as the CUDA kernel computes them.
-    """
-    pool_h, count_h = _rectify_axis(
-        in_hw[0], out_hw[0], kernel_size[0], stride[0], padding[0], dilation[0]
-    )
-    pool_w, count_w = _rectify_axis(
-        in_hw[1], out_hw[1], kernel_size[1], stride[1], padding[1], dilation[1]
-    )
-    count = count_h[:, None] * count_w[None, :]
-    if count.min() < 1:
-        raise ValueError(
-            f"{where}: padding={tuple(padding)} is so large that some outputs of an input of size "
-            f"{tuple(in_hw)} cover no input pixel (kernel_size={tuple(kernel_size)}, dilation={tuple(dilation)}); "
-            "the rectification would divide by zero"
-        )
-    numerator = np.float32(1.0) if average_mode else np.float32(pool_h * pool_w)
-    return numerator / count.astype(np.float32)
-
-
-class RFConv2d(ConvNdFields):
-    """PyTorch-Encoding's rectified convolution: a zero-padded conv re-weighted at the borders.
-
-    Zhang et al., "ResNeSt: Split-Attention Networks", arXiv:2004.08955 (rectified convolution,
-    its section on the border effect of zero padding).
-
-    y = conv(x) + bias (torch ``Conv2d``, parameters ``kernel`` (kh, kw, in/groups, out) == torch
-    ``weight`` and ``bias``), then, when ``padding > 0`` or ``average_mode``, every output position p is
-    multiplied by ``k_h k_w / cnt(p)`` (default) or ``1 / cnt(p)`` (``average_mode``: every output is
-    an average over its valid taps, interior ones included), ``cnt(p)`` being the number of kernel
-    taps inside the unpadded input. Interior outputs are unchanged in the default mode; border
-    outputs are scaled up as if the padded taps had carried the mean of the real ones. The factors
-    depend only on static shapes and are precomputed (numpy); the gradient is scaled the same way.
-
-    Shapes: x (N, H, W, in_channels) -> (N, H', W', out_channels), H' as torch's Conv2d.
-
-    Upstream's numbers are reproduced exactly, including its count quirk: it counts taps in a window
-    of ``k + 2 (dilation - 1)`` (exact only for ``k = 3``) starting at the clipped window start, with
-    ``pool = ((k + 2(d - 1) - 1) // d + 1)²`` in place of ``k²``. So with dilation 1 the factor is
-    exactly ``k² / cnt`` for every kernel size; with dilation > 1 and ``k != 3`` (e.g. k = 5, d = 2:
-    window 7 instead of 9, pool 16 instead of 25) the border factors are not ``k² / cnt`` (and
-    ``k = 1`` with dilation > 1 counts phantom taps); for ``k = 3`` they are exact whenever the input
-    is at least ``2 * dilation`` along the axis (smaller inputs clip a window at both ends and
-    miscount). A non-'zeros' ``padding_mode`` pads first and is still rectified as if the padding
-    were zeros (as upstream). Upstream's CPU kernel loops over the INPUT channels when it rescales
-    the output (wrong whenever in_channels != out_channels); this follows its CUDA kernel.
-    """
-
-    average_mode: bool = False
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        where = "RFConv2d"
-        check_rank(x, 4, "N, H, W, C", where)
-        kernel_size, stride, padding, dilation = conv_args(
-            self.kernel_size, self.stride, self.padding, self.dilation, where
-        )
-        in_hw = tuple(x.shape[1:3])
-        out_hw = conv_output_hw(x.shape, kernel_size, stride, padding, dilation, where)
-        x, kernel, bias, args = torch_conv_inputs(self, x)
-        y = conv2d_nhwc(x, kernel, bias, **args)
-        if padding == (0, 0) and not self.average_mode:
-            return y
-        scale = _rectify_scale(
-            in_hw, out_hw, kernel_size, stride, padding, dilation, self.average_mode, where
-        )
-        acc = jnp.promote_types(y.dtype, jnp.float32)
-        return (y.astype(acc) * scale[:, :, None]).astype(y.dtype)
-
-
-def r_softmax(x: jax.Array, radix: int, cardinality: int) -> jax.Array:
-    """Split-attention weights over the last axis (ResNeSt's rSoftMax), radix-major out.
-
-    Zhang et al., "ResNeSt: Split-Attention Networks", arXiv:2004.08955.
-
-    x (..., R*C) with the channels ordered [cardinal group g][split r][c'] (a grouped 1x1 conv's
-    output): radix > 1 applies a softmax over the R splits of each (g, c') and returns the channels
-    ordered [r][g][c']; radix == 1 is a sigmoid (an SE block). Computed in float32, returned in x's
-    dtype, with x's shape (upstream flattens to (B, R*C)).
-    """
-    where = "rSoftMax"
-    radix = check_positive_int(radix, "radix", where)
-    cardinality = check_positive_int(cardinality, "cardinality", where)
-    x = jnp.asarray(x)
-    a = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    if radix == 1:
-        return jax.nn.sigmoid(a).astype(x.dtype)
-    check_divisible(x.shape[-1], radix * cardinality, "the last axis", "radix * cardinality", where)
-    lead = x.shape[:-1]
-    a = a.reshape(*lead, cardinality, radix, -1)
-    a = jax.nn.softmax(a, axis=-2)
-    return jnp.swapaxes(a, -3, -2).reshape(x.shape).astype(x.dtype)
-
-
-class rSoftMax(nn.Module):  # noqa: N801 (upstream's class name)
-    """Module form of :func:`r_softmax` (PyTorch-Encoding's ``rSoftMax(radix, cardinality)``).
-
-    Zhang et al., "ResNeSt: Split-Attention Networks", arXiv:2004.08955.
-
-    Shapes: (..., R*C) -> (..., R*C), in ``dtype`` when given. No parameters.
-    """
-
-    radix: int
-    cardinality: int
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return r_softmax(cast_input(x, self.dtype), self.radix, self.cardinality)
-
-
-class SplAtConv2d(nn.Module):
-    """Split-Attention convolution (ResNeSt), PyTorch-Encoding's ``SplAtConv2d``.
-
-    Zhang et al., "ResNeSt: Split-Attention Networks", arXiv:2004.08955.
-
-    ``u = relu(dropblock(bn0(conv(x))))`` with ``conv`` a k x k convolution in -> channels*radix with
-    ``groups*radix`` groups (radix-major output: channel r*channels + c, group r*groups + g; an
-    :class:`RFConv2d` when ``rectify`` and padding > 0); the R splits u_r (channels each) are summed and
-    average-pooled, ``fc1`` (1x1, channels -> inter = max(in_channels*radix // reduction_factor, 32),
-    ``groups`` groups) -> ``bn1`` -> relu -> ``fc2`` (1x1, inter -> channels*radix) -> :func:`r_softmax`
-    give per-split weights a_r, and the output is sum_r a_r * u_r.
-
-    Shapes: x (N, H, W, in_channels) -> (N, H', W', channels), H' as the conv's. Submodules ``conv``,
-    ``bn0``, ``fc1``, ``bn1``, ``fc2``, ``dropblock``, ``rsoftmax`` as upstream, so converting a torch
-    state_dict is a plain OIHW -> HWIO transpose. ``group_width`` (upstream's later keyword) sets the
-    conv's groups to channels*radix // group_width. ``padding_mode`` is upstream's ``**kwargs`` to the conv.
-
-    ``norm_layer``: None (no bn0/bn1, as upstream's ``use_bn``) or a callable such that
-    ``norm_layer(num_features, name=...)`` builds a module called as ``bn(x, train=train)``, e.g.
-    :class:`jaxenc.nn.BatchNorm` or a ``functools.partial`` of it; training with it needs N > 1 (bn1
-    normalises one value per sample). ``dropblock_prob > 0`` adds ``DropBlock2D(dropblock_prob, 3)``
-    (:class:`jaxenc.nn.regularization.DropBlock2D`, constant probability).
-    ``__call__(x, train=False)``.
-
-    Differences from upstream: ``norm_layer=None`` works (upstream calls it and fails); the dropblock
-    works without ``reset_dropblock`` (upstream asserts it was called).
-    """
-
-    in_channels: int
-    channels: int
-    kernel_size: int | tuple[int, int]
-    stride: int | tuple[int, int] = (1, 1)
-    padding: int | tuple[int, int] = (0, 0)
-    dilation: int | tuple[int, int] = (1, 1)
-    groups: int = 1
-    bias: bool = True
-    radix: int = 2
-    reduction_factor: int = 4
-    group_width: int | None = None
-    rectify: bool = False
-    rectify_avg: bool = False
-    norm_layer: Callable[..., nn.Module] | None = None
-    dropblock_prob: float = 0.0
-    padding_mode: str = "zeros"
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-
-    def _conv_groups(
-        self, c_in: int, channels: int, radix: int, cardinality: int, where: str
-    ) -> int:
-        if self.group_width is None:
-            total = cardinality * radix
-        else:
-            width = check_positive_int(self.group_width, "group_width", where)
-            check_divisible(
-                channels // width, cardinality, "channels // group_width", "groups", where
-            )
-            check_divisible(c_in, width, "in_channels", "group_width", where)
-            check_divisible(channels * radix, width, "channels * radix", "group_width", where)
-            total = channels * radix // width
-        check_divisible(c_in, total, "in_channels", "the conv's groups (groups * radix)", where)
-        return total
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        where = "SplAtConv2d"
-        check_rank(x, 4, "N, H, W, C", where)
-        c_in = check_channels(x, self.in_channels, where)
-        kernel_size, stride, padding, dilation = conv_args(
-            self.kernel_size, self.stride, self.padding, self.dilation, where
-        )
-        channels = check_positive_int(self.channels, "channels", where)
-        radix = check_positive_int(self.radix, "radix", where)
-        cardinality = check_positive_int(self.groups, "groups", where)
-        reduction = check_positive_int(self.reduction_factor, "reduction_factor", where)
-        check_divisible(channels, cardinality, "channels", "groups", where)
-        inter = max(c_in * radix // reduction, 32)
-        inter_name = "inter_channels (max(in_channels * radix // reduction_factor, 32))"
-        check_divisible(inter, cardinality, inter_name, "groups", where)
-        conv_groups = self._conv_groups(c_in, channels, radix, cardinality, where)
-        if self.norm_layer is not None and not callable(self.norm_layer):
-            raise TypeError(
-                f"{where}: norm_layer must be None or a callable building a norm module, got {self.norm_layer!r}"
-            )
-        drop = self.dropblock_prob
-        if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0.0 <= drop <= 1.0:
-            raise ValueError(
-                f"{where}: dropblock_prob must be a probability in [0, 1], got {drop!r}"
-            )
-
-        common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        conv_kwargs = dict(
-            stride=stride,
-            padding=padding,
-            dilation=dilation,
-            groups=conv_groups,
-            bias=self.bias,
-            padding_mode=self.padding_mode,
-            name="conv",
-            **common,
-        )
-        if self.rectify and padding != (0, 0):
-            conv = RFConv2d(
-                c_in, channels * radix, kernel_size, average_mode=self.rectify_avg, **conv_kwargs
-            )
-        else:
-            conv = Conv2d(channels * radix, kernel_size, in_channels=c_in, **conv_kwargs)
-        u = conv(x)
-        if self.norm_layer is not None:
-            u = self.norm_layer(channels * radix, name="bn0")(u, train=train)
-        if drop > 0.0:
-            u = DropBlock2D(drop, 3, name="dropblock")(u, train=train)
-        u = jax.nn.relu(u)
-        compute = u.dtype
-        n, h, w, _ = u.shape
-        acc = jnp.promote_types(compute, jnp.float32)
-        splits = u.reshape(n, h, w, radix, channels).astype(acc)  # radix-major channels
-
-        gap = jnp.mean(jnp.sum(splits, axis=3), axis=(1, 2), keepdims=True).astype(compute)
-        gap = Conv2d(inter, 1, groups=cardinality, in_channels=channels, name="fc1", **common)(gap)
-        if self.norm_layer is not None:
-            gap = self.norm_layer(inter, name="bn1")(gap, train=train)
-        gap = jax.nn.relu(gap)
-        atten = Conv2d(channels * radix, 1, groups=cardinality, name="fc2", **common)(gap)
-        atten = rSoftMax(radix, cardinality, name="rsoftmax")(atten)
-        atten = atten.reshape(n, 1, 1, radix, channels).astype(acc)
-        return jnp.sum(atten * splits, axis=3).astype(compute)
-
-
-class ConvBnAct(nn.Module):
-    """PyTorch-Encoding's ``ConvBnAct``: conv (plain, rectified or split-attention), BatchNorm, ReLU.
-
-    Zhang et al., "ResNeSt: Split-Attention Networks", arXiv:2004.08955 (the building block of its
-    stems and heads).
-
-    radix == 0: ``conv`` (a torch Conv2d, or :class:`RFConv2d` with ``average_mode=rectify_avg`` when
-    ``rectify``), then ``bn`` (:class:`jaxenc.nn.BatchNorm`, whatever ``norm_layer`` is: upstream always
-    uses nn.BatchNorm2d here) and ``relu`` when ``act``. radix > 0: only ``conv`` =
-    :class:`SplAtConv2d` (with ``radix``, ``rectify``, ``rectify_avg``, ``group_width`` and ``norm_layer``);
-    upstream adds no BN or activation after it. Submodule names as the upstream nn.Sequential.
-
-    Shapes: x (N, H, W, in_channels) -> (N, H', W', out_channels). ``__call__(x, train=False)``.
-    """
-
-    in_channels: int
-    out_channels: int
-    kernel_size: int | tuple[int, int]
-    stride: int | tuple[int, int] = 1
-    padding: int | tuple[int, int] = 0
-    dilation: int | tuple[int, int] = 1
-    radix: int = 0
-    groups: int = 1
-    bias: bool = True
-    padding_mode: str = "zeros"
-    rectify: bool = False
-    rectify_avg: bool = False
-    group_width: int | None = None
-    act: bool = True
-    norm_layer: Callable[..., nn.Module] | None = BatchNorm
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        where = "ConvBnAct"
-        if isinstance(self.radix, bool) or not isinstance(self.radix, int) or self.radix < 0:
-            raise ValueError(
-                f"{where}: radix must be a non-negative integer (0: no split attention), got {self.radix!r}"
-            )
-        conv_kwargs = dict(
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            groups=self.groups,
-            bias=self.bias,
-            padding_mode=self.padding_mode,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="conv",
-        )
-        in_out = (self.in_channels, self.out_channels, self.kernel_size)
-        if self.radix > 0:
-            split = dict(radix=self.radix, rectify=self.rectify, rectify_avg=self.rectify_avg)
-            return SplAtConv2d(
-                *in_out,
-                norm_layer=self.norm_layer,
-                group_width=self.group_width,
-                **split,
-                **conv_kwargs,
-            )(x, train=train)
-        if self.rectify:
-            y = RFConv2d(*in_out, average_mode=self.rectify_avg, **conv_kwargs)(x)
-        else:
-            y = Conv2d(
-                self.out_channels, self.kernel_size, in_channels=self.in_channels, **conv_kwargs
-            )(x)
-        y = BatchNorm(self.out_channels, name="bn", dtype=self.dtype)(y, train=train)
-        return jax.nn.relu(y) if self.act else y

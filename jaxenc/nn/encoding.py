@@ -1,30 +1,18 @@
-"""PyTorch-Encoding's encoding-layer family in Flax, NHWC: Encoding, EncodingDrop, EncodingCosine,
-Inspiration, GramMatrix, UpsampleConv2d, and the functional ops ``encoding``, ``scaled_l2``,
-``aggregate``, ``pairwise_cosine``, ``gram_matrix``, ``pixel_shuffle``.
+"""PyTorch-Encoding's residual encoding layers, NHWC or (B, N, D): Encoding, EncodingDrop,
+EncodingCosine, and the functional ``encoding``, ``scaled_l2``, ``aggregate``, ``pairwise_cosine``.
 
 Zhang et al., "Deep TEN: Texture Encoding Network", CVPR 2017; "Context Encoding for Semantic
-Segmentation", CVPR 2018; Zhang & Dana, "Multi-style Generative Network for Real-time Transfer",
-arXiv:1703.06953 (Inspiration, UpsampleConv2d).
+Segmentation", CVPR 2018. Shapes: x (B, H, W, D) or (B, N, D), codewords (K, D) -> (B, K, D).
 
-The residual encoding is never formed as the B x N x K x D tensor of residuals x_i - c_k: the
-squared distances are expanded into matmuls (||x||² - 2 x·c + ||c||²) and the aggregate is
-Aᵀ X - (Σ_i A) C. Forward and backward (autodiff) therefore need O(B·N·(K + D)) memory.
+The B x N x K x D residuals are never formed: distances are expanded into matmuls
+(||x||² - 2 x·c + ||c||²) and the aggregate is Aᵀ X - (Σ_i A) C, so forward and backward need
+O(B·N·(K + D)) memory. Parameter names follow the torch modules (``codewords``, ``scale``).
 
-Parameter names and layouts follow the torch modules (``codewords`` (K, D), ``scale`` (K),
-``weight`` (1, C, C); UpsampleConv2d's torch ``weight``/``bias`` are the Flax ``kernel``/``bias``),
-so upstream state_dicts map one to one.
-
-Deliberate differences from upstream (docs/DESIGN.md, "Decisions on upstream bugs"):
-- The gradient of the smoothing factors comes from autodiff of s_k·||x - c_k||², so it is finite at
-  s_k = 0 (upstream's hand-written backward divides by s_k).
-- EncodingDrop draws its training smoothing factors from the ``dropout`` rng stream and uses -0.5 in
-  inference instead of overwriting the ``scale`` parameter in place; the parameter is kept (for
-  state_dict compatibility) but unused, so its gradient is zero.
-- Inspiration receives the target Gram matrix as a call argument (JAX modules hold no mutable
-  ``setTarget`` state).
-- UpsampleConv2d can be constructed (upstream's ``reset_parameters`` raises NameError: ``math`` is not
-  imported there); its initialisation is the one upstream intends.
-- Wrong ranks or sizes raise ValueError naming the argument (upstream: bare asserts or RuntimeError).
+Deviations from upstream (docs/DESIGN.md, "Decisions on upstream bugs"):
+- The smoothing factors' gradient comes from autodiff, finite at s_k = 0 (upstream divides by s_k).
+- EncodingDrop draws its training factors from the ``dropout`` stream and uses -0.5 in inference
+  instead of overwriting ``scale`` in place (kept for state_dict compatibility, unused).
+- Wrong ranks or sizes raise ValueError naming the argument (upstream: bare asserts).
 """
 
 from __future__ import annotations
@@ -43,22 +31,16 @@ from jaxenc.kernels.encoding_op import (
     scaled_l2_reference,
 )
 from jaxenc.kernels.encoding_op import encoding as fused_encoding
-from jaxenc.nn.module_utils import cast_input
-from jaxenc.nn.torch_compat import conv2d_nhwc, conv_args, conv_output_size, torch_uniform_init
+from jaxenc.nn.torch_compat import torch_uniform_init
 from jaxenc.port import register_torch_leaf_names
-from jaxenc.validation import check_channels, check_divisible, check_positive_int, check_rank
+from jaxenc.validation import check_channels, check_positive_int, check_rank
 
 __all__ = [
     "Encoding",
     "EncodingCosine",
     "EncodingDrop",
-    "GramMatrix",
-    "Inspiration",
-    "UpsampleConv2d",
     "aggregate",
-    "gram_matrix",
     "pairwise_cosine",
-    "pixel_shuffle",
     "scaled_l2",
 ]
 
@@ -159,35 +141,6 @@ def pairwise_cosine(x: jax.Array, codewords: jax.Array, normalize: bool = False)
     )
 
 
-def gram_matrix(x: jax.Array) -> jax.Array:
-    """Per-sample Gram matrix ``F·Fᵀ / (C·H·W)`` of NHWC features (PyTorch-Encoding ``GramMatrix``).
-
-    Shapes: x (B, H, W, C) -> (B, C, C), entry (c, c') = Σ_{h,w} x[b,h,w,c]·x[b,h,w,c'] / (C·H·W),
-    in x's dtype (float32 accumulation).
-    """
-    x = jnp.asarray(x)
-    check_rank(x, 4, "B, H, W, C", "gram_matrix")
-    b, h, w, c = x.shape
-    feats = x.reshape(b, h * w, c)
-    gram = jnp.einsum("bnc,bne->bce", feats, feats, preferred_element_type=jnp.float32)
-    return (gram / (c * h * w)).astype(x.dtype)
-
-
-def pixel_shuffle(x: jax.Array, upscale_factor: int) -> jax.Array:
-    """torch's ``pixel_shuffle`` in NHWC: channel ``c·s² + i·s + j`` -> pixel ``(h·s + i, w·s + j)``, channel c.
-
-    Shapes: (B, H, W, C·s²) -> (B, H·s, W·s, C).
-    """
-    where = "pixel_shuffle"
-    x = jnp.asarray(x)
-    check_rank(x, 4, "B, H, W, C", where)
-    s = check_positive_int(upscale_factor, "upscale_factor", where)
-    b, h, w, cs = x.shape
-    check_divisible(cs, s * s, "channels", "upscale_factor²", where)
-    y = x.reshape(b, h, w, cs // (s * s), s, s)
-    return y.transpose(0, 1, 4, 2, 5, 3).reshape(b, h * s, w * s, cs // (s * s))
-
-
 # --------------------------------------------------------------------------------------------------
 # Encoding layers
 
@@ -214,6 +167,17 @@ def _smoothing_init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -1.0, 0.0)
 
 
+def _codebook(module: nn.Module, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Check ``module``'s D and K and ``x``; create ``codewords``; return both in the compute dtype."""
+    where = type(module).__name__
+    check_positive_int(module.D, "D", where)
+    check_positive_int(module.K, "K", where)
+    x = _tokens(x, module.D, where)
+    k, d = module.K, module.D
+    codewords = module.param("codewords", _codeword_init(k, d), (k, d), module.param_dtype)
+    return promote_dtype(x, codewords, dtype=module.dtype)
+
+
 class _EncodingBase(nn.Module):
     """Shared parameters and input handling of Encoding and EncodingDrop."""
 
@@ -224,15 +188,8 @@ class _EncodingBase(nn.Module):
     impl: str = "auto"
 
     def _params(self, x):
-        where = type(self).__name__
-        check_positive_int(self.D, "D", where)
-        check_positive_int(self.K, "K", where)
-        x = _tokens(x, self.D, where)
-        codewords = self.param(
-            "codewords", _codeword_init(self.K, self.D), (self.K, self.D), self.param_dtype
-        )
+        x, codewords = _codebook(self, x)
         scale = self.param("scale", _smoothing_init, (self.K,), self.param_dtype)
-        x, codewords = promote_dtype(x, codewords, dtype=self.dtype)
         return x, codewords, scale
 
 
@@ -296,144 +253,9 @@ class EncodingCosine(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        where = "EncodingCosine"
-        check_positive_int(self.D, "D", where)
-        check_positive_int(self.K, "K", where)
-        x = _tokens(x, self.D, where)
-        codewords = self.param(
-            "codewords", _codeword_init(self.K, self.D), (self.K, self.D), self.param_dtype
-        )
-        x, codewords = promote_dtype(x, codewords, dtype=self.dtype)
+        x, codewords = _codebook(self, x)
         assignments = jax.nn.softmax(pairwise_cosine(x, codewords), axis=-1)
         return aggregate(assignments, x, codewords)
-
-
-# --------------------------------------------------------------------------------------------------
-# MSG-Net layers
-
-
-class GramMatrix(nn.Module):
-    """Per-sample Gram matrix of NHWC features, F·Fᵀ / (C·H·W) (Zhang & Dana, MSG-Net). See :func:`gram_matrix`.
-
-    Shapes: (B, H, W, C) -> (B, C, C). No parameters.
-    """
-
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = cast_input(x, self.dtype)
-        return gram_matrix(x)
-
-
-class Inspiration(nn.Module):
-    """Inspiration (CoMatch) layer of MSG-Net (Zhang & Dana, arXiv:1703.06953).
-
-    P = W·G, then every pixel's feature vector f becomes Pᵀ f. Parameter ``weight`` (1, C, C), init
-    U(0, 0.02). The target Gram matrix G (from :func:`gram_matrix` of the style features) is a call
-    argument: upstream stores it with ``setTarget``, which has no JAX counterpart. ``B`` (upstream:
-    the batch of the placeholder G) is kept for signature compatibility; G's batch may be 1 (shared)
-    or x's batch.
-
-    Shapes: x (B, H, W, C), target_gram (1 or B, C, C) -> (B, H, W, C).
-    """
-
-    C: int
-    B: int = 1
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, target_gram: jax.Array) -> jax.Array:
-        where = "Inspiration"
-        check_positive_int(self.C, "C", where)
-        check_positive_int(self.B, "B", where)
-        x, target_gram = jnp.asarray(x), jnp.asarray(target_gram)
-        check_rank(x, 4, "B, H, W, C", where)
-        check_channels(x, self.C, where, name="C")
-        check_rank(target_gram, 3, "B, C, C", where, name="target_gram")
-        if target_gram.shape[1:] != (self.C, self.C) or target_gram.shape[0] not in (1, x.shape[0]):
-            raise ValueError(
-                f"{where}: target_gram must have shape (1 or {x.shape[0]}, {self.C}, {self.C}) for C={self.C} "
-                f"and an input batch of {x.shape[0]}, got {tuple(target_gram.shape)}"
-            )
-        weight = self.param(
-            "weight",
-            lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, 0.0, 0.02),
-            (1, self.C, self.C),
-            self.param_dtype,
-        )
-        x, weight, target_gram = promote_dtype(x, weight, target_gram, dtype=self.dtype)
-        p = jnp.einsum(
-            "ij,bjk->bik", weight[0], target_gram, preferred_element_type=jnp.float32
-        ).astype(x.dtype)
-        # y[b, c] = Σ_c' P[b, c', c]·x[b, c']: upstream's Pᵀ·X_flat, with G's batch broadcast as its expand does.
-        if p.shape[0] == 1:
-            y = jnp.einsum("bhwi,ic->bhwc", x, p[0], preferred_element_type=jnp.float32)
-        else:
-            y = jnp.einsum("bhwi,bic->bhwc", x, p, preferred_element_type=jnp.float32)
-        return y.astype(x.dtype)
-
-
-class UpsampleConv2d(nn.Module):
-    """MSG-Net's upsampling convolution (Zhang & Dana, arXiv:1703.06953): conv to out·s² channels, pixel shuffle.
-
-    An integer-stride convolution producing s×s outputs per window, instead of a transposed conv
-    (no checkerboard artifacts). Parameters as upstream's torch ``weight`` (out·s², in/groups, kh, kw)
-    and ``bias`` (out·s²), here ``kernel`` (kh, kw, in/groups, out·s²) and ``bias``, both initialised
-    U(±1/sqrt(in_channels·kh·kw)) as upstream (its fan-in ignores ``groups``). Channel
-    ``c·s² + i·s + j`` of the convolution becomes output channel c at (h·s + i, w·s + j), as torch's
-    ``pixel_shuffle``.
-
-    Shapes: (B, H, W, in_channels) -> (B, s·H_conv, s·W_conv, out_channels), H_conv the torch conv
-    output size ``(H + 2·padding - dilation·(k - 1) - 1) // stride + 1``.
-    """
-
-    in_channels: int
-    out_channels: int
-    kernel_size: int | tuple[int, int]
-    stride: int | tuple[int, int] = 1
-    padding: int | tuple[int, int] = 0
-    dilation: int | tuple[int, int] = 1
-    groups: int = 1
-    scale_factor: int = 1
-    bias: bool = True
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        where = "UpsampleConv2d"
-        x = jnp.asarray(x)
-        check_rank(x, 4, "N, H, W, C", where)
-        c_in = check_positive_int(self.in_channels, "in_channels", where)
-        check_channels(x, c_in, where)
-        c_out = check_positive_int(self.out_channels, "out_channels", where)
-        groups = check_positive_int(self.groups, "groups", where)
-        s = check_positive_int(self.scale_factor, "scale_factor", where)
-        check_divisible(c_in, groups, "in_channels", "groups", where)
-        check_divisible(c_out, groups, "out_channels", "groups", where)
-        (kh, kw), stride, (ph, pw), dilation = conv_args(
-            self.kernel_size, self.stride, self.padding, self.dilation, where
-        )
-        sizes = zip("HW", x.shape[1:3], (kh, kw), stride, (ph, pw), dilation)
-        for axis, size, k, st, p, d in sizes:
-            if conv_output_size(size, k, st, p, d) < 1:
-                raise ValueError(
-                    f"{where}: input {axis}={size} is smaller than the dilated kernel (kernel_size={(kh, kw)}, "
-                    f"dilation={dilation}, padding={(ph, pw)})"
-                )
-        init = torch_uniform_init(c_in * kh * kw)
-        kernel = self.param(
-            "kernel", init, (kh, kw, c_in // groups, c_out * s * s), self.param_dtype
-        )
-        bias = self.param("bias", init, (c_out * s * s,), self.param_dtype) if self.bias else None
-        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = conv2d_nhwc(
-            x, kernel, bias, stride=stride, padding=(ph, pw), dilation=dilation, groups=groups
-        )
-        return pixel_shuffle(y, s)
 
 
 # The smoothing factors are a raw parameter named ``scale`` upstream, not a norm weight.

@@ -36,6 +36,9 @@ import contextvars
 import jax
 import jax.numpy as jnp
 
+from jaxenc.kernels.involution_op import strided_taps
+from jaxenc.validation import conv_output_size
+
 __all__ = ["IMPLS", "conv2d_grouped", "grouped_conv_impl", "resolve_grouped_impl"]
 
 IMPLS = ("auto", "xla", "taps", "chunks", "dot")
@@ -109,18 +112,15 @@ def _taps(x, kernel, *, stride, padding, dilation, groups):
     if c_out != groups:  # channel multiplier m: output channel o reads input channel o // m
         x = jnp.repeat(x, c_out // groups, axis=-1)
     x = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
-    n, hp, wp, c = x.shape
-    ho, wo = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+    out_hw = (
+        conv_output_size(x.shape[1], kh, sh, 0, dh),
+        conv_output_size(x.shape[2], kw, sw, 0, dw),
+    )
     acc = jnp.promote_types(x.dtype, jnp.float32)
     y = None
-    for i in range(kh):
-        for j in range(kw):
-            start = (0, i * dh, j * dw, 0)
-            limit = (n, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, c)
-            tap = jax.lax.slice(x, start, limit, (1, sh, sw, 1)).astype(acc) * kernel[
-                i, j, 0
-            ].astype(acc)
-            y = tap if y is None else y + tap
+    for t, tap in enumerate(strided_taps(x, (kh, kw), stride, dilation, out_hw)):
+        term = tap.astype(acc) * kernel[t // kw, t % kw, 0].astype(acc)
+        y = term if y is None else y + term
     return y.astype(x.dtype)
 
 

@@ -1,4 +1,4 @@
-"""Small helpers shared by jaxenc's Flax modules."""
+"""Small helpers shared by jaxenc's Flax modules (not re-exported by ``jaxenc.nn``)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from jaxenc.nn.torch_compat import torch_uniform_init
 
 
 def accepts_train(module: nn.Module) -> bool:
@@ -20,3 +22,53 @@ def cast_input(x: Any, dtype: Any | None) -> jax.Array:
     """``x`` as an array in the module's compute ``dtype`` (unchanged when ``dtype`` is None)."""
     x = jnp.asarray(x)
     return x if dtype is None else x.astype(dtype)
+
+
+def check_features(x: jax.Array, dim: int, where: str, name: str = "x") -> None:
+    """Raise ValueError unless the last axis of ``x`` has ``dim`` features."""
+    if x.shape[-1] != dim:
+        raise ValueError(
+            f"{where}: {name} must have dim={dim} features on its last axis, got shape {tuple(x.shape)}"
+        )
+
+
+def compute_dtype(module: nn.Module, x: jax.Array):
+    """The module's ``dtype``, else what Flax layers would compute in (input promoted with params)."""
+    return module.dtype or jnp.promote_types(x.dtype, module.param_dtype)
+
+
+def einsum_f32(spec: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
+    """einsum in the compute dtype with float32 accumulation and a float32 result."""
+    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def torch_linear(
+    features: int, fan_in: int, use_bias: bool, name: str, module: nn.Module
+) -> nn.Dense:
+    """``torch.nn.Linear(fan_in, features)`` as a Dense: torch's U(+-1/sqrt(fan_in)) init for both leaves."""
+    init = torch_uniform_init(fan_in)
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        kernel_init=init,
+        bias_init=init,
+        dtype=module.dtype,
+        param_dtype=module.param_dtype,
+        name=name,
+    )
+
+
+def torch_layer_norm(module: nn.Module) -> nn.LayerNorm:
+    """``torch.nn.LayerNorm(dim)`` named "norm": eps 1e-5 and a two-pass variance, statistics in float32."""
+    return nn.LayerNorm(
+        epsilon=1e-5,
+        use_fast_variance=False,
+        dtype=module.dtype,
+        param_dtype=module.param_dtype,
+        name="norm",
+    )
+
+
+def gelu_exact(x: jax.Array) -> jax.Array:
+    """torch.nn.GELU(): the exact erf form (jax defaults to the tanh approximation)."""
+    return jax.nn.gelu(x.astype(jnp.float32), approximate=False).astype(x.dtype)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 Dtype = Any
 
-__all__ = ["BatchNorm", "SyncBatchNorm", "batch_moments", "normalize"]
+__all__ = ["BatchNorm", "SyncBatchNorm", "batch_moments", "batchnorm_axis_override", "normalize"]
 
 
 def batch_moments(

@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxenc.validation import check_rank, to_pair
+from jaxenc.kernels.involution_op import strided_taps
+from jaxenc.validation import check_rank, split_pair, to_pair
 
 __all__ = [
     "interpolate_bilinear",
@@ -126,12 +127,7 @@ def _identity_or(w: np.ndarray) -> np.ndarray | None:
 
 
 def _check_size_pair(value, name: str, where: str, allow_none: bool = False) -> tuple:
-    if isinstance(value, Sequence) and not isinstance(value, str):
-        if len(value) != 2:
-            raise ValueError(f"{where}: {name} must be an int or a pair (H, W), got {value!r}")
-        pair = tuple(value)
-    else:
-        pair = (value, value)
+    pair = split_pair(value, name, where, "a pair (H, W)")
     for v in pair:
         if v is None and allow_none:
             continue
@@ -334,23 +330,15 @@ def avg_pool2d(
 
 
 def _max_pool_taps(x, kernel, stride, padding):
-    """(-inf padded input, [strided slice per tap in row-major order], output size)."""
+    """The strided slices of the -inf padded input, one per window tap in row-major order."""
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
     xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)), constant_values=-jnp.inf)
-    n, hp, wp, c = xp.shape
-    ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
-    taps = [
-        jax.lax.slice(
-            xp, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c), (1, sh, sw, 1)
-        )
-        for i in range(kh)
-        for j in range(kw)
-    ]
-    return xp, taps
+    out_hw = ((xp.shape[1] - kh) // sh + 1, (xp.shape[2] - kw) // sw + 1)
+    return strided_taps(xp, kernel, stride, (1, 1), out_hw)
 
 
 def _max_pool_forward(x, kernel, stride, padding):
-    _, taps = _max_pool_taps(x, kernel, stride, padding)
+    taps = _max_pool_taps(x, kernel, stride, padding)
     best, index = taps[0], jnp.zeros(taps[0].shape, jnp.int8)
     for t, tap in enumerate(taps[1:], start=1):
         take = (tap > best) | jnp.isnan(

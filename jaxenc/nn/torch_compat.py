@@ -124,10 +124,8 @@ def conv2d_nhwc(x, kernel, bias, *, stride, padding, dilation, groups) -> jax.Ar
     return y if bias is None else y + bias
 
 
-class ConvNdFields(nn.Module):
-    """torch ``_ConvNd``'s constructor fields, ``in_channels`` first, for conv variants that mirror
-    an upstream ``nn.Conv2d`` subclass (their torch ``weight``/``bias`` become ``kernel``/``bias``
-    through :func:`torch_conv_inputs`). Subclasses add their own fields and ``__call__``."""
+class ConvGeometry(nn.Module):
+    """The leading constructor fields of torch's conv modules, in torch's positional order."""
 
     in_channels: int
     out_channels: int
@@ -135,6 +133,13 @@ class ConvNdFields(nn.Module):
     stride: int | tuple[int, int] = 1
     padding: int | tuple[int, int] = 0
     dilation: int | tuple[int, int] = 1
+
+
+class ConvNdFields(ConvGeometry):
+    """torch ``_ConvNd``'s constructor fields, ``in_channels`` first, for conv variants that mirror
+    an upstream ``nn.Conv2d`` subclass (their torch ``weight``/``bias`` become ``kernel``/``bias``
+    through :func:`torch_conv_inputs`). Subclasses add their own fields and ``__call__``."""
+
     groups: int = 1
     bias: bool = True
     padding_mode: str = "zeros"
