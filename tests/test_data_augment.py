@@ -1,4 +1,5 @@
-"""Tests for train/data/augment.py: upstream PyTorch-Encoding augmentation in numpy/PIL.
+"""Tests for train/data/augment.py (seg_transforms, cls_transforms, cls_crops, randaugment): upstream
+PyTorch-Encoding augmentation in numpy/PIL.
 
 Geometry is checked against small restatements of upstream's arithmetic written here (base.py's
 ``_sync_transform`` / ``_val_sync_transform``, transforms.py's ECenterCrop / ERandomCrop,
