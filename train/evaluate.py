@@ -199,63 +199,23 @@ def eval_settings(
 # checkpoints
 
 
-def _steps_in(manager_dir: Path) -> list[int]:
-    """Complete steps of an orbax manager directory (a half-written step keeps its tmp name)."""
-    if not manager_dir.is_dir():
-        return []
-    return sorted(
-        int(d.name) for d in manager_dir.iterdir() if d.name.isdigit() and (d / "state").is_dir()
-    )
-
-
 def resolve_checkpoint(
     path: str | os.PathLike, *, use_best: bool = False
 ) -> tuple[Path, int | None, Path]:
-    """``(step directory, step, workdir)`` for a trainer workdir, a manager directory
-    (``workdir/checkpoints`` or ``workdir/best``: its newest step) or a step directory.
-
-    A workdir gives its latest periodic checkpoint, or its best one with ``use_best``; a
-    ``checkpoints`` directory with ``use_best`` gives its sibling ``best``. Raises FileNotFoundError
-    naming the path when there is no complete checkpoint.
-    """
-    p = Path(path).resolve()
-    if not p.exists():
+    """``(step directory, step, workdir)``: :func:`jaxenc.models.resolve_checkpoint` (a workdir gives
+    its latest periodic checkpoint, or its best one with ``use_best``), with ``--checkpoint`` messages;
+    a path that does not exist is reported with the model-store names."""
+    if not Path(path).exists():
         raise FileNotFoundError(
-            f"--checkpoint: {p} does not exist (and {str(path)!r} is not a model-store name; "
+            f"--checkpoint: {Path(path).resolve()} does not exist (and {str(path)!r} is not a model-store name; "
             f"those are {models.pretrained_model_list()})"
         )
-    if p.name == "state" and p.is_dir():
-        p = p.parent
-    if (p / "state").is_dir():  # a step directory
-        step = int(p.name) if p.name.isdigit() else None
-        return p, step, p.parent.parent
-    if (p / "checkpoints").is_dir() or (p / "best").is_dir():  # a workdir
-        workdir, manager = p, p / ("best" if use_best else "checkpoints")
-    else:  # a manager directory
-        workdir, manager = p.parent, p
-        if use_best and p.name != "best":
-            manager = p.parent / "best"
-    steps = _steps_in(manager)
-    if not steps:
+    try:
+        return models.resolve_checkpoint(path, use_best=use_best)
+    except FileNotFoundError as err:
         raise FileNotFoundError(
-            f"--checkpoint: no complete checkpoint under {manager} (expected <step>/state written by the trainer)"
-        )
-    return manager / str(steps[-1]), steps[-1], workdir
-
-
-def _load_variables(config, model, step_dir: Path) -> dict:
-    from train import finetune
-
-    size = config.dataset.image_size
-    key = jax.random.key(0)
-    abstract = jax.eval_shape(
-        lambda: model.init(
-            {"params": key, "dropout": key}, jnp.zeros((1, size, size, 3), jnp.float32), train=False
-        )
-    )
-    target = {"params": abstract["params"], "batch_stats": abstract.get("batch_stats", {})}
-    use_ema = _get(_get(config, "optim"), "ema_decay") is not None
-    return finetune.load_params_for_finetune(step_dir, target, use_ema=use_ema)
+            str(err).replace("resolve_checkpoint:", "--checkpoint:", 1)
+        ) from None
 
 
 def _is_weights(checkpoint: str | os.PathLike) -> bool:
@@ -266,18 +226,21 @@ def _is_weights(checkpoint: str | os.PathLike) -> bool:
     return p.is_file() and p.name != "state"
 
 
-def _load_weights(config, model, spec: str) -> dict:
-    """Variables of ``model`` from a model-store name (read from the local cache, digest-checked) or a
-    weights file (an upstream ``.pth`` / ``.zip`` converted through jaxenc.port, or a native ``.msgpack``)."""
+def _load_variables(config, model, source: str | os.PathLike, *, weights: bool) -> dict:
+    """``params``/``batch_stats`` of ``model`` from a trainer step directory (``ema_params`` when
+    ``config.optim.ema_decay`` is set, as the trainer evaluates) or, with ``weights``, a model-store
+    name or a weights file (an upstream ``.pth``/``.zip`` converted through jaxenc.port, or a ``.msgpack``)."""
     size = config.dataset.image_size
-    name = spec if spec in models.pretrained_model_list() else None
-    _, variables = models.load_pretrained(
-        name,
-        source=None if name else spec,
-        model=model,
-        example_input=np.zeros((1, size, size, 3), np.float32),
+    example = np.zeros((1, size, size, 3), np.float32)
+    key = jax.random.key(0)
+    abstract = jax.eval_shape(
+        lambda: model.init({"params": key, "dropout": key}, example, train=False)
     )
-    return variables
+    target = {"params": abstract["params"], "batch_stats": abstract.get("batch_stats", {})}
+    if weights:
+        return models.load_weights(source, target, model=model, example_input=example)
+    use_ema = _get(_get(config, "optim"), "ema_decay") is not None
+    return models.load_weights(source, target, use_ema=use_ema)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -426,12 +389,12 @@ def evaluate_checkpoint(
     if _is_weights(
         checkpoint
     ):  # published weights: a model-store name or a .pth/.zip/.msgpack file
-        variables = _load_weights(config, model, str(checkpoint))
+        variables = _load_variables(config, model, str(checkpoint), weights=True)
         step_dir, step = str(checkpoint), None
         outdir = Path(outdir) if outdir is not None else Path("eval") / Path(str(checkpoint)).stem
     else:
         step_dir, step, workdir = resolve_checkpoint(checkpoint, use_best=use_best)
-        variables = _load_variables(config, model, step_dir)
+        variables = _load_variables(config, model, step_dir, weights=False)
         outdir = Path(outdir) if outdir is not None else workdir / "eval"
     num_classes = int(config.dataset.num_classes)
     mean = tuple(float(v) for v in _get(config.input, "mean", multi_eval.IMAGENET_MEAN))

@@ -31,10 +31,9 @@ import ml_collections
 import numpy as np
 
 from jaxenc import metrics as jmetrics
-from jaxenc import models, port
+from jaxenc import models
 from jaxenc.models import segmentation as seg_models
-from jaxenc.models import store
-from train import checkpoint, compile_cache, finetune, observe, optim
+from train import checkpoint, compile_cache, observe, optim
 from train.data import pipeline
 from train.step import (
     StepConfig,
@@ -239,47 +238,26 @@ def load_backbone(
             "'pretrained' backbone submodule (it applies to segmentation models)"
         )
     kwargs = dict(config.model.kwargs.get("backbone_kwargs", None) or {})
-    example = np.zeros(
-        (1, 64, 64, 3), np.float32
-    )  # only traced for shapes; the weights are size-free
-    if spec in models.pretrained_model_list():  # digest-verified, from the local cache
-        _, variables = models.load_pretrained(spec, example_input=example)
-    else:
-        kind, weights = store.read_weights(spec)
-        if kind == "jaxenc":
-            variables = weights
-        else:  # an upstream state_dict: convert the backbone alone (its classifier is not kept)
-            backbone = seg_models.get_backbone(config.model.backbone, **kwargs)
-            state_dict = {k: v for k, v in weights.items() if not k.startswith("fc.")}
-            try:
-                variables = port.torch_to_flax(backbone, state_dict, example, return_features=True)
-            except ValueError as err:
-                raise ValueError(
-                    f"config.model.backbone_pretrained={spec!r} does not fit the backbone "
-                    f"{config.model.backbone} with {kwargs}: {err}"
-                ) from None
-    loaded = {
-        "params": {k: v for k, v in variables["params"].items() if k != "fc"},
-        "batch_stats": variables.get("batch_stats", {}),
-    }
-    target = {"params": params["pretrained"], "batch_stats": batch_stats.get("pretrained", {})}
-    problems = store.shape_problems(target, loaded)
-    if problems:
+    # A store name converts with its registered classifier; a torch file with the configured backbone.
+    backbone = (
+        None
+        if spec in models.pretrained_model_list()
+        else seg_models.get_backbone(config.model.backbone, **kwargs)
+    )
+    try:
+        loaded = models.load_weights(
+            spec,
+            {"params": params, "batch_stats": batch_stats},
+            subtree="pretrained",
+            model=backbone,
+            example_input=np.zeros((1, 64, 64, 3), np.float32),  # traced for shapes only
+        )
+    except ValueError as err:
         raise ValueError(
             f"config.model.backbone_pretrained={spec!r} does not fit the backbone of "
-            f"{config.model.name}_{config.model.backbone}: "
-            + "; ".join(problems[:8])
-            + (f" (+{len(problems) - 8} more)" if len(problems) > 8 else "")
-        )
-
-    def place(tree, sub):
-        sharding = jax.tree.leaves(tree)[0].sharding
-        cast = jax.tree.map(lambda new, old: jnp.asarray(new, old.dtype), sub, tree["pretrained"])
-        return {**tree, "pretrained": jax.device_put(cast, sharding)}
-
-    return place(params, loaded["params"]), (
-        place(batch_stats, loaded["batch_stats"]) if batch_stats else batch_stats
-    )
+            f"{config.model.name}_{config.model.backbone} with {kwargs}: {err}"
+        ) from None
+    return loaded["params"], loaded["batch_stats"]
 
 
 def _restore_or_start(ckpt, state, train_iter, config, model, example) -> tuple[TrainState, dict]:
@@ -295,17 +273,16 @@ def _restore_or_start(ckpt, state, train_iter, config, model, example) -> tuple[
     if config.model.get("backbone_pretrained"):
         params, batch_stats = load_backbone(config, state.params, state.batch_stats)
         state = state.replace(params=params, batch_stats=batch_stats)
-    if config.model.pretrained:
-        _, variables = models.load_pretrained(
-            None, source=config.model.pretrained, model=model, example_input=example
-        )
-        state = state.replace(
-            params=variables["params"], batch_stats=variables.get("batch_stats", state.batch_stats)
-        )
-    if config.train.finetune_from:
-        target = {"params": state.params, "batch_stats": state.batch_stats}
-        variables = finetune.load_params_for_finetune(config.train.finetune_from, target)
-        state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
+    for source, converted_for in (
+        (config.model.pretrained, model),  # a whole-model file (upstream .pth or .msgpack)
+        (config.train.finetune_from, None),  # a checkpoint of this trainer or a .msgpack
+    ):
+        if source:
+            target = {"params": state.params, "batch_stats": state.batch_stats}
+            variables = models.load_weights(
+                source, target, model=converted_for, example_input=example
+            )
+            state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
     return state, {}
 
 
