@@ -27,7 +27,6 @@ from train.checkpoint import (
     PREVIOUS_CONFIG_FILE,
     Checkpointer,
     GracefulShutdown,
-    _own_data_state,
     check_config,
 )
 
@@ -39,7 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_round_trip_bitwise(tmp_path):
     state = _state(seed=1, step=7)
-    data_state = {"next_index": 13, "epoch": [1, 2], "blob": b"\x00\xffgrain"}
+    # a grain DatasetIterator state; numpy scalars (grain's recommendation) are stored as numbers
+    data_state = {"next_index": np.int64(13), "epoch": [1, 2], "name": "grain"}
     meta = {"config_hash": "deadbeef", "best_so_far": 0.5}
     with Checkpointer(tmp_path, keep=2) as ckpt:
         assert ckpt.latest_step() is None
@@ -68,7 +68,7 @@ def test_round_trip_bitwise(tmp_path):
     assert ds2 == data_state
 
 
-def test_grain_bytes_state_and_none(tmp_path):
+def test_grain_bytes_state_and_none(tmp_path, caplog):
     with Checkpointer(tmp_path) as ckpt:
         ckpt.save(1, state=_state(), data_state=b'{"version": 2}', meta={})
         ckpt.save(2, state=_state(), data_state=None, meta={})
@@ -79,11 +79,23 @@ def test_grain_bytes_state_and_none(tmp_path):
             ckpt.save(3, state=_state(), data_state=None, meta={"x": object()})
         with pytest.raises(TypeError, match="key_data.*'rng'"):
             ckpt.save(3, state={"rng": jax.random.key(0)}, data_state=None, meta={})
+        # grain states are JSON: a bad one fails at the call site, not in orbax's background thread
+        with pytest.raises(TypeError, match=r"data_state\['blob'\]"):
+            ckpt.save(3, state=_state(), data_state={"blob": b"\x00"}, meta={})
+        with pytest.raises(TypeError, match="UTF-8"):
+            ckpt.save(3, state=_state(), data_state=b"\xff", meta={})
+        assert ckpt.all_steps() == [1, 2]
+    # grain's handler writes one file per process, named by the process count
+    data_dir = tmp_path / CHECKPOINT_DIR / "1" / "data"
+    assert sorted(p.name for p in data_dir.glob("process_*")) == ["process_0-of-1.json"]
     # a checkpoint written by another number of processes: the input restarts (data_state None)
-    assert (
-        _own_data_state({"process_count": 2, "data_states": [{"i": 1}, {"i": 2}]}, "dir", 1) is None
-    )
-    assert _own_data_state({"process_count": 1, "data_states": [{"i": 1}]}, "dir", 1) == {"i": 1}
+    for rank in range(2):
+        (data_dir / f"process_{rank}-of-2.json").write_text('{"i": 1}')
+    (data_dir / "process_0-of-1.json").unlink()
+    with Checkpointer(tmp_path) as ckpt:
+        state, data_state, _ = ckpt.restore(1, abstract_state=_state())
+    _assert_bitwise(state, _state())
+    assert data_state is None and "saved by 2 processes, this run has 1" in caplog.text
 
 
 def test_keep_n_and_latest(tmp_path):

@@ -1,43 +1,46 @@
-"""Checkpoints for the trainer: orbax managers, config compatibility, graceful shutdown.
+"""Checkpoints for the trainer: :class:`Checkpointer`, two orbax ``CheckpointManager`` s.
 
-* :class:`Checkpointer` wraps two ``orbax.checkpoint.CheckpointManager`` s:
-  ``workdir/checkpoints`` (periodic saves, the newest ``keep`` kept; "latest" is what a restart
-  resumes from) and ``workdir/best`` (one checkpoint: the best value of ``best_metric`` seen so far).
-  Each checkpoint step holds three items: ``state`` (the train-state pytree, ``StandardSave``),
-  ``data`` (every process's input-iterator state, JSON) and ``meta`` (a JSON dict, e.g. the config
-  hash; written by process 0, so it must be the same on all processes).
-  Orbax writes a step into a temporary directory and renames it when complete, so a save killed
-  half-way never becomes "latest"; stale temporary directories are removed on the next start.
-* :func:`check_config` stores ``workdir/config.json`` on the first start and refuses a restart whose
-  config differs in anything but :data:`RESUMABLE_CONFIG_KEYS` (unless the user allows it).
-* :class:`GracefulShutdown` turns SIGTERM/SIGINT into a flag the train loop polls, so a preempted or
-  interrupted run saves a checkpoint and exits cleanly.
+``workdir/checkpoints`` holds the periodic saves (the newest ``keep`` kept; "latest" is what a
+restart resumes from) and ``workdir/best`` one checkpoint, the best value of ``best_metric`` so far.
+Each checkpoint step holds three items: ``state`` (the train-state pytree, ``StandardSave``),
+``data`` (the input-iterator state, grain's ``CheckpointHandler``: one JSON file per process) and
+``meta`` (a JSON dict, e.g. the config hash; written by process 0, so it must be the same on all
+processes). Orbax writes a step into a temporary directory and renames it when complete, so a save
+killed half-way never becomes "latest"; stale temporary directories are removed on the next start.
 
 Multi-process runs: every process must call :meth:`Checkpointer.save`, :meth:`~Checkpointer.save_best`,
 :meth:`~Checkpointer.restore` and :meth:`~Checkpointer.wait` at the same steps with the same
-arguments (the state being global ``jax.Array`` s). Orbax synchronises the processes (barriers),
-each process writes the shards it owns and process 0 writes the JSON items and finalises the step;
-skipping the call on one process deadlocks the others. For the same reason the decision to stop
-must be agreed on by all processes: use :meth:`GracefulShutdown.should_stop` (a collective), not
-the process-local :attr:`GracefulShutdown.requested`. :func:`check_config` writes only on process 0.
+arguments (the state being global ``jax.Array`` s) except ``data_state``, each process's own. Orbax
+synchronises the processes (barriers), each process writes the shards it owns and its iterator
+state, process 0 writes ``meta`` and finalises the step; skipping the call on one process
+deadlocks the others. The config check (:func:`check_config`) and the stop flag
+(:class:`GracefulShutdown`) live in train/run_config.py and train/shutdown.py, re-exported here.
 """
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import math
 import os
-import signal
-import threading
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Mapping
 from typing import Any
 
+import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from jaxenc.validation import check_positive_int, check_step
+from train.run_config import (
+    CONFIG_FILE,
+    PREVIOUS_CONFIG_FILE,
+    RESUMABLE_CONFIG_KEYS,
+    _path,
+    check_config,
+)
+from train.shutdown import GracefulShutdown
 
 __all__ = [
     "BEST_DIR",
@@ -54,45 +57,17 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 BEST_DIR = "best"
-CONFIG_FILE = "config.json"
-PREVIOUS_CONFIG_FILE = "config.previous.json"
-
-#: Config keys that may change when a run resumes: they set how long and how verbosely the run
-#: goes on or how the input is read, not what is being trained. Note that ``train.num_steps`` also
-#: sets the length of a poly/cosine schedule, so extending a run changes the learning rate from the
-#: resumed step on (that is usually what "train longer" means).
-RESUMABLE_CONFIG_KEYS = frozenset(
-    {
-        "train.num_steps",
-        "train.log_every",
-        "train.eval_every",
-        "train.checkpoint_every",
-        "train.keep_checkpoints",
-        "train.sample_predictions",
-        "train.allow_config_change",
-        "train.compile_cache",
-        "input.worker_count",
-        # Memory for compute; the same results (tests/test_models_remat.py).
-        "model.remat",
-    }
-)
 
 # Item names inside one checkpoint step.
 _STATE, _DATA, _META = "state", "data", "meta"
-# Tag of a bytes value inside JSON (grain's DataLoader iterators return their state as bytes).
-_BYTES_TAG = "__bytes_base64__"
 _BEST_MODES = ("max", "min")
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".zip")
+# The per-process file grain's CheckpointHandler writes into the data item directory.
+_DATA_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
 
 
 # --------------------------------------------------------------------------------------------------
 # Small helpers
-
-
-def _path(p: str | os.PathLike) -> epath.Path:
-    """An absolute epath (local paths are made absolute: orbax resolves relative ones differently)."""
-    s = os.fspath(p)
-    return epath.Path(s if "://" in s else os.path.abspath(s))
 
 
 def _keystr(entry: Any) -> str:
@@ -108,10 +83,8 @@ def _flat_with_names(tree: Any, is_leaf=None) -> dict[str, Any]:
     return {"/".join(_keystr(e) for e in path): leaf for path, leaf in flat}
 
 
-def _encode_json(value: Any, where: str) -> Any:
-    """A JSON-able copy of ``value``: bytes become ``{_BYTES_TAG: base64}``, numpy scalars Python ones."""
-    if isinstance(value, (bytes, bytearray)):
-        return {_BYTES_TAG: base64.b64encode(bytes(value)).decode("ascii")}
+def _to_json(value: Any, where: str) -> Any:
+    """A JSON-able copy of ``value`` (numpy scalars become Python ones); TypeError naming the bad entry."""
     if isinstance(value, Mapping):
         out = {}
         for k, v in value.items():
@@ -119,72 +92,81 @@ def _encode_json(value: Any, where: str) -> Any:
                 raise TypeError(
                     f"{where}: JSON keys must be strings, got {k!r} ({type(k).__name__})"
                 )
-            out[k] = _encode_json(v, f"{where}[{k!r}]")
+            out[k] = _to_json(v, f"{where}[{k!r}]")
         return out
     if isinstance(value, (list, tuple)):
-        return [_encode_json(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [_to_json(v, f"{where}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, (np.generic, np.ndarray, jax.Array)) and np.ndim(value) == 0:
         return np.asarray(value).item()
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     raise TypeError(
-        f"{where}: expected JSON-serialisable data (dict/list/str/number/bool/None/bytes), got {type(value).__name__}"
+        f"{where}: expected JSON-serialisable data (dict/list/str/number/bool/None), got {type(value).__name__}"
     )
 
 
-def _decode_json(value: Any) -> Any:
-    if isinstance(value, dict):
-        if set(value) == {_BYTES_TAG}:
-            return base64.b64decode(value[_BYTES_TAG])
-        return {k: _decode_json(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_decode_json(v) for v in value]
-    return value
+class _IteratorState(grain.DatasetIterator):
+    """One process's input-iterator state as the item grain's ``CheckpointHandler`` saves and restores.
 
-
-def _gather_json(value: Any) -> list:
-    """``[value of process 0, value of process 1, ...]`` on every process (a collective when multi-process).
-
-    Orbax writes JSON items from process 0 only, while each process has its own input-iterator
-    state (its shard of the data): all of them are gathered so that each gets its own back.
+    The trainer saves the position captured before its next read (the batches the saved train
+    state consumed), not the live iterator's, so the handler gets this snapshot. The file holds the
+    JSON of a ``DatasetIterator`` state, a JSON string for a ``DataLoaderIterator``'s bytes state
+    (``str`` is no iterator state, so the kind comes back) and ``null`` for no state.
     """
-    if jax.process_count() == 1:
-        return [value]
-    from jax.experimental import multihost_utils
 
-    raw = np.frombuffer(json.dumps(value).encode(), np.uint8)
-    sizes = np.asarray(multihost_utils.process_allgather(np.int32(raw.size))).reshape(-1)
-    padded = np.zeros(int(sizes.max()), np.uint8)
-    padded[: raw.size] = raw
-    rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
-    return [json.loads(bytes(row[:n]).decode()) for row, n in zip(rows, sizes)]
+    def __init__(self, state: Any = None):
+        super().__init__()
+        self.state = state
+
+    def __next__(self):
+        raise StopIteration  # holds a position, yields nothing
+
+    def get_state(self) -> Any:
+        return self.state.decode() if isinstance(self.state, bytes) else self.state
+
+    def set_state(self, state: Any) -> None:
+        self.state = state.encode() if isinstance(state, str) else state
 
 
-def _own_data_state(data: Any, where: Any, step: int) -> Any:
-    """This process's entry of a stored ``data`` item (see _gather_json)."""
-    if not isinstance(data, Mapping) or "data_states" not in data:
+def _data_item(data_state: Any) -> _IteratorState:
+    # Checked here, not in orbax's save, so a bad value fails at the call site.
+    if isinstance(data_state, (bytes, bytearray)):
+        try:
+            bytes(data_state).decode()
+        except UnicodeDecodeError as exc:
+            raise TypeError(
+                f"Checkpointer.save: a bytes data_state must be UTF-8 text (grain's DataLoader state is JSON): {exc}"
+            ) from exc
+        return _IteratorState(bytes(data_state))
+    if data_state is not None and not isinstance(data_state, Mapping):
+        raise TypeError(
+            f"Checkpointer.save: data_state must be a dict (grain iterator get_state()), bytes or None, "
+            f"got {type(data_state).__name__}"
+        )
+    return _IteratorState(_to_json(data_state, "data_state"))
+
+
+def _has_own_data_state(item_dir: epath.Path, where: Any, step: int) -> bool:
+    """Whether a step's data item holds a state for this process (grain's per-process file)."""
+    index, count = jax.process_index(), jax.process_count()
+    if (item_dir / f"process_{index}-of-{count}.json").exists():
+        return True
+    names = [p.name for p in item_dir.iterdir()] if item_dir.is_dir() else []
+    counts = sorted({int(m[2]) for m in map(_DATA_FILE.fullmatch, names) if m})
+    if not counts:
         raise ValueError(
-            f"Checkpointer.restore: step {step} in {where} has no valid data item (got {data!r})"
+            f"Checkpointer.restore: step {step} in {where} has no valid data item (got {names!r})"
         )
-    states, count = data["data_states"], data.get("process_count", 1)
-    if count != jax.process_count():
-        # The input is sharded by process: another process count means other shards, whose
-        # positions cannot be carried over. The trainer then restarts the input pipeline.
-        log.warning(
-            "Checkpointer.restore: step %d was saved by %d processes, this run has %d: "
-            "the input iterator state is not restored (data_state=None)",
-            step,
-            count,
-            jax.process_count(),
-        )
-        return None
-    return _decode_json(states[jax.process_index()])
-
-
-def _atomic_write_text(path: epath.Path, text: str) -> None:
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    tmp.write_text(text)
-    tmp.replace(path)  # overwrites (epath rename refuses an existing destination)
+    # The input is sharded by process: another process count means other shards, whose
+    # positions cannot be carried over. The trainer then restarts the input pipeline.
+    log.warning(
+        "Checkpointer.restore: step %d was saved by %d processes, this run has %d: "
+        "the input iterator state is not restored (data_state=None)",
+        step,
+        counts[0],
+        count,
+    )
+    return False
 
 
 def _abstract(leaf: Any) -> Any:
@@ -223,8 +205,7 @@ class Checkpointer:
         best_mode: str = "max",
         async_save: bool = True,
     ):
-        if isinstance(keep, bool) or not isinstance(keep, (int, np.integer)) or keep < 1:
-            raise ValueError(f"Checkpointer: keep must be an integer >= 1, got {keep!r}")
+        keep = check_positive_int(keep, "keep", "Checkpointer")
         if best_mode not in _BEST_MODES:
             raise ValueError(
                 f"Checkpointer: best_mode must be one of {_BEST_MODES}, got {best_mode!r}"
@@ -234,7 +215,7 @@ class Checkpointer:
                 f"Checkpointer: best_metric must be a metric name (str) or None, got {best_metric!r}"
             )
         self.workdir = _path(workdir)
-        self.keep = int(keep)
+        self.keep = keep
         self.best_metric = best_metric
         self.best_mode = best_mode
 
@@ -276,7 +257,7 @@ class Checkpointer:
         # Registered up front so that a fresh manager (a restart) can read item metadata.
         return {
             _STATE: ocp.StandardCheckpointHandler(),
-            _DATA: ocp.JsonCheckpointHandler(),
+            _DATA: grain.checkpoint.CheckpointHandler(),
             _META: ocp.JsonCheckpointHandler(),
         }
 
@@ -364,26 +345,14 @@ class Checkpointer:
             raise TypeError(
                 f"Checkpointer.save: typed PRNG keys cannot be stored, save jax.random.key_data(key) instead: {keys}"
             )
-        # Encoded here, not in orbax's background thread, so a bad value fails at the call site.
-        data = {
-            "process_count": jax.process_count(),
-            "data_states": _gather_json(_encode_json(data_state, "data_state")),
-        }
-        meta = _encode_json(dict(meta), "meta")
-        json.dumps(meta)
+        # Converted here, not in orbax's background thread, so a bad value fails at the call site.
         return ocp.args.Composite(
             **{
                 _STATE: ocp.args.StandardSave(state),
-                _DATA: ocp.args.JsonSave(data),
-                _META: ocp.args.JsonSave(meta),
+                _DATA: grain.checkpoint.CheckpointSave(_data_item(data_state)),
+                _META: ocp.args.JsonSave(_to_json(dict(meta), "meta")),
             }
         )
-
-    @staticmethod
-    def _check_step(step) -> int:
-        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-            raise ValueError(f"Checkpointer: step must be an integer >= 0, got {step!r}")
-        return int(step)
 
     def save(
         self,
@@ -403,7 +372,7 @@ class Checkpointer:
         ``best_metric``), :meth:`save_best` is called too. Orbax prunes to the newest ``keep``.
         Every process must call this (see the module docstring).
         """
-        step = self._check_step(step)
+        step = check_step(step, "step", "Checkpointer")
         args = self._args(state, data_state, meta)
         if force and step in self._periodic.all_steps():
             log.warning("Checkpointer: replacing the existing checkpoint of step %d", step)
@@ -439,11 +408,11 @@ class Checkpointer:
             raise ValueError(
                 "Checkpointer.save_best: the Checkpointer was created with best_metric=None"
             )
-        step = self._check_step(step)
+        step = check_step(step, "step", "Checkpointer")
         args = self._args(state, data_state, meta)
         if not self.is_better(metrics):
             return False
-        clean = _encode_json(dict(metrics), "metrics")
+        clean = _to_json(dict(metrics), "metrics")
         if step in self._best.all_steps():  # re-evaluated after a restart and better now
             self._best.delete(step)
         # force: the best may be a step before the stored one (restarted from an older checkpoint).
@@ -512,7 +481,7 @@ class Checkpointer:
             if not steps:
                 raise FileNotFoundError(f"Checkpointer.restore: no checkpoint in {where}")
             step = self.best_step() if best else steps[-1]
-        step = self._check_step(step)
+        step = check_step(step, "step", "Checkpointer")
         if step not in steps:
             raise ValueError(
                 f"Checkpointer.restore: no checkpoint of step {step} in {where}; available steps: {steps}"
@@ -524,25 +493,19 @@ class Checkpointer:
                 f"Checkpointer.restore: the checkpoint of step {step} in {where} does not fit abstract_state "
                 f"({len(problems)} differences):\n  " + "\n  ".join(problems)
             )
-        args = ocp.args.Composite(
-            **{
-                _STATE: ocp.args.StandardRestore(abstract),
-                _DATA: ocp.args.JsonRestore(),
-                _META: ocp.args.JsonRestore(),
-            }
-        )
+        items = {_STATE: ocp.args.StandardRestore(abstract), _META: ocp.args.JsonRestore()}
+        # orbax's default step directory name is the step number.
+        if _has_own_data_state(manager.directory / str(step) / _DATA, where, step):
+            items[_DATA] = grain.checkpoint.CheckpointRestore(_IteratorState())
         try:
-            restored = manager.restore(step, args=args)
+            restored = manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as exc:
             raise ValueError(
                 f"Checkpointer.restore: could not restore step {step} from {where} into abstract_state "
                 f"({type(exc).__name__}: {exc})"
             ) from exc
-        return (
-            restored[_STATE],
-            _own_data_state(restored[_DATA], where, step),
-            _decode_json(restored[_META] or {}),
-        )
+        data = restored[_DATA].state if _DATA in items else None
+        return restored[_STATE], data, restored[_META] or {}
 
     # ---- lifecycle
 
@@ -564,186 +527,3 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-# --------------------------------------------------------------------------------------------------
-# Config compatibility
-
-
-def _config_dict(config: Any) -> dict:
-    """The config as plain JSON data (tuples become lists, as they are stored)."""
-    if hasattr(config, "to_json_best_effort"):  # ml_collections ConfigDict / FrozenConfigDict
-        return json.loads(config.to_json_best_effort(sort_keys=True))
-    if hasattr(config, "to_dict"):
-        config = config.to_dict()
-    if not isinstance(config, Mapping):
-        raise TypeError(
-            f"check_config: config must be a ConfigDict or a dict, got {type(config).__name__}"
-        )
-    return json.loads(json.dumps(config, sort_keys=True, default=repr))
-
-
-def _flatten_config(d: Mapping, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping) and v:
-            out.update(_flatten_config(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-_ABSENT = "<absent>"
-
-
-def check_config(
-    workdir: str | os.PathLike,
-    config: Any,
-    *,
-    allow_change: bool = False,
-    resumable_keys: Iterable[str] = RESUMABLE_CONFIG_KEYS,
-    write: bool | None = None,
-) -> str | None:
-    """Store the run's config on the first start; on a restart check that it has not changed.
-
-    The config (ConfigDict or dict) is written as sorted JSON to ``workdir/config.json``. On a
-    restart the stored config is compared with ``config`` key by key (dotted names such as
-    ``optim.lr``). Keys in ``resumable_keys`` (:data:`RESUMABLE_CONFIG_KEYS`) may change; any other
-    difference raises ValueError listing each key with its old and new value, unless
-    ``allow_change`` (``--config.train.allow_config_change=True``).
-
-    Returns None when the config is new or unchanged; otherwise a message (for the log) listing the
-    changes, after writing the new config to ``config.json`` and keeping the old one as
-    ``config.previous.json``. ``write``: whether this process writes the files (default: only
-    process 0); every process checks.
-    """
-    workdir = _path(workdir)
-    path = workdir / CONFIG_FILE
-    new = _config_dict(config)
-    text = json.dumps(new, sort_keys=True, indent=2) + "\n"
-    writer = jax.process_index() == 0 if write is None else bool(write)
-
-    if not path.exists():
-        if writer:
-            workdir.mkdir(parents=True, exist_ok=True)
-            _atomic_write_text(path, text)
-        return None
-    try:
-        old = json.loads(path.read_text())
-    except ValueError as exc:
-        raise ValueError(
-            f"check_config: {path} is not valid JSON ({exc}); remove it or use a fresh --workdir"
-        ) from exc
-
-    old_flat, new_flat = _flatten_config(old), _flatten_config(new)
-    allowed = frozenset(resumable_keys)
-    changed = sorted(
-        k
-        for k in set(old_flat) | set(new_flat)
-        if old_flat.get(k, _ABSENT) != new_flat.get(k, _ABSENT)
-    )
-    if not changed:
-        return None
-
-    def line(k):
-        return f"{k}: {old_flat.get(k, _ABSENT)!r} -> {new_flat.get(k, _ABSENT)!r}"
-
-    incompatible = [k for k in changed if k not in allowed]
-    if incompatible and not allow_change:
-        raise ValueError(
-            f"check_config: the config differs from the one this run was started with ({path}) in keys "
-            f"that may not change on resume:\n  "
-            + "\n  ".join(line(k) for k in incompatible)
-            + "\n"
-            "Pass --config.train.allow_config_change=True to resume anyway, or use a fresh --workdir."
-        )
-    if writer:
-        _atomic_write_text(workdir / PREVIOUS_CONFIG_FILE, path.read_text())
-        _atomic_write_text(path, text)
-    if incompatible:
-        msg = "WARNING: resuming with a changed config (allow_config_change=True):\n  "
-        msg += "\n  ".join(line(k) for k in incompatible)
-        rest = [k for k in changed if k in allowed]
-        if rest:
-            msg += "\nand resumable keys:\n  " + "\n  ".join(line(k) for k in rest)
-    else:
-        msg = "config changed in resumable keys:\n  " + "\n  ".join(line(k) for k in changed)
-    return msg + f"\n(old config kept as {workdir / PREVIOUS_CONFIG_FILE})"
-
-
-# --------------------------------------------------------------------------------------------------
-# Graceful shutdown
-
-
-class GracefulShutdown:
-    """Context manager turning SIGTERM/SIGINT into a stop request the train loop polls.
-
-    Inside the context the signals set :attr:`requested` (and :attr:`signal_name`, the first signal
-    received) instead of killing the process; the loop then saves a checkpoint and exits. A second
-    SIGINT while a stop is pending raises KeyboardInterrupt (force quit). On exit the previous
-    handlers are restored. Signal handlers can only be installed from the main thread; elsewhere
-    the context installs nothing (:attr:`installed` is False) and only :meth:`request` sets the flag.
-
-    Example::
-
-        with GracefulShutdown() as stop:
-            for step in ...:
-                ...
-                if stop.should_stop():
-                    ckpt.save(step, ...); break
-    """
-
-    def __init__(self, signals: Iterable[int] = (signal.SIGTERM, signal.SIGINT)):
-        self.signals = tuple(signal.Signals(s) for s in signals)
-        self.requested = False
-        self.signal_name: str | None = None
-        self.installed = False
-        self._previous: dict[signal.Signals, Any] = {}
-
-    def request(self, reason: str = "request") -> None:
-        """Ask for a stop without a signal (``signal_name`` is set to ``reason`` if none came yet)."""
-        if not self.requested:
-            self.signal_name = reason
-        self.requested = True
-
-    def _handle(self, signum, frame) -> None:
-        name = signal.Signals(signum).name
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt(f"second {name} while a stop ({self.signal_name}) was pending")
-        if not self.requested:
-            log.warning(
-                "%s received: stopping after the current step (send SIGINT again to force quit)",
-                name,
-            )
-        self.request(name)
-
-    def should_stop(self) -> bool:
-        """Whether any process has a stop request; a collective in multi-process runs.
-
-        Every process must call it at the same steps (it all-gathers the flags), so that all of
-        them save the final checkpoint together. With one process it is just :attr:`requested`.
-        """
-        if jax.process_count() == 1:
-            return self.requested
-        from jax.experimental import multihost_utils
-
-        flags = multihost_utils.process_allgather(np.asarray(self.requested, np.int32))
-        return bool(np.any(flags))
-
-    def __enter__(self) -> GracefulShutdown:
-        if threading.current_thread() is not threading.main_thread():
-            log.warning("GracefulShutdown: not in the main thread, signal handlers not installed")
-            return self
-        for s in self.signals:
-            self._previous[s] = signal.getsignal(s)
-            signal.signal(s, self._handle)
-        self.installed = True
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self._previous.items():
-            # getsignal gives None for a handler not installed from Python: fall back on the default.
-            signal.signal(s, signal.SIG_DFL if handler is None else handler)
-        self._previous.clear()
-        self.installed = False

@@ -33,7 +33,7 @@ import numpy as np
 from jaxenc import metrics as jmetrics
 from jaxenc import models
 from jaxenc.models import segmentation as seg_models
-from train import checkpoint, compile_cache, observe, optim
+from train import checkpoint, compile_cache, observe, optim, run_config, shutdown
 from train.data import pipeline
 from train.step import (
     StepConfig,
@@ -298,7 +298,7 @@ def train_and_evaluate(
     n_proc, p_idx = jax.process_count(), jax.process_index()
     _validate(config, mesh.size, n_proc)
     is_main = p_idx == 0
-    config_note = checkpoint.check_config(
+    config_note = run_config.check_config(
         workdir, config, allow_change=config.train.allow_config_change, write=is_main
     )
 
@@ -353,7 +353,7 @@ def train_and_evaluate(
     t0 = time.time()
     with (
         ckpt,
-        checkpoint.GracefulShutdown() as stop,
+        shutdown.GracefulShutdown() as stop,
         observe.Observer(
             workdir,
             total_steps=num_steps,
