@@ -352,6 +352,28 @@ def _iou_table(names: list[str], iou, pix_acc: float, miou: float) -> str:
 # entry point
 
 
+def _provenance(config, step_dir, step, n_proc: int, t0: float) -> dict:
+    """The fields every metrics record ends with: dataset, checkpoint, step, processes, wall time."""
+    return {
+        "dataset": str(config.dataset.name),
+        "checkpoint": str(step_dir),
+        "step": step,
+        "process_count": n_proc,
+        "wall_time_s": time.time() - t0,
+    }
+
+
+def _write_metrics(outdir: Path, out: dict, say: Callable[[str], None], summary: str) -> None:
+    """``outdir/eval_metrics.json``, written atomically (a reader never sees half a file); says
+    ``summary`` and where it wrote."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    tmp = outdir / f".{METRICS_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(out, indent=2, allow_nan=False) + "\n")
+    tmp.replace(outdir / METRICS_FILE)
+    say(summary)
+    say(f"wrote {outdir / METRICS_FILE}")
+
+
 def evaluate_checkpoint(
     config: ml_collections.ConfigDict,
     checkpoint: str | os.PathLike,
@@ -474,19 +496,10 @@ def evaluate_checkpoint(
         "crop_size": settings.crop_size,
         "split": settings.split,
         "num_images": n_images,
-        "dataset": str(config.dataset.name),
-        "checkpoint": str(step_dir),
-        "step": step,
-        "process_count": n_proc,
-        "wall_time_s": time.time() - t0,
+        **_provenance(config, step_dir, step, n_proc, t0),
     }
     if is_main:
-        outdir.mkdir(parents=True, exist_ok=True)
-        tmp = outdir / f".{METRICS_FILE}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(out, indent=2, allow_nan=False) + "\n")
-        tmp.replace(outdir / METRICS_FILE)
-        say(_iou_table(names, out["IoU"], out["pixAcc"], out["mIoU"]))
-        say(f"wrote {outdir / METRICS_FILE}")
+        _write_metrics(outdir, out, say, _iou_table(names, out["IoU"], out["pixAcc"], out["mIoU"]))
     return out
 
 
@@ -530,19 +543,11 @@ def _evaluate_recognition(
         "num_images": n,
         "split": settings.split,
         "crop_size": int(config.dataset.image_size),
-        "dataset": str(config.dataset.name),
-        "checkpoint": str(step_dir),
-        "step": step,
-        "process_count": n_proc,
-        "wall_time_s": time.time() - t0,
+        **_provenance(config, step_dir, step, n_proc, t0),
     }
     if is_main:
-        outdir.mkdir(parents=True, exist_ok=True)
-        tmp = outdir / f".{METRICS_FILE}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(out, indent=2, allow_nan=False) + "\n")
-        tmp.replace(outdir / METRICS_FILE)
-        say("  ".join(f"top-{k} {out[f'top{k}']:.4f}" for k in ks) + f"  ({n} images)")
-        say(f"wrote {outdir / METRICS_FILE}")
+        summary = "  ".join(f"top-{k} {out[f'top{k}']:.4f}" for k in ks) + f"  ({n} images)"
+        _write_metrics(outdir, out, say, summary)
     return out
 
 
