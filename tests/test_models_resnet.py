@@ -416,7 +416,7 @@ def test_basic_block_rejects_bottleneck_options(option):
         ({"pretrained": True}, r"resnet50: .*jaxenc\.models\.load_pretrained"),
         ({"dilation": 3}, r"resnet50: .*dilation must be 1 .*got 3"),
         ({"layers": (3, 4, 6)}, r"layers must be 4 block counts"),
-        ({"radix": 0}, r"radix must be an integer >= 1"),
+        ({"radix": 0}, r"radix must be a positive integer"),
         ({"final_drop": 1.5}, r"final_drop must be a probability"),
         ({"block": "wide"}, r"block must be one of"),
     ],

@@ -30,6 +30,7 @@ from test_encoding_attention import TorchACFModule, TorchCAM, TorchPAM
 from torch_ref import resnest_torch
 
 from jaxenc.models import deepten as deepten_mod
+from jaxenc.models import head_blocks
 from jaxenc.models import heads as H
 from jaxenc.models import segmentation as S
 from jaxenc.models.registry import get_model, list_models
@@ -861,7 +862,7 @@ def test_dropout_kinds():
 
         @nn.compact
         def __call__(self, x, train=False):
-            return H._dropout(x, 0.5, train, self.channelwise)
+            return head_blocks.apply_dropout(x, 0.5, train, self.channelwise)
 
     x = jnp.ones((4, 6, 5, 32))
     for channelwise in (True, False):

@@ -24,8 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxenc.models import resnet as _resnet
-from jaxenc.models.registry import register_model
+from jaxenc.models.model_utils import check_remat, remat_call
+from jaxenc.models.registry import get_model, register_model
 from jaxenc.nn.customize import lp_normalize
 from jaxenc.nn.encoding import Encoding
 from jaxenc.nn.norm import BatchNorm
@@ -82,7 +82,7 @@ class DeepTen(nn.Module):
     deep-stem ResNet-S; the 's' names work too); ``norm_layer`` (backbone and head norm, default
     :class:`jaxenc.nn.BatchNorm`); ``dtype`` (compute dtype), ``param_dtype``; ``remat`` ("none" |
     "block": backbone blocks and the head rematerialised, recomputed in the backward pass to save
-    activation memory; same variables and results, see :func:`jaxenc.models.resnet.remat_call`).
+    activation memory; same variables and results, see :func:`jaxenc.models.model_utils.remat_call`).
 
     ``__call__(x, train=False)``: x (B, H, W, 3) -> logits (B, nclass). Training uses batch statistics
     (``batch_stats`` mutable).
@@ -97,15 +97,15 @@ class DeepTen(nn.Module):
 
     def setup(self) -> None:
         check_positive_int(self.nclass, "nclass", "DeepTen")
-        _resnet.check_remat(self.remat, "DeepTen")
+        check_remat(self.remat, "DeepTen")
         key = self.backbone.lower() if isinstance(self.backbone, str) else None
         if key not in _BACKBONES:
             raise ValueError(
                 f"DeepTen: unknown backbone {self.backbone!r}; choose one of {sorted(_BACKBONES)}"
             )
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.pretrained = getattr(_resnet, _BACKBONES[key])(
-            dilated=False, norm_layer=self.norm_layer, remat=self.remat, **kw
+        self.pretrained = get_model(
+            _BACKBONES[key], dilated=False, norm_layer=self.norm_layer, remat=self.remat, **kw
         )
         self.head = _DeepTenHead(self.nclass, norm_layer=self.norm_layer, **kw)
 
@@ -114,7 +114,7 @@ class DeepTen(nn.Module):
             # Creates the backbone's (unused) ImageNet ``fc``, which upstream's state_dict carries.
             self.pretrained(x, train=train)
         c4 = self.pretrained(x, train=train, return_features=True)[-1]
-        return _resnet.remat_call(self.head, self.remat, c4, train=train)
+        return remat_call(self.head, self.remat, c4, train=train)
 
 
 DeepTEN = DeepTen

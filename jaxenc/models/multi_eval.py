@@ -463,31 +463,9 @@ def multi_scale_scores(
     ).scores(image)
 
 
-def multi_scale_predict(
-    predict: Callable,
-    image,
-    *,
-    num_classes: int,
-    base_size: int,
-    crop_size: int,
-    scales: Sequence[float] = DEFAULT_SCALES,
-    flip: bool = True,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-    batch_size: int = 8,
-) -> np.ndarray:
-    """int32 ``(H, W)`` argmax of :func:`multi_scale_scores`."""
-    return MultiScaleEvaluator(
-        predict,
-        num_classes=num_classes,
-        base_size=base_size,
-        crop_size=crop_size,
-        scales=scales,
-        flip=flip,
-        mean=mean,
-        std=std,
-        batch_size=batch_size,
-    ).predict(image)
+def multi_scale_predict(predict: Callable, image, **options: Any) -> np.ndarray:
+    """int32 ``(H, W)`` argmax of :func:`multi_scale_scores` (same keyword-only ``options``)."""
+    return MultiScaleEvaluator(predict, **options).predict(image)
 
 
 def single_scale_scores(

@@ -1,8 +1,9 @@
 """Model registry: every named model (upstream's ``get_model`` names plus jaxenc's additions).
 
-A constructor registers under one or more lower-case names with preset keyword arguments;
-:func:`get_model` applies the presets, then the caller's overrides. Unknown names raise a
-ValueError that lists the closest registered names.
+A constructor registers under one or more lower-case names with preset keyword arguments
+(:func:`register_model`); :func:`get_model` applies the presets, then the caller's overrides.
+Constructors registered with :func:`register_backbone` are also the segmentation backbones
+(:func:`get_backbone`). Unknown names raise a ValueError that lists the closest registered names.
 """
 
 from __future__ import annotations
@@ -12,9 +13,19 @@ import difflib
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["build_named", "close_match_hint", "get_model", "list_models", "register_model"]
+__all__ = [
+    "backbone_names",
+    "build_named",
+    "close_match_hint",
+    "get_backbone",
+    "get_model",
+    "list_models",
+    "register_backbone",
+    "register_model",
+]
 
 _REGISTRY: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {}
+_BACKBONES: dict[str, None] = {}  # registered names usable as segmentation backbones, in order
 
 
 def register_model(name: str, **presets: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -33,6 +44,39 @@ def register_model(name: str, **presets: Any) -> Callable[[Callable[..., Any]], 
         return fn
 
     return decorate
+
+
+def register_backbone(
+    name: str, **presets: Any
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """:func:`register_model` for a backbone returning (c1, c2, c3, c4) with ``return_features=True``
+    (a :class:`jaxenc.models.resnet.ResNet`): the name becomes a :func:`get_backbone` name too."""
+    register = register_model(name, **presets)
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        _BACKBONES[name.lower()] = None
+        return register(fn)
+
+    return decorate
+
+
+def backbone_names() -> tuple[str, ...]:
+    """The :func:`get_backbone` names, in registration order."""
+    _import_model_modules()
+    return tuple(_BACKBONES)
+
+
+def get_backbone(name: str, **kwargs: Any):
+    """The named segmentation backbone (upstream ``sseg.base.get_backbone``), built WITHOUT weights.
+
+    ``kwargs`` override the constructor's presets (``dilated``, ``norm_layer``, ``dtype`` ...).
+    """
+    names = backbone_names()
+    if not isinstance(name, str) or name.lower() not in names:
+        raise ValueError(
+            f"get_backbone: unknown backbone {name!r}; segmentation backbones: {', '.join(names)}"
+        )
+    return get_model(name, **kwargs)
 
 
 def list_models() -> list[str]:

@@ -1,77 +1,23 @@
 """PyTorch-Encoding's semantic segmentation models (``encoding/models/sseg``) in Flax, NHWC.
 
-:class:`BaseNet` holds the backbone (``pretrained``, a dilated :class:`jaxenc.models.resnet.ResNet`
-returning c1..c4), a ``head`` and, with ``aux``, an ``auxlayer`` (:class:`FCNHead` (1024) on c3).
-The models (upstream's ``encoding/models/sseg``, on ``BaseNet``):
+:class:`BaseNet` holds the backbone (``pretrained``: a dilated registered backbone returning c1..c4),
+a ``head`` and, with ``aux``, an ``auxlayer`` (:class:`FCNHead` on c3). Heads take their input widths
+from the backbone, so the basic-block ResNet-18/34 build small models too. ``model(x, train=False)``:
+x (B, H, W, 3) -> a tuple of logits (B, H, W, nclass) (+ se (B, nclass) for the SE-loss models),
+upsampled bilinearly (align_corners=True); ``evaluate(x)`` returns the first output. Submodules are
+named as upstream (``pretrained.layer1.0.conv1``, ``head.conv5.0``, ``auxlayer.conv5.4``), so an
+upstream checkpoint converts one to one with :func:`jaxenc.port.torch_to_flax`.
 
-=============  ===================================  =====================================================
-class          head                                 outputs (main and aux upsampled to the input size)
-=============  ===================================  =====================================================
-FCN            FCNHead(2048, with_global)           (main, [aux])
-PSP            PSPHead(2048)                        (main, [aux])
-EncNet         EncHead(2048, se_loss, lateral)      (main, [se], [aux]); se (B, nclass)
-DeepLabV3      DeepLabV3Head(2048) (ASPP 12/24/36)  (main, [aux])
-UperNet        UperNetHead (PPM + FPN), stride 32   (main,)
-FCFPN          FCFPNHead, stride 32                 (main,)
-ATTEN          ATTENHead (ACF + GAP + EncModule)    (main, [se], [aux])
-DANet          DANetHead (PAM + CAM)                (sum, position, channel, [aux])
-=============  ===================================  =====================================================
+Registered names: upstream's model-zoo names with their presets, and one generic
+``<model>_<backbone>`` name per model class (Pascal VOC's 21 classes unless ``nclass`` or
+``dataset`` is given). Adding a model: a :class:`BaseNet` subclass decorated with
+:func:`_segmentation_model`.
 
-The widths 2048 / 1024 are those of the bottleneck backbones (upstream hard-codes them); every head
-takes its input widths from the backbone (:attr:`BaseNet.widths`), so the basic-block ``resnet18`` /
-``resnet34`` backbones (c3 256, c4 512) build small models too.
-
-Every model is called as ``model(x, train=False)`` with x (B, H, W, 3) (ImageNet-normalised, see
-``mean``/``std``) and returns a tuple of logits (B, H, W, nclass) (class axis last) plus, for the
-SE-loss models, se (B, nclass). Upsampling is bilinear with align_corners=True (upstream's
-``up_kwargs``). ``evaluate(x)`` returns the first output only. With ``train=True`` the norms use
-batch statistics (pass ``mutable=["batch_stats"]``) and dropout draws from the ``dropout`` rng.
-
-Names and weights: the backbone is the submodule ``pretrained`` and every other submodule is named as
-upstream, so an upstream segmentation checkpoint converts one to one with
-:func:`jaxenc.port.torch_to_flax` (``pretrained.layer1.0.conv1.weight``, ``head.conv5.0.weight``,
-``auxlayer.conv5.4.bias`` ...). The backbone has no ``fc`` (upstream sets ``pretrained.fc = None``).
-
-**No implicit downloads.** Upstream's BaseNet always builds its backbone with ``pretrained=True`` and
-so downloads ImageNet weights even for ``pretrained=False`` models (PyTorch-Encoding issue #395).
-Here constructors only build modules: a Flax module holds no weights. ImageNet backbone weights or
-whole-model checkpoints come from the model store, explicitly: ``jaxenc.models.load_pretrained(name)``
-for a full model, or load a backbone's variables and place them under ``params/pretrained`` and
-``batch_stats/pretrained``. ``pretrained=True`` raises a ValueError that says so.
-
-Registered names (:func:`jaxenc.models.get_model`): upstream's ``get_model`` segmentation names with
-their presets (ADE20K 150 classes, Pascal-Context 59, COCO 21; base/crop 520/480 except
-encnet_resnet101s_ade 640/576; aux as upstream; EncNet's lateral fusion for datasets whose name
-starts with 'p'), and jaxenc's generic ``<model>_<backbone>`` names (Pascal VOC's 21 classes unless
-``nclass`` or ``dataset`` is given):
-
-- upstream: encnet_resnet101s_coco, fcn_resnet50s_pcontext, encnet_resnet50s_pcontext,
-  encnet_resnet101s_pcontext, encnet_resnet50s_ade, encnet_resnet101s_ade, fcn_resnet50s_ade,
-  psp_resnet50s_ade, fcn_resnest50_ade, deeplab_resnest{50,101,200,269}_ade, fcn_resnest50_pcontext,
-  deeplab_resnest{50,101,200,269}_pcontext;
-- jaxenc: fcn_resnest50, encnet_resnet50s, deeplab_resnest50, psp_resnet50s, upernet_resnet50s,
-  fcfpn_resnet50s, atten_resnest50, danet_resnet50s.
-
-Deliberate differences from upstream:
-- ``pretrained=True`` does not download (see above); the backbone is never loaded implicitly.
-- encnet_resnet101s_coco really has the lateral fusion its constructor asks for (upstream's
-  dataset-name rule overwrites lateral=True with False for COCO). No upstream weights exist for it.
-- UperNet and FCFPN honour ``base_size``, ``crop_size``, ``mean``, ``std`` and the backbone options
-  (upstream drops them); they reject ``aux=True`` with a ValueError (upstream: assert, after its
-  default aux=True) and default to aux=False.
-- Default norm is :class:`jaxenc.nn.BatchNorm` for every model (upstream: SyncBatchNorm for
-  FCN/EncNet/ATTEN); pass ``norm_layer=functools.partial(jaxenc.nn.SyncBatchNorm, axis_name="data")``
-  inside a ``shard_map``/``pmap`` for synchronised statistics (without ``axis_name`` the two are
-  identical).
-- DANet accepts ``aux=True`` (an FCNHead on c3 appended to its outputs); upstream's DANet never builds it.
-- ATTEN(with_global=False) works (upstream raises NameError).
-- Unknown options raise ValueError naming the model and the option.
-
-Rematerialisation (jaxenc's addition): ``remat="block"`` rematerialises every residual block of the
-backbone and the ``head`` / ``auxlayer`` calls (:func:`jaxenc.models.resnet.remat_call`): the backward
-pass recomputes their internals instead of storing them, trading about one extra forward pass for
-activation memory. Variables and outputs (up to float rounding) are the same as with ``remat="none"``
-(default).
+Deviations from upstream: no implicit downloads (``pretrained=True`` raises; upstream issue #395);
+encnet_resnet101s_coco really has its lateral fusion; UperNet and FCFPN honour ``base_size``,
+``crop_size``, ``mean``, ``std`` and the backbone options, and reject ``aux=True``; the default norm
+is :class:`jaxenc.nn.BatchNorm` everywhere; DANet accepts ``aux=True``; ATTEN(with_global=False)
+works; unknown options raise a ValueError; ``remat="block"`` also rematerialises head and aux head.
 """
 
 from __future__ import annotations
@@ -84,7 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxenc.models import resnet as _resnet
+from jaxenc.models import registry
 from jaxenc.models.heads import (
     ATTENHead,
     DANetHead,
@@ -95,8 +41,8 @@ from jaxenc.models.heads import (
     PSPHead,
     UperNetHead,
 )
+from jaxenc.models.model_utils import check_image_batch, check_remat, remat_call
 from jaxenc.models.registry import register_model
-from jaxenc.models.resnet import check_remat, remat_call
 from jaxenc.nn.customize import check_up_kwargs
 from jaxenc.nn.norm import BatchNorm
 from jaxenc.nn.resample import interpolate_bilinear
@@ -141,30 +87,58 @@ SEGMENTATION_DATASETS: dict[str, int] = {
 }
 # fmt: on
 
-# Backbones a segmentation model can use. Upstream's heads assume the bottleneck ResNets' 1024/2048-channel
-# c3/c4; the heads here take their input widths from the backbone, so ResNet-18/34 (basic blocks, 256/512)
-# work too (jaxenc's addition, for small models).
-# fmt: off
-_BACKBONES = (
-    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet50s", "resnet101s", "resnet152s", "resnet50d",
-    "resnext50_32x4d", "resnext101_32x8d", "resnest50", "resnest101", "resnest200", "resnest269",
-    "resnest50_fast", "resnest101_fast",
-)
-# fmt: on
 
-
-def get_backbone(name: str, **kwargs: Any) -> _resnet.ResNet:
-    """The named backbone (upstream ``sseg.base.get_backbone``), built WITHOUT weights.
+def get_backbone(name: str, **kwargs: Any):
+    """The named backbone (upstream ``sseg.base.get_backbone``), built WITHOUT weights: any constructor
+    registered with :func:`jaxenc.models.registry.register_backbone` (the ResNets, ResNet-18/34 included:
+    the heads take their input widths from the backbone).
 
     ``kwargs`` are :class:`jaxenc.models.resnet.ResNet` fields (``dilated``, ``norm_layer``, ``dtype``,
-    ``dropblock_prob`` ...). Upstream's ``pretrained=True`` download is not done (issue #395); load
-    backbone weights explicitly from the model store.
+    ``dropblock_prob`` ...). Upstream's ``pretrained=True`` download is not done (issue #395).
     """
-    if not isinstance(name, str) or name.lower() not in _BACKBONES:
-        raise ValueError(
-            f"get_backbone: unknown backbone {name!r}; segmentation backbones: {', '.join(_BACKBONES)}"
+    return registry.get_backbone(name, **kwargs)
+
+
+_MODELS: dict[str, type[BaseNet]] = {}  # get_segmentation_model's names
+_CONSTRUCTORS: dict[str, Callable[..., BaseNet]] = {}  # upstream's get_<model> functions
+# jaxenc's generic names: one per model class, default dataset Pascal VOC (21 classes).
+_GENERIC_NAMES: dict[str, tuple[Callable[..., BaseNet], dict[str, Any]]] = {}
+
+
+def _segmentation_model(key: str, generic_backbone: str) -> Callable[[type], type]:
+    """Class decorator: the model becomes ``get_segmentation_model(key, ...)``, gets its upstream-style
+    constructor ``get_<key>`` and the registered generic name ``<key>_<generic_backbone>``."""
+
+    def decorate(cls: type) -> type:
+        def build(
+            dataset: str = "pascal_voc",
+            backbone: str = "resnet50s",
+            nclass: int | None = None,
+            pretrained: bool = False,
+            **kwargs: Any,
+        ) -> BaseNet:
+            return get_segmentation_model(
+                key,
+                dataset=dataset,
+                backbone=backbone,
+                nclass=nclass,
+                pretrained=pretrained,
+                **kwargs,
+            )
+
+        build.__name__ = build.__qualname__ = f"get_{key}"
+        build.__doc__ = (
+            f"Upstream ``get_{key}(dataset, backbone, ...)``: a :class:`{cls.__name__}` (no weights; "
+            f"see :func:`get_segmentation_model`)."
         )
-    return getattr(_resnet, name.lower())(**kwargs)
+        _MODELS[key] = cls
+        _CONSTRUCTORS[key] = build
+        name = f"{key}_{generic_backbone}"
+        _GENERIC_NAMES[name] = (build, dict(backbone=generic_backbone))
+        register_model(name, backbone=generic_backbone)(build)
+        return cls
+
+    return decorate
 
 
 class BaseNet(nn.Module):
@@ -258,11 +232,7 @@ class BaseNet(nn.Module):
         return self.pretrained(x, train=train, return_features=True)
 
     def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, ...]:
-        x = jnp.asarray(x)
-        if x.ndim != 4 or x.shape[-1] != 3:
-            raise ValueError(
-                f"{type(self).__name__}: expected an NHWC image batch (B, H, W, 3), got shape {tuple(x.shape)}"
-            )
+        x = check_image_batch(x, type(self).__name__)
         size = tuple(x.shape[1:3])
         align = check_up_kwargs(self.up_kwargs, type(self).__name__)
         features = self.base_forward(x, train=train)
@@ -279,6 +249,7 @@ class BaseNet(nn.Module):
         return self(x, train=False)[0]
 
 
+@_segmentation_model("fcn", generic_backbone="resnest50")
 class FCN(BaseNet):
     """FCN (Long et al., "Fully Convolutional Networks for Semantic Segmentation", CVPR 2015) on a
     dilated ResNet: :class:`FCNHead` (2048) on c4, optional image-pool branch (``with_global``)."""
@@ -296,6 +267,7 @@ class FCN(BaseNet):
         )
 
 
+@_segmentation_model("psp", generic_backbone="resnet50s")
 class PSP(BaseNet):
     """PSPNet (Zhao et al., "Pyramid Scene Parsing Network", CVPR 2017): :class:`PSPHead` on c4."""
 
@@ -303,6 +275,7 @@ class PSP(BaseNet):
         return PSPHead(self.widths[3], self.nclass, self.norm_layer, self.up_kwargs, **self._kw())
 
 
+@_segmentation_model("encnet", generic_backbone="resnet50s")
 class EncNet(BaseNet):
     """EncNet (Zhang et al., "Context Encoding for Semantic Segmentation", CVPR 2018): :class:`EncHead`
     (context encoding with K=32 codewords, channel excitation, SE-loss output; ``lateral`` c2/c3 fusion).
@@ -326,6 +299,7 @@ class EncNet(BaseNet):
         return self.call_head(*features, train=train)
 
 
+@_segmentation_model("deeplab", generic_backbone="resnest50")
 class DeepLabV3(BaseNet):
     """DeepLabV3 (Chen et al., "Rethinking Atrous Convolution for Semantic Image Segmentation",
     arXiv:1706.05587): :class:`DeepLabV3Head` (ASPP with rates ``atrous_rates``) on c4."""
@@ -358,6 +332,7 @@ class _FPNNet(BaseNet):
         return self.call_head(*features, train=train)
 
 
+@_segmentation_model("upernet", generic_backbone="resnet50s")
 class UperNet(_FPNNet):
     """UperNet (Xiao et al., "Unified Perceptual Parsing for Scene Understanding", ECCV 2018):
     :class:`UperNetHead` (pyramid pooling on c4 + FPN over c1..c4), non-dilated backbone (stride 32),
@@ -369,6 +344,7 @@ class UperNet(_FPNNet):
         )
 
 
+@_segmentation_model("fcfpn", generic_backbone="resnet50s")
 class FCFPN(_FPNNet):
     """FCN with a feature pyramid (upstream ``FCFPN``): :class:`FCFPNHead` over c1..c4 of a
     non-dilated backbone. No aux head."""
@@ -379,6 +355,7 @@ class FCFPN(_FPNNet):
         )
 
 
+@_segmentation_model("atten", generic_backbone="resnest50")
 class ATTEN(BaseNet):
     """CFNet's ATTEN model (Zhang et al., "Co-occurrent Features in Semantic Segmentation", CVPR 2019):
     :class:`ATTENHead` (``nheads``-head ACF attention, global pooling, EncModule) on c4. Input H and W
@@ -409,6 +386,7 @@ class ATTEN(BaseNet):
         return self.call_head(*features, train=train)
 
 
+@_segmentation_model("danet", generic_backbone="resnet50s")
 class DANet(BaseNet):
     """DANet (Fu et al., "Dual Attention Network for Scene Segmentation", CVPR 2019; junfu1115/DANet):
     :class:`DANetHead` on c4. Outputs (fused, position-branch, channel-branch logits, [aux]), all
@@ -424,16 +402,14 @@ class DANet(BaseNet):
         return self.call_head(features[-1], train=train)
 
 
-_MODELS: dict[str, type[BaseNet]] = {
-    "fcn": FCN,
-    "psp": PSP,
-    "encnet": EncNet,
-    "deeplab": DeepLabV3,
-    "upernet": UperNet,
-    "fcfpn": FCFPN,
-    "atten": ATTEN,
-    "danet": DANet,
-}
+get_fcn = _CONSTRUCTORS["fcn"]
+get_psp = _CONSTRUCTORS["psp"]
+get_encnet = _CONSTRUCTORS["encnet"]
+get_deeplab = _CONSTRUCTORS["deeplab"]
+get_upernet = _CONSTRUCTORS["upernet"]
+get_fcfpn = _CONSTRUCTORS["fcfpn"]
+get_atten = _CONSTRUCTORS["atten"]
+get_danet = _CONSTRUCTORS["danet"]
 
 
 def get_segmentation_model(
@@ -480,49 +456,13 @@ def get_segmentation_model(
     unknown = sorted(set(kwargs) - fields)
     if unknown:
         raise ValueError(f"{where}: unknown option(s) {unknown}; valid options: {sorted(fields)}")
-    if not isinstance(backbone, str) or backbone.lower() not in _BACKBONES:
+    backbones = registry.backbone_names()
+    if not isinstance(backbone, str) or backbone.lower() not in backbones:
         raise ValueError(
-            f"{where}: unknown backbone {backbone!r}; segmentation backbones: {', '.join(_BACKBONES)}"
+            f"{where}: unknown backbone {backbone!r}; segmentation backbones: {', '.join(backbones)}"
         )
     return cls(nclass=nclass, backbone=backbone.lower(), **kwargs)
 
-
-# --- registered constructors ----------------------------------------------------------------------
-
-
-def _constructor(model: str):
-    def build(
-        dataset: str = "pascal_voc",
-        backbone: str = "resnet50s",
-        nclass: int | None = None,
-        pretrained: bool = False,
-        **kwargs: Any,
-    ) -> BaseNet:
-        return get_segmentation_model(
-            model,
-            dataset=dataset,
-            backbone=backbone,
-            nclass=nclass,
-            pretrained=pretrained,
-            **kwargs,
-        )
-
-    build.__name__ = build.__qualname__ = f"get_{model}"
-    build.__doc__ = (
-        f"Upstream ``get_{model}(dataset, backbone, ...)``: a :class:`{_MODELS[model].__name__}` (no weights; "
-        f"see :func:`get_segmentation_model`)."
-    )
-    return build
-
-
-get_fcn = _constructor("fcn")
-get_psp = _constructor("psp")
-get_encnet = _constructor("encnet")
-get_deeplab = _constructor("deeplab")
-get_upernet = _constructor("upernet")
-get_fcfpn = _constructor("fcfpn")
-get_atten = _constructor("atten")
-get_danet = _constructor("danet")
 
 _ADE = dict(dataset="ade20k")
 _PCONTEXT = dict(dataset="pcontext")
@@ -571,22 +511,10 @@ _UPSTREAM_NAMES: dict[str, tuple[Callable[..., BaseNet], dict[str, Any]]] = {
     },
 }
 
-# jaxenc's generic names: one per model class, default dataset Pascal VOC (21 classes).
-_GENERIC_NAMES: dict[str, tuple[Callable[..., BaseNet], dict[str, Any]]] = {
-    "fcn_resnest50": (get_fcn, dict(backbone="resnest50")),
-    "encnet_resnet50s": (get_encnet, dict(backbone="resnet50s")),
-    "deeplab_resnest50": (get_deeplab, dict(backbone="resnest50")),
-    "psp_resnet50s": (get_psp, dict(backbone="resnet50s")),
-    "upernet_resnet50s": (get_upernet, dict(backbone="resnet50s")),
-    "fcfpn_resnet50s": (get_fcfpn, dict(backbone="resnet50s")),
-    "atten_resnest50": (get_atten, dict(backbone="resnest50")),
-    "danet_resnet50s": (get_danet, dict(backbone="resnet50s")),
-}
-
 #: Every segmentation name registered in :mod:`jaxenc.models.registry` by this module.
 SEGMENTATION_MODEL_NAMES: tuple[str, ...] = tuple(_UPSTREAM_NAMES) + tuple(_GENERIC_NAMES)
 
-for _name, (_fn, _presets) in {**_UPSTREAM_NAMES, **_GENERIC_NAMES}.items():
+for _name, (_fn, _presets) in _UPSTREAM_NAMES.items():
     register_model(_name, **_presets)(_fn)
 del _name, _fn, _presets
 

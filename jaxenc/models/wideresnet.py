@@ -1,66 +1,21 @@
 """PyTorch-Encoding's WideResNet-38/50 (pre-activation wide ResNet with activated BN) in Flax, NHWC.
 
 Wu et al., "Wider or Deeper: Revisiting the ResNet Model for Visual Recognition", Pattern Recognition
-2019 (the ResNet-38/50 "model A" design); Rota Bulò et al., "In-Place Activated BatchNorm for
-Memory-Optimized Training of DNNs", CVPR 2018 (the activated BN "ABN" = BN + leaky ReLU 0.01, with
-which the pretrained weights were trained).
+2019 (ResNet-38/50 "model A"); Rota Bulò et al., CVPR 2018 (activated BN "ABN" = BN + leaky ReLU 0.01).
+Upstream: ``encoding/models/backbone/wideresnet.py``; submodule names are its torch attribute names
+(``mod1``, ``mod2.0.bn1``, ``mod6.0.downsample.0``, ``bn_out``, ``fc``), so
+:func:`jaxenc.port.torch_to_flax` converts its ``state_dict`` one to one. The stage table is in the
+README.
 
-Mirrors upstream ``encoding/models/backbone/wideresnet.py``. Submodule
-names are upstream's torch attribute names (``mod1``, ``mod2.0.bn1``, ``mod6.0.downsample.0``,
-``bn_out``, ``fc``), so :func:`jaxenc.port.torch_to_flax` converts upstream's ``wideresnet38`` /
-``wideresnet50`` state_dicts one to one.
+Semantics: pre-activation blocks (``bn1`` acts on the block input; the shortcut is ``downsample.0``,
+a bare strided 1x1 conv of ``bn1(x)``, else ``x``; no activation after the add; ``bn_out`` activates
+mod7's output). Dilation follows upstream's ``_make_layer``: a stage's first block gets (dilation,
+previous_dilation) = (1, d) for d in {1, 2}, (2, 4) in mod6, (4, 4) in mod7. Torch's default init.
 
-Network (x: (B, H, W, 3)):
-
-======  =============================================================  ========  ================
-module  what                                                           channels  stride (dilated)
-======  =============================================================  ========  ================
-mod1    3x3 conv, stride 1, no bias                                    64        1
-pool2   3x3 max pool, stride 2, padding 1 (-inf padding)               64        2
-mod2    ``layers[0]`` :class:`WideBasicBlock` (planes 128)             128       2
-pool3   3x3 max pool, stride 2, padding 1                              128       4
-mod3    ``layers[1]`` basic blocks (256), stride 1                     256       4
-mod4    ``layers[2]`` basic blocks (512), stride 2                     512       8
-mod5    ``layers[3]`` basic blocks (512, expansion 2), stride 2        1024      16 (8, d=2)
-mod6    ``layers[4]`` :class:`WideBottleneck` (512, x4), dropout 0.3   2048      32 (8, d=4)
-mod7    ``layers[5]`` bottlenecks (1024, x4), dropout 0.5, stride 1    4096      32 (8, d=4)
-bn_out  ABN(4096), then global average pool and ``fc`` -> num_classes  4096      32 (8)
-======  =============================================================  ========  ================
-
-Semantics settled against upstream at HEAD:
-
-- Pre-activation blocks: ``bn1`` (ABN) acts on the block input; the shortcut is ``downsample.0``
-  (a bare 1x1 conv with the stage stride, no norm) applied to ``bn1(x)`` when the block has one, else
-  the raw input ``x``. There is no activation after the residual add; ``bn_out`` activates mod7's
-  output.
-- Dilation, per upstream's ``_make_layer(stage, block, planes, n, stride, dilation)``: the first
-  block of a stage gets (dilation, previous_dilation) = (1, d) for d in {1, 2}, (2, 4) for d = 4 in
-  mod6, and (4, 4) for mod7; the other blocks get (d, d). A :class:`WideBasicBlock` uses
-  ``dilation`` in conv1 and ``previous_dilation`` in conv2 (so mod5's first dilated block has a
-  dilation-1 conv1 and a dilation-2 conv2); a :class:`WideBottleneck` dilates its 3x3 ``conv2`` with
-  ``dilation`` and ignores ``previous_dilation``. Padding equals the dilation throughout.
-- ``dilated=True`` (output stride 8): mod4 keeps stride 2; mod5 has stride 1 and dilation 2; mod6 and
-  mod7 have stride 1 and dilation 4. A shortcut projection exists when the stride is not 1 or the
-  channel count changes (the first block of every stage here, mod3's and mod7's with stride 1).
-- Initialisation: upstream has no init loop, so every conv and ``fc`` keep torch's defaults
-  (U(+-1/sqrt(fan_in)) for weights and biases) and every norm scale 1, bias 0.
-
-Deliberate differences from upstream (docs/DESIGN.md, "Decisions on upstream bugs"):
-
-- ABN (``norm_layer`` default :data:`ABN`: :class:`jaxenc.nn.SyncBatchNorm` with
-  ``activation="leaky_relu", slope=0.01``) applies its leaky ReLU in training AND inference; upstream's
-  in-place ABN drops it in inference (and its backward is broken, so upstream cannot train it). Pass
-  ``norm_layer=functools.partial(SyncBatchNorm, activation="leaky_relu", slope=0.01, axis_name="data")``
-  for statistics synchronised over a device axis.
-- Basic blocks have no dropout: upstream never gives them any, and its BasicBlock with ``dropout > 0``
-  would call a misspelled attribute (``self.drops``) and fail. The bottleneck dropout rates (0.3 in
-  mod6, 0.5 in mod7, upstream's hard-coded values; elementwise ``nn.Dropout`` after ``bn3``) are the
-  ``dropout`` field, so they can be changed (e.g. ``(0.0, 0.0)``).
-- ``__call__(..., return_features=True)`` returns (mod3, mod4, mod5, bn_out(mod7)) outputs without
-  creating ``fc``. Upstream's segmentation ``BaseNet.base_forward`` returns (None, None, mod5,
-  bn_out(mod7)) for this backbone; the first two are the stride-4 and stride-8 maps that play c1/c2.
-- Invalid options (``layers`` not 6 positive ints, a non-bool ``dilated``, dropout rates outside
-  [0, 1)) raise a ValueError naming the option.
+Deviations from upstream: ABN applies its leaky ReLU in inference too (upstream's in-place ABN drops
+it); basic blocks have no dropout (upstream's would fail on ``self.drops``); the bottleneck dropout
+rates (0.3, 0.5) are the ``dropout`` field; ``return_features=True`` returns (mod3, mod4, mod5,
+bn_out(mod7)) without creating ``fc``; invalid options raise a ValueError naming the option.
 """
 
 from __future__ import annotations
@@ -73,12 +28,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxenc.models.model_utils import (
+    Stage,
+    check_block_counts,
+    check_image_batch,
+    check_norm_layer,
+    check_remat,
+    pooled_classifier,
+)
 from jaxenc.models.registry import build_named, register_model
-from jaxenc.models.resnet import _check_int, _Stage, check_remat
-from jaxenc.nn.norm import SyncBatchNorm
-from jaxenc.nn.resample import max_pool2d
-from jaxenc.nn.torch_compat import Conv2d, torch_uniform_init
-from jaxenc.validation import check_probability
+from jaxenc.nn import Conv2d, SyncBatchNorm, max_pool2d
+from jaxenc.validation import check_int, check_probability
 
 Dtype = Any
 
@@ -212,12 +172,8 @@ class WideBottleneck(nn.Module):
 def _validate(self: WideResNet) -> None:
     """Check :class:`WideResNet`'s fields (a function: Flax wraps module methods)."""
     where = "WideResNet"
-    layers = self.layers
-    if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or len(layers) != 6:
-        raise ValueError(f"{where}: layers must be 6 block counts (mod2..mod7), got {layers!r}")
-    for i, n in enumerate(layers):
-        _check_int(n, f"layers[{i}]", where)
-    _check_int(self.num_classes, "num_classes", where)
+    check_block_counts(self.layers, 6, "layers", "block counts (mod2..mod7)", where)
+    check_int(self.num_classes, "num_classes", where, minimum=1)
     if not isinstance(self.dilated, bool):
         raise ValueError(
             f"{where}: dilated must be False (output stride 32) or True (output stride 8), got {self.dilated!r}"
@@ -230,24 +186,21 @@ def _validate(self: WideResNet) -> None:
             raise ValueError(
                 f"{where}: dropout[{stage}] must be < 1 (it would drop every feature), got {p!r}"
             )
-    if self.norm_layer is None or not callable(self.norm_layer):
-        raise ValueError(
-            f"{where}: norm_layer must be a callable building a norm module, got {self.norm_layer!r}"
-        )
+    check_norm_layer(self.norm_layer, where)
     check_remat(self.remat, where)
 
 
 class WideResNet(nn.Module):
     """PyTorch-Encoding's WideResNet (ResNet-38 / ResNet-50 of Wu et al.), NHWC.
 
-    See the module docstring for the stage table, the dilation rules and the differences from upstream.
+    See the module docstring for the dilation rules and the differences from upstream.
 
     Fields: ``layers`` (blocks in mod2..mod7, 6 ints), ``num_classes`` (upstream's ``classes``),
     ``dilated`` (output stride 8 instead of 32), ``dropout`` (rates of mod6's and mod7's bottlenecks,
     upstream's fixed (0.3, 0.5)), ``norm_layer`` (a callable ``norm_layer(num_features, *, name, dtype,
     param_dtype)``, default :data:`ABN`), ``dtype`` (compute dtype, e.g. bfloat16), ``param_dtype``,
     ``remat`` ("none" | "block": every block rematerialised, recomputed in the backward pass to save
-    activation memory; same variables and results, see :func:`jaxenc.models.resnet.remat_call`).
+    activation memory; same variables and results, see :func:`jaxenc.models.model_utils.remat_call`).
 
     ``__call__(x, train=False, *, return_features=False)``: x (B, H, W, 3) -> logits (B, num_classes).
     With ``return_features`` the tuple (mod3, mod4, mod5, bn_out(mod7)) of shapes (B, H/4, W/4, 256),
@@ -300,7 +253,7 @@ class WideResNet(nn.Module):
         stride: int,
         dilation: int,
         dropout: float,
-    ) -> tuple[_Stage, int]:
+    ) -> tuple[Stage, int]:
         """Upstream's ``_make_layer`` for stage ``mod{index}``: the first block strides and projects."""
         common = dict(
             planes=planes,
@@ -328,19 +281,13 @@ class WideResNet(nn.Module):
             rest["previous_dilation"] = dilation
         configs = [tuple({**common, **first}.items())]
         configs += [tuple({**common, **rest}.items()) for _ in range(1, n)]
-        return _Stage(
+        return Stage(
             block, tuple(configs), remat=self.remat, name=f"mod{index}"
         ), planes * expansion
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, *, return_features: bool = False):
-        x = jnp.asarray(x)
-        if x.ndim != 4 or x.shape[-1] != 3:
-            raise ValueError(
-                f"WideResNet: expected an NHWC image batch (B, H, W, 3), got shape {tuple(x.shape)}"
-            )
-        if self.dtype is not None:
-            x = x.astype(self.dtype)
+        x = check_image_batch(x, "WideResNet", self.dtype)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
         def max_pool(v):
@@ -364,16 +311,7 @@ class WideResNet(nn.Module):
         if return_features:
             return outputs[3], outputs[4], outputs[5], x
 
-        acc = jnp.promote_types(x.dtype, jnp.float32)
-        x = jnp.mean(x.astype(acc), axis=(1, 2)).astype(x.dtype)
-        fan_in = x.shape[-1]
-        return nn.Dense(
-            self.num_classes,
-            kernel_init=torch_uniform_init(fan_in),
-            bias_init=torch_uniform_init(fan_in),
-            name="fc",
-            **kw,
-        )(x)
+        return pooled_classifier(self, x, self.num_classes)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,70 +1,24 @@
 """PyTorch-Encoding's modified aligned Xception (Xception-65 / Xception-71) in Flax, NHWC.
 
-Chollet, "Xception: Deep Learning with Depthwise Separable Convolutions", CVPR 2017; Chen et al.,
-"Encoder-Decoder with Atrous Separable Convolution for Semantic Image Segmentation" (DeepLabV3+),
-ECCV 2018: the *modified aligned* Xception (deeper middle flow, every max pool replaced by a strided
-separable conv, BN after each depthwise conv, atrous separable convs for output stride 16/8).
+Chollet, "Xception", CVPR 2017; Chen et al., "Encoder-Decoder with Atrous Separable Convolution"
+(DeepLabV3+), ECCV 2018: the modified aligned Xception (deeper middle flow, strided separable convs
+instead of max pools, BN after each depthwise conv, atrous convs for output stride 16/8). Upstream:
+``encoding/models/backbone/xception.py``; submodule names are its torch attribute names, Sequential
+indices included (``block1.rep.0.conv1``, ``midflow.block4.rep.1.pointwise``, ``block2.0.rep.0``
+(Xception71)), so :func:`jaxenc.port.torch_to_flax` converts a ``state_dict`` one to one; the index
+of every unit in a block's ``rep`` is given by :func:`rep_layout`.
 
-Mirrors upstream ``encoding/models/backbone/xception.py`` (itself adapted from jfzhang95's
-pytorch-deeplab-xception): :class:`SeparableConv2d`, the residual
-:class:`XceptionBlock` (upstream's ``Block``), :class:`Xception65` and :class:`Xception71`. Submodule
-names are upstream's torch attribute names, ``nn.Sequential`` indices included (``block1.rep.0.conv1``,
-``block1.rep.1`` = the BN after the first separable conv, ``block1.skip``, ``block1.skipbn``,
-``midflow.block4.rep.1.pointwise``, ``block2.0.rep.0`` (Xception71), ``conv3.conv1``, ``bn3``, ``fc``),
-so :func:`jaxenc.port.torch_to_flax` converts an upstream ``state_dict`` one to one. A block's ``rep``
-also holds its ReLUs, which take indices without parameters: the index of every separable conv and BN
-follows ``start_with_relu`` / ``grow_first`` / ``reps`` / ``stride`` / ``is_last`` exactly as upstream
-builds the list (see :func:`rep_layout`).
+Semantics: ``SeparableConv2d`` is zero "fixed padding", depthwise conv, norm, pointwise 1x1, no
+biases; an ``XceptionBlock`` is ``rep`` + shortcut (1x1 conv + norm when the shape changes), no ReLU
+after the add; the strided unit is always stride 2, dilation 1. ``return_features=True`` returns
+(c1, c2, c3, c4) = (ReLU(block1), block2, midflow, ReLU(bn5)) outputs without creating ``fc``.
+Every conv kernel ~ He fan-out (upstream's ``_init_weight``), ``fc`` torch's Linear default.
 
-Named constructors (registered in :mod:`jaxenc.models.registry`): ``xception65`` (upstream's name)
-and ``xception71`` (jaxenc's addition: upstream has the class only). Keyword overrides replace the
-fields of the class.
-
-Semantics settled against upstream:
-
-- ``SeparableConv2d``: zero "fixed padding" (total = effective kernel - 1 = ``k + (k - 1)(d - 1) - 1``,
-  ``total // 2`` before, the rest after, on H and W), depthwise conv (groups = in, stride, dilation),
-  norm, pointwise 1x1; no biases (``bias=False``), no activation.
-- ``XceptionBlock``: ``rep`` (ReLU, separable conv, norm units; see :func:`rep_layout`) + shortcut (1x1
-  conv with the block's stride + norm when ``planes != inplanes or stride != 1``, else identity). The
-  strided unit is always a stride-2, dilation-1 separable conv, as upstream hard-codes it. No ReLU
-  after the add: the next block's ``rep`` starts with one (or the network applies one).
-- Output stride: 32 (entry block3 stride 2, middle dilation 1, block20 stride 2, exit dilations
-  (1, 1)), 16 (2, 1, 1, (1, 2)) or 8 (1, 2, 1, (2, 4)); the first exit dilation is block20's, the
-  second the one of conv3..conv5. block3 itself is never dilated (upstream passes no dilation).
-- Forward: conv1 3x3/2 (3->32) + bn1 + ReLU, conv2 3x3 (32->64) + bn2 + ReLU, block1 (->128, /2),
-  ReLU, block2 (->256, /2; Xception71: three blocks 128->256, 256->256 /2, 256->728), block3 (->728,
-  entry stride), midflow (block4..block19: 728 -> 728, 3 separable convs each), block20 (728->1024,
-  ``grow_first=False``, ``is_last``), ReLU, conv3/bn3/ReLU (1536), conv4/bn4/ReLU (1536),
-  conv5/bn5/ReLU (2048), global average pool, fc (2048 -> num_classes).
-- ``return_features=True`` returns (c1, c2, c3, c4) = (ReLU(block1 output), block2 output, midflow
-  output, ReLU(bn5 output)) with channels (128, 256, 728, 2048) (Xception71: c2 has 728) and strides
-  (4, 8, 16, 32) at output stride 32, (4, 8, 16, 16) at 16 and (4, 8, 8, 8) at 8; ``fc`` is not created.
-  Upstream has these taps only as comments (``#c1 = x`` ...).
-- Initialisation (by the layers themselves, so also for a standalone block): every convolution
-  kernel, depthwise ones included, ~ N(0, sqrt(2 / (kh * kw * out_channels))) (upstream's
-  ``_init_weight``, :func:`jaxenc.models.resnet.he_fan_out_normal`); norm scale 1, bias 0; ``fc``
-  torch's Linear default U(+-1/sqrt(2048)).
-
-Deliberate differences from upstream:
-
-- Shortcut input. Every ReLU in upstream's ``rep`` is the shared ``nn.ReLU(inplace=True)``; when it
-  is the first op of ``rep`` (``start_with_relu`` blocks: block3, the middle flow, block20) it
-  overwrites the block input, so upstream's shortcut (identity or 1x1 conv) reads ReLU(input). The
-  papers (Chollet's Keras Xception, the TF DeepLab ``xception_module``) take the shortcut from the
-  un-activated input, and that is the default here. ``inplace_relu=True`` reproduces upstream: the
-  shortcut then reads ReLU(input) in every block whose ``rep`` starts with a ReLU. Returned features
-  are the block outputs in both modes (a torch caller keeping a reference to block2's output would
-  see it rectified in place by block3).
-- ``output_stride`` other than 8/16/32 raises a ValueError listing them (upstream:
-  NotImplementedError). ``num_classes`` (default 1000) is a field; upstream hard-codes 1000.
-  ``num_middle_blocks`` (default 16: block4..block19) shortens the middle flow for reduced test
-  configurations; names stay upstream's (block4, block5, ...), block20 keeps its name.
-- ``XceptionBlock`` accepts stride 1 or 2 only (upstream's strided separable conv is hard-coded to 2
-  while its shortcut uses ``stride``, so any other stride fails there); ``SeparableConv2d``'s
-  ``norm_layer`` defaults to :class:`jaxenc.nn.BatchNorm` (upstream's ``None`` cannot be called).
-- ``pretrained=True`` raises (upstream's pretrained path references undefined names); converted
-  weights come from :func:`jaxenc.models.load_pretrained`.
+Deviations from upstream: the shortcut reads the un-activated block input, as the papers do
+(``inplace_relu=True`` reproduces upstream's in-place ReLU rewriting it); ``output_stride`` not in
+(8, 16, 32) raises a ValueError; ``num_classes`` and ``num_middle_blocks`` are fields; blocks accept
+stride 1 or 2 only; ``SeparableConv2d``'s ``norm_layer`` defaults to BatchNorm; ``pretrained=True``
+raises (weights come from :func:`jaxenc.models.load_pretrained`).
 """
 
 from __future__ import annotations
@@ -76,10 +30,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxenc.models.model_utils import (
+    Stage,
+    check_image_batch,
+    check_norm_layer,
+    check_remat,
+    he_fan_out_normal,
+    pooled_classifier,
+    remat_call,
+)
 from jaxenc.models.registry import build_named, register_model
-from jaxenc.models.resnet import check_remat, he_fan_out_normal, remat_call
-from jaxenc.nn.norm import BatchNorm
-from jaxenc.nn.torch_compat import Conv2d, torch_uniform_init
+from jaxenc.nn import BatchNorm, Conv2d
 from jaxenc.validation import check_channels, check_positive_int
 
 Dtype = Any
@@ -103,13 +64,6 @@ _OUTPUT_STRIDES = {
     8: (1, 2, 1, (2, 4)),
 }
 # fmt: on
-
-
-def _check_norm_layer(norm_layer, where: str) -> None:
-    if norm_layer is None or not callable(norm_layer):
-        raise ValueError(
-            f"{where}: norm_layer must be a callable building a norm module, got {norm_layer!r}"
-        )
 
 
 def rep_layout(
@@ -186,7 +140,7 @@ class SeparableConv2d(nn.Module):
         where = "SeparableConv2d"
         for name in ("inplanes", "planes", "kernel_size", "stride", "dilation"):
             check_positive_int(getattr(self, name), name, where)
-        _check_norm_layer(self.norm_layer, where)
+        check_norm_layer(self.norm_layer, where)
         super().__post_init__()
 
     @nn.compact
@@ -271,7 +225,7 @@ class XceptionBlock(nn.Module):
                 f"{where}: stride must be 1 or 2 (upstream's strided separable conv is fixed at 2), "
                 f"got {self.stride!r}"
             )
-        _check_norm_layer(self.norm_layer, where)
+        check_norm_layer(self.norm_layer, where)
         super().__post_init__()
 
     @nn.compact
@@ -307,17 +261,10 @@ class XceptionBlock(nn.Module):
         return out + skip.astype(out.dtype)
 
 
-class _Blocks(nn.Module):
+def _blocks(configs: tuple, remat: str, name: str) -> Stage:
     """An ``nn.Sequential`` of :class:`XceptionBlock` children: ``configs`` = ((name, field items), ...)."""
-
-    configs: tuple
-    remat: str = "none"
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        for name, config in self.configs:
-            x = remat_call(XceptionBlock(**dict(config), name=name), self.remat, x, train=train)
-        return x
+    names, fields = zip(*configs)
+    return Stage(XceptionBlock, fields, remat=remat, names=names, name=name)
 
 
 def _validate_xception(self: _AlignedXception) -> None:
@@ -329,7 +276,7 @@ def _validate_xception(self: _AlignedXception) -> None:
         )
     check_positive_int(self.num_classes, "num_classes", where)
     check_positive_int(self.num_middle_blocks, "num_middle_blocks", where)
-    _check_norm_layer(self.norm_layer, where)
+    check_norm_layer(self.norm_layer, where)
     check_remat(self.remat, where)
 
 
@@ -367,13 +314,7 @@ class _AlignedXception(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, *, return_features: bool = False):
         where = type(self).__name__
-        x = jnp.asarray(x)
-        if x.ndim != 4 or x.shape[-1] != 3:
-            raise ValueError(
-                f"{where}: expected an NHWC image batch (B, H, W, 3), got shape {tuple(x.shape)}"
-            )
-        if self.dtype is not None:
-            x = x.astype(self.dtype)
+        x = check_image_batch(x, where, self.dtype)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = self.norm_layer
         entry3_stride, middle_dilation, exit_stride, (exit_dilation, conv_dilation) = (
@@ -414,7 +355,7 @@ class _AlignedXception(nn.Module):
                 ("1", self._block_config(256, 256, 2, stride=2, start_with_relu=False)),
                 ("2", self._block_config(256, 728, 2, stride=1, start_with_relu=False)),
             )
-            x = _Blocks(configs, remat=self.remat, name="block2")(x, train=train)
+            x = _blocks(configs, self.remat, "block2")(x, train=train)
         c2 = x
         block3 = block("block3", x.shape[-1], 728, 2, stride=entry3_stride, is_last=True)
         x = remat_call(block3, self.remat, x, train=train)
@@ -424,7 +365,7 @@ class _AlignedXception(nn.Module):
             (f"block{i}", self._block_config(728, 728, 3, dilation=middle_dilation))
             for i in range(4, 4 + self.num_middle_blocks)
         )
-        c3 = x = _Blocks(middle, remat=self.remat, name="midflow")(x, train=train)
+        c3 = x = _blocks(middle, self.remat, "midflow")(x, train=train)
 
         # Exit flow
         block20 = block(
@@ -448,16 +389,7 @@ class _AlignedXception(nn.Module):
         if return_features:
             return c1, c2, c3, x
 
-        acc = jnp.promote_types(x.dtype, jnp.float32)
-        x = jnp.mean(x.astype(acc), axis=(1, 2)).astype(x.dtype)
-        fan_in = x.shape[-1]
-        return nn.Dense(
-            self.num_classes,
-            kernel_init=torch_uniform_init(fan_in),
-            bias_init=torch_uniform_init(fan_in),
-            name="fc",
-            **kw,
-        )(x)
+        return pooled_classifier(self, x, self.num_classes)
 
 
 class Xception65(_AlignedXception):
@@ -471,7 +403,7 @@ class Xception65(_AlignedXception):
     un-activated block input as in the papers; True: upstream's in-place ReLU behaviour), ``dtype``
     (compute dtype, e.g. bfloat16), ``param_dtype``, ``remat`` ("none" | "block": every
     :class:`XceptionBlock` rematerialised, recomputed in the backward pass to save activation memory;
-    same variables and results, see :func:`jaxenc.models.resnet.remat_call`).
+    same variables and results, see :func:`jaxenc.models.model_utils.remat_call`).
 
     ``__call__(x, train=False, *, return_features=False)``: x (B, H, W, 3) -> logits (B, num_classes);
     with ``return_features`` the tuple (c1, c2, c3, c4) of shapes (B, H/4, W/4, 128),
