@@ -13,7 +13,7 @@ _SUBPACKAGES = ("kernels", "losses", "nn", "port")
 
 
 # Subpackages load on first use, so that the light modules (jaxenc.validation, jaxenc.constants) can
-# be imported by the input pipeline's worker processes without importing jax and flax.
+# be imported (by the input pipeline, say) without building flax and every layer module.
 def __getattr__(name: str):
     if name in _SUBPACKAGES:
         return importlib.import_module(f"jaxenc.{name}")

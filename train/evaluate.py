@@ -70,7 +70,7 @@ from jaxenc import metrics as jmetrics
 from jaxenc import models
 from jaxenc.models import multi_eval
 from train import compile_cache
-from train.data import augment
+from train.data import arrays, augment
 
 __all__ = ["EvalSettings", "eval_settings", "evaluate_checkpoint", "resolve_checkpoint"]
 
@@ -157,7 +157,7 @@ def eval_settings(
     else:
         raw = given["scales"] if given["scales"] is not None else multi_eval.DEFAULT_SCALES
         try:
-            scales = multi_eval._check_scales(raw, "config.eval")
+            scales = multi_eval.check_scales(raw, "config.eval")
         except ValueError:
             raise ValueError(
                 f"config.eval.scales must be a non-empty sequence of positive numbers, got {raw!r}"
@@ -245,14 +245,6 @@ def _load_variables(config, model, source: str | os.PathLike, *, weights: bool) 
 
 # ---------------------------------------------------------------------------------------------------
 # per-image work
-
-
-def _normalise(image: np.ndarray, mean, std) -> np.ndarray:
-    """The input pipeline's normalisation, bit for bit: (x * float32(1/255) - mean) / std in float32."""
-    image = augment.as_rgb_image(image)
-    m = np.asarray(mean, np.float32)
-    s = np.asarray(std, np.float32)
-    return (image.astype(np.float32) * np.float32(1 / 255) - m) / s
 
 
 def _mask(example: Mapping, size: tuple[int, int], index: int) -> np.ndarray | None:
@@ -460,7 +452,7 @@ def evaluate_checkpoint(
     every = max(1, total // 10)
     for i in mine:
         example = source[i]
-        image = _normalise(example["image"], mean, std)
+        image = arrays.normalise_uint8(augment.as_rgb_image(example["image"]), mean, std)
         h, w = image.shape[:2]
         mask = _mask(example, (h, w), i)
         scores, _ = evaluator.padded_scores(image)

@@ -17,6 +17,9 @@ from PIL import Image
 
 from jaxenc.validation import is_int
 
+# The label of pixels that no loss or metric counts (padding, void).
+IGNORE_INDEX = -1
+
 RGB = tuple[float, float, float]
 
 _RESAMPLE = {
@@ -165,6 +168,15 @@ def normalise(image01: np.ndarray, mean, std) -> np.ndarray:
     """float32 [0, 1] (H, W, 3) -> ``(x - mean) / std`` float32 (torchvision Normalize)."""
     out = (image01 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     return np.ascontiguousarray(out, np.float32)
+
+
+def normalise_uint8(image: np.ndarray, mean, std) -> np.ndarray:
+    """uint8 (H, W, 3) -> ``(x * float32(1/255) - mean) / std`` float32: the segmentation test
+    protocol's normalisation (training's ``to_unit`` divides by 255 instead; the two differ in the
+    last bit for some values, so each path keeps its own)."""
+    m = np.asarray(mean, np.float32)
+    s = np.asarray(std, np.float32)
+    return (image.astype(np.float32) * np.float32(1 / 255) - m) / s
 
 
 def random_flip(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
