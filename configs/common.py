@@ -22,9 +22,10 @@ def _base(name: str, task: str) -> ml_collections.ConfigDict:
     c.name = name
     c.task = task
     c.seed = 1  # upstream's --seed default
-    # The procedural set's size keys do not apply to real datasets.
+    # The procedural sets' keys do not apply to real datasets.
     del c.dataset["num_train"]
     del c.dataset["num_val"]
+    del c.dataset["seed"]
     c.dataset.backend = "auto"  # ade20k: the ADEChallengeData2016 folder if present, else TFDS
     c.input.worker_count = 8  # grain worker processes (upstream --workers 8 per GPU for train_dist)
     c.model.disable_dropout = False

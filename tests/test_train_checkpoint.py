@@ -396,6 +396,18 @@ def test_runs_started_before_the_remat_and_compile_cache_keys_resume(tmp_path):
     )
 
 
+def test_runs_started_before_dataset_seed_was_declared_resume(tmp_path):
+    """``dataset.seed`` (ADDED_CONFIG_KEYS) absent from the stored config reads as its old default 0."""
+    old = _config()
+    assert check_config(tmp_path, old) is None
+    newer = _config()
+    newer.dataset = ml_collections.ConfigDict({"seed": 0})
+    assert check_config(tmp_path, newer) is None  # same data as before
+    newer.dataset.seed = 3
+    with pytest.raises(ValueError, match=r"dataset.seed: 0 -> 3"):
+        check_config(tmp_path, newer)
+
+
 # ---------------------------------------------------------------------------------------------- signals
 
 

@@ -40,6 +40,10 @@ RESUMABLE_CONFIG_KEYS = frozenset(
     }
 )
 
+#: Keys declared in the recipes after runs had been started without them, with the value their
+#: readers used when they were absent: a config that lacks one compares as holding it.
+ADDED_CONFIG_KEYS = {"dataset.seed": 0}
+
 _ABSENT = "<absent>"
 
 
@@ -119,6 +123,9 @@ def check_config(
         ) from exc
 
     old_flat, new_flat = _flatten_config(old), _flatten_config(new)
+    for key, default in ADDED_CONFIG_KEYS.items():
+        old_flat.setdefault(key, default)
+        new_flat.setdefault(key, default)
     allowed = frozenset(resumable_keys)
     changed = sorted(
         k
