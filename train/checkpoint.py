@@ -32,6 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from jaxenc.models.weights import BEST_DIR, CHECKPOINT_DIR, STATE_ITEM
 from jaxenc.validation import check_positive_int, check_step
 from train.run_config import (
     CONFIG_FILE,
@@ -55,13 +56,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoints"
-BEST_DIR = "best"
-
-# Item names inside one checkpoint step.
-_STATE, _DATA, _META = "state", "data", "meta"
+# Item names inside one checkpoint step; the directory names and the state item are defined once,
+# beside the reader of this layout (jaxenc.models.load_weights).
+_STATE = STATE_ITEM
+_DATA, _META = "data", "meta"
 _BEST_MODES = ("max", "min")
-_TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".zip")
 # The per-process file grain's CheckpointHandler writes into the data item directory.
 _DATA_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
 

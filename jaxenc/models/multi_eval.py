@@ -106,9 +106,6 @@ def check_scales(scales, where: str) -> tuple[float, ...]:
     return tuple(float(s) for s in out)
 
 
-_check_scales = check_scales  # old name, used by train/evaluate.py
-
-
 def _check_mean_std(mean, std, where: str) -> tuple[np.ndarray, np.ndarray]:
     m = np.asarray(mean, np.float64)
     s = np.asarray(std, np.float64)
