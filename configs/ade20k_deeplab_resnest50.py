@@ -1,9 +1,5 @@
 """DeepLabV3, ResNeSt-50 backbone, ADE20K (150 classes): upstream's recipe (experiments/segmentation; model-zoo result).
 
-    python -m train.main --config configs/ade20k_deeplab_resnest50.py --workdir runs/ade_deeplab_s50 \
-        --config.dataset.data_dir=/data
-    python -m train.evaluate --config configs/ade20k_deeplab_resnest50.py --checkpoint runs/ade_deeplab_s50
-
 train.py defaults with --aux, 180 epochs. Published numbers (store ``deeplab_resnest50_ade``): README, Recipes.
 """
 
@@ -11,13 +7,4 @@ from configs import common
 
 
 def get_config():
-    return common.upstream_segmentation(
-        name="ade20k_deeplab_resnest50",
-        dataset="ade20k",
-        num_classes=150,
-        num_train=20210,
-        model="deeplab",
-        backbone="resnest50",
-        epochs=180,
-        lr=0.004,
-    )
+    return common.upstream_segmentation("ade20k", "deeplab", "resnest50", epochs=180, lr=0.004)

@@ -3,7 +3,11 @@ recipe (``experiments/segmentation/train.py``) and recognition recipe (``experim
 
 Not a recipe itself. Each recipe file calls one builder with its upstream hyper-parameters, so the
 fields every recipe has (and that ``--config.x=y`` can override) are defined once, here and in
-``configs/default.py``.
+``configs/default.py``. Every recipe runs and evaluates the same way:
+
+    python -m train.main --config configs/<recipe>.py --workdir runs/<recipe> \
+        --config.dataset.data_dir=/data
+    python -m train.evaluate --config configs/<recipe>.py --checkpoint runs/<recipe>
 """
 
 from __future__ import annotations
@@ -15,6 +19,21 @@ from configs import default
 #: Multi-scale evaluation scales of upstream's MultiEvalModule (Cityscapes uses its own list).
 SEG_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 CITYSCAPES_SCALES = (0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25)
+
+#: (classes, training images) of each real dataset, as upstream's dataset classes count them; the
+#: number of training images sets the steps of an epoch.
+DATASETS = {
+    "ade20k": (150, 20210),
+    "pcontext": (59, 4998),
+    "cityscapes": (19, 2975),
+    "imagenet2012": (1000, 1_281_167),
+    "minc": (23, 48_875),
+}
+
+
+def steps_per_epoch(dataset: str, batch_size: int) -> int:
+    """Upstream's epoch with drop_last: floor(training images / batch)."""
+    return DATASETS[dataset][1] // batch_size
 
 
 def _base(name: str, task: str) -> ml_collections.ConfigDict:
@@ -33,13 +52,10 @@ def _base(name: str, task: str) -> ml_collections.ConfigDict:
 
 
 def upstream_segmentation(
-    *,
-    name: str,
     dataset: str,
-    num_classes: int,
-    num_train: int,
     model: str,
     backbone: str,
+    *,
     epochs: int,
     lr: float,
     se_loss: bool = False,
@@ -47,18 +63,19 @@ def upstream_segmentation(
     base_size: int = 520,
     crop_size: int = 480,
     batch_size: int = 16,
+    name: str | None = None,
 ) -> ml_collections.ConfigDict:
     """Upstream's segmentation recipe: SGD (momentum 0.9, wd 1e-4), poly(0.9) with no warmup, lr given
     for a total batch of 16 and scaled linearly with it, 10x lr on the head and aux head, SyncBN, aux
     loss 0.2 (+ SE loss 0.2 for EncNet), ``epochs`` x floor(num_train / batch) steps (drop_last),
     augmentation = ``_sync_transform`` (long side in [0.5, 2.0] x base_size, flip, pad, crop),
-    ImageNet-pretrained backbone from the model store, multi-scale + flip evaluation."""
-    c = _base(name, "segmentation")
+    ImageNet-pretrained backbone from the model store, multi-scale + flip evaluation. The recipe's
+    name defaults to ``<dataset>_<model>_<backbone>``."""
+    c = _base(name or f"{dataset}_{model}_{backbone}", "segmentation")
     c.dataset.name = dataset
-    c.dataset.num_classes = num_classes
-    c.dataset.image_size = (
-        crop_size  # the training crop, the validation centre crop and the eval window
-    )
+    c.dataset.num_classes = DATASETS[dataset][0]
+    # The training crop, the validation centre crop and the evaluation window.
+    c.dataset.image_size = crop_size
 
     c.input.global_batch_size = batch_size
     c.input.eval_batch_size = batch_size
@@ -90,13 +107,11 @@ def upstream_segmentation(
     c.optim.poly_power = 0.9
     c.optim.warmup_steps = 0
 
-    steps_per_epoch = num_train // batch_size
-    c.train.num_steps = epochs * steps_per_epoch
+    epoch = steps_per_epoch(dataset, batch_size)
+    c.train.num_steps = epochs * epoch
     c.train.log_every = 50
-    c.train.eval_every = (
-        10 * steps_per_epoch
-    )  # train_dist.py validates every 10 epochs (single scale)
-    c.train.checkpoint_every = steps_per_epoch
+    c.train.eval_every = 10 * epoch  # train_dist.py validates every 10 epochs (single scale)
+    c.train.checkpoint_every = epoch
     c.train.best_metric = "mIoU"
     c.train.sample_predictions = 8
 
@@ -114,12 +129,10 @@ def upstream_segmentation(
 
 
 def upstream_recognition(
-    *,
     name: str,
     dataset: str,
-    num_classes: int,
-    num_train: int,
     model: str,
+    *,
     epochs: int,
     lr: float,
     lr_batch_reference: int,
@@ -132,7 +145,7 @@ def upstream_recognition(
     cosine, no warmup, CE; recipes add their regularisation (label smoothing, mixup, RandAugment...)."""
     c = _base(name, "recognition")
     c.dataset.name = dataset
-    c.dataset.num_classes = num_classes
+    c.dataset.num_classes = DATASETS[dataset][0]
     c.dataset.image_size = crop_size
 
     c.input.global_batch_size = batch_size
@@ -160,11 +173,11 @@ def upstream_recognition(
     c.optim.schedule = "cosine"
     c.optim.warmup_steps = 0
 
-    steps_per_epoch = num_train // batch_size
-    c.train.num_steps = epochs * steps_per_epoch
+    epoch = steps_per_epoch(dataset, batch_size)
+    c.train.num_steps = epochs * epoch
     c.train.log_every = 100
-    c.train.eval_every = 10 * steps_per_epoch  # upstream validates when epoch % 10 == 0
-    c.train.checkpoint_every = steps_per_epoch
+    c.train.eval_every = 10 * epoch  # upstream validates when epoch % 10 == 0
+    c.train.checkpoint_every = epoch
     c.train.best_metric = "top1"
     c.train.sample_predictions = 0
     return c

@@ -1,25 +1,19 @@
 """ResNeSt-50 on ImageNet-2012: the published recipe (experiments/recognition; model-zoo top-1).
 
-    python -m train.main --config configs/imagenet_resnest50.py --workdir runs/imagenet_resnest50 \
-        --config.dataset.data_dir=/data/tfds
-
 lr 0.1 per 256 examples (linear scaling), --no-bn-wd, --last-gamma, label smoothing, mixup,
 RandAugment(2, 12). Published top-1 (weights trained in MXNet; store ``resnest50``): README, Recipes.
 """
 
 from configs import common
 
-NUM_TRAIN = 1_281_167
 BATCH = 2048
 
 
 def get_config():
     c = common.upstream_recognition(
-        name="imagenet_resnest50",
-        dataset="imagenet2012",
-        num_classes=1000,
-        num_train=NUM_TRAIN,
-        model="resnest50",
+        "imagenet_resnest50",
+        "imagenet2012",
+        "resnest50",
         epochs=270,
         lr=0.1,
         lr_batch_reference=256,
@@ -31,5 +25,5 @@ def get_config():
     c.loss.label_smoothing = 0.1
     c.loss.mixup_alpha = 0.2
     c.optim.no_bn_wd = True
-    c.optim.warmup_steps = 5 * (NUM_TRAIN // BATCH)
+    c.optim.warmup_steps = 5 * common.steps_per_epoch("imagenet2012", BATCH)
     return c
