@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import gc
 import json
 import os
@@ -588,9 +587,7 @@ def bandwidth_table(results: list[dict]) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.kernels", description=__doc__.split("\n\n")[0]
-    )
+    parser = reporting.argument_parser("benchmarks.kernels", __doc__)
     parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test, seconds)")
     parser.add_argument(
         "--out", type=Path, help="JSON path (default benchmarks/results/kernels-<backend>.json)"
@@ -627,21 +624,15 @@ def run(args: argparse.Namespace) -> tuple[dict, list[Impl]]:
     for op_name in args.ops:
         for shape in SWEEPS[op_name]["quick" if args.quick else "full"]:
             results += measure_case(OPS[op_name], shape, args.dtype, impls, args.repeats, copy_gbps)
-    report = dict(
+    report = reporting.new_report(
+        args,
+        ("quick", "repeats", "dtype", "ops"),
         machine=machine_info(backend, impls),
-        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        settings=dict(
-            quick=args.quick,
-            repeats=args.repeats,
-            dtype=args.dtype,
-            ops=args.ops,
-            measure_budget_s=MEASURE_BUDGET_S,
-            interpret_budget_s=INTERPRET_BUDGET_S,
-        ),
         notes=__doc__,
-        implementations=[i.name for i in impls],
-        results=results,
+        measure_budget_s=MEASURE_BUDGET_S,
+        interpret_budget_s=INTERPRET_BUDGET_S,
     )
+    report.update(implementations=[i.name for i in impls], results=results)
     if copy_gbps is not None:
         report["copy_bandwidth_gbps"] = copy_gbps
     return report, impls

@@ -20,7 +20,6 @@ measures XLA:CPU's default pipeline). A GPU fuses differently: run it there for 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 import time
@@ -31,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks.report import aligned_table, machine_info, write_report
+from benchmarks.report import aligned_table, argument_parser, new_report, write_report
 from jaxenc.compiler_options import compiler_options
 from jaxenc.models import get_segmentation_model
 from train.step import StepConfig, TrainState, make_mesh, make_train_step
@@ -40,16 +39,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "memory.json"
 
 #: The recipes measured by default: (segmentation model, backbone) as ``<model>_<backbone>``.
-# fmt: off
 MODELS = (
-    "deeplab_resnest50",
-    "deeplab_resnest101",
-    "deeplab_resnest200",
-    "deeplab_resnest269",
+    *(f"deeplab_resnest{depth}" for depth in (50, 101, 200, 269)),
     "encnet_resnet101s",
     "psp_resnet50s",
 )
-# fmt: on
 DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 REMATS = ("none", "block")
 NUM_CLASSES = 150  # ADE20K
@@ -287,9 +281,7 @@ def _csv(value: str, allowed, what: str, parser) -> list[str]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.memory", description=__doc__.split("\n\n")[0]
-    )
+    parser = argument_parser("benchmarks.memory", __doc__)
     parser.add_argument(
         "--models",
         default=",".join(MODELS),
@@ -335,42 +327,26 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    report = dict(
-        machine=machine_info(),
-        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        settings=dict(
-            models=args.models,
-            dtypes=args.dtypes,
-            remat=args.remat,
-            size=args.size,
-            batch=args.batch,
-            backbone_kwargs=args.backbone_kwargs,
-            num_classes=NUM_CLASSES,
-            capacities_gb=CAPACITIES_GB,
-            cpu_barriers=args.cpu_barriers,
-            compiler_options=step_compiler_options("block", args.cpu_barriers),
-        ),
+    fields = ("models", "dtypes", "remat", "size", "batch", "backbone_kwargs", "cpu_barriers")
+    report = new_report(
+        args,
+        fields,
         notes=__doc__,
-        results=[],
+        num_classes=NUM_CLASSES,
+        capacities_gb=CAPACITIES_GB,
+        compiler_options=step_compiler_options("block", args.cpu_barriers),
     )
+    report["results"] = []
     for name in args.models:
         for dtype in args.dtypes:
             for remat in args.remat:
                 start = time.perf_counter()
-                row = measure(
-                    name,
-                    dtype,
-                    remat,
-                    args.batch,
-                    args.size,
-                    args.backbone_kwargs,
-                    args.cpu_barriers,
-                )
+                shape = (args.batch, args.size, args.backbone_kwargs, args.cpu_barriers)
+                row = measure(name, dtype, remat, *shape)
                 report["results"].append(row)
                 add_ratios(report["results"])
-                write_report(
-                    report, args.out
-                )  # after every case: an interrupted run keeps what it measured
+                # After every case: an interrupted run keeps what it measured.
+                write_report(report, args.out)
                 print(
                     f"  {name} {dtype} remat={remat}: temp {_fmt_gib(row['temp_bytes'])} GiB, total "
                     f"{_fmt_gib(row['total_bytes'])} GiB ({time.perf_counter() - start:.0f} s)",

@@ -3,6 +3,8 @@ and the JSON report under ``benchmarks/results/``."""
 
 from __future__ import annotations
 
+import argparse
+import datetime
 import json
 import os
 import platform
@@ -15,7 +17,15 @@ from typing import Any
 
 import jax
 
-__all__ = ["aligned_table", "machine_info", "time_calls", "timing_s", "write_report"]
+__all__ = [
+    "aligned_table",
+    "argument_parser",
+    "machine_info",
+    "new_report",
+    "time_calls",
+    "timing_s",
+    "write_report",
+]
 
 
 def _jaxlib_version() -> str | None:
@@ -40,6 +50,24 @@ def machine_info(**extra: Any) -> dict:
         python=platform.python_version(),
         platform=platform.platform(),
         **extra,
+    )
+
+
+def argument_parser(module: str, doc: str) -> argparse.ArgumentParser:
+    """The parser of ``python -m <module>``, described by the first paragraph of its docstring."""
+    return argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0])
+
+
+def new_report(
+    args: Any, fields: tuple[str, ...], *, machine: dict | None = None, notes=None, **settings
+) -> dict:
+    """The head of every JSON report: ``machine`` (default :func:`machine_info`), the UTC time, the
+    settings (the named command-line ``fields`` of ``args``, then ``settings``) and ``notes``."""
+    return dict(
+        machine=machine_info() if machine is None else machine,
+        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        settings={**{name: getattr(args, name) for name in fields}, **settings},
+        notes=notes,
     )
 
 

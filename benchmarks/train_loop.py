@@ -24,7 +24,6 @@ at ``--image-size`` px; both with ``input.worker_count = --worker-count`` (defau
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import statistics
 import sys
@@ -40,7 +39,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.report import aligned_table, machine_info, write_report  # noqa: E402
+from benchmarks.report import aligned_table, argument_parser, new_report, write_report  # noqa: E402
 from configs import default as default_recipe  # noqa: E402
 from configs import imagenet_resnest50  # noqa: E402
 from train import observe, trainer  # noqa: E402
@@ -248,9 +247,7 @@ a CPU backend it shares the cores with the step, so it cannot be fully hidden th
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.train_loop", description=__doc__.split("\n\n")[0]
-    )
+    parser = argument_parser("benchmarks.train_loop", __doc__)
     parser.add_argument(
         "--configs",
         default=",".join(CONFIGS),
@@ -298,20 +295,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     results = [measure(name, args) for name in args.configs]
-    report = dict(
-        machine=machine_info(),
-        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        settings=dict(
-            configs=args.configs,
-            steps=args.steps,
-            log_every=args.log_every,
-            image_size=args.image_size,
-            worker_count=args.worker_count,
-            warmup_calls=WARMUP_CALLS,
-        ),
-        notes=__doc__,
-        results=results,
-    )
+    fields = ("configs", "steps", "log_every", "image_size", "worker_count")
+    report = new_report(args, fields, notes=__doc__, warmup_calls=WARMUP_CALLS)
+    report["results"] = results
     print(
         f"train loop overhead on {report['machine']['backend']} ({report['machine']['device_kind']}), "
         f"jax {report['machine']['jax']}, {report['date']}"
