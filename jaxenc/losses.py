@@ -104,6 +104,15 @@ def _class_weights(weight, num_classes: int, where: str) -> jax.Array:
     return w
 
 
+def _class_inputs(
+    logits, targets, weight, where: str, as_targets=_hard_targets, name: str = "logits"
+) -> tuple[jax.Array, int, jax.Array, jax.Array]:
+    """(x, K, targets, class weights): :func:`_logits`, then ``as_targets`` (hard or soft) and
+    :func:`_class_weights`, validated in that order."""
+    x, k = _logits(logits, where, name=name)
+    return x, k, as_targets(targets, x, where), _class_weights(weight, k, where)
+
+
 def _mask_targets(targets: jax.Array, ignore_index) -> tuple[jax.Array, jax.Array]:
     """(valid, safe): valid = target != ignore_index for ANY ignore_index; ignored targets -> class 0."""
     valid = targets != ignore_index
@@ -163,9 +172,7 @@ def cross_entropy(
     """
     where = "cross_entropy"
     check_reduction(reduction, where)
-    x, k = _logits(logits, where)
-    t = _hard_targets(targets, x, where)
-    w = _class_weights(weight, k, where)
+    x, k, t, w = _class_inputs(logits, targets, weight, where)
     valid, safe = _mask_targets(t, ignore_index)
     w_t = jnp.where(valid, w[safe], 0.0)
     loss = jnp.where(valid, -w_t * _take_class(jax.nn.log_softmax(x, axis=-1), safe), 0.0)
@@ -198,9 +205,7 @@ def focal_loss(
     """
     where = "focal_loss"
     check_reduction(reduction, where)
-    x, k = _logits(logits, where)
-    t = _hard_targets(targets, x, where)
-    w = _class_weights(weight, k, where)
+    x, k, t, w = _class_inputs(logits, targets, weight, where)
     valid, safe = _mask_targets(t, ignore_index)
     logp_t = _take_class(jax.nn.log_softmax(x, axis=-1), safe)
     p_t = jnp.exp(logp_t)
@@ -228,9 +233,7 @@ def multilabel_cross_entropy(
     """
     where = "multilabel_cross_entropy"
     check_reduction(reduction, where)
-    x, k = _logits(logits, where)
-    t = _soft_targets(targets, x, where)
-    w = _class_weights(weight, k, where)
+    x, k, t, w = _class_inputs(logits, targets, weight, where, _soft_targets)
     loss = -t * (jax.nn.log_softmax(x, axis=-1) * w)
     return _reduce_columns(loss, _column_mask(k, ignore_index), reduction)
 
@@ -387,9 +390,7 @@ def dice_loss(probs, targets, *, gamma=1.0, eps=1e-8, weight=None) -> jax.Array:
         A float32 scalar (no ``reduction``: the loss is global over the batch).
     """
     where = "dice_loss"
-    p, k = _logits(probs, where, name="probs")
-    t = _soft_targets(targets, p, where)
-    w = _class_weights(weight, k, where)
+    p, k, t, w = _class_inputs(probs, targets, weight, where, _soft_targets, name="probs")
     axes = tuple(range(p.ndim - 1))
     intersection = gamma * jnp.sum(p * t, axis=axes)
     cardinality = jnp.sum(p + gamma * t, axis=axes)
@@ -490,6 +491,14 @@ def _reduce_all(loss: jax.Array, reduction: str) -> jax.Array:
     return loss
 
 
+def _smoothing_inputs(logits, targets, smoothing, reduction, where: str, as_targets):
+    """Validate the label-smoothing losses' arguments; return (targets, log softmax(logits))."""
+    check_reduction(reduction, where)
+    _check_smoothing(smoothing, where)
+    x, _ = _logits(logits, where)
+    return as_targets(targets, x, where), jax.nn.log_softmax(x, axis=-1)
+
+
 def _smoothed(log_p: jax.Array, data_term: jax.Array, smoothing) -> jax.Array:
     """(1 - ε)·data_term + ε·mean_k(-log p_k): the uniform-prior part of label smoothing."""
     return (1.0 - smoothing) * data_term - smoothing * jnp.mean(log_p, axis=-1)
@@ -510,11 +519,7 @@ def label_smoothing_cross_entropy(logits, targets, *, smoothing=0.1, reduction="
     float32 (N, *S), 'mean' | 'sum' a float32 scalar. ``smoothing`` ε in [0, 1].
     """
     where = "label_smoothing_cross_entropy"
-    check_reduction(reduction, where)
-    _check_smoothing(smoothing, where)
-    x, _ = _logits(logits, where)
-    t = _hard_targets(targets, x, where)
-    log_p = jax.nn.log_softmax(x, axis=-1)
+    t, log_p = _smoothing_inputs(logits, targets, smoothing, reduction, where, _hard_targets)
     return _reduce_all(_smoothed(log_p, -_take_class(log_p, t), smoothing), reduction)
 
 
@@ -534,11 +539,7 @@ def soft_target_cross_entropy(logits, targets, *, smoothing=0.1, reduction="mean
     reductions as :func:`label_smoothing_cross_entropy`.
     """
     where = "soft_target_cross_entropy"
-    check_reduction(reduction, where)
-    _check_smoothing(smoothing, where)
-    x, _ = _logits(logits, where)
-    t = _soft_targets(targets, x, where)
-    log_p = jax.nn.log_softmax(x, axis=-1)
+    t, log_p = _smoothing_inputs(logits, targets, smoothing, reduction, where, _soft_targets)
     return _reduce_all(_smoothed(log_p, -jnp.sum(t * log_p, axis=-1), smoothing), reduction)
 
 
@@ -660,9 +661,7 @@ def segmentation_loss(
     """
     where = "segmentation_loss"
     pred, se_pred, aux_pred = _segmentation_outputs(outputs, se_loss, aux, where)
-    x, k = _logits(pred, where, name="pred")
-    t = _hard_targets(targets, x, where)
-    w = _class_weights(weight, k, where)
+    x, k, t, w = _class_inputs(pred, targets, weight, where, name="pred")
     if aux:
         a, _ = _logits(aux_pred, where, name="aux_pred")
         if a.shape != x.shape:
