@@ -16,6 +16,7 @@ import json
 import pathlib
 
 import jax
+import jax.numpy as jnp
 from jax.experimental.pallas import triton as pl_triton
 
 IMPLS = ("auto", "pallas", "xla")
@@ -74,6 +75,15 @@ def resolve_impl(impl: str, interpret: bool, where: str, op: str) -> str:
     if jax.default_backend() != "gpu":
         return "xla"
     return "pallas" if kernel_is_verified(op, jax.devices()[0].device_kind) else "xla"
+
+
+def promote_floating(x: jax.Array, other: jax.Array, names: str, where: str):
+    """``x`` and ``other`` cast to their promoted dtype, which must be floating point (TypeError
+    naming ``names`` otherwise); returns (x, other, dtype)."""
+    dtype = jnp.result_type(x, other)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"{where}: {names} must be floating point, got {x.dtype} and {other.dtype}")
+    return x.astype(dtype), other.astype(dtype), dtype
 
 
 def next_pow2(n: int) -> int:

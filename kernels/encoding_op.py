@@ -25,7 +25,14 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from jaxenc.kernels._common import HIGHEST, compiler_params, pow2_block, resolve_impl, round_up
+from jaxenc.kernels._common import (
+    HIGHEST,
+    compiler_params,
+    pow2_block,
+    promote_floating,
+    resolve_impl,
+    round_up,
+)
 from jaxenc.validation import check_rank
 
 __all__ = ["aggregate_reference", "encoding", "encoding_reference", "scaled_l2_reference"]
@@ -121,12 +128,7 @@ def encoding(
     """
     where = "jaxenc.kernels.encoding"
     k, d = check_encoding_args(x, codewords, scale, where)
-    dtype = jnp.result_type(x, codewords)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(
-            f"{where}: x and codewords must be floating point, got {x.dtype} and {codewords.dtype}"
-        )
-    x, codewords = x.astype(dtype), codewords.astype(dtype)
+    x, codewords, dtype = promote_floating(x, codewords, "x and codewords", where)
     if resolve_impl(impl, interpret, where, "encoding") == "xla":
         return encoding_reference(x, codewords, scale)
     if 0 in x.shape or k == 0:

@@ -24,7 +24,13 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from jaxenc.kernels._common import compiler_params, pow2_block, resolve_impl, round_up
+from jaxenc.kernels._common import (
+    compiler_params,
+    pow2_block,
+    promote_floating,
+    resolve_impl,
+    round_up,
+)
 from jaxenc.validation import (
     check_divisible,
     check_positive_int,
@@ -106,12 +112,7 @@ def involution(
             f"{tuple(x.shape)}, kernel_size={k}, stride={stride}, padding={padding}, dilation={dilation}; "
             f"got {tuple(weights.shape)}"
         )
-    dtype = jnp.result_type(x, weights)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(
-            f"{where}: x and weights must be floating point, got {x.dtype} and {weights.dtype}"
-        )
-    x, weights = x.astype(dtype), weights.astype(dtype)
+    x, weights, dtype = promote_floating(x, weights, "x and weights", where)
     if resolve_impl(impl, interpret, where, "involution") == "xla":
         return _reference_jit(x, weights, k, stride, padding, dilation)
     if 0 in x.shape or 0 in weights.shape:
