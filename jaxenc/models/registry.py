@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "get_backbone",
     "get_model",
     "list_models",
+    "lookup_name",
     "register_backbone",
     "register_model",
 ]
@@ -91,15 +92,27 @@ def get_model(name: str, **overrides: Any):
     The name is lower-cased, as upstream's ``get_model`` does.
     """
     _import_model_modules()
-    if not isinstance(name, str):
-        raise TypeError(f"get_model: name must be a string, got {name!r}")
-    key = name.lower()
-    if key not in _REGISTRY:
-        raise ValueError(
-            f"get_model: unknown model {name!r}{close_match_hint(key, _REGISTRY)} ({len(_REGISTRY)} models; see jaxenc.models.list_models())"
-        )
-    fn, presets = _REGISTRY[key]
+    fn, presets = lookup_name(
+        _REGISTRY,
+        name,
+        "get_model",
+        "get_model: unknown model {name!r}{hint} ({count} models; see jaxenc.models.list_models())",
+    )
     return fn(**{**presets, **overrides})
+
+
+def lookup_name(table: Mapping[str, Any], name: Any, where: str, unknown: str) -> Any:
+    """``table[name.lower()]``: a TypeError (prefixed ``where``) when ``name`` is not a string, a
+    ValueError ``unknown.format(name=name, hint=close_match_hint(...), count=len(table))`` when the
+    lower-cased name is not a key."""
+    if not isinstance(name, str):
+        raise TypeError(f"{where}: name must be a string, got {name!r}")
+    key = name.lower()
+    if key not in table:
+        raise ValueError(
+            unknown.format(name=name, hint=close_match_hint(key, table), count=len(table))
+        )
+    return table[key]
 
 
 def close_match_hint(key: str, candidates) -> str:

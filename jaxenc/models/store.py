@@ -56,7 +56,7 @@ from jaxenc.models.native import (
     shape_problems,
     tree_differences,
 )
-from jaxenc.models.registry import close_match_hint
+from jaxenc.models.registry import lookup_name
 
 __all__ = [
     "LOCK_TIMEOUT",
@@ -226,15 +226,13 @@ def pretrained_model_list() -> list[str]:
 
 def pretrained_entry(name: str) -> PretrainedEntry:
     """The registry entry of ``name`` (case-insensitive); ValueError listing close names if unknown."""
-    if not isinstance(name, str):
-        raise TypeError(f"pretrained weights: name must be a string, got {name!r}")
-    key = name.lower()
-    if key not in _PRETRAINED:
-        raise ValueError(
-            f"pretrained weights for {name!r} are not registered{close_match_hint(key, _PRETRAINED)} "
-            f"(see jaxenc.models.store.pretrained_model_list(); register your own with register_pretrained)"
-        )
-    return _PRETRAINED[key]
+    return lookup_name(
+        _PRETRAINED,
+        name,
+        "pretrained weights",
+        "pretrained weights for {name!r} are not registered{hint} (see "
+        "jaxenc.models.store.pretrained_model_list(); register your own with register_pretrained)",
+    )
 
 
 # --------------------------------------------------------------------------------------------------
