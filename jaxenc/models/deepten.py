@@ -24,10 +24,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxenc.models.model_utils import check_remat, remat_call
+from jaxenc.models.model_utils import check_remat, dtype_kwargs, remat_call
 from jaxenc.models.registry import get_model, register_model
-from jaxenc.nn.customize import lp_normalize
 from jaxenc.nn.encoding import Encoding
+from jaxenc.nn.lp_norm import lp_normalize
 from jaxenc.nn.norm import BatchNorm
 from jaxenc.nn.torch_compat import Conv2d, torch_uniform_init
 from jaxenc.validation import check_positive_int
@@ -66,7 +66,7 @@ class _DeepTenHead(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dtype_kwargs(self)
         y = Conv2d(128, 1, name="0", **kw)(x)
         y = jax.nn.relu(self.norm_layer(128, name="1", **kw)(y, train=train))
         e = Encoding(128, self.n_codes, name="3", **kw)(y)  # (B, K, D)
@@ -103,7 +103,7 @@ class DeepTen(nn.Module):
             raise ValueError(
                 f"DeepTen: unknown backbone {self.backbone!r}; choose one of {sorted(_BACKBONES)}"
             )
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dtype_kwargs(self)
         self.pretrained = get_model(
             _BACKBONES[key], dilated=False, norm_layer=self.norm_layer, remat=self.remat, **kw
         )

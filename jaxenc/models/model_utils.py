@@ -3,6 +3,7 @@ pooled classifier."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -11,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxenc.nn.torch_compat import torch_uniform_init
+from jaxenc.nn.torch_compat import Conv2d, torch_uniform_init
 from jaxenc.validation import check_int
 
 __all__ = [
@@ -21,6 +22,9 @@ __all__ = [
     "check_image_batch",
     "check_norm_layer",
     "check_remat",
+    "dtype_kwargs",
+    "field_values",
+    "he_conv",
     "he_fan_out_normal",
     "pooled_classifier",
     "remat_apply",
@@ -74,6 +78,23 @@ def he_fan_out_normal(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.flo
     return (jax.random.normal(key, tuple(shape), jnp.float32) * std).astype(dtype)
 
 
+#: A bias-free :class:`jaxenc.nn.Conv2d` with :func:`he_fan_out_normal` kernels (upstream ResNet's and
+#: Xception's convs): ``he_conv(out_channels, kernel_size, stride=..., name=..., dtype=..., ...)``.
+he_conv = functools.partial(Conv2d, bias=False, kernel_init=he_fan_out_normal)
+
+
+def dtype_kwargs(module: nn.Module) -> dict[str, Any]:
+    """``dict(dtype=module.dtype, param_dtype=module.param_dtype)``, the arguments a module hands on
+    to the layers it creates."""
+    return dict(dtype=module.dtype, param_dtype=module.param_dtype)
+
+
+def field_values(module: nn.Module, names: Sequence[str]) -> dict[str, Any]:
+    """``{name: module.<name>}`` for ``names``: the fields a network hands on unchanged to a child
+    (stem, block) that has fields of the same names."""
+    return {name: getattr(module, name) for name in names}
+
+
 def check_norm_layer(norm_layer: Any, where: str) -> None:
     """Raise ValueError unless ``norm_layer`` is a callable building a norm module."""
     if norm_layer is None or not callable(norm_layer):
@@ -116,8 +137,7 @@ def pooled_classifier(
         kernel_init=init,
         bias_init=init,
         name="fc",
-        dtype=module.dtype,
-        param_dtype=module.param_dtype,
+        **dtype_kwargs(module),
     )(x)
 
 

@@ -37,6 +37,9 @@ from jaxenc.models.model_utils import (
     check_image_batch,
     check_norm_layer,
     check_remat,
+    dtype_kwargs,
+    field_values,
+    he_conv,
     he_fan_out_normal,
     pooled_classifier,
     remat_apply,
@@ -44,7 +47,7 @@ from jaxenc.models.model_utils import (
 )
 from jaxenc.models.registry import build_named, register_backbone
 from jaxenc.models.resnet_blocks import BasicBlock, Bottleneck, DeepStem, he_reinit_convs
-from jaxenc.nn import BatchNorm, Conv2d, RFConv2d, max_pool2d
+from jaxenc.nn import BatchNorm, RFConv2d, max_pool2d
 from jaxenc.validation import check_int, check_probability
 
 Dtype = Any
@@ -79,6 +82,10 @@ __all__ = [
 
 _BLOCKS = ("bottleneck", "basic")
 _EXPANSION = {"bottleneck": 4, "basic": 1}
+# ResNet fields handed on unchanged to the deep stem, to every block, and to bottlenecks only.
+_STEM_FIELDS = ("stem_width", "rectified_conv", "rectify_avg", "norm_layer", "dtype", "param_dtype")
+_BLOCK_FIELDS = ("avg_down", "rectified_conv", "rectify_avg", "norm_layer", "last_gamma")
+_BOTTLENECK_FIELDS = ("radix", "bottleneck_width", "avd", "avd_first")
 
 
 def _validate_resnet(self: ResNet) -> None:
@@ -119,32 +126,16 @@ def _validate_resnet(self: ResNet) -> None:
 def _resnet_stem(module: ResNet, x: jax.Array, train: bool) -> jax.Array:
     """:class:`ResNet`'s stem on ``module``'s scope: conv1 (7x7/2, or the deep stem) -> bn1 -> ReLU ->
     3x3/2 max pool. (B, H, W, 3) -> (B, H/4, W/4, 64 or 2 * stem_width)."""
-    kw = dict(dtype=module.dtype, param_dtype=module.param_dtype)
+    kw = dtype_kwargs(module)
     stem_out = 2 * module.stem_width if module.deep_stem else 64
     if module.deep_stem:
-        x = DeepStem(
-            module.stem_width,
-            module.rectified_conv,
-            module.rectify_avg,
-            module.norm_layer,
-            name="conv1",
-            **kw,
-        )(x, train=train)
+        x = DeepStem(**field_values(module, _STEM_FIELDS), name="conv1")(x, train=train)
     elif module.rectified_conv:
         rf = dict(average_mode=module.rectify_avg, name="conv1", **kw)
         x = RFConv2d(3, 64, 7, stride=2, padding=3, bias=False, **rf)(x)
         he_reinit_convs(module, "conv1")
     else:
-        x = Conv2d(
-            64,
-            7,
-            stride=2,
-            padding=3,
-            bias=False,
-            kernel_init=he_fan_out_normal,
-            name="conv1",
-            **kw,
-        )(x)
+        x = he_conv(64, 7, stride=2, padding=3, name="conv1", **kw)(x)
     x = jax.nn.relu(module.norm_layer(stem_out, name="bn1", **kw)(x, train=train))
     return max_pool2d(x, 3, 2, 1)
 
@@ -229,28 +220,13 @@ class ResNet(nn.Module):
     ) -> tuple[Stage, int]:
         """Upstream's ``_make_layer``: the first block strides (and projects), the rest keep the shape."""
         expansion = _EXPANSION[self.block]
-        common = dict(
-            planes=planes,
-            avg_down=self.avg_down,
-            rectified_conv=self.rectified_conv,
-            rectify_avg=self.rectify_avg,
-            norm_layer=self.norm_layer,
-            dropblock_prob=dropblock_prob,
-            last_gamma=self.last_gamma,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
+        common = dict(planes=planes, dropblock_prob=dropblock_prob, **dtype_kwargs(self))
+        common.update(field_values(self, _BLOCK_FIELDS))
         first = dict(stride=stride, downsample=stride != 1 or inplanes != planes * expansion)
         first["dilation"] = 2 if dilation == 4 else 1
         if self.block == "bottleneck":
             cls = Bottleneck
-            common.update(
-                radix=self.radix,
-                cardinality=self.groups,
-                bottleneck_width=self.bottleneck_width,
-                avd=self.avd,
-                avd_first=self.avd_first,
-            )
+            common.update(field_values(self, _BOTTLENECK_FIELDS), cardinality=self.groups)
             first["is_first"] = is_first
         else:
             cls = BasicBlock

@@ -17,10 +17,9 @@ import jax
 import jax.numpy as jnp
 from flax.traverse_util import flatten_dict
 
-from jaxenc.models.model_utils import he_fan_out_normal
+from jaxenc.models.model_utils import dtype_kwargs, he_conv, he_fan_out_normal
 from jaxenc.nn import BatchNorm, DropBlock2D, RFConv2d, SplAtConv2d
 from jaxenc.nn.resample import avg_pool2d
-from jaxenc.nn.torch_compat import Conv2d
 
 Dtype = Any
 
@@ -90,25 +89,14 @@ class Downsample(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        if self.avg_down:
+        kw = dtype_kwargs(self)
+        conv_name, norm_name, stride = "0", "1", self.stride
+        if self.avg_down:  # the pool strides; the conv and norm come after it
             if self.stride > 1:  # upstream's kernel-1 pool in stride-1 stages is the identity
                 x = avg_pool2d(x, self.stride, self.stride, ceil_mode=True, count_include_pad=False)
-            x = Conv2d(
-                self.out_channels, 1, bias=False, kernel_init=he_fan_out_normal, name="1", **kw
-            )(x)
-            return self.norm_layer(self.out_channels, name="2", **kw)(x, train=train)
-        conv = Conv2d(
-            self.out_channels,
-            1,
-            stride=self.stride,
-            bias=False,
-            kernel_init=he_fan_out_normal,
-            name="0",
-            **kw,
-        )
-        x = conv(x)
-        return self.norm_layer(self.out_channels, name="1", **kw)(x, train=train)
+            conv_name, norm_name, stride = "1", "2", 1
+        x = he_conv(self.out_channels, 1, stride=stride, name=conv_name, **kw)(x)
+        return self.norm_layer(self.out_channels, name=norm_name, **kw)(x, train=train)
 
 
 def conv3x3(
@@ -124,21 +112,13 @@ def conv3x3(
 ) -> jax.Array:
     """``module``'s 3x3 conv child ``name``: :class:`RFConv2d` with ``module.rectified_conv`` (kernels
     redrawn He fan-out at init, as upstream's init loop does), else a plain conv with that init."""
-    args = dict(
-        stride=stride,
-        padding=padding,
-        dilation=dilation,
-        groups=groups,
-        bias=False,
-        name=name,
-        dtype=module.dtype,
-        param_dtype=module.param_dtype,
-    )
+    args = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, name=name)
+    args.update(dtype_kwargs(module))
     if module.rectified_conv:
-        y = RFConv2d(x.shape[-1], out, 3, average_mode=module.rectify_avg, **args)(x)
+        y = RFConv2d(x.shape[-1], out, 3, average_mode=module.rectify_avg, bias=False, **args)(x)
         he_reinit_convs(module, name)
         return y
-    return Conv2d(out, 3, in_channels=x.shape[-1], kernel_init=he_fan_out_normal, **args)(x)
+    return he_conv(out, 3, in_channels=x.shape[-1], **args)(x)
 
 
 def dropblock(module: nn.Module, x: jax.Array, name: str, train: bool) -> jax.Array:
@@ -158,8 +138,7 @@ def add_shortcut(module: nn.Module, x: jax.Array, out: jax.Array, train: bool) -
             module.avg_down,
             module.norm_layer,
             name="downsample",
-            dtype=module.dtype,
-            param_dtype=module.param_dtype,
+            **dtype_kwargs(module),
         )(x, train=train)
     return jax.nn.relu(out + residual.astype(out.dtype))
 
@@ -202,7 +181,7 @@ class Bottleneck(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dtype_kwargs(self)
         norm = self.norm_layer
         drop = self.dropblock_prob
         gw = int(self.planes * (self.bottleneck_width / 64.0)) * self.cardinality
@@ -214,7 +193,7 @@ class Bottleneck(nn.Module):
                 v, 3, self.stride, padding=1
             )  # count_include_pad=True, as torch's default
 
-        out = Conv2d(gw, 1, bias=False, kernel_init=he_fan_out_normal, name="conv1", **kw)(x)
+        out = he_conv(gw, 1, name="conv1", **kw)(x)
         out = jax.nn.relu(
             dropblock(self, norm(gw, name="bn1", **kw)(out, train=train), "dropblock1", train)
         )
@@ -222,36 +201,14 @@ class Bottleneck(nn.Module):
             out = avd_pool(out)
 
         d = self.dilation
+        geometry = dict(stride=stride, padding=d, dilation=d, groups=self.cardinality, name="conv2")
         if self.radix > 1:
-            out = SplAtConv2d(
-                gw,
-                gw,
-                3,
-                stride=stride,
-                padding=d,
-                dilation=d,
-                groups=self.cardinality,
-                bias=False,
-                radix=self.radix,
-                rectify=self.rectified_conv,
-                rectify_avg=self.rectify_avg,
-                norm_layer=norm,
-                dropblock_prob=drop,
-                name="conv2",
-                **kw,
-            )(out, train=train)
+            split = dict(radix=self.radix, norm_layer=norm, dropblock_prob=drop, bias=False)
+            rectify = dict(rectify=self.rectified_conv, rectify_avg=self.rectify_avg)
+            out = SplAtConv2d(gw, gw, 3, **geometry, **split, **rectify, **kw)(out, train=train)
             he_reinit_convs(self, "conv2")
         else:
-            out = conv3x3(
-                self,
-                out,
-                gw,
-                stride=stride,
-                padding=d,
-                dilation=d,
-                groups=self.cardinality,
-                name="conv2",
-            )
+            out = conv3x3(self, out, gw, **geometry)
             out = jax.nn.relu(
                 dropblock(self, norm(gw, name="bn2", **kw)(out, train=train), "dropblock2", train)
             )
@@ -259,9 +216,7 @@ class Bottleneck(nn.Module):
             out = avd_pool(out)
 
         out_channels = self.planes * self.expansion
-        out = Conv2d(
-            out_channels, 1, bias=False, kernel_init=he_fan_out_normal, name="conv3", **kw
-        )(out)
+        out = he_conv(out_channels, 1, name="conv3", **kw)(out)
         out = norm(out_channels, name="bn3", **kw)(out, train=train)
         if self.last_gamma:
             zero_scale(self, "bn3", "Bottleneck")
@@ -297,7 +252,7 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dtype_kwargs(self)
         planes, d = self.planes, self.dilation
         out = conv3x3(self, x, planes, stride=self.stride, padding=d, dilation=d, name="conv1")
         out = jax.nn.relu(
@@ -331,7 +286,7 @@ class DeepStem(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dtype_kwargs(self)
         w = self.stem_width
         x = conv3x3(self, x, w, stride=2, padding=1, name="0")
         x = jax.nn.relu(self.norm_layer(w, name="1", **kw)(x, train=train))

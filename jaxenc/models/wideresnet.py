@@ -34,6 +34,7 @@ from jaxenc.models.model_utils import (
     check_image_batch,
     check_norm_layer,
     check_remat,
+    dtype_kwargs,
     pooled_classifier,
 )
 from jaxenc.models.registry import build_named, register_model
@@ -61,15 +62,10 @@ class _Projection(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return Conv2d(
-            self.out_channels,
-            1,
-            stride=self.stride,
-            bias=False,
-            name="0",
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )(x)
+        conv = Conv2d(
+            self.out_channels, 1, stride=self.stride, bias=False, name="0", **dtype_kwargs(self)
+        )
+        return conv(x)
 
 
 def _preactivate(module: nn.Module, x: jax.Array, out_channels: int, train: bool, where: str):
@@ -79,7 +75,7 @@ def _preactivate(module: nn.Module, x: jax.Array, out_channels: int, train: bool
             f"{where}: without downsample the block needs stride 1 and {out_channels} input channels "
             f"(planes * expansion), got stride {module.stride} and input shape {tuple(x.shape)}"
         )
-    kw = dict(dtype=module.dtype, param_dtype=module.param_dtype)
+    kw = dtype_kwargs(module)
     pre = module.norm_layer(x.shape[-1], name="bn1", **kw)(x, train=train)
     if module.downsample:
         return pre, _Projection(out_channels, module.stride, name="downsample", **kw)(pre)
@@ -110,7 +106,7 @@ class WideBasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dtype_kwargs(self)
         out_channels = self.planes * self.expansion
         out, residual = _preactivate(self, x, out_channels, train, "WideBasicBlock")
         d, pd = self.dilation, self.previous_dilation
@@ -152,7 +148,7 @@ class WideBottleneck(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dtype_kwargs(self)
         out_channels = self.planes * self.expansion
         mid = out_channels // 2
         out, residual = _preactivate(self, x, out_channels, train, "WideBottleneck")
@@ -255,13 +251,8 @@ class WideResNet(nn.Module):
         dropout: float,
     ) -> tuple[Stage, int]:
         """Upstream's ``_make_layer`` for stage ``mod{index}``: the first block strides and projects."""
-        common = dict(
-            planes=planes,
-            expansion=expansion,
-            norm_layer=self.norm_layer,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
+        common = dict(planes=planes, expansion=expansion, norm_layer=self.norm_layer)
+        common.update(dtype_kwargs(self))
         if block is WideBottleneck:
             common["dropout"] = dropout
         if dilation in (1, 2):
@@ -288,7 +279,7 @@ class WideResNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, *, return_features: bool = False):
         x = check_image_batch(x, "WideResNet", self.dtype)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dtype_kwargs(self)
 
         def max_pool(v):
             return max_pool2d(v, 3, 2, 1)

@@ -23,6 +23,7 @@ raises (weights come from :func:`jaxenc.models.load_pretrained`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +36,9 @@ from jaxenc.models.model_utils import (
     check_image_batch,
     check_norm_layer,
     check_remat,
+    dtype_kwargs,
+    field_values,
+    he_conv,
     he_fan_out_normal,
     pooled_classifier,
     remat_call,
@@ -64,6 +68,9 @@ _OUTPUT_STRIDES = {
     8: (1, 2, 1, (2, 4)),
 }
 # fmt: on
+
+# Fields of the network that every XceptionBlock gets unchanged.
+_BLOCK_FIELDS = ("norm_layer", "inplace_relu", "dtype", "param_dtype")
 
 
 def rep_layout(
@@ -146,24 +153,15 @@ class SeparableConv2d(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         check_channels(x, self.inplanes, "SeparableConv2d", "inplanes")
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dtype_kwargs(self)
+        conv = functools.partial(Conv2d, bias=self.bias, kernel_init=he_fan_out_normal, **kw)
         x = _fixed_padding(x, self.kernel_size, self.dilation)
-        x = Conv2d(
-            self.inplanes,
-            self.kernel_size,
-            stride=self.stride,
-            dilation=self.dilation,
-            groups=self.inplanes,
-            bias=self.bias,
-            in_channels=self.inplanes,
-            kernel_init=he_fan_out_normal,
-            name="conv1",
-            **kw,
+        depthwise = dict(stride=self.stride, dilation=self.dilation, groups=self.inplanes)
+        x = conv(
+            self.inplanes, self.kernel_size, in_channels=self.inplanes, **depthwise, name="conv1"
         )(x)
         x = self.norm_layer(self.inplanes, name="bn", **kw)(x, train=train)
-        return Conv2d(
-            self.planes, 1, bias=self.bias, kernel_init=he_fan_out_normal, name="pointwise", **kw
-        )(x)
+        return conv(self.planes, 1, name="pointwise")(x)
 
 
 class _Rep(nn.Module):
@@ -176,7 +174,7 @@ class _Rep(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dtype_kwargs(self)
         for i, entry in enumerate(self.layout):
             if entry[0] == "relu":
                 x = jax.nn.relu(x)
@@ -231,7 +229,7 @@ class XceptionBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         check_channels(x, self.inplanes, "XceptionBlock", "inplanes")
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dtype_kwargs(self)
         layout = rep_layout(
             self.inplanes,
             self.planes,
@@ -246,15 +244,7 @@ class XceptionBlock(nn.Module):
             x = jax.nn.relu(x)  # upstream's in-place ReLU rewrites the input the shortcut reads
         out = _Rep(layout, self.norm_layer, name="rep", **kw)(x, train=train)
         if self.planes != self.inplanes or self.stride != 1:
-            skip = Conv2d(
-                self.planes,
-                1,
-                stride=self.stride,
-                bias=False,
-                kernel_init=he_fan_out_normal,
-                name="skip",
-                **kw,
-            )(x)
+            skip = he_conv(self.planes, 1, stride=self.stride, name="skip", **kw)(x)
             skip = self.norm_layer(self.planes, name="skipbn", **kw)(skip, train=train)
         else:
             skip = x
@@ -299,23 +289,15 @@ class _AlignedXception(nn.Module):
         super().__post_init__()
 
     def _block_config(self, inplanes: int, planes: int, reps: int, **kwargs: Any) -> tuple:
-        config = dict(
-            inplanes=inplanes,
-            planes=planes,
-            reps=reps,
-            norm_layer=self.norm_layer,
-            inplace_relu=self.inplace_relu,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            **kwargs,
-        )
+        config = dict(inplanes=inplanes, planes=planes, reps=reps)
+        config.update(field_values(self, _BLOCK_FIELDS), **kwargs)
         return tuple(config.items())
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, *, return_features: bool = False):
         where = type(self).__name__
         x = check_image_batch(x, where, self.dtype)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dtype_kwargs(self)
         norm = self.norm_layer
         entry3_stride, middle_dilation, exit_stride, (exit_dilation, conv_dilation) = (
             _OUTPUT_STRIDES[self.output_stride]
@@ -327,20 +309,9 @@ class _AlignedXception(nn.Module):
             )
 
         # Entry flow
-        x = Conv2d(
-            32,
-            3,
-            stride=2,
-            padding=1,
-            bias=False,
-            kernel_init=he_fan_out_normal,
-            name="conv1",
-            **kw,
-        )(x)
+        x = he_conv(32, 3, stride=2, padding=1, name="conv1", **kw)(x)
         x = jax.nn.relu(norm(32, name="bn1", **kw)(x, train=train))
-        x = Conv2d(64, 3, padding=1, bias=False, kernel_init=he_fan_out_normal, name="conv2", **kw)(
-            x
-        )
+        x = he_conv(64, 3, padding=1, name="conv2", **kw)(x)
         x = jax.nn.relu(norm(64, name="bn2", **kw)(x, train=train))
         x = remat_call(
             block("block1", 64, 128, 2, stride=2, start_with_relu=False), self.remat, x, train=train
