@@ -17,6 +17,7 @@ from PIL import ImageEnhance
 
 from jaxenc.constants import IMAGENET_MEAN, IMAGENET_STD
 from jaxenc.validation import check_int
+from train.data import cls_crops as crops
 from train.data.arrays import (
     RGB,
     as_rgb_image,
@@ -29,14 +30,6 @@ from train.data.arrays import (
     set_fields,
     to_pil,
     to_unit,
-)
-from train.data.cls_crops import (
-    CenterCrop,
-    ECenterCrop,
-    ERandomCrop,
-    RandomCrop,
-    RandomResizedCrop,
-    Resize,
 )
 from train.data.randaugment import RandAugment
 
@@ -159,6 +152,25 @@ def _jitters(t, where: str) -> dict[str, float]:
     return {k: check_nonneg_float(getattr(t, k), k, where) for k in ("jitter", "lighting")}
 
 
+class _Checked:
+    """``__post_init__`` of the example transforms: checks and stores, in this order, ``mean``/``std``,
+    the positive sizes named in ``_SIZES``, then what ``_more_fields(where)`` returns."""
+
+    _SIZES: tuple[str, ...] = ("crop_size",)
+
+    def __post_init__(self):
+        where = type(self).__name__
+        set_fields(
+            self,
+            **check_stats(self.mean, self.std, where),
+            **_sizes(self, where, *self._SIZES),
+            **self._more_fields(where),
+        )
+
+    def _more_fields(self, where: str) -> dict:
+        return {}
+
+
 def _labelled(t, image01: np.ndarray, example: Mapping[str, Any]) -> dict:
     return {"image": normalise(image01, t.mean, t.std), "label": label_of(example)}
 
@@ -170,11 +182,11 @@ def _flip_colour(t, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def _resize_centre(image: np.ndarray, base_size: int, crop_size: int) -> np.ndarray:
-    return CenterCrop(crop_size)(Resize(base_size)(image))
+    return crops.CenterCrop(crop_size)(crops.Resize(base_size)(image))
 
 
 @dataclasses.dataclass(frozen=True)
-class ImageNetTrain:
+class ImageNetTrain(_Checked):
     """``get_transform('imagenet', rand_aug, etrans=True)``: [RandAugment(n, m)] -> ERandomCrop(crop)
     (``etrans=False``: RandomResizedCrop) -> flip -> ColorJitter -> Lighting -> normalise.
     ``rand_aug``: None or (n, m), n = 0 meaning off; ``lighting=0`` drops the Lighting step."""
@@ -187,28 +199,25 @@ class ImageNetTrain:
     std: RGB = IMAGENET_STD
     etrans: bool = True
 
-    def __post_init__(self):
-        where = type(self).__name__
-        set_fields(
-            self,
-            **check_stats(self.mean, self.std, where),
-            **_sizes(self, where, "crop_size"),
-            rand_aug=_rand_aug(self.rand_aug, where),
-            **_jitters(self, where),
-            etrans=bool(self.etrans),
-        )
+    def _more_fields(self, where: str) -> dict:
+        rand_aug = _rand_aug(self.rand_aug, where)
+        return {"rand_aug": rand_aug, **_jitters(self, where), "etrans": bool(self.etrans)}
 
     def __call__(self, example: Mapping[str, Any], rng: np.random.Generator | None = None) -> dict:
         need_rng(type(self).__name__, rng)
         image = as_rgb_image(example["image"])
         if self.rand_aug is not None:
             image = RandAugment(*self.rand_aug)(image, rng)
-        crop = ERandomCrop(self.crop_size) if self.etrans else RandomResizedCrop(self.crop_size)
+        crop = (
+            crops.ERandomCrop(self.crop_size)
+            if self.etrans
+            else crops.RandomResizedCrop(self.crop_size)
+        )
         return _labelled(self, _flip_colour(self, crop(image, rng), rng), example)
 
 
 @dataclasses.dataclass(frozen=True)
-class ImageNetVal:
+class ImageNetVal(_Checked):
     """ImageNet evaluation: ECenterCrop(crop) (``etrans=False``: Resize(int(crop / 0.875)) +
     CenterCrop(crop)), then normalise; deterministic."""
 
@@ -217,26 +226,20 @@ class ImageNetVal:
     std: RGB = IMAGENET_STD
     etrans: bool = True
 
-    def __post_init__(self):
-        where = type(self).__name__
-        set_fields(
-            self,
-            **check_stats(self.mean, self.std, where),
-            **_sizes(self, where, "crop_size"),
-            etrans=bool(self.etrans),
-        )
+    def _more_fields(self, where: str) -> dict:
+        return {"etrans": bool(self.etrans)}
 
     def __call__(self, example: Mapping[str, Any], rng: np.random.Generator | None = None) -> dict:
         image = as_rgb_image(example["image"])
         if self.etrans:
-            image = ECenterCrop(self.crop_size)(image)
+            image = crops.ECenterCrop(self.crop_size)(image)
         else:
             image = _resize_centre(image, int(1.0 * self.crop_size / 0.875), self.crop_size)
         return _labelled(self, to_unit(image), example)
 
 
 @dataclasses.dataclass(frozen=True)
-class CifarTrain:
+class CifarTrain(_Checked):
     """CIFAR-10 training: RandomCrop(crop, padding=4) -> flip -> normalise (CIFAR statistics)."""
 
     crop_size: int = 32
@@ -244,37 +247,32 @@ class CifarTrain:
     mean: RGB = CIFAR_MEAN
     std: RGB = CIFAR_STD
 
-    def __post_init__(self):
-        where = type(self).__name__
-        set_fields(
-            self,
-            **check_stats(self.mean, self.std, where),
-            **_sizes(self, where, "crop_size"),
-            padding=check_int(self.padding, "padding", where, minimum=0),
-        )
+    def _more_fields(self, where: str) -> dict:
+        return {"padding": check_int(self.padding, "padding", where, minimum=0)}
 
     def __call__(self, example: Mapping[str, Any], rng: np.random.Generator | None = None) -> dict:
         need_rng(type(self).__name__, rng)
-        image = random_flip(rng, RandomCrop(self.crop_size, self.padding)(example["image"], rng))
+        image = random_flip(
+            rng, crops.RandomCrop(self.crop_size, self.padding)(example["image"], rng)
+        )
         return _labelled(self, to_unit(image), example)
 
 
 @dataclasses.dataclass(frozen=True)
-class CifarVal:
+class CifarVal(_Checked):
     """CIFAR-10 evaluation: normalise only (no resize; CIFAR images are 32 x 32), (H, W) kept."""
 
     mean: RGB = CIFAR_MEAN
     std: RGB = CIFAR_STD
 
-    def __post_init__(self):
-        set_fields(self, **check_stats(self.mean, self.std, type(self).__name__))
+    _SIZES = ()
 
     def __call__(self, example: Mapping[str, Any], rng: np.random.Generator | None = None) -> dict:
         return _labelled(self, to_unit(as_rgb_image(example["image"])), example)
 
 
 @dataclasses.dataclass(frozen=True)
-class MincTrain:
+class MincTrain(_Checked):
     """MINC-2500 training: Resize(base) (short side) -> RandomResizedCrop(crop) -> flip ->
     ColorJitter -> Lighting -> normalise."""
 
@@ -285,23 +283,21 @@ class MincTrain:
     mean: RGB = IMAGENET_MEAN
     std: RGB = IMAGENET_STD
 
-    def __post_init__(self):
-        where = type(self).__name__
-        set_fields(
-            self,
-            **check_stats(self.mean, self.std, where),
-            **_sizes(self, where, "base_size", "crop_size"),
-            **_jitters(self, where),
-        )
+    _SIZES = ("base_size", "crop_size")
+
+    def _more_fields(self, where: str) -> dict:
+        return _jitters(self, where)
 
     def __call__(self, example: Mapping[str, Any], rng: np.random.Generator | None = None) -> dict:
         need_rng(type(self).__name__, rng)
-        image = RandomResizedCrop(self.crop_size)(Resize(self.base_size)(example["image"]), rng)
+        image = crops.RandomResizedCrop(self.crop_size)(
+            crops.Resize(self.base_size)(example["image"]), rng
+        )
         return _labelled(self, _flip_colour(self, image, rng), example)
 
 
 @dataclasses.dataclass(frozen=True)
-class MincVal:
+class MincVal(_Checked):
     """MINC-2500 evaluation: Resize(base) (short side) -> CenterCrop(crop) -> normalise."""
 
     base_size: int
@@ -309,13 +305,7 @@ class MincVal:
     mean: RGB = IMAGENET_MEAN
     std: RGB = IMAGENET_STD
 
-    def __post_init__(self):
-        where = type(self).__name__
-        set_fields(
-            self,
-            **check_stats(self.mean, self.std, where),
-            **_sizes(self, where, "base_size", "crop_size"),
-        )
+    _SIZES = ("base_size", "crop_size")
 
     def __call__(self, example: Mapping[str, Any], rng: np.random.Generator | None = None) -> dict:
         image = _resize_centre(example["image"], self.base_size, self.crop_size)
