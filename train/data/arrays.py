@@ -75,6 +75,11 @@ def check_interpolation(value: Any, where: str, choices=("bilinear", "bicubic"))
     return value
 
 
+def interpolation_field(value: Any, name: str, where: str) -> str:
+    """``check_interpolation`` in the ``(value, name, where)`` form that ``check_fields`` calls."""
+    return check_interpolation(value, where)
+
+
 def check_label(value: Any, name: str, where: str) -> int:
     """A mask label (any integer, -1 = ignore) as an int."""
     if not is_int(value):
@@ -86,6 +91,15 @@ def set_fields(obj, **fields) -> None:
     """Stores the checked fields on a frozen dataclass (from its ``__post_init__``)."""
     for name, value in fields.items():
         object.__setattr__(obj, name, value)
+
+
+def check_fields(obj, **checks) -> None:
+    """Checks, in the order given, then stores fields of a frozen dataclass (from its ``__post_init__``):
+    ``name=check`` stores ``check(obj.name, name, where)``, ``where`` being the class name."""
+    where = type(obj).__name__
+    set_fields(
+        obj, **{name: check(getattr(obj, name), name, where) for name, check in checks.items()}
+    )
 
 
 def need_rng(where: str, rng) -> None:

@@ -11,12 +11,13 @@ import math
 
 import numpy as np
 
-from jaxenc.validation import check_int
+from jaxenc.validation import check_int, check_positive_int
 from train.data.arrays import (
     as_rgb_image,
-    check_interpolation,
+    check_fields,
     check_nonneg_float,
     check_range,
+    interpolation_field,
     need_rng,
     resize_image,
     set_fields,
@@ -37,8 +38,7 @@ class ECenterCrop:
     crop_size: int
 
     def __post_init__(self):
-        where = type(self).__name__
-        set_fields(self, crop_size=check_int(self.crop_size, "crop_size", where, minimum=1))
+        check_fields(self, crop_size=check_positive_int)
 
     def box(self, height: int, width: int) -> tuple[int, int, int, int]:
         """Integer ``(left, top, right, bottom)`` (PIL convention, right/bottom exclusive)."""
@@ -136,13 +136,12 @@ class RandomResizedCrop:
     interpolation: str = "bilinear"
 
     def __post_init__(self):
-        where = type(self).__name__
-        set_fields(
+        check_fields(
             self,
-            size=check_int(self.size, "size", where, minimum=1),
-            scale=check_range(self.scale, "scale", where),
-            ratio=check_range(self.ratio, "ratio", where),
-            interpolation=check_interpolation(self.interpolation, where),
+            size=check_positive_int,
+            scale=check_range,
+            ratio=check_range,
+            interpolation=interpolation_field,
         )
 
     def box(self, height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
@@ -185,12 +184,7 @@ class Resize:
     interpolation: str = "bilinear"
 
     def __post_init__(self):
-        where = type(self).__name__
-        set_fields(
-            self,
-            size=check_int(self.size, "size", where, minimum=1),
-            interpolation=check_interpolation(self.interpolation, where),
-        )
+        check_fields(self, size=check_positive_int, interpolation=interpolation_field)
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """``(new_h, new_w)``."""
@@ -212,7 +206,7 @@ class CenterCrop:
     size: int
 
     def __post_init__(self):
-        set_fields(self, size=check_int(self.size, "size", type(self).__name__, minimum=1))
+        check_fields(self, size=check_positive_int)
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
         image = as_rgb_image(image)

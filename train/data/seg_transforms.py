@@ -14,15 +14,17 @@ from typing import Any
 import numpy as np
 
 from jaxenc.constants import IMAGENET_MEAN, IMAGENET_STD
-from jaxenc.validation import check_int
+from jaxenc.validation import check_int, check_positive_int
 from train.data.arrays import (
     RGB,
     align_mask,
     as_rgb_image,
+    check_fields,
     check_interpolation,
     check_label,
     check_range,
     check_stats,
+    interpolation_field,
     need_rng,
     normalise,
     resize_image,
@@ -148,13 +150,8 @@ class UpstreamSegVal:
     interpolation: str = "bilinear"
 
     def __post_init__(self):
-        where = type(self).__name__
-        set_fields(
-            self,
-            **check_stats(self.mean, self.std, where),
-            crop_size=check_int(self.crop_size, "crop_size", where, minimum=1),
-            interpolation=check_interpolation(self.interpolation, where),
-        )
+        set_fields(self, **check_stats(self.mean, self.std, type(self).__name__))
+        check_fields(self, crop_size=check_positive_int, interpolation=interpolation_field)
 
     def geometry(self, height: int, width: int) -> dict:
         """``{"width", "height" (after the resize), "x", "y" (crop origin)}``."""
