@@ -129,19 +129,31 @@ def as_rgb_image(image: Any) -> np.ndarray:
     return np.ascontiguousarray(image[..., :3])
 
 
+def integer_mask(
+    mask: Any,
+    error: str = "example['mask'] must be an integer (H, W) array, got {dtype} {shape}",
+    allow_empty: bool = True,
+) -> np.ndarray:
+    """An integer (H, W[, 1]) mask as an (H, W) array (its dtype kept); else ValueError with
+    ``error.format(dtype=..., shape=...)``, also for an empty mask unless ``allow_empty``."""
+    mask = np.asarray(mask)
+    if mask.ndim == 3 and mask.shape[-1] == 1:
+        mask = mask[..., 0]
+    if (
+        mask.ndim != 2
+        or not np.issubdtype(mask.dtype, np.integer)
+        or (not allow_empty and min(mask.shape) < 1)
+    ):
+        raise ValueError(error.format(dtype=mask.dtype, shape=mask.shape))
+    return mask
+
+
 def align_mask(mask: Any, shape: tuple[int, int]) -> np.ndarray:
     """int (H', W'[, 1]) mask -> int32 ``shape`` (H, W), nearest-resized when the sizes differ.
 
     Upstream resizes the mask to sizes computed from the image, so a mask of another size (TFDS
     mock data) ends up aligned the same way."""
-    mask = np.asarray(mask)
-    if mask.ndim == 3 and mask.shape[-1] == 1:
-        mask = mask[..., 0]
-    if mask.ndim != 2 or not np.issubdtype(mask.dtype, np.integer) or min(mask.shape) < 1:
-        raise ValueError(
-            f"example['mask'] must be an integer (H, W) array, got {mask.dtype} {mask.shape}"
-        )
-    mask = np.ascontiguousarray(mask, np.int32)
+    mask = np.ascontiguousarray(integer_mask(mask, allow_empty=False), np.int32)
     if mask.shape != tuple(shape):
         mask = resize_mask(mask, shape[1], shape[0])
     return mask

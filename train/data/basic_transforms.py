@@ -14,7 +14,14 @@ from typing import Any
 import numpy as np
 
 from jaxenc.constants import IMAGENET_MEAN, IMAGENET_STD
-from train.data.arrays import IGNORE_INDEX, as_rgb_image, normalise_uint8, resize_image, resize_mask
+from train.data.arrays import (
+    IGNORE_INDEX,
+    as_rgb_image,
+    integer_mask,
+    normalise_uint8,
+    resize_image,
+    resize_mask,
+)
 
 __all__ = [
     "RecognitionTransform",
@@ -25,14 +32,7 @@ __all__ = [
 
 
 def _as_mask(mask: Any) -> np.ndarray:
-    mask = np.asarray(mask)
-    if mask.ndim == 3 and mask.shape[-1] == 1:
-        mask = mask[..., 0]
-    if mask.ndim != 2 or not np.issubdtype(mask.dtype, np.integer):
-        raise ValueError(
-            f"example['mask'] must be an integer (H, W) array, got {mask.dtype} {mask.shape}"
-        )
-    return mask.astype(np.int32)
+    return integer_mask(mask).astype(np.int32)
 
 
 def _check_transform_args(name, image_size, scale_range, mean, std):
@@ -133,15 +133,38 @@ class RecognitionTransform(_ImageTransform):
         return {"image": image, "label": np.asarray(example["label"], np.int32)}
 
 
-def segmentation_transform(
-    *,
-    train: bool,
-    image_size: int,
-    flip: bool = True,
-    scale_range: tuple[float, float] | None = None,
-    mean=IMAGENET_MEAN,
-    std=IMAGENET_STD,
-) -> SegmentationTransform:
+def _transform_factory(cls: type, name: str, doc: str):
+    """The keyword-only factory ``name`` of ``cls``: checks the arguments (errors name ``name``),
+    then builds ``cls`` from them as plain Python values."""
+
+    def factory(
+        *,
+        train: bool,
+        image_size: int,
+        flip: bool = True,
+        scale_range: tuple[float, float] | None = None,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+    ):
+        _check_transform_args(name, image_size, scale_range, mean, std)
+        return cls(
+            bool(train),
+            int(image_size),
+            bool(flip),
+            _scale_range(scale_range),
+            tuple(float(m) for m in mean),
+            tuple(float(s) for s in std),
+        )
+
+    factory.__name__ = factory.__qualname__ = name
+    factory.__doc__ = doc
+    factory.__annotations__["return"] = cls.__name__
+    return factory
+
+
+segmentation_transform = _transform_factory(
+    SegmentationTransform,
+    "segmentation_transform",
     """Image + mask transform: ``example {"image": uint8 (H, W, 3), "mask": int (H, W[, 1])}`` ->
     ``{"image": float32 (S, S, 3) normalised, "mask": int32 (S, S)}`` with ``S = image_size``.
 
@@ -151,36 +174,13 @@ def segmentation_transform(
     (padding: image 0 after normalisation, mask -1 = ignore) or randomly cropped to S.
     train=False: resized to S x S only if needed; rng is ignored (may be None).
     Image and mask are resized independently, so they need not share a size on input.
-    """
-    _check_transform_args("segmentation_transform", image_size, scale_range, mean, std)
-    return SegmentationTransform(
-        bool(train),
-        int(image_size),
-        bool(flip),
-        _scale_range(scale_range),
-        tuple(float(m) for m in mean),
-        tuple(float(s) for s in std),
-    )
+    """,
+)
 
-
-def recognition_transform(
-    *,
-    train: bool,
-    image_size: int,
-    flip: bool = True,
-    scale_range: tuple[float, float] | None = None,
-    mean=IMAGENET_MEAN,
-    std=IMAGENET_STD,
-) -> RecognitionTransform:
+recognition_transform = _transform_factory(
+    RecognitionTransform,
+    "recognition_transform",
     """Image + label transform: ``{"image": uint8 (H, W, 3|1), "label": int}`` ->
     ``{"image": float32 (S, S, 3) normalised, "label": int32 ()}``; the image geometry is exactly
-    that of ``segmentation_transform`` (random rescale, flip, pad/crop in train; resize in eval)."""
-    _check_transform_args("recognition_transform", image_size, scale_range, mean, std)
-    return RecognitionTransform(
-        bool(train),
-        int(image_size),
-        bool(flip),
-        _scale_range(scale_range),
-        tuple(float(m) for m in mean),
-        tuple(float(s) for s in std),
-    )
+    that of ``segmentation_transform`` (random rescale, flip, pad/crop in train; resize in eval).""",
+)

@@ -17,6 +17,7 @@ import os
 
 import numpy as np
 
+from train.data.arrays import integer_mask
 from train.data.sources import _base
 
 _SPLIT_DIRS = {"train": ("train",), "validation": ("validation", "val"), "test": ("test",)}
@@ -80,14 +81,8 @@ class FolderLabels:
         self.num_classes = int(num_classes)
 
     def __call__(self, raw) -> np.ndarray:
-        raw = np.asarray(raw)
-        if raw.ndim == 3 and raw.shape[-1] == 1:
-            raw = raw[..., 0]
-        if raw.ndim != 2 or not np.issubdtype(raw.dtype, np.integer):
-            raise ValueError(
-                f"seg_folder: expected an integer (H, W) mask, got {raw.dtype} {raw.shape}"
-            )
-        mask = raw.astype(np.int32)
+        error = "seg_folder: expected an integer (H, W) mask, got {dtype} {shape}"
+        mask = integer_mask(raw, error).astype(np.int32)
         ignore = mask == 255
         bad = ~ignore & ((mask < 0) | (mask >= self.num_classes))
         if bad.any():
