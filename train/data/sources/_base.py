@@ -251,8 +251,34 @@ class FileRecognition(_Source):
         }
 
 
-class TfdsSegmentation(_Source):
+class _TfdsSource(_Source):
+    """A ``tfds.data_source`` read by index: ``{"image": example[image_key] as RGB, <target>: ...}``,
+    the target named by ``_TARGET`` and read by ``_target(example)``."""
+
+    _TARGET = "label"
+
+    def __init__(
+        self, name: str, split: str, inner: Any, image_key: str, class_names: Sequence[str]
+    ):
+        super().__init__(name, split, class_names)
+        self.inner = inner
+        self.image_key = image_key
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, index: Any) -> dict:
+        example = self.inner[_index(index, len(self), self)]
+        return {"image": to_rgb(example[self.image_key]), self._TARGET: self._target(example)}
+
+    def _target(self, example: Any) -> np.ndarray:
+        raise NotImplementedError
+
+
+class TfdsSegmentation(_TfdsSource):
     """A ``tfds.data_source`` with an image and a label-image feature."""
+
+    _TARGET = "mask"
 
     def __init__(
         self,
@@ -264,24 +290,15 @@ class TfdsSegmentation(_Source):
         label_map: Callable[[np.ndarray], np.ndarray],
         class_names: Sequence[str],
     ):
-        super().__init__(name, split, class_names)
-        self.inner = inner
-        self.image_key = image_key
+        super().__init__(name, split, inner, image_key, class_names)
         self.mask_key = mask_key
         self.label_map = label_map
 
-    def __len__(self) -> int:
-        return len(self.inner)
-
-    def __getitem__(self, index: Any) -> dict:
-        example = self.inner[_index(index, len(self), self)]
-        return {
-            "image": to_rgb(example[self.image_key]),
-            "mask": np.asarray(self.label_map(example[self.mask_key]), np.int32),
-        }
+    def _target(self, example: Any) -> np.ndarray:
+        return np.asarray(self.label_map(example[self.mask_key]), np.int32)
 
 
-class TfdsRecognition(_Source):
+class TfdsRecognition(_TfdsSource):
     """A ``tfds.data_source`` with an image and an integer label feature (label passed through)."""
 
     def __init__(
@@ -293,20 +310,11 @@ class TfdsRecognition(_Source):
         image_key: str = "image",
         label_key: str = "label",
     ):
-        super().__init__(name, split, class_names)
-        self.inner = inner
-        self.image_key = image_key
+        super().__init__(name, split, inner, image_key, class_names)
         self.label_key = label_key
 
-    def __len__(self) -> int:
-        return len(self.inner)
-
-    def __getitem__(self, index: Any) -> dict:
-        example = self.inner[_index(index, len(self), self)]
-        return {
-            "image": to_rgb(example[self.image_key]),
-            "label": np.asarray(example[self.label_key], np.int32),
-        }
+    def _target(self, example: Any) -> np.ndarray:
+        return np.asarray(example[self.label_key], np.int32)
 
 
 def tfds_class_names(inner: Any, key: str, num_classes: int) -> tuple:
