@@ -78,6 +78,21 @@ def lookup_split(dataset: str, split: str, splits: Mapping[str, Any]) -> Any:
     return splits[split]
 
 
+def folder_or_tfds(
+    config: Any, split: str, fallback_name: str, marker: str, folder: Callable, tfds: Callable
+) -> Any:
+    """``folder(config, split, name)`` or ``tfds(config, split, name)`` as ``config.dataset.backend``
+    says; "auto" picks the folder backend when ``<data_dir>/<marker>`` is a directory."""
+    name = dataset_name(config, fallback_name)
+    choice = backend(config, name)
+    if choice == "auto":
+        root = data_dir(config)
+        choice = (
+            "folder" if root is not None and os.path.isdir(os.path.join(root, marker)) else "tfds"
+        )
+    return folder(config, split, name) if choice == "folder" else tfds(config, split, name)
+
+
 # -- decoding ------------------------------------------------------------------------------------
 
 
@@ -357,6 +372,40 @@ def open_tfds(
         ) from err
 
 
+def open_tfds_split(
+    config: Any,
+    dataset: str,
+    split: str,
+    splits: Mapping[str, str],
+    builder_name: str,
+    manual: str | None = None,
+    hint: str = "{}",
+) -> Any:
+    """``open_tfds`` of the TFDS split that ``splits`` maps ``split`` to, from ``config``'s data
+    directory; the how-to-prepare text is ``hint`` with ``tfds_prepare_hint(...)`` for its ``{}``."""
+    tfds_split = lookup_split(dataset, split, splits)
+    root = data_dir(config)
+    how_to_prepare = hint.format(tfds_prepare_hint(builder_name, root, manual))
+    return open_tfds(dataset, builder_name, tfds_split, root, how_to_prepare)
+
+
+def split_dirs(
+    config: Any,
+    dataset: str,
+    split: str,
+    splits: Mapping[str, Sequence[str]],
+    folder: str,
+    subfolders: tuple[str, str],
+    layout: str,
+):
+    """Yields ``(image_dir, mask_dir)`` for each folder ``sub`` of the split (``splits[split]``):
+    ``<data_dir>/<folder>/<subfolders[0 or 1]>/<sub>``, each required to exist."""
+    subdirs = lookup_split(dataset, split, splits)
+    root = os.path.join(require_data_dir(config, dataset, layout), folder)
+    for sub in subdirs:
+        yield tuple(require_dir(os.path.join(root, d, sub), dataset, layout) for d in subfolders)
+
+
 def _diagnose_tfds(tfds: Any, builder_name: str, root: str | None) -> str | None:
     """Why ``builder_name`` cannot be opened from ``root``, or None when that is not about the data."""
     try:
@@ -419,6 +468,24 @@ def require_all(paths: Sequence[str], dataset: str, layout: str) -> None:
             f"dataset {dataset!r}: {len(missing)} of {len(paths)} listed files are missing, "
             f"e.g. {missing[0]}\nexpected layout:\n{layout}"
         )
+
+
+def paired_by_stem(
+    found: Sequence[str],
+    what: str,
+    directory: str,
+    other_dir: str,
+    ext: str,
+    dataset: str,
+    layout: str,
+) -> list[str]:
+    """``other_dir/<stem><ext>`` for each file of ``found`` (the ``what``, e.g. "images", listed in
+    ``directory``); FileNotFoundError when ``found`` is empty."""
+    if not found:
+        raise FileNotFoundError(
+            f"dataset {dataset!r}: no {what} in {directory}\nexpected layout:\n{layout}"
+        )
+    return [os.path.join(other_dir, os.path.splitext(os.path.basename(p))[0] + ext) for p in found]
 
 
 def list_images(directory: str) -> list[str]:

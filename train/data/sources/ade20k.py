@@ -15,7 +15,6 @@ Raw -> class mappings: ``SEMANTIC_LABELS`` and ``INSTANCE_LABELS`` (``LabelTable
 from __future__ import annotations
 
 import logging
-import os
 
 import numpy as np
 
@@ -546,36 +545,27 @@ LAYOUT = (
     f"  <data_dir>/{FOLDER}/annotations/{{training,validation}}/<same stem>.png  (0 = other, 1..150)\n"
     f"or TFDS {TFDS_NAME!r} prepared (array_record) in <data_dir>"
 )
+_TFDS_HINT = (
+    f"put the ADEChallengeData2016 release under <data_dir>/{FOLDER}/ (the folder backend, 150-class "
+    "semantic labels), or {}"
+)
 
 
 def _folder(config, split: str, name: str) -> _base.FileSegmentation:
-    subdirs = _base.lookup_split(name, split, _FOLDER_SPLITS)
-    root = os.path.join(_base.require_data_dir(config, name, LAYOUT), FOLDER)
     images, masks = [], []
-    for sub in subdirs:
-        image_dir = _base.require_dir(os.path.join(root, "images", sub), name, LAYOUT)
-        mask_dir = _base.require_dir(os.path.join(root, "annotations", sub), name, LAYOUT)
+    dirs = ("images", "annotations")
+    for image_dir, mask_dir in _base.split_dirs(
+        config, name, split, _FOLDER_SPLITS, FOLDER, dirs, LAYOUT
+    ):
         found = _base.list_images(image_dir)
-        if not found:
-            raise FileNotFoundError(
-                f"dataset {name!r}: no images in {image_dir}\nexpected layout:\n{LAYOUT}"
-            )
+        masks += _base.paired_by_stem(found, "images", image_dir, mask_dir, ".png", name, LAYOUT)
         images += found
-        masks += [
-            os.path.join(mask_dir, os.path.splitext(os.path.basename(p))[0] + ".png") for p in found
-        ]
     _base.require_all(masks, name, LAYOUT)
     return _base.FileSegmentation(name, split, images, masks, SEMANTIC_LABELS, CLASS_NAMES)
 
 
 def _tfds(config, split: str, name: str) -> _base.TfdsSegmentation:
-    tfds_split = _base.lookup_split(name, split, _TFDS_SPLITS)
-    root = _base.data_dir(config)
-    hint = (
-        f"put the ADEChallengeData2016 release under <data_dir>/{FOLDER}/ (the folder backend, 150-class "
-        f"semantic labels), or {_base.tfds_prepare_hint(TFDS_NAME, root)}"
-    )
-    inner = _base.open_tfds(name, TFDS_NAME, tfds_split, root, hint)
+    inner = _base.open_tfds_split(config, name, split, _TFDS_SPLITS, TFDS_NAME, hint=_TFDS_HINT)
     log.warning(
         "dataset %r: TFDS %r carries instance masks; only its 100 object classes are labelled (stuff "
         "classes are -1). For the 150-class benchmark use the folder backend (%s).",
@@ -590,11 +580,4 @@ def _tfds(config, split: str, name: str) -> _base.TfdsSegmentation:
 
 def build(config, split: str):
     """``fn(config.dataset, split)`` for the registry (module docstring)."""
-    name = _base.dataset_name(config, NAME)
-    choice = _base.backend(config, name)
-    if choice == "auto":
-        root = _base.data_dir(config)
-        choice = (
-            "folder" if root is not None and os.path.isdir(os.path.join(root, FOLDER)) else "tfds"
-        )
-    return _folder(config, split, name) if choice == "folder" else _tfds(config, split, name)
+    return _base.folder_or_tfds(config, split, NAME, FOLDER, _folder, _tfds)

@@ -80,16 +80,16 @@ LAYOUT = (
     f"  <data_dir>/{FOLDER}/gtFine/{{train,val,test}}/<city>/<id>_gtFine_labelIds.png\n"
     f"or TFDS {TFDS_NAME!r} prepared (array_record) in <data_dir>"
 )
+_TFDS_HINT = f"extract the official zips under <data_dir>/{FOLDER}/ (the folder backend), or {{}}"
 _MANUAL = "leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip from cityscapes-dataset.com (registration)"
 
 
 def _folder(config, split: str, name: str) -> _base.FileSegmentation:
-    subdirs = _base.lookup_split(name, split, _FOLDER_SPLITS)
-    root = os.path.join(_base.require_data_dir(config, name, LAYOUT), FOLDER)
     images, masks = [], []
-    for sub in subdirs:
-        image_root = _base.require_dir(os.path.join(root, "leftImg8bit", sub), name, LAYOUT)
-        mask_root = _base.require_dir(os.path.join(root, "gtFine", sub), name, LAYOUT)
+    dirs = ("leftImg8bit", "gtFine")
+    for image_root, mask_root in _base.split_dirs(
+        config, name, split, _FOLDER_SPLITS, FOLDER, dirs, LAYOUT
+    ):
         for city in sorted(os.listdir(image_root)):
             if not os.path.isdir(os.path.join(image_root, city)):
                 continue
@@ -104,6 +104,7 @@ def _folder(config, split: str, name: str) -> _base.FileSegmentation:
                     )
                 )
     if not images:
+        root = os.path.join(_base.data_dir(config), FOLDER)
         raise FileNotFoundError(
             f"dataset {name!r}: no *_leftImg8bit.png images for split {split!r} under "
             f"{root}/leftImg8bit\nexpected layout:\n{LAYOUT}"
@@ -113,13 +114,7 @@ def _folder(config, split: str, name: str) -> _base.FileSegmentation:
 
 
 def _tfds(config, split: str, name: str) -> _base.TfdsSegmentation:
-    tfds_split = _base.lookup_split(name, split, _TFDS_SPLITS)
-    root = _base.data_dir(config)
-    hint = (
-        f"extract the official zips under <data_dir>/{FOLDER}/ (the folder backend), or "
-        f"{_base.tfds_prepare_hint(TFDS_NAME, root, _MANUAL)}"
-    )
-    inner = _base.open_tfds(name, TFDS_NAME, tfds_split, root, hint)
+    inner = _base.open_tfds_split(config, name, split, _TFDS_SPLITS, TFDS_NAME, _MANUAL, _TFDS_HINT)
     return _base.TfdsSegmentation(
         name, split, inner, "image_left", "segmentation_label", TRAIN_IDS, CLASS_NAMES
     )
@@ -127,13 +122,5 @@ def _tfds(config, split: str, name: str) -> _base.TfdsSegmentation:
 
 def build(config, split: str):
     """``fn(config.dataset, split)`` for the registry (module docstring)."""
-    name = _base.dataset_name(config, NAME)
-    choice = _base.backend(config, name)
-    if choice == "auto":
-        root = _base.data_dir(config)
-        choice = (
-            "folder"
-            if root is not None and os.path.isdir(os.path.join(root, FOLDER, "leftImg8bit"))
-            else "tfds"
-        )
-    return _folder(config, split, name) if choice == "folder" else _tfds(config, split, name)
+    marker = os.path.join(FOLDER, "leftImg8bit")
+    return _base.folder_or_tfds(config, split, NAME, marker, _folder, _tfds)

@@ -54,13 +54,7 @@ def build(config, split: str) -> _base.FileSegmentation:
     mask_dir = _base.require_dir(os.path.join(root, MASK_FOLDER, folder), name, LAYOUT)
     image_dir = _base.require_dir(os.path.join(root, folder), name, LAYOUT)
     masks = [p for p in _base.list_images(mask_dir) if p.lower().endswith(".png")]
-    if not masks:
-        raise FileNotFoundError(
-            f"dataset {name!r}: no masks in {mask_dir}\nexpected layout:\n{LAYOUT}"
-        )
-    images = [
-        os.path.join(image_dir, os.path.splitext(os.path.basename(p))[0] + ".jpg") for p in masks
-    ]
+    images = _base.paired_by_stem(masks, "masks", mask_dir, image_dir, ".jpg", name, LAYOUT)
     _base.require_all(images, name, LAYOUT)
     return _base.FileSegmentation(name, split, images, masks, LABELS, CLASS_NAMES)
 

@@ -119,13 +119,7 @@ def build_seg_folder(config, split: str) -> _base.FileSegmentation:
     image_dir = _base.require_dir(os.path.join(directory, "images"), name, SEG_LAYOUT)
     mask_dir = _base.require_dir(os.path.join(directory, "masks"), name, SEG_LAYOUT)
     images = _base.list_images(image_dir)
-    if not images:
-        raise FileNotFoundError(
-            f"dataset {name!r}: no images in {image_dir}\nexpected layout:\n{SEG_LAYOUT}"
-        )
-    masks = [
-        os.path.join(mask_dir, os.path.splitext(os.path.basename(p))[0] + ".png") for p in images
-    ]
+    masks = _base.paired_by_stem(images, "images", image_dir, mask_dir, ".png", name, SEG_LAYOUT)
     _base.require_all(masks, name, SEG_LAYOUT)
     return _base.FileSegmentation(
         name, split, images, masks, FolderLabels(num_classes), class_names

@@ -46,11 +46,7 @@ _IMAGENET_MANUAL = (
 def _tfds_recognition(
     config, split, *, name, builder, splits, num_classes, manual=None, class_names=None
 ):
-    tfds_split = _base.lookup_split(name, split, splits)
-    root = _base.data_dir(config)
-    inner = _base.open_tfds(
-        name, builder, tfds_split, root, _base.tfds_prepare_hint(builder, root, manual)
-    )
+    inner = _base.open_tfds_split(config, name, split, splits, builder, manual)
     names = class_names or _base.tfds_class_names(inner, "label", num_classes)
     return _base.TfdsRecognition(name, split, inner, names)
 
