@@ -15,6 +15,7 @@ ImageSets/SegmentationContext/{train,val}.txt}``; 0 (background) -> -1, k -> k-1
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 from train.data.palette import voc_palette
 from train.data.sources import _base
@@ -56,15 +57,51 @@ CONTEXT_LAYOUT = (
 )
 
 
-def _voc_style(
-    config, split, *, name, year, mask_dir, sets_dir, splits, layout, labels, class_names
-):
-    list_name = _base.lookup_split(name, split, splits)
-    root = os.path.join(_base.require_data_dir(config, name, layout), "VOCdevkit", year)
+class _VocStyle(NamedTuple):
+    """A VOCdevkit-style dataset: ``<data_dir>/VOCdevkit/<year>/{JPEGImages/<id>.jpg,
+    <mask_dir>/<id>.png, ImageSets/<sets_dir>/<list>.txt}``, ``splits`` naming the lists."""
+
+    name: str  # the dataset name unless config.dataset.name says otherwise
+    year: str
+    mask_dir: str
+    sets_dir: str
+    splits: dict[str, str]
+    layout: str
+    labels: _base.LabelTable
+    class_names: tuple[str, ...]
+
+
+_VOC = _VocStyle(
+    name=VOC_NAME,
+    year="VOC2012",
+    mask_dir="SegmentationClass",
+    sets_dir="Segmentation",
+    splits={"train": "train", "validation": "val", "trainval": "trainval"},
+    layout=VOC_LAYOUT,
+    labels=VOC_LABELS,
+    class_names=VOC_CLASS_NAMES,
+)
+_CONTEXT = _VocStyle(
+    name=CONTEXT_NAME,
+    year="VOC2010",
+    mask_dir="SegmentationClassContext",
+    sets_dir="SegmentationContext",
+    splits={"train": "train", "validation": "val"},
+    layout=CONTEXT_LAYOUT,
+    labels=CONTEXT_LABELS,
+    class_names=CONTEXT_CLASS_NAMES,
+)
+
+
+def _voc_style(config, split: str, spec: _VocStyle) -> _base.FileSegmentation:
+    name = _base.dataset_name(config, spec.name)
+    layout = spec.layout
+    list_name = _base.lookup_split(name, split, spec.splits)
+    root = os.path.join(_base.require_data_dir(config, name, layout), "VOCdevkit", spec.year)
     _base.require_dir(root, name, layout)
     ids = _base.read_ids(
         _base.require_file(
-            os.path.join(root, "ImageSets", sets_dir, list_name + ".txt"), name, layout
+            os.path.join(root, "ImageSets", spec.sets_dir, list_name + ".txt"), name, layout
         )
     )
     if not ids:
@@ -72,39 +109,17 @@ def _voc_style(
             f"dataset {name!r}: the split list for {split!r} is empty\nexpected layout:\n{layout}"
         )
     images = [os.path.join(root, "JPEGImages", i + ".jpg") for i in ids]
-    masks = [os.path.join(root, mask_dir, i + ".png") for i in ids]
+    masks = [os.path.join(root, spec.mask_dir, i + ".png") for i in ids]
     _base.require_all(images, name, layout)
     _base.require_all(masks, name, layout)
-    return _base.FileSegmentation(name, split, images, masks, labels, class_names)
+    return _base.FileSegmentation(name, split, images, masks, spec.labels, spec.class_names)
 
 
 def build_voc(config, split: str) -> _base.FileSegmentation:
     """``fn(config.dataset, split)`` for ``"pascal_voc"`` (module docstring)."""
-    return _voc_style(
-        config,
-        split,
-        name=_base.dataset_name(config, VOC_NAME),
-        year="VOC2012",
-        mask_dir="SegmentationClass",
-        sets_dir="Segmentation",
-        splits={"train": "train", "validation": "val", "trainval": "trainval"},
-        layout=VOC_LAYOUT,
-        labels=VOC_LABELS,
-        class_names=VOC_CLASS_NAMES,
-    )
+    return _voc_style(config, split, _VOC)
 
 
 def build_context(config, split: str) -> _base.FileSegmentation:
     """``fn(config.dataset, split)`` for ``"pcontext"`` (module docstring)."""
-    return _voc_style(
-        config,
-        split,
-        name=_base.dataset_name(config, CONTEXT_NAME),
-        year="VOC2010",
-        mask_dir="SegmentationClassContext",
-        sets_dir="SegmentationContext",
-        splits={"train": "train", "validation": "val"},
-        layout=CONTEXT_LAYOUT,
-        labels=CONTEXT_LABELS,
-        class_names=CONTEXT_CLASS_NAMES,
-    )
+    return _voc_style(config, split, _CONTEXT)

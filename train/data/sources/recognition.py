@@ -17,6 +17,7 @@ test1.txt, the "test" split here.
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 from train.data.sources import _base
 
@@ -43,38 +44,44 @@ _IMAGENET_MANUAL = (
 )
 
 
-def _tfds_recognition(
-    config, split, *, name, builder, splits, num_classes, manual=None, class_names=None
-):
-    inner = _base.open_tfds_split(config, name, split, splits, builder, manual)
-    names = class_names or _base.tfds_class_names(inner, "label", num_classes)
+class _TfdsSet(NamedTuple):
+    """A TFDS recognition set: its builder (also the dataset name unless config.dataset.name says
+    otherwise), our split -> TFDS split, the class count, the manual-download note and the class
+    names (None: TFDS's label names)."""
+
+    builder: str
+    splits: dict[str, str]
+    num_classes: int
+    manual: str | None = None
+    class_names: tuple[str, ...] | None = None
+
+
+_IMAGENET = _TfdsSet(
+    "imagenet2012", {"train": "train", "validation": "validation"}, 1000, manual=_IMAGENET_MANUAL
+)
+_CIFAR10 = _TfdsSet(
+    "cifar10",
+    {"train": "train", "validation": "test", "test": "test"},
+    10,
+    class_names=CIFAR10_CLASS_NAMES,
+)
+
+
+def _tfds_recognition(config, split: str, spec: _TfdsSet) -> _base.TfdsRecognition:
+    name = _base.dataset_name(config, spec.builder)
+    inner = _base.open_tfds_split(config, name, split, spec.splits, spec.builder, spec.manual)
+    names = spec.class_names or _base.tfds_class_names(inner, "label", spec.num_classes)
     return _base.TfdsRecognition(name, split, inner, names)
 
 
 def build_imagenet(config, split: str) -> _base.TfdsRecognition:
     """``fn(config.dataset, split)`` for ``"imagenet2012"`` (module docstring)."""
-    return _tfds_recognition(
-        config,
-        split,
-        name=_base.dataset_name(config, "imagenet2012"),
-        builder="imagenet2012",
-        splits={"train": "train", "validation": "validation"},
-        num_classes=1000,
-        manual=_IMAGENET_MANUAL,
-    )
+    return _tfds_recognition(config, split, _IMAGENET)
 
 
 def build_cifar10(config, split: str) -> _base.TfdsRecognition:
     """``fn(config.dataset, split)`` for ``"cifar10"`` (module docstring)."""
-    return _tfds_recognition(
-        config,
-        split,
-        name=_base.dataset_name(config, "cifar10"),
-        builder="cifar10",
-        splits={"train": "train", "validation": "test", "test": "test"},
-        num_classes=10,
-        class_names=CIFAR10_CLASS_NAMES,
-    )
+    return _tfds_recognition(config, split, _CIFAR10)
 
 
 MINC_LAYOUT = (
