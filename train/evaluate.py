@@ -69,6 +69,7 @@ import numpy as np
 from jaxenc import metrics as jmetrics
 from jaxenc import models
 from jaxenc.models import multi_eval
+from jaxenc.validation import is_int
 from train import compile_cache
 from train.data import arrays, augment
 
@@ -122,7 +123,7 @@ def _get(node: Any, key: str, default: Any = None) -> Any:
 
 
 def _int_setting(value, key: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    if not is_int(value) or value < minimum:
         raise ValueError(f"config.eval.{key} must be an integer >= {minimum}, got {value!r}")
     return int(value)
 

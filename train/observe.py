@@ -27,7 +27,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from jaxenc.validation import check_step
+from jaxenc.validation import check_step, is_int
 from train.data.palette import voc_palette
 
 __all__ = ["Observer", "read_metrics", "save_segmentation_samples", "voc_palette"]
@@ -216,17 +216,9 @@ class Observer:
         stream: TextIO | None = None,
         best_metric: str | None = None,
     ):
-        if (
-            isinstance(total_steps, bool)
-            or not isinstance(total_steps, (int, np.integer))
-            or total_steps < 1
-        ):
+        if not is_int(total_steps) or total_steps < 1:
             raise ValueError(f"total_steps: expected a positive int, got {total_steps!r}")
-        if (
-            isinstance(start_step, bool)
-            or not isinstance(start_step, (int, np.integer))
-            or not 0 <= start_step <= total_steps
-        ):
+        if not is_int(start_step) or not 0 <= start_step <= total_steps:
             raise ValueError(
                 f"start_step: expected an int in [0, total_steps={total_steps}], got {start_step!r}"
             )
@@ -373,11 +365,7 @@ class Observer:
                     f"metrics[{k!r}]: log_train takes scalars only, got {type(v).__name__}"
                     f"{' of shape ' + str(np.shape(v)) if hasattr(v, 'shape') else ''}"
                 )
-        if (
-            isinstance(examples, bool)
-            or not isinstance(examples, (int, np.integer))
-            or examples < 0
-        ):
+        if not is_int(examples) or examples < 0:
             raise ValueError(f"examples: expected a non-negative int, got {examples!r}")
         if self._n_intervals > 0 and step <= self._last_train_step:
             raise ValueError(
@@ -595,7 +583,7 @@ def save_segmentation_samples(
             )
         if arr.dtype.kind not in "iu":
             raise ValueError(f"{name}: expected an integer array, got dtype {arr.dtype}")
-    if isinstance(max_rows, bool) or not isinstance(max_rows, (int, np.integer)) or max_rows < 1:
+    if not is_int(max_rows) or max_rows < 1:
         raise ValueError(f"max_rows: expected a positive int, got {max_rows!r}")
     mean_a = np.asarray(mean, np.float64)
     std_a = np.asarray(std, np.float64)

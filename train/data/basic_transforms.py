@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from jaxenc.constants import IMAGENET_MEAN, IMAGENET_STD
+from jaxenc.validation import check_positive_int
 from train.data.arrays import (
     IGNORE_INDEX,
     as_rgb_image,
@@ -36,12 +37,7 @@ def _as_mask(mask: Any) -> np.ndarray:
 
 
 def _check_transform_args(name, image_size, scale_range, mean, std):
-    if (
-        isinstance(image_size, bool)
-        or not isinstance(image_size, (int, np.integer))
-        or image_size < 1
-    ):
-        raise ValueError(f"{name}: image_size must be a positive integer, got {image_size!r}")
+    check_positive_int(image_size, "image_size", name)
     if scale_range is not None:
         if len(scale_range) != 2 or not 0 < scale_range[0] <= scale_range[1]:
             raise ValueError(

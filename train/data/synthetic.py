@@ -15,6 +15,8 @@ import operator
 
 import numpy as np
 
+from jaxenc.validation import check_int
+
 SPLITS = ("train", "validation")
 SHAPE_NAMES = ("disk", "square", "triangle", "ring", "cross")
 TEXTURES = ("solid", "stripes", "checker", "noise")
@@ -32,8 +34,7 @@ def _check_common(split, num_examples, image_size, seed, cls_name):
         ("image_size", image_size, _MIN_IMAGE_SIZE),
         ("seed", seed, 0),
     ):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-            raise ValueError(f"{cls_name}: {name} must be an integer >= {minimum}, got {value!r}")
+        check_int(value, name, cls_name, minimum=minimum)
 
 
 class _ShapesBase:
