@@ -79,7 +79,8 @@ def he_fan_out_normal(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.flo
 
 
 #: A bias-free :class:`jaxenc.nn.Conv2d` with :func:`he_fan_out_normal` kernels (upstream ResNet's and
-#: Xception's convs): ``he_conv(out_channels, kernel_size, stride=..., name=..., dtype=..., ...)``.
+#: Xception's convs): ``he_conv(out_channels, kernel_size, stride=..., name=..., dtype=..., ...)``;
+#: ``bias=True`` overrides the default (Xception's separable convs take theirs from a field).
 he_conv = functools.partial(Conv2d, bias=False, kernel_init=he_fan_out_normal)
 
 

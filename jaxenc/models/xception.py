@@ -37,14 +37,12 @@ from jaxenc.models.model_utils import (
     check_norm_layer,
     check_remat,
     dtype_kwargs,
-    field_values,
     he_conv,
-    he_fan_out_normal,
     pooled_classifier,
     remat_call,
 )
 from jaxenc.models.registry import build_named, register_model
-from jaxenc.nn import BatchNorm, Conv2d
+from jaxenc.nn import BatchNorm
 from jaxenc.validation import check_channels, check_positive_int
 
 Dtype = Any
@@ -68,9 +66,6 @@ _OUTPUT_STRIDES = {
     8: (1, 2, 1, (2, 4)),
 }
 # fmt: on
-
-# Fields of the network that every XceptionBlock gets unchanged.
-_BLOCK_FIELDS = ("norm_layer", "inplace_relu", "dtype", "param_dtype")
 
 
 def rep_layout(
@@ -154,7 +149,7 @@ class SeparableConv2d(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         check_channels(x, self.inplanes, "SeparableConv2d", "inplanes")
         kw = dtype_kwargs(self)
-        conv = functools.partial(Conv2d, bias=self.bias, kernel_init=he_fan_out_normal, **kw)
+        conv = functools.partial(he_conv, bias=self.bias, **kw)
         x = _fixed_padding(x, self.kernel_size, self.dilation)
         depthwise = dict(stride=self.stride, dilation=self.dilation, groups=self.inplanes)
         x = conv(
@@ -289,8 +284,8 @@ class _AlignedXception(nn.Module):
         super().__post_init__()
 
     def _block_config(self, inplanes: int, planes: int, reps: int, **kwargs: Any) -> tuple:
-        config = dict(inplanes=inplanes, planes=planes, reps=reps)
-        config.update(field_values(self, _BLOCK_FIELDS), **kwargs)
+        config = dict(inplanes=inplanes, planes=planes, reps=reps, norm_layer=self.norm_layer)
+        config.update(inplace_relu=self.inplace_relu, **dtype_kwargs(self), **kwargs)
         return tuple(config.items())
 
     @nn.compact

@@ -1,7 +1,8 @@
 """Flax linen layers (NHWC images, (B, N, D) tokens) with torch-compatible numerics.
 
 One file per layer family, named for what it holds (timm's ``layers/`` layout); ``torch_compat``
-holds the torch-equivalent primitives they share and ``module_utils`` the private helpers.
+holds the torch-equivalent primitives they share, ``fields`` the ``dtype``/``param_dtype`` field
+mixin and ``module_utils`` the private helpers.
 ``customize``, ``regularization`` and the PyTorch-Encoding names in ``conv`` are old module paths
 that re-export from the new files.
 """

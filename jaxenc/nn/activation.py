@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxenc.nn.fields import DtypeFields
 from jaxenc.nn.module_utils import cast_input
 from jaxenc.nn.norm import BatchNorm
 from jaxenc.nn.torch_compat import Conv2d
@@ -47,22 +48,19 @@ def nl_relu(x: jax.Array, beta: float = 1.0) -> jax.Array:
     return jnp.log1p(beta * jax.nn.relu(x)).astype(x.dtype)
 
 
-class HardMish(nn.Module):
+class HardMish(DtypeFields):
     """holocron.nn.HardMish: f(x) = x / 2 * clip(x + 2, 0, 2) (see :func:`hard_mish`).
 
     Shapes: any -> same. No parameters. Upstream's ``inplace=False`` argument is not kept (no JAX
     meaning). ``dtype``: compute/output dtype (default: the input's).
     """
 
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         return hard_mish(cast_input(x, self.dtype))
 
 
-class NLReLU(nn.Module):
+class NLReLU(DtypeFields):
     """holocron.nn.NLReLU(beta=1.0): f(x) = log(1 + beta * max(x, 0)) (see :func:`nl_relu`).
 
     Liu et al., arXiv:1908.03682. Shapes: any -> same. No parameters. Upstream's ``inplace``
@@ -70,15 +68,13 @@ class NLReLU(nn.Module):
     """
 
     beta: float = 1.0
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         return nl_relu(cast_input(x, self.dtype), self.beta)
 
 
-class FReLU(nn.Module):
+class FReLU(DtypeFields):
     """holocron.nn.FReLU: funnel activation f(x) = max(x, BN(depthwise_conv_k(x))).
 
     Ma et al., "Funnel Activation for Visual Recognition", ECCV 2020 (arXiv:2007.11824).
@@ -93,8 +89,6 @@ class FReLU(nn.Module):
 
     in_channels: int
     kernel_size: int = 3
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:

@@ -14,7 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxenc.nn.module_utils import einsum_f32
+from jaxenc.nn.fields import DtypeFields, dtype_kwargs
+from jaxenc.nn.module_utils import check_positive_fields, check_width, einsum_f32
 from jaxenc.nn.norm import BatchNorm
 from jaxenc.nn.pooling import z_pool
 from jaxenc.nn.resample import avg_pool2d
@@ -39,7 +40,7 @@ __all__ = [
 _NHWC = "N, H, W, C"
 
 
-class SAM(nn.Module):
+class SAM(DtypeFields):
     """Spatial attention module: ``x * sigmoid(conv1x1(x))`` with a single-channel gate.
 
     Woo et al., "CBAM: Convolutional Block Attention Module", ECCV 2018, in the point-wise form of
@@ -50,8 +51,6 @@ class SAM(nn.Module):
     """
 
     in_channels: int
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -75,7 +74,7 @@ class SAM(nn.Module):
 _TORCH_DIM_TO_NHWC = {1: 3, 2: 1, 3: 2}
 
 
-class _Compress(nn.Module):
+class _Compress(DtypeFields):
     """The gate of a DimAttention branch, on a z-pooled (N, R, S, 2) map -> (N, R, S, 1).
 
     Stands for torch's ``compress`` nn.Sequential(ZPool, Conv2d, BatchNorm2d, Sigmoid): the children
@@ -83,19 +82,16 @@ class _Compress(nn.Module):
     The ZPool (child 0) has no parameters and is applied by the caller, on the unrotated input.
     """
 
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-
     @nn.compact
     def __call__(self, pooled: jax.Array, train: bool = False) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dtype_kwargs(self)
         y = Conv2d(1, 7, padding=3, bias=False, in_channels=2, name="1", **kw)(pooled)
         # torch momentum 0.01 == Flax decay 0.99
         y = BatchNorm(1, momentum=0.99, epsilon=1e-5, name="2", **kw)(y, train=train)
         return jax.nn.sigmoid(y)
 
 
-class DimAttention(nn.Module):
+class DimAttention(DtypeFields):
     """One rotated branch of triplet attention: a 7x7 gate computed after z-pooling one axis.
 
     Misra et al., "Rotate to Attend: Convolutional Triplet Attention Module", WACV 2021.
@@ -111,8 +107,6 @@ class DimAttention(nn.Module):
     """
 
     dim: int
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -134,7 +128,7 @@ class DimAttention(nn.Module):
         return x.astype(dtype) * gate.astype(dtype)
 
 
-class TripletAttention(nn.Module):
+class TripletAttention(DtypeFields):
     """Triplet attention: the mean of three DimAttention branches (channels, height, width).
 
     Misra et al., "Rotate to Attend: Convolutional Triplet Attention Module", WACV 2021.
@@ -143,20 +137,17 @@ class TripletAttention(nn.Module):
     dims 1, 2, 3), each with a 7x7 conv and a 1-feature BatchNorm. ``__call__(x, train=False)``.
     """
 
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         check_rank(x, 4, _NHWC, "TripletAttention")
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dtype_kwargs(self)
         x_c = DimAttention(1, name="c_branch", **kw)(x, train=train)
         x_h = DimAttention(2, name="h_branch", **kw)(x, train=train)
         x_w = DimAttention(3, name="w_branch", **kw)(x, train=train)
         return (x_c + x_h + x_w) / 3
 
 
-class LambdaLayer(nn.Module):
+class LambdaLayer(DtypeFields):
     """Lambda layer: content and position lambdas applied to multi-head queries.
 
     Bello, "LambdaNetworks: Modeling Long-Range Interactions Without Attention", ICLR 2021.
@@ -186,14 +177,12 @@ class LambdaLayer(nn.Module):
     r: int | None = None
     num_heads: int = 4
     dim_u: int = 1
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     def __post_init__(self):
         # Constructor-time errors, like upstream's asserts in __init__.
         where = "LambdaLayer"
-        for name in ("in_channels", "out_channels", "dim_k", "num_heads", "dim_u"):
-            check_positive_int(getattr(self, name), name, where)
+        fields = ("in_channels", "out_channels", "dim_k", "num_heads", "dim_u")
+        check_positive_fields(self, fields, where)
         if self.out_channels % self.num_heads != 0:
             raise ValueError(
                 f"{where}: out_channels={self.out_channels} must be divisible by num_heads={self.num_heads} "
@@ -232,7 +221,7 @@ class LambdaLayer(nn.Module):
         kw = dict(
             in_channels=self.in_channels, bias=False, dtype=self.dtype, param_dtype=self.param_dtype
         )
-        bn = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        bn = dtype_kwargs(self)
 
         q = Conv2d(k * heads, 1, name="to_q", **kw)(x)
         keys = Conv2d(k * u, 1, name="to_k", **kw)(x)
@@ -282,7 +271,7 @@ class LambdaLayer(nn.Module):
 _KQ_TRANSFORMS = ("conv", "ffn", "dffn")
 
 
-class _KQFeedForward(nn.Module):
+class _KQFeedForward(DtypeFields):
     """ACF's 'ffn'/'dffn' key-query transform: upstream's nn.Sequential(3x3 conv (no bias), norm, ReLU,
     1x1 conv); children "0", "1", "3" as the Sequential indices (the ReLU, "2", has no state)."""
 
@@ -290,12 +279,10 @@ class _KQFeedForward(nn.Module):
     d_k: int
     dilation: int
     norm_layer: Callable[..., nn.Module]
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dtype_kwargs(self)
         y = Conv2d(
             self.channels,
             3,
@@ -315,7 +302,7 @@ class _KQFeedForward(nn.Module):
         )(y)
 
 
-class MixtureOfSoftMaxACF(nn.Module):
+class MixtureOfSoftMaxACF(DtypeFields):
     """Mixture of softmaxes over scaled dot-product attention (the attention of ACF).
 
     Zhang et al., "Co-occurrent Features in Semantic Segmentation", CVPR 2019; mixture of softmaxes
@@ -335,8 +322,6 @@ class MixtureOfSoftMaxACF(nn.Module):
     n_mix: int
     d_k: int
     attn_dropout: float = 0.1
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, qt: jax.Array, kt: jax.Array, vt: jax.Array, train: bool = False):
@@ -379,7 +364,7 @@ class MixtureOfSoftMaxACF(nn.Module):
         return out.astype(dtype), attn
 
 
-class ACFModule(nn.Module):
+class ACFModule(DtypeFields):
     """Attentional class feature module of the ATTEN head: multi-head mixture-of-softmax attention over
     (optionally 2x average-pooled) keys and values, a 1x1 projection, norm and residual.
 
@@ -416,12 +401,9 @@ class ACFModule(nn.Module):
     pooling: bool = True
     concat: bool = False
     dropout: float = 0.1
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     def _check_args(self, where: str) -> None:
-        for name in ("n_head", "n_mix", "d_model", "d_k", "d_v"):
-            check_positive_int(getattr(self, name), name, where)
+        check_positive_fields(self, ("n_head", "n_mix", "d_model", "d_k", "d_v"), where)
         check_divisible(self.d_k, self.n_mix, "d_k", "n_mix", where)
         if self.kq_transform not in _KQ_TRANSFORMS:
             raise ValueError(
@@ -446,7 +428,7 @@ class ACFModule(nn.Module):
             )
         dtype = self.dtype or x.dtype
         x = x.astype(dtype)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dtype_kwargs(self)
         h, d_k, d_v, d_model = self.n_head, self.d_k, self.d_v, self.d_model
 
         if self.kq_transform == "conv":
@@ -506,12 +488,10 @@ class ACFModule(nn.Module):
         return out + x
 
 
-class _DANetAttention(nn.Module):
+class _DANetAttention(DtypeFields):
     """The fields of DANet's attention modules."""
 
     in_dim: int
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
 
 def _danet_input(module: nn.Module, x: jax.Array, where: str):
@@ -546,11 +526,7 @@ class PAM_Module(_DANetAttention):  # noqa: N801 (upstream name)
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         where = "PAM_Module"
-        check_positive_int(self.in_dim, "in_dim", where)
-        if self.in_dim < 8:
-            raise ValueError(
-                f"{where}: in_dim must be >= 8 (queries and keys have in_dim // 8 channels), got {self.in_dim}"
-            )
+        check_width(self.in_dim, "in_dim", 8, "queries and keys have in_dim // 8 channels", where)
         (b, height, width, c), dtype = _danet_input(self, x, where)
         kw = dict(in_channels=c, dtype=self.dtype, param_dtype=self.param_dtype)
         q = Conv2d(c // 8, 1, name="query_conv", **kw)(x).reshape(b, height * width, c // 8)

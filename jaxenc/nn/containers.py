@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxenc.nn.fields import DtypeFields
 from jaxenc.nn.module_utils import accepts_train
 
 Dtype = Any
@@ -16,7 +17,7 @@ Dtype = Any
 __all__ = ["ConcurrentModule"]
 
 
-class ConcurrentModule(nn.Module):
+class ConcurrentModule(DtypeFields):
     """Apply every module in ``modules`` to the same input and concatenate the outputs on channels.
 
     Upstream's ``ConcurrentModule`` (an ``nn.ModuleList``), used by the ATTEN head (Zhang et al.,
@@ -29,8 +30,6 @@ class ConcurrentModule(nn.Module):
     """
 
     modules: Sequence[nn.Module] = ()
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:

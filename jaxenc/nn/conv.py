@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from jaxenc.kernels.involution_op import involution, strided_taps
 from jaxenc.nn.conv_bn_act import ConvBnAct as ConvBnAct
+from jaxenc.nn.fields import DtypeFields, dtype_kwargs
 from jaxenc.nn.norm import BatchNorm
 from jaxenc.nn.rectified_conv import RFConv2d as RFConv2d
 from jaxenc.nn.split_attn import SplAtConv2d as SplAtConv2d
@@ -38,6 +39,7 @@ from jaxenc.nn.torch_compat import (
     Conv2d,
     ConvNdFields,
     conv_args,
+    conv_options,
     pad_nhwc,
     torch_conv_inputs,
 )
@@ -202,7 +204,7 @@ def add2d(
     return _checked_window_op(x, weight, bias, args, "add2d", True, normalize_slices, eps)
 
 
-class NormConv2d(ConvNdFields):
+class NormConv2d(ConvNdFields, DtypeFields):
     """holocron.nn.NormConv2d: convolution over windows normalised by their own mean and variance.
 
     Kim et al., "Normalized Convolutional Neural Network", arXiv:2005.05274. See :func:`norm_conv2d`.
@@ -214,8 +216,6 @@ class NormConv2d(ConvNdFields):
     """
 
     eps: float = 1e-14
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -223,7 +223,7 @@ class NormConv2d(ConvNdFields):
         return norm_conv2d(x, kernel, bias, eps=self.eps, **args)
 
 
-class Add2d(ConvNdFields):
+class Add2d(ConvNdFields, DtypeFields):
     """holocron.nn.Add2d: AdderNet layer, the negative L1 distance between windows and filters.
 
     Chen et al., "AdderNet: Do We Really Need Multiplications in Deep Learning?", CVPR 2020. See
@@ -235,8 +235,6 @@ class Add2d(ConvNdFields):
 
     normalize_slices: bool = False
     eps: float = 1e-14
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -248,7 +246,7 @@ class Add2d(ConvNdFields):
 # SlimConv2d
 
 
-class SlimConv2d(nn.Module):
+class SlimConv2d(DtypeFields):
     """holocron.nn.SlimConv2d: channel reweighting, weight flipping and two convolution pathways.
 
     Qiu et al., "SlimConv: Reducing Channel Redundancy in Convolutional Neural Networks by Weights
@@ -271,8 +269,6 @@ class SlimConv2d(nn.Module):
     padding_mode: str = "zeros"
     r: int = 32
     L: int = 2
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -295,16 +291,8 @@ class SlimConv2d(nn.Module):
                 f"{where}: training needs a batch of at least 2 samples (its BatchNorm normalises one value per "
                 f"sample and channel), got shape {tuple(x.shape)}"
             )
-        common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        conv_kwargs = dict(
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            groups=groups,
-            bias=self.bias,
-            padding_mode=self.padding_mode,
-            **common,
-        )
+        common = dtype_kwargs(self)
+        conv_kwargs = conv_options(self, groups=groups)
 
         z = jnp.mean(x, axis=(1, 2), keepdims=True, dtype=jnp.float32)
         z = Conv2d(mid, 1, name="fc1", **common)(z)
@@ -374,7 +362,7 @@ def _pyconv_levels(
     ]
 
 
-class PyConv2d(nn.Module):
+class PyConv2d(DtypeFields):
     """holocron.nn.PyConv2d: a pyramid of convolutions with growing kernels, concatenated on channels.
 
     Duta et al., "Pyramidal Convolution: Rethinking Convolutional Neural Networks for Visual
@@ -398,8 +386,6 @@ class PyConv2d(nn.Module):
     dilation: int | tuple[int, int] = 1
     bias: bool = True
     padding_mode: str = "zeros"
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -438,17 +424,7 @@ class PyConv2d(nn.Module):
                         f"(levels as (out_channels, groups): {[(lv[0], lv[3]) for lv in levels]})"
                     )
             conv = Conv2d(
-                out_i,
-                k_i,
-                stride=self.stride,
-                padding=pad_i,
-                dilation=self.dilation,
-                groups=groups_i,
-                bias=self.bias,
-                padding_mode=self.padding_mode,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name=str(i),
+                out_i, k_i, name=str(i), **conv_options(self, padding=pad_i, groups=groups_i)
             )
             outputs.append(conv(x))
         return outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=-1)
@@ -528,7 +504,7 @@ class Involution2d(nn.Module):
                 .mean(axis=(2, 4))
                 .astype(x.dtype)
             )
-        common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        common = dtype_kwargs(self)
         kernels = Conv2d(int(c // ratio), 1, name="reduce", **common)(source)
         kernels = Conv2d(k * k * groups, 1, name="span", **common)(kernels)
         kernels = kernels.reshape(n, ho, wo, groups, k, k)

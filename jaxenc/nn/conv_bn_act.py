@@ -8,19 +8,19 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
+from jaxenc.nn.fields import DtypeFields, dtype_kwargs
 from jaxenc.nn.norm import BatchNorm
 from jaxenc.nn.rectified_conv import RFConv2d
 from jaxenc.nn.split_attn import SplAtConv2d
-from jaxenc.nn.torch_compat import Conv2d, ConvGeometry
+from jaxenc.nn.torch_compat import Conv2d, ConvGeometry, conv_options
 
 Dtype = Any
 
 __all__ = ["ConvBnAct"]  # ConvNormReLU: for jaxenc.models, not re-exported by jaxenc.nn
 
 
-class ConvBnAct(ConvGeometry):
+class ConvBnAct(ConvGeometry, DtypeFields):
     """PyTorch-Encoding's ``ConvBnAct``: conv (plain, rectified or split-attention), BatchNorm, ReLU.
 
     Zhang et al., "ResNeSt: Split-Attention Networks", arXiv:2004.08955 (the building block of its
@@ -44,8 +44,6 @@ class ConvBnAct(ConvGeometry):
     group_width: int | None = None
     act: bool = True
     norm_layer: Callable[..., nn.Module] | None = BatchNorm
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -54,17 +52,7 @@ class ConvBnAct(ConvGeometry):
             raise ValueError(
                 f"{where}: radix must be a non-negative integer (0: no split attention), got {self.radix!r}"
             )
-        conv_kwargs = dict(
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            groups=self.groups,
-            bias=self.bias,
-            padding_mode=self.padding_mode,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="conv",
-        )
+        conv_kwargs = conv_options(self, name="conv")
         in_out = (self.in_channels, self.out_channels, self.kernel_size)
         if self.radix > 0:
             split = dict(radix=self.radix, rectify=self.rectify, rectify_avg=self.rectify_avg)
@@ -85,7 +73,7 @@ class ConvBnAct(ConvGeometry):
         return jax.nn.relu(y) if self.act else y
 
 
-class ConvNormReLU(nn.Module):
+class ConvNormReLU(DtypeFields):
     """Upstream's ``nn.Sequential(Conv2d(in, out, k, bias=False), norm_layer(out), ReLU)``, the
     building block of PyramidPooling and of the segmentation heads (jaxenc.models.heads).
 
@@ -98,12 +86,10 @@ class ConvNormReLU(nn.Module):
     padding: int = 0
     dilation: int = 1
     norm_layer: Callable[..., nn.Module] = BatchNorm
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dtype_kwargs(self)
         conv = Conv2d(
             self.out_channels,
             self.kernel_size,

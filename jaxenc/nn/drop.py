@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxenc.nn.fields import DtypeFields
 from jaxenc.nn.module_utils import cast_input
 from jaxenc.port import register_absent_in_torch
 from jaxenc.validation import check_positive_int, check_probability, check_rank, check_step
@@ -115,7 +116,7 @@ def drop_block2d(
     return (x.astype(acc) * mask.astype(acc)).astype(x.dtype)
 
 
-class DropBlock2d(nn.Module):
+class DropBlock2d(DtypeFields):
     """holocron.nn.DropBlock2d(p=0.1, block_size=7): stateless DropBlock, dropped fraction exactly ``p``.
 
     Shapes: (N, H, W, C) -> (N, H, W, C). No parameters. ``__call__(x, train=False)``: identity in
@@ -129,8 +130,6 @@ class DropBlock2d(nn.Module):
 
     p: float = 0.1
     block_size: int = 7
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -146,7 +145,7 @@ class DropBlock2d(nn.Module):
         return drop_block2d(x, self.make_rng("dropout"), p, self.block_size)
 
 
-class DropBlock2D(nn.Module):
+class DropBlock2D(DtypeFields):
     """PyTorch-Encoding's ``DropBlock2D(drop_prob, block_size, share_channel=False)`` with a working schedule.
 
     Shapes: (N, H, W, C) -> (N, H, W, C). No parameters; ``batch_stats/i`` (int32, upstream's step
@@ -177,8 +176,6 @@ class DropBlock2D(nn.Module):
     start_value: float = 0.0
     stop_value: float | None = None
     batch_shared: bool = False
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     def drop_prob_at(self, step) -> jax.Array | float:
         """The drop probability used by the training call made when ``i == step`` (traceable).
@@ -239,7 +236,7 @@ class DropBlock2D(nn.Module):
         )
 
 
-class Dropsample(nn.Module):
+class Dropsample(DtypeFields):
     """Per-sample stochastic depth (vit-pytorch ``max_vit.Dropsample``, as upstream intends).
 
     Huang et al., "Deep Networks with Stochastic Depth", ECCV 2016.
@@ -258,8 +255,6 @@ class Dropsample(nn.Module):
     """
 
     prob: float = 0.0
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     def __post_init__(self):
         check_probability(self.prob, "prob", "Dropsample")

@@ -31,6 +31,7 @@ from jaxenc.kernels.encoding_op import (
     scaled_l2_reference,
 )
 from jaxenc.kernels.encoding_op import encoding as fused_encoding
+from jaxenc.nn.fields import DtypeFields
 from jaxenc.nn.torch_compat import torch_uniform_init
 from jaxenc.port import register_torch_leaf_names
 from jaxenc.validation import check_channels, check_positive_int, check_rank
@@ -236,7 +237,7 @@ class EncodingDrop(_EncodingBase):
         return encoding(x, codewords, scale, impl=self.impl)
 
 
-class EncodingCosine(nn.Module):
+class EncodingCosine(DtypeFields):
     """Encoding with dot-product assignments (PyTorch-Encoding's experimental ``EncodingCosine``).
 
     A = softmax_k(x_i · c_k) (upstream's ``pairwise_cosine`` with ``normalize=False``: a plain dot
@@ -248,8 +249,6 @@ class EncodingCosine(nn.Module):
 
     D: int
     K: int
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:

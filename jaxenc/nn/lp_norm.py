@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxenc.nn.fields import DtypeFields
 from jaxenc.nn.module_utils import cast_input
 
 Dtype = Any
@@ -47,7 +48,7 @@ def lp_normalize(x: jax.Array, p: float = 2.0, dim: int = -1, eps: float = 1e-8)
     return (v / jnp.maximum(norm, eps)).astype(x.dtype)
 
 
-class Normalize(nn.Module):
+class Normalize(DtypeFields):
     """L_p normalisation over one axis: ``x / max(||x||_p, 1e-8)`` (upstream ``Normalize(p=2, dim=1)``).
 
     Used after the Encoding layer in Deep TEN (Zhang et al., "Deep TEN: Texture Encoding Network",
@@ -60,8 +61,6 @@ class Normalize(nn.Module):
 
     p: float = 2
     dim: int = -1
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:

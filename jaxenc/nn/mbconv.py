@@ -14,11 +14,18 @@ import jax
 import jax.numpy as jnp
 
 from jaxenc.nn.drop import Dropsample
-from jaxenc.nn.module_utils import accepts_train, cast_input, check_features, gelu_exact
+from jaxenc.nn.fields import DtypeFields, dtype_kwargs
+from jaxenc.nn.module_utils import (
+    accepts_train,
+    cast_input,
+    check_features,
+    check_positive_fields,
+    gelu_exact,
+)
 from jaxenc.nn.norm import BatchNorm
 from jaxenc.nn.squeeze_excite import SqueezeExcitation
 from jaxenc.nn.torch_compat import Conv2d
-from jaxenc.validation import check_positive_int, check_probability, check_rank
+from jaxenc.validation import check_probability, check_rank
 
 Dtype = Any
 
@@ -36,7 +43,7 @@ def _add_residual(y: jax.Array, x: jax.Array, dropout: float, train: bool, where
     return y + x.astype(y.dtype)
 
 
-class MBConvResidual(nn.Module):
+class MBConvResidual(DtypeFields):
     """Residual wrapper of MaxViT's MBConv (vit-pytorch ``max_vit.MBConvResidual``).
 
     Tu et al., "MaxViT: Multi-Axis Vision Transformer", ECCV 2022.
@@ -52,8 +59,6 @@ class MBConvResidual(nn.Module):
 
     fn: nn.Module
     dropout: float = 0.0
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     def __post_init__(self):
         check_probability(self.dropout, "dropout", "MBConvResidual")
@@ -68,7 +73,7 @@ class MBConvResidual(nn.Module):
 
 def _mbconv_layers(cfg: MBConv | _MBConvLayers, x: jax.Array, train: bool) -> jax.Array:
     """Upstream's MBConv nn.Sequential, its children "0".."8" created in the calling compact module."""
-    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    kw = dtype_kwargs(cfg)
     hidden = cfg.hidden_dim
     stride = 2 if cfg.downsample else 1
     # torch BatchNorm2d: momentum 0.1 == Flax decay 0.9, eps 1e-5
@@ -84,7 +89,7 @@ def _mbconv_layers(cfg: MBConv | _MBConvLayers, x: jax.Array, train: bool) -> ja
     return BatchNorm(cfg.dim_out, name="8", **bn)(y, train=train)
 
 
-class _MBConvLayers(nn.Module):
+class _MBConvLayers(DtypeFields):
     """The unwrapped MBConv stack as a child (named "fn" inside a residual MBConv)."""
 
     dim_in: int
@@ -92,8 +97,6 @@ class _MBConvLayers(nn.Module):
     downsample: bool
     expansion_rate: float
     shrinkage_rate: float
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @property
     def hidden_dim(self) -> int:
@@ -104,7 +107,7 @@ class _MBConvLayers(nn.Module):
         return _mbconv_layers(self, x, train)
 
 
-class MBConv(nn.Module):
+class MBConv(DtypeFields):
     """MaxViT's inverted-bottleneck conv block (vit-pytorch ``max_vit.MBConv``), NHWC.
 
     Sandler et al., "MobileNetV2: Inverted Residuals and Linear Bottlenecks", CVPR 2018; Tu et al.,
@@ -130,13 +133,10 @@ class MBConv(nn.Module):
     expansion_rate: float = 4
     shrinkage_rate: float = 0.25
     dropout: float = 0.0
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     def __post_init__(self):
         where = "MBConv"
-        check_positive_int(self.dim_in, "dim_in", where)
-        check_positive_int(self.dim_out, "dim_out", where)
+        check_positive_fields(self, ("dim_in", "dim_out"), where)
         if self.hidden_dim < 1:
             raise ValueError(
                 f"{where}: the hidden width int(expansion_rate * dim_out) must be >= 1, got "

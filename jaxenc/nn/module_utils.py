@@ -9,7 +9,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxenc.nn.fields import dtype_kwargs
 from jaxenc.nn.torch_compat import torch_uniform_init
+from jaxenc.validation import check_positive_int
 
 
 def accepts_train(module: nn.Module) -> bool:
@@ -32,6 +34,20 @@ def check_features(x: jax.Array, dim: int, where: str, name: str = "x") -> None:
         )
 
 
+def check_positive_fields(module: nn.Module, names: tuple[str, ...], where: str) -> None:
+    """:func:`~jaxenc.validation.check_positive_int` on each of ``module``'s fields ``names``, in order."""
+    for name in names:
+        check_positive_int(getattr(module, name), name, where)
+
+
+def check_width(value, name: str, minimum: int, reason: str, where: str) -> int:
+    """``value`` as a positive int of at least ``minimum``; ``reason`` (why) goes into the ValueError."""
+    value = check_positive_int(value, name, where)
+    if value < minimum:
+        raise ValueError(f"{where}: {name} must be >= {minimum} ({reason}), got {value}")
+    return value
+
+
 def compute_dtype(module: nn.Module, x: jax.Array):
     """The module's ``dtype``, else what Flax layers would compute in (input promoted with params)."""
     return module.dtype or jnp.promote_types(x.dtype, module.param_dtype)
@@ -52,21 +68,14 @@ def torch_linear(
         use_bias=use_bias,
         kernel_init=init,
         bias_init=init,
-        dtype=module.dtype,
-        param_dtype=module.param_dtype,
         name=name,
+        **dtype_kwargs(module),
     )
 
 
 def torch_layer_norm(module: nn.Module) -> nn.LayerNorm:
     """``torch.nn.LayerNorm(dim)`` named "norm": eps 1e-5 and a two-pass variance, statistics in float32."""
-    return nn.LayerNorm(
-        epsilon=1e-5,
-        use_fast_variance=False,
-        dtype=module.dtype,
-        param_dtype=module.param_dtype,
-        name="norm",
-    )
+    return nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, name="norm", **dtype_kwargs(module))
 
 
 def gelu_exact(x: jax.Array) -> jax.Array:

@@ -19,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxenc.nn.fields import DtypeFields
+
 Dtype = Any
 
 __all__ = ["BatchNorm", "SyncBatchNorm", "batch_moments", "batchnorm_axis_override", "normalize"]
@@ -171,7 +173,7 @@ def batch_norm_core(
     return y, update
 
 
-class BatchNorm(nn.Module):
+class BatchNorm(DtypeFields):
     """Batch normalisation with PyTorch's numerics (``torch.nn.BatchNorm{1,2,3}d``), any feature axis.
 
     Ioffe & Szegedy, "Batch Normalization", ICML 2015.
@@ -199,8 +201,6 @@ class BatchNorm(nn.Module):
     use_bias: bool = True
     axis_name: str | None = None
     axis_index_groups: Any = None
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     def _extra(self) -> dict:
         return {}

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxenc.nn.fields import DtypeFields
 from jaxenc.nn.module_utils import cast_input
 from jaxenc.nn.torch_compat import pad_nhwc
 from jaxenc.validation import check_channels, check_divisible, check_positive_int, check_rank
@@ -91,7 +92,7 @@ def concat_downsample2d(x: jax.Array, scale_factor: int) -> jax.Array:
     return x.reshape(n, h // s, w // s, s * s * c)
 
 
-class ConcatDownsample2d(nn.Module):
+class ConcatDownsample2d(DtypeFields):
     """holocron.nn.ConcatDownsample2d(scale_factor): see :func:`concat_downsample2d`.
 
     Redmon & Farhadi, YOLO9000, CVPR 2017. Shapes: (N, H, W, C) -> (N, H / s, W / s, s * s * C).
@@ -100,8 +101,6 @@ class ConcatDownsample2d(nn.Module):
     """
 
     scale_factor: int
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -114,7 +113,7 @@ def _global_pool(x: jax.Array, flatten: bool, reduce, where: str) -> jax.Array:
     return y if flatten else y[:, None, None, :]
 
 
-class GlobalAvgPool2d(nn.Module):
+class GlobalAvgPool2d(DtypeFields):
     """holocron.nn.GlobalAvgPool2d(flatten=False): mean over H and W.
 
     Ridnik et al., "TResNet: High Performance GPU-Dedicated Architecture", WACV 2021.
@@ -123,8 +122,6 @@ class GlobalAvgPool2d(nn.Module):
     """
 
     flatten: bool = False
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -138,7 +135,7 @@ class GlobalAvgPool2d(nn.Module):
         )
 
 
-class GlobalMaxPool2d(nn.Module):
+class GlobalMaxPool2d(DtypeFields):
     """holocron.nn.GlobalMaxPool2d(flatten=False): max over H and W.
 
     Ridnik et al., "TResNet: High Performance GPU-Dedicated Architecture", WACV 2021.
@@ -146,8 +143,6 @@ class GlobalMaxPool2d(nn.Module):
     """
 
     flatten: bool = False
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -168,7 +163,7 @@ def binomial_taps(kernel_size: int) -> np.ndarray:
     return taps / 2.0 ** (kernel_size - 1)
 
 
-class BlurPool2d(nn.Module):
+class BlurPool2d(DtypeFields):
     """holocron.nn.BlurPool2d(channels, kernel_size=3, stride=2): anti-aliased downsampling.
 
     Zhang, "Making Convolutional Networks Shift-Invariant Again", ICML 2019.
@@ -183,8 +178,6 @@ class BlurPool2d(nn.Module):
     channels: int
     kernel_size: int = 3
     stride: int = 2
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -221,7 +214,7 @@ class BlurPool2d(nn.Module):
 # --- spatial pyramid pooling -----------------------------------------------------------------------
 
 
-class SPP(nn.Module):
+class SPP(DtypeFields):
     """holocron.nn.SPP(kernel_sizes): [x, maxpool_k1(x), maxpool_k2(x), ...] on the channel axis.
 
     He et al., "Spatial Pyramid Pooling in Deep Convolutional Networks for Visual Recognition",
@@ -231,8 +224,6 @@ class SPP(nn.Module):
     """
 
     kernel_sizes: Sequence[int]
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -16,9 +16,11 @@ import jax
 import jax.numpy as jnp
 
 from jaxenc.nn.conv_bn_act import ConvNormReLU
+from jaxenc.nn.fields import DtypeFields
+from jaxenc.nn.module_utils import check_width
 from jaxenc.nn.norm import BatchNorm
 from jaxenc.nn.resample import adaptive_avg_pool2d, interpolate_bilinear
-from jaxenc.validation import check_channels, check_positive_int, check_rank
+from jaxenc.validation import check_channels, check_rank
 
 Dtype = Any
 
@@ -46,7 +48,7 @@ def check_up_kwargs(up_kwargs: Mapping[str, Any] | None, where: str) -> bool:
     return align
 
 
-class PyramidPooling(nn.Module):
+class PyramidPooling(DtypeFields):
     """The pyramid pooling module of PSPNet (Zhao et al., "Pyramid Scene Parsing Network", CVPR 2017).
 
     Adaptive average pools to 1x1, 2x2, 3x3 and 6x6 (torch's overlapping bins), a 1x1 conv to
@@ -68,17 +70,12 @@ class PyramidPooling(nn.Module):
     in_channels: int
     norm_layer: Callable[..., nn.Module] = BatchNorm
     up_kwargs: Mapping[str, Any] | None = None
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         where = "PyramidPooling"
-        check_positive_int(self.in_channels, "in_channels", where)
-        if self.in_channels < 4:
-            raise ValueError(
-                f"{where}: in_channels must be >= 4 (each level has in_channels // 4 channels), got {self.in_channels}"
-            )
+        reason = "each level has in_channels // 4 channels"
+        check_width(self.in_channels, "in_channels", 4, reason, where)
         align_corners = check_up_kwargs(self.up_kwargs, where)
         x = jnp.asarray(x)
         check_rank(x, 4, "N, H, W, C", where)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxenc.nn.fields import DtypeFields
 from jaxenc.nn.torch_compat import ConvNdFields, conv2d_nhwc, conv_args, torch_conv_inputs
 from jaxenc.validation import check_rank, conv_output_hw
 
@@ -68,7 +69,7 @@ def _rectify_scale(
     return numerator / count.astype(np.float32)
 
 
-class RFConv2d(ConvNdFields):
+class RFConv2d(ConvNdFields, DtypeFields):
     """PyTorch-Encoding's rectified convolution: a zero-padded conv re-weighted at the borders.
 
     Zhang et al., "ResNeSt: Split-Attention Networks", arXiv:2004.08955 (rectified convolution,
@@ -97,8 +98,6 @@ class RFConv2d(ConvNdFields):
     """
 
     average_mode: bool = False
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:

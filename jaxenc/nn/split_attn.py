@@ -13,9 +13,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxenc.nn.drop import DropBlock2D
+from jaxenc.nn.fields import DtypeFields, dtype_kwargs
 from jaxenc.nn.module_utils import cast_input
 from jaxenc.nn.rectified_conv import RFConv2d
-from jaxenc.nn.torch_compat import Conv2d, conv_args
+from jaxenc.nn.torch_compat import Conv2d, conv_args, conv_options
 from jaxenc.validation import check_channels, check_divisible, check_positive_int, check_rank
 
 Dtype = Any
@@ -47,7 +48,7 @@ def r_softmax(x: jax.Array, radix: int, cardinality: int) -> jax.Array:
     return jnp.swapaxes(a, -3, -2).reshape(x.shape).astype(x.dtype)
 
 
-class rSoftMax(nn.Module):  # noqa: N801 (upstream's class name)
+class rSoftMax(DtypeFields):  # noqa: N801 (upstream's class name)
     """Module form of :func:`r_softmax` (PyTorch-Encoding's ``rSoftMax(radix, cardinality)``).
 
     Zhang et al., "ResNeSt: Split-Attention Networks", arXiv:2004.08955.
@@ -57,14 +58,12 @@ class rSoftMax(nn.Module):  # noqa: N801 (upstream's class name)
 
     radix: int
     cardinality: int
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return r_softmax(cast_input(x, self.dtype), self.radix, self.cardinality)
 
 
-class SplAtConv2d(nn.Module):
+class SplAtConv2d(DtypeFields):
     """Split-Attention convolution (ResNeSt), PyTorch-Encoding's ``SplAtConv2d``.
 
     Zhang et al., "ResNeSt: Split-Attention Networks", arXiv:2004.08955.
@@ -108,8 +107,6 @@ class SplAtConv2d(nn.Module):
     norm_layer: Callable[..., nn.Module] | None = None
     dropblock_prob: float = 0.0
     padding_mode: str = "zeros"
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     def _conv_groups(
         self, c_in: int, channels: int, radix: int, cardinality: int, where: str
@@ -154,17 +151,9 @@ class SplAtConv2d(nn.Module):
                 f"{where}: dropblock_prob must be a probability in [0, 1], got {drop!r}"
             )
 
-        common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        conv_kwargs = dict(
-            stride=stride,
-            padding=padding,
-            dilation=dilation,
-            groups=conv_groups,
-            bias=self.bias,
-            padding_mode=self.padding_mode,
-            name="conv",
-            **common,
-        )
+        common = dtype_kwargs(self)
+        # The validated stride/padding/dilation are what Conv2d and RFConv2d derive from the fields.
+        conv_kwargs = conv_options(self, groups=conv_groups, name="conv")
         if self.rectify and padding != (0, 0):
             conv = RFConv2d(
                 c_in, channels * radix, kernel_size, average_mode=self.rectify_avg, **conv_kwargs

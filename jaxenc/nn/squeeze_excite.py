@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxenc.nn.fields import DtypeFields
 from jaxenc.nn.module_utils import check_features, compute_dtype, torch_linear
 from jaxenc.validation import check_positive_int, check_rank
 
@@ -19,13 +20,11 @@ Dtype = Any
 __all__ = ["SqueezeExcitation"]
 
 
-class _SEGate(nn.Module):
+class _SEGate(DtypeFields):
     """Upstream's ``gate`` nn.Sequential: mean over H, W -> "1" Linear -> SiLU -> "3" Linear -> sigmoid."""
 
     dim: int
     hidden: int
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -39,7 +38,7 @@ class _SEGate(nn.Module):
         return y[:, None, None, :]
 
 
-class SqueezeExcitation(nn.Module):
+class SqueezeExcitation(DtypeFields):
     """Squeeze-and-excitation channel gate of MaxViT's MBConv (vit-pytorch ``max_vit.SqueezeExcitation``).
 
     Hu et al., "Squeeze-and-Excitation Networks", CVPR 2018; as used in Tu et al., "MaxViT:
@@ -52,8 +51,6 @@ class SqueezeExcitation(nn.Module):
 
     dim: int
     shrinkage_rate: float = 0.25
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     def __post_init__(self):
         check_positive_int(self.dim, "dim", "SqueezeExcitation")

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
+from jaxenc.nn.fields import DtypeFields
 from jaxenc.nn.module_utils import cast_input
 from jaxenc.validation import check_channels, check_positive_int, check_rank
 
@@ -35,14 +36,11 @@ def gram_matrix(x: jax.Array) -> jax.Array:
     return (gram / (c * h * w)).astype(x.dtype)
 
 
-class GramMatrix(nn.Module):
+class GramMatrix(DtypeFields):
     """Per-sample Gram matrix of NHWC features, F·Fᵀ / (C·H·W) (Zhang & Dana, MSG-Net). See :func:`gram_matrix`.
 
     Shapes: (B, H, W, C) -> (B, C, C). No parameters.
     """
-
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -50,7 +48,7 @@ class GramMatrix(nn.Module):
         return gram_matrix(x)
 
 
-class Inspiration(nn.Module):
+class Inspiration(DtypeFields):
     """Inspiration (CoMatch) layer of MSG-Net (Zhang & Dana, arXiv:1703.06953).
 
     P = W·G, then every pixel's feature vector f becomes Pᵀ f. Parameter ``weight`` (1, C, C), init
@@ -64,8 +62,6 @@ class Inspiration(nn.Module):
 
     C: int
     B: int = 1
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, target_gram: jax.Array) -> jax.Array:

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
+from jaxenc.nn.fields import DtypeFields, dtype_kwargs
 from jaxenc.nn.grouped_conv import conv2d_grouped
 from jaxenc.validation import (  # noqa: F401  (conv_args, conv_output_size re-exported)
     check_channels,
@@ -33,6 +34,7 @@ __all__ = [
     "ConvNdFields",
     "conv2d_nhwc",
     "conv_args",
+    "conv_options",
     "conv_output_size",
     "pad_nhwc",
     "torch_conv_inputs",
@@ -124,6 +126,20 @@ def conv2d_nhwc(x, kernel, bias, *, stride, padding, dilation, groups) -> jax.Ar
     return y if bias is None else y + bias
 
 
+_CONV_OPTIONS = ("stride", "padding", "dilation", "groups", "bias", "padding_mode")
+
+
+def conv_options(module: nn.Module, **overrides: Any) -> dict[str, Any]:
+    """The keywords a conv wrapper passes on to its inner conv: ``module``'s torch conv options
+    (stride, padding, dilation, groups, bias, padding_mode) and its dtype, param_dtype fields,
+    with ``overrides`` replacing or adding entries."""
+    return {
+        **{name: getattr(module, name) for name in _CONV_OPTIONS},
+        **dtype_kwargs(module),
+        **overrides,
+    }
+
+
 class ConvGeometry(nn.Module):
     """The leading constructor fields of torch's conv modules, in torch's positional order."""
 
@@ -145,7 +161,7 @@ class ConvNdFields(ConvGeometry):
     padding_mode: str = "zeros"
 
 
-class Conv2d(nn.Module):
+class Conv2d(DtypeFields):
     """``torch.nn.Conv2d`` in NHWC with the same arguments, defaults and initialisation.
 
     Shapes: x (N, H, W, C_in) -> (N, H_out, W_out, out_channels), H_out as torch computes it.
@@ -165,8 +181,6 @@ class Conv2d(nn.Module):
     padding_mode: str = "zeros"
     in_channels: int | None = None
     kernel_init: Callable | None = None
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -14,47 +14,43 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxenc.nn.fields import DtypeFields
 from jaxenc.nn.module_utils import (
     check_features,
+    check_positive_fields,
     compute_dtype,
     einsum_f32,
     torch_layer_norm,
     torch_linear,
 )
-from jaxenc.validation import check_positive_int, check_probability, check_rank
+from jaxenc.validation import check_probability, check_rank
 
 Dtype = Any
 
 __all__ = ["CaiTAttention", "XCAttention"]
 
 
-class _HeadsAttention(nn.Module):
+class _HeadsAttention(DtypeFields):
     """The fields of vit-pytorch's multi-head attentions, checked at construction."""
 
     dim: int
     heads: int = 8
     dim_head: int = 64
     dropout: float = 0.0
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     def __post_init__(self):
         where = type(self).__name__
-        check_positive_int(self.dim, "dim", where)
-        check_positive_int(self.heads, "heads", where)
-        check_positive_int(self.dim_head, "dim_head", where)
+        check_positive_fields(self, ("dim", "heads", "dim_head"), where)
         check_probability(self.dropout, "dropout", where)
         super().__post_init__()
 
 
-class _ToOut(nn.Module):
+class _ToOut(DtypeFields):
     """Upstream's ``to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout))``: children "0", "1"."""
 
     dim: int
     fan_in: int
     dropout: float
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
+from jaxenc.nn.fields import DtypeFields
 from jaxenc.nn.torch_compat import (
     ConvGeometry,
     conv2d_nhwc,
@@ -42,7 +43,7 @@ def pixel_shuffle(x: jax.Array, upscale_factor: int) -> jax.Array:
     return y.transpose(0, 1, 4, 2, 5, 3).reshape(b, h * s, w * s, cs // (s * s))
 
 
-class UpsampleConv2d(ConvGeometry):
+class UpsampleConv2d(ConvGeometry, DtypeFields):
     """MSG-Net's upsampling convolution (Zhang & Dana, arXiv:1703.06953): conv to out·s² channels, pixel shuffle.
 
     An integer-stride convolution producing s×s outputs per window, instead of a transposed conv
@@ -59,8 +60,6 @@ class UpsampleConv2d(ConvGeometry):
     groups: int = 1
     scale_factor: int = 1
     bias: bool = True
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
