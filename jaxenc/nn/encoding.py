@@ -6,7 +6,9 @@ Segmentation", CVPR 2018. Shapes: x (B, H, W, D) or (B, N, D), codewords (K, D) 
 
 The B x N x K x D residuals are never formed: distances are expanded into matmuls
 (||x||² - 2 x·c + ||c||²) and the aggregate is Aᵀ X - (Σ_i A) C, so forward and backward need
-O(B·N·(K + D)) memory. Parameter names follow the torch modules (``codewords``, ``scale``).
+O(B·N·(K + D)) memory. The functional ``encoding`` is :func:`jaxenc.kernels.encoding` itself
+(fused Pallas kernels on a verified GPU, XLA elsewhere). Parameter names follow the torch modules
+(``codewords``, ``scale``).
 
 Deviations from upstream (docs/DESIGN.md, "Decisions on upstream bugs"):
 - The smoothing factors' gradient comes from autodiff, finite at s_k = 0 (upstream divides by s_k).
@@ -28,9 +30,9 @@ from jaxenc.kernels.encoding_op import (
     aggregate_reference,
     check_codebook,
     check_encoding_args,
+    encoding,
     scaled_l2_reference,
 )
-from jaxenc.kernels.encoding_op import encoding as fused_encoding
 from jaxenc.nn.fields import DtypeFields
 from jaxenc.nn.torch_compat import torch_uniform_init
 from jaxenc.port import register_torch_leaf_names
@@ -92,30 +94,6 @@ def aggregate(assignments: jax.Array, x: jax.Array, codewords: jax.Array) -> jax
         )
     dtype = _compute_dtype(x, codewords)
     return aggregate_reference(assignments, x.astype(dtype), codewords.astype(dtype))
-
-
-def encoding(
-    x: jax.Array,
-    codewords: jax.Array,
-    scale: jax.Array,
-    *,
-    impl: str = "auto",
-    interpret: bool = False,
-) -> jax.Array:
-    """Residual encoding (Deep TEN): softmax-over-codewords assignment of scaled L2 distances, then aggregate.
-
-    ``SL[b,i,k] = scale_k · ||x_bi - c_k||²``, ``A = softmax_k(SL)``, ``E[b,k] = Σ_i A[b,i,k] (x_bi - c_k)``.
-    The sign lives in ``scale`` (upstream convention): the softmax is applied to ``+scale_k·||r||²``,
-    so negative smoothing factors favour near codewords. Logits and softmax are float32 whatever the
-    input dtype; gradients have no division by ``scale``. Neither direction materialises the
-    (B, N, K, D) residual tensor. This is :func:`jaxenc.kernels.encoding`: ``impl="auto"`` runs the
-    fused Pallas kernels on a GPU verified in ``kernels/verified.json`` and the XLA formulation elsewhere.
-
-    Shapes: x (B, N, D), codewords (K, D), scale (K) -> (B, K, D) in the promoted dtype of x and
-    codewords.
-    """
-    check_encoding_args(x, codewords, scale, "encoding")
-    return fused_encoding(x, codewords, scale, impl=impl, interpret=interpret)
 
 
 def pairwise_cosine(x: jax.Array, codewords: jax.Array, normalize: bool = False) -> jax.Array:
