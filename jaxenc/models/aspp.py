@@ -21,10 +21,11 @@ from jaxenc.models.head_blocks import (
     apply_dropout,
     conv_norm_relu,
     feature_input,
-    module_kw,
 )
 from jaxenc.nn import BatchNorm
 from jaxenc.nn.customize import ConvNormReLU
+from jaxenc.nn.fields import DtypeFields, dtype_kwargs
+from jaxenc.nn.module_utils import check_width
 from jaxenc.validation import check_positive_int
 
 Dtype = Any
@@ -36,14 +37,12 @@ class AsppPooling(GlobalPooling):
     """DeepLabV3's image pooling branch (upstream ``AsppPooling``): identical to :class:`GlobalPooling`."""
 
 
-class _ProjectSequential(nn.Module):
+class _ProjectSequential(DtypeFields):
     """ASPP ``project``: "0" 1x1 conv (no bias), "1" norm, ReLU, Dropout2d(0.5)."""
 
     out_channels: int
     norm_layer: NormLayer = BatchNorm
     dropout: float = 0.5
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -51,7 +50,7 @@ class _ProjectSequential(nn.Module):
         return apply_dropout(y, self.dropout, train, channelwise=True)
 
 
-class ASPP_Module(nn.Module):  # noqa: N801 (upstream name)
+class ASPP_Module(DtypeFields):  # noqa: N801 (upstream name)
     """Atrous spatial pyramid pooling of DeepLabV3 (Chen et al., arXiv:1706.05587), upstream ``ASPP_Module``.
 
     Five branches of in // 8 channels each: ``b0`` 1x1; ``b1``..``b3`` 3x3 with dilation = padding =
@@ -66,17 +65,11 @@ class ASPP_Module(nn.Module):  # noqa: N801 (upstream name)
     atrous_rates: Sequence[int] = (12, 24, 36)
     norm_layer: NormLayer = BatchNorm
     up_kwargs: Mapping[str, Any] | None = None
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         where = "ASPP_Module"
-        check_positive_int(self.in_channels, "in_channels", where)
-        if self.in_channels < 8:
-            raise ValueError(
-                f"{where}: in_channels must be >= 8 (branches have in_channels // 8), got {self.in_channels}"
-            )
+        check_width(self.in_channels, "in_channels", 8, "branches have in_channels // 8", where)
         rates = tuple(self.atrous_rates)
         if len(rates) != 3 or any(
             isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in rates
@@ -85,7 +78,7 @@ class ASPP_Module(nn.Module):  # noqa: N801 (upstream name)
                 f"{where}: atrous_rates must be three positive integers, got {self.atrous_rates!r}"
             )
         x = feature_input(x, self.in_channels, where, self.dtype)
-        kw = module_kw(self)
+        kw = dtype_kwargs(self)
         out = self.in_channels // 8
         feats = [ConvNormReLU(out, 1, norm_layer=self.norm_layer, name="b0", **kw)(x, train=train)]
         for i, rate in enumerate(rates, start=1):
@@ -105,7 +98,7 @@ class ASPP_Module(nn.Module):  # noqa: N801 (upstream name)
 ASPP = ASPP_Module
 
 
-class DeepLabV3Head(nn.Module):
+class DeepLabV3Head(DtypeFields):
     """DeepLabV3 head (Chen et al., arXiv:1706.05587), upstream ``DeepLabV3Head``: ``aspp``
     (:class:`ASPP_Module`, in -> in // 8) then ``block`` (3x3 conv + norm + ReLU, Dropout(0.1), 1x1 ->
     out_channels).
@@ -118,13 +111,11 @@ class DeepLabV3Head(nn.Module):
     norm_layer: NormLayer = BatchNorm
     up_kwargs: Mapping[str, Any] | None = None
     atrous_rates: Sequence[int] = (12, 24, 36)
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         check_positive_int(self.out_channels, "out_channels", "DeepLabV3Head")
-        kw = module_kw(self)
+        kw = dtype_kwargs(self)
         y = ASPP_Module(
             self.in_channels,
             tuple(self.atrous_rates),

@@ -24,9 +24,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxenc.models.model_utils import check_remat, dtype_kwargs, remat_call
+from jaxenc.models.model_utils import check_remat, dataset_nclass, dtype_kwargs, remat_call
 from jaxenc.models.registry import get_model, register_model
 from jaxenc.nn.encoding import Encoding
+from jaxenc.nn.fields import DtypeFields
 from jaxenc.nn.lp_norm import lp_normalize
 from jaxenc.nn.norm import BatchNorm
 from jaxenc.nn.torch_compat import Conv2d, torch_uniform_init
@@ -54,15 +55,13 @@ _BACKBONES = {
 CLASSIFICATION_DATASETS = {"minc": 23}
 
 
-class _DeepTenHead(nn.Module):
+class _DeepTenHead(DtypeFields):
     """Upstream ``head = nn.Sequential(Conv2d(2048, 128, 1), BatchNorm2d(128), ReLU, Encoding(128, 32),
     View(-1, 4096), Normalize(), Linear(4096, nclass))``: children "0", "1", "3", "6"."""
 
     nclass: int
     n_codes: int = 32
     norm_layer: Callable[..., nn.Module] = BatchNorm
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -148,11 +147,7 @@ def get_deepten(
             "model, then load its variables with jaxenc.models.load_pretrained('deepten_resnet50_minc', ...)"
         )
     if nclass is None:
-        if not isinstance(dataset, str) or dataset.lower() not in CLASSIFICATION_DATASETS:
-            raise ValueError(
-                f"get_deepten: unknown dataset {dataset!r}; give nclass or one of {sorted(CLASSIFICATION_DATASETS)}"
-            )
-        nclass = CLASSIFICATION_DATASETS[dataset.lower()]
+        nclass = dataset_nclass(dataset, CLASSIFICATION_DATASETS, "get_deepten")
     unknown = sorted(set(kwargs) - {"norm_layer", "dtype", "param_dtype", "remat"})
     if unknown:
         raise ValueError(

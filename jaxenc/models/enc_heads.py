@@ -24,11 +24,11 @@ from jaxenc.models.head_blocks import (
     conv_norm_relu,
     feature_input,
     lateral_fusion,
-    module_kw,
-    torch_linear,
 )
 from jaxenc.nn import ACFModule, BatchNorm, Encoding
 from jaxenc.nn.customize import ConvNormReLU
+from jaxenc.nn.fields import DtypeFields, dtype_kwargs
+from jaxenc.nn.module_utils import torch_linear
 from jaxenc.port import register_torch_aliases
 from jaxenc.validation import check_positive_int
 
@@ -37,19 +37,17 @@ Dtype = Any
 __all__ = ["ATTENHead", "EncHead", "EncModule"]
 
 
-class _EncodingSequential(nn.Module):
+class _EncodingSequential(DtypeFields):
     """EncModule's ``encoding`` Sequential: "0" 1x1 conv (no bias), "1" norm, ReLU, "3" Encoding(D, K),
     "4" norm over the K codewords, ReLU, mean over K. Shapes: (B, H, W, D) -> (B, D)."""
 
     channels: int
     ncodes: int
     norm_layer: NormLayer = BatchNorm
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        kw = module_kw(self)
+        kw = dtype_kwargs(self)
         y = conv_norm_relu(self, x, self.channels, 1, ("0", "1"), train)
         e = Encoding(self.channels, self.ncodes, name="3", **kw)(y)  # (B, K, D)
         # torch BatchNorm1d(K) on (B, K, D): K is the feature axis; statistics over B and D.
@@ -60,19 +58,17 @@ class _EncodingSequential(nn.Module):
         return jnp.mean(e, axis=-1)  # Mean(dim=1) over the codewords -> (B, D)
 
 
-class _FcSigmoid(nn.Module):
+class _FcSigmoid(DtypeFields):
     """EncModule's ``fc = nn.Sequential(nn.Linear(C, C), nn.Sigmoid())``: child "0"."""
 
     features: int
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return jax.nn.sigmoid(torch_linear(self.features, x.shape[-1], "0", self)(x))
+        return jax.nn.sigmoid(torch_linear(self.features, x.shape[-1], True, "0", self)(x))
 
 
-class EncModule(nn.Module):
+class EncModule(DtypeFields):
     """Context encoding module of EncNet (Zhang et al., "Context Encoding for Semantic Segmentation",
     CVPR 2018), upstream ``EncModule``.
 
@@ -89,8 +85,6 @@ class EncModule(nn.Module):
     ncodes: int = 32
     se_loss: bool = True
     norm_layer: NormLayer = BatchNorm
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, ...]:
@@ -99,16 +93,54 @@ class EncModule(nn.Module):
             check_positive_int(getattr(self, name), name, where)
         x = feature_input(x, self.in_channels, where, self.dtype)
         en = _EncodingSequential(
-            self.in_channels, self.ncodes, self.norm_layer, name="encoding", **module_kw(self)
+            self.in_channels, self.ncodes, self.norm_layer, name="encoding", **dtype_kwargs(self)
         )(x, train=train)
-        gamma = _FcSigmoid(self.in_channels, name="fc", **module_kw(self))(en)
+        gamma = _FcSigmoid(self.in_channels, name="fc", **dtype_kwargs(self))(en)
         y = jax.nn.relu(x + x * gamma[:, None, None, :].astype(x.dtype))
         if not self.se_loss:
             return (y,)
-        return (y, torch_linear(self.nclass, self.in_channels, "selayer", self)(en))
+        return (y, torch_linear(self.nclass, self.in_channels, True, "selayer", self)(en))
 
 
-class EncHead(nn.Module):
+def _conv5_features(
+    head: nn.Module, features: tuple[jax.Array, ...], width: int, where: str, train: bool
+) -> jax.Array:
+    """EncHead / ATTENHead trunk: c4 -> ``conv5`` (3x3 -> ``width`` + norm + ReLU), then with
+    ``head.lateral`` the fusion of c2 and c3. Call inside the head's compact method."""
+    check_feature_count(features, 3 if head.lateral else 1, where)
+    c4 = feature_input(features[-1], head.in_channels, where, head.dtype)
+    conv5 = ConvNormReLU(
+        width, 3, padding=1, norm_layer=head.norm_layer, name="conv5", **dtype_kwargs(head)
+    )
+    feat = conv5(c4, train=train)
+    if head.lateral:
+        feat = lateral_fusion(head, feat, features[1], features[2], train)
+    return feat
+
+
+def _encode_and_classify(
+    head: nn.Module, feat: jax.Array, train: bool, with_enc: bool = True
+) -> tuple[jax.Array, ...]:
+    """``encmodule`` (:class:`EncModule`, K=32; skipped without ``with_enc``) and ``conv6``
+    (Dropout(0.1) + 1x1) on its first output: ``(logits,)`` or ``(logits, se)``."""
+    kw = dtype_kwargs(head)
+    outs = (feat,)
+    if with_enc:
+        encode = EncModule(
+            feat.shape[-1],
+            head.out_channels,
+            ncodes=32,
+            se_loss=head.se_loss,
+            norm_layer=head.norm_layer,
+            name="encmodule",
+            **kw,
+        )
+        outs = encode(feat, train=train)
+    logits = Classifier(head.out_channels, 0.1, name="conv6", **kw)(outs[0], train=train)
+    return (logits, *outs[1:])
+
+
+class EncHead(DtypeFields):
     """EncNet head (Zhang et al., CVPR 2018), upstream ``EncHead``.
 
     ``conv5`` (3x3 in -> 512 + norm + ReLU) on c4; with ``lateral`` (used for Pascal datasets),
@@ -127,37 +159,17 @@ class EncHead(nn.Module):
     lateral: bool = True
     norm_layer: NormLayer = BatchNorm
     up_kwargs: Mapping[str, Any] | None = None
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, *features: jax.Array, train: bool = False) -> tuple[jax.Array, ...]:
-        where = "EncHead"
-        check_feature_count(features, 3 if self.lateral else 1, where)
-        kw = module_kw(self)
-        c4 = feature_input(features[-1], self.in_channels, where, self.dtype)
-        feat = ConvNormReLU(512, 3, padding=1, norm_layer=self.norm_layer, name="conv5", **kw)(
-            c4, train=train
-        )
-        if self.lateral:
-            feat = lateral_fusion(self, feat, features[1], features[2], train)
-        outs = EncModule(
-            512,
-            self.out_channels,
-            ncodes=32,
-            se_loss=self.se_loss,
-            norm_layer=self.norm_layer,
-            name="encmodule",
-            **kw,
-        )(feat, train=train)
-        logits = Classifier(self.out_channels, 0.1, name="conv6", **kw)(outs[0], train=train)
-        return (logits, *outs[1:])
+        feat = _conv5_features(self, features, 512, "EncHead", train)
+        return _encode_and_classify(self, feat, train)
 
 
 # --- ATTEN (CFNet) --------------------------------------------------------------------------------
 
 
-class _GlobalAndACF(nn.Module):
+class _GlobalAndACF(DtypeFields):
     """ATTENHead ``atten_layers = ConcurrentModule([GlobalPooling(C, C), atten])``: children "0", "1";
     output concat(pool(x), acf(x))."""
 
@@ -166,12 +178,10 @@ class _GlobalAndACF(nn.Module):
     nmixs: int
     norm_layer: NormLayer = BatchNorm
     up_kwargs: Mapping[str, Any] | None = None
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        kw = module_kw(self)
+        kw = dtype_kwargs(self)
         pool = GlobalPooling(
             self.channels, self.channels, self.norm_layer, self.up_kwargs, name="0", **kw
         )(x, train=train)
@@ -182,11 +192,11 @@ class _GlobalAndACF(nn.Module):
 def _acf(module: nn.Module, name: str) -> ACFModule:
     c, h, m = module.channels, module.nheads, module.nmixs
     return ACFModule(
-        h, m, c, c // h * m, c // h, norm_layer=module.norm_layer, name=name, **module_kw(module)
+        h, m, c, c // h * m, c // h, norm_layer=module.norm_layer, name=name, **dtype_kwargs(module)
     )
 
 
-class ATTENHead(nn.Module):
+class ATTENHead(DtypeFields):
     """ATTEN head of CFNet (Zhang et al., "Co-occurrent Features in Semantic Segmentation", CVPR 2019),
     upstream ``ATTENHead``.
 
@@ -215,8 +225,6 @@ class ATTENHead(nn.Module):
     with_enc: bool = True
     se_loss: bool = False
     lateral: bool = False
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @property
     def channels(self) -> int:
@@ -227,15 +235,9 @@ class ATTENHead(nn.Module):
         where = "ATTENHead"
         for name in ("in_channels", "out_channels", "nheads", "nmixs"):
             check_positive_int(getattr(self, name), name, where)
-        check_feature_count(features, 3 if self.lateral else 1, where)
-        kw = module_kw(self)
-        c4 = feature_input(features[-1], self.in_channels, where, self.dtype)
+        kw = dtype_kwargs(self)
         inter = self.channels
-        feat = ConvNormReLU(inter, 3, padding=1, norm_layer=self.norm_layer, name="conv5", **kw)(
-            c4, train=train
-        )
-        if self.lateral:
-            feat = lateral_fusion(self, feat, features[1], features[2], train)
+        feat = _conv5_features(self, features, inter, where, train)
         if self.with_global:
             feat = _GlobalAndACF(
                 inter,
@@ -248,19 +250,7 @@ class ATTENHead(nn.Module):
             )(feat, train=train)
         else:
             feat = _acf(self, name="atten")(feat, train=train)
-        outs = (feat,)
-        if self.with_enc:
-            outs = EncModule(
-                feat.shape[-1],
-                self.out_channels,
-                ncodes=32,
-                se_loss=self.se_loss,
-                norm_layer=self.norm_layer,
-                name="encmodule",
-                **kw,
-            )(feat, train=train)
-        logits = Classifier(self.out_channels, 0.1, name="conv6", **kw)(outs[0], train=train)
-        return (logits, *outs[1:])
+        return _encode_and_classify(self, feat, train, with_enc=self.with_enc)
 
 
 # Upstream's ``self.atten`` is the same module as ``self.atten_layers[1]``.

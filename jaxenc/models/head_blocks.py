@@ -20,9 +20,9 @@ from jaxenc.nn import (
     PyramidPooling,
     adaptive_avg_pool2d,
     interpolate_bilinear,
-    torch_uniform_init,
 )
 from jaxenc.nn.customize import ConvNormReLU, check_up_kwargs
+from jaxenc.nn.fields import DtypeFields, dtype_kwargs
 from jaxenc.validation import check_channels, check_positive_int, check_rank
 
 Dtype = Any
@@ -42,16 +42,10 @@ __all__ = [
     "conv_norm_relu",
     "feature_input",
     "lateral_fusion",
-    "module_kw",
-    "torch_linear",
     "upsample",
 ]
 
 _NHWC = "N, H, W, C"
-
-
-def module_kw(module: nn.Module) -> dict:
-    return dict(dtype=module.dtype, param_dtype=module.param_dtype)
 
 
 def apply_dropout(x: jax.Array, rate: float, train: bool, channelwise: bool) -> jax.Array:
@@ -73,7 +67,7 @@ def conv_norm_relu(
 ) -> jax.Array:
     """``module``'s children ``names`` = (conv, norm): conv (no bias) -> norm -> ReLU. Call inside
     ``module``'s compact method (it needs ``norm_layer``, ``dtype`` and ``param_dtype`` fields)."""
-    kw = module_kw(module)
+    kw = dtype_kwargs(module)
     conv, norm = names
     y = Conv2d(channels, kernel_size, padding=padding, bias=False, name=conv, **kw)(x)
     return jax.nn.relu(module.norm_layer(channels, name=norm, **kw)(y, train=train))
@@ -86,7 +80,7 @@ def feature_input(x: jax.Array, in_channels: int | None, where: str, dtype) -> j
     return x if dtype is None else x.astype(dtype)
 
 
-class ConvNormReLUList(nn.Module):
+class ConvNormReLUList(DtypeFields):
     """An ``nn.ModuleList`` of :class:`jaxenc.nn.customize.ConvNormReLU` blocks with one configuration; ``__call__(i, x)``
     runs block ``i`` (child name ``str(i)``)."""
 
@@ -94,8 +88,6 @@ class ConvNormReLUList(nn.Module):
     kernel_size: int = 1
     padding: int = 0
     norm_layer: NormLayer = BatchNorm
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, index: int, x: jax.Array, train: bool = False) -> jax.Array:
@@ -105,12 +97,12 @@ class ConvNormReLUList(nn.Module):
             self.padding,
             norm_layer=self.norm_layer,
             name=str(index),
-            **module_kw(self),
+            **dtype_kwargs(self),
         )
         return block(x, train=train)
 
 
-class ConvNormReLUDropConv(nn.Module):
+class ConvNormReLUDropConv(DtypeFields):
     """Upstream ``nn.Sequential(Conv2d(k=3, pad 1, no bias), norm, ReLU, Dropout(rate), Conv2d(1x1, bias))``
     (children "0", "1", "4").
 
@@ -127,12 +119,10 @@ class ConvNormReLUDropConv(nn.Module):
     with_global: bool = False
     pyramid: bool = False
     up_kwargs: Mapping[str, Any] | None = None
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        kw = module_kw(self)
+        kw = dtype_kwargs(self)
         i = 0
         if self.pyramid:  # PSPHead: PyramidPooling is child "0"
             x = PyramidPooling(
@@ -150,29 +140,25 @@ class ConvNormReLUDropConv(nn.Module):
         return Conv2d(self.out_channels, 1, name=str(j + 1), **kw)(y)
 
 
-class Classifier(nn.Module):
+class Classifier(DtypeFields):
     """Upstream ``nn.Sequential(Dropout(rate) or Dropout2d(rate), Conv2d(in, out, 1))``: child "1"."""
 
     out_channels: int
     dropout: float = 0.1
     channelwise: bool = False
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         x = apply_dropout(x, self.dropout, train, self.channelwise)
-        return Conv2d(self.out_channels, 1, name="1", **module_kw(self))(x)
+        return Conv2d(self.out_channels, 1, name="1", **dtype_kwargs(self))(x)
 
 
-class GapSequential(nn.Module):
+class GapSequential(DtypeFields):
     """Upstream ``gap = nn.Sequential(AdaptiveAvgPool2d(1), Conv2d(in, out, 1, bias=False), norm, ReLU)``:
     children "1" (conv) and "2" (norm). Shapes: (N, H, W, C) -> (N, 1, 1, out_channels)."""
 
     out_channels: int
     norm_layer: NormLayer = BatchNorm
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -181,7 +167,7 @@ class GapSequential(nn.Module):
         )
 
 
-class GlobalPooling(nn.Module):
+class GlobalPooling(DtypeFields):
     """Image-level pooling branch: global average pool, 1x1 conv (no bias) + norm + ReLU, then
     bilinear upsampling back to H x W (upstream ``GlobalPooling`` of fcn.py/atten.py and
     ``AsppPooling`` of deeplab.py; Chen et al., "Rethinking Atrous Convolution for Semantic Image
@@ -196,8 +182,6 @@ class GlobalPooling(nn.Module):
     out_channels: int
     norm_layer: NormLayer = BatchNorm
     up_kwargs: Mapping[str, Any] | None = None
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -205,20 +189,18 @@ class GlobalPooling(nn.Module):
         check_positive_int(self.out_channels, "out_channels", where)
         align = check_up_kwargs(self.up_kwargs, where)
         x = feature_input(x, self.in_channels, where, self.dtype)
-        pool = GapSequential(self.out_channels, self.norm_layer, name="gap", **module_kw(self))(
+        pool = GapSequential(self.out_channels, self.norm_layer, name="gap", **dtype_kwargs(self))(
             x, train=train
         )
         return interpolate_bilinear(pool, tuple(x.shape[1:3]), align_corners=align).astype(x.dtype)
 
 
-class IdentityAndGlobalPool(nn.Module):
+class IdentityAndGlobalPool(DtypeFields):
     """Upstream ``ConcurrentModule([Identity(), GlobalPooling(C, C)])``: concat(x, pool(x)); child "1"."""
 
     channels: int
     norm_layer: NormLayer = BatchNorm
     up_kwargs: Mapping[str, Any] | None = None
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -228,32 +210,24 @@ class IdentityAndGlobalPool(nn.Module):
             self.norm_layer,
             self.up_kwargs,
             name="1",
-            **module_kw(self),
+            **dtype_kwargs(self),
         )
         return jnp.concatenate([x, pool(x, train=train).astype(x.dtype)], axis=-1)
 
 
-class BlockSequential(nn.Module):
+class BlockSequential(DtypeFields):
     """DeepLabV3Head ``block`` and FCFPNHead ``conv5``: "0" 3x3 conv -> channels (no bias), "1" norm,
     ReLU, Dropout(0.1), "4" 1x1 conv -> out_channels."""
 
     channels: int
     out_channels: int
     norm_layer: NormLayer = BatchNorm
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         y = conv_norm_relu(self, x, self.channels, 3, ("0", "1"), train, padding=1)
         y = apply_dropout(y, 0.1, train, channelwise=False)
-        return Conv2d(self.out_channels, 1, name="4", **module_kw(self))(y)
-
-
-def torch_linear(features: int, fan_in: int, name: str, module: nn.Module) -> nn.Dense:
-    """``torch.nn.Linear(fan_in, features)``: U(±1/sqrt(fan_in)) for weight and bias."""
-    init = torch_uniform_init(fan_in)
-    return nn.Dense(features, kernel_init=init, bias_init=init, name=name, **module_kw(module))
+        return Conv2d(self.out_channels, 1, name="4", **dtype_kwargs(self))(y)
 
 
 def lateral_fusion(
@@ -261,7 +235,7 @@ def lateral_fusion(
 ) -> jax.Array:
     """EncHead / ATTENHead ``lateral``: connect.0 (c2 -> 512), connect.1 (c3 -> 512), then
     fusion(concat(feat, c2', c3')) -> 512. Call inside the head's compact method."""
-    kw = module_kw(module)
+    kw = dtype_kwargs(module)
     connect = ConvNormReLUList(512, 1, norm_layer=module.norm_layer, name="connect", **kw)
     c2 = connect(0, c2.astype(feat.dtype), train=train)
     c3 = connect(1, c3.astype(feat.dtype), train=train)

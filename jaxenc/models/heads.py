@@ -33,11 +33,12 @@ from jaxenc.models.head_blocks import (
     GlobalPooling,
     NormLayer,
     feature_input,
-    module_kw,
     upsample,
 )
 from jaxenc.nn import BatchNorm, CAM_Module, PAM_Module, PyramidPooling
 from jaxenc.nn.customize import ConvNormReLU, check_up_kwargs
+from jaxenc.nn.fields import DtypeFields, dtype_kwargs
+from jaxenc.nn.module_utils import check_width
 from jaxenc.validation import check_positive_int
 
 Dtype = Any
@@ -59,7 +60,24 @@ __all__ = [
 ]
 
 
-class FCNHead(nn.Module):
+def _conv5(head: nn.Module, x: jax.Array, where: str, train: bool, **options: bool) -> jax.Array:
+    """FCNHead / PSPHead ``conv5`` (:class:`ConvNormReLUDropConv`, hidden width in // 4, Dropout(0.1))
+    on the checked features; ``options`` its ``with_global`` / ``pyramid``."""
+    x = feature_input(x, head.in_channels, where, head.dtype)
+    conv5 = ConvNormReLUDropConv(
+        head.in_channels // 4,
+        head.out_channels,
+        head.norm_layer,
+        dropout=0.1,
+        up_kwargs=head.up_kwargs,
+        name="conv5",
+        **options,
+        **dtype_kwargs(head),
+    )
+    return conv5(x, train=train)
+
+
+class FCNHead(DtypeFields):
     """Fully convolutional head (Long et al., "Fully Convolutional Networks for Semantic Segmentation",
     CVPR 2015), PyTorch-Encoding's ``FCNHead``; also the auxiliary head on c3 of every model.
 
@@ -75,37 +93,22 @@ class FCNHead(nn.Module):
     norm_layer: NormLayer = BatchNorm
     up_kwargs: Mapping[str, Any] | None = None
     with_global: bool = False
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         where = "FCNHead"
-        check_positive_int(self.in_channels, "in_channels", where)
-        check_positive_int(self.out_channels, "out_channels", where)
-        if self.in_channels < 4:
-            raise ValueError(
-                f"{where}: in_channels must be >= 4 (the hidden width is in_channels // 4), got {self.in_channels}"
-            )
-        check_up_kwargs(self.up_kwargs, where)
-        x = feature_input(x, self.in_channels, where, self.dtype)
-        conv5 = ConvNormReLUDropConv(
-            self.in_channels // 4,
-            self.out_channels,
-            self.norm_layer,
-            dropout=0.1,
-            with_global=self.with_global,
-            up_kwargs=self.up_kwargs,
-            name="conv5",
-            **module_kw(self),
+        check_width(
+            self.in_channels, "in_channels", 4, "the hidden width is in_channels // 4", where
         )
-        return conv5(x, train=train)
+        check_positive_int(self.out_channels, "out_channels", where)
+        check_up_kwargs(self.up_kwargs, where)
+        return _conv5(self, x, where, train, with_global=self.with_global)
 
 
 # --- PSP ------------------------------------------------------------------------------------------
 
 
-class PSPHead(nn.Module):
+class PSPHead(DtypeFields):
     """PSPNet head (Zhao et al., "Pyramid Scene Parsing Network", CVPR 2017), upstream ``PSPHead``.
 
     ``conv5``: :class:`jaxenc.nn.PyramidPooling` (``conv5.0``, in -> 2·in channels), 3x3 conv
@@ -118,8 +121,6 @@ class PSPHead(nn.Module):
     out_channels: int
     norm_layer: NormLayer = BatchNorm
     up_kwargs: Mapping[str, Any] | None = None
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -131,24 +132,13 @@ class PSPHead(nn.Module):
                 f"{where}: in_channels must be divisible by 4 (pyramid levels of in_channels // 4), "
                 f"got {self.in_channels}"
             )
-        x = feature_input(x, self.in_channels, where, self.dtype)
-        conv5 = ConvNormReLUDropConv(
-            self.in_channels // 4,
-            self.out_channels,
-            self.norm_layer,
-            dropout=0.1,
-            pyramid=True,
-            up_kwargs=self.up_kwargs,
-            name="conv5",
-            **module_kw(self),
-        )
-        return conv5(x, train=train)
+        return _conv5(self, x, where, train, pyramid=True)
 
 
 # --- FCFPN / UperNet ------------------------------------------------------------------------------
 
 
-class FCFPNHead(nn.Module):
+class FCFPNHead(DtypeFields):
     """Fully convolutional FPN head (upstream ``FCFPNHead``; Lin et al., "Feature Pyramid Networks for
     Object Detection", CVPR 2017).
 
@@ -166,8 +156,6 @@ class FCFPNHead(nn.Module):
     fpn_inchannels: Sequence[int] = (256, 512, 1024, 2048)
     fpn_dim: int = 256
     up_kwargs: Mapping[str, Any] | None = None
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     _with_ppm = False
 
@@ -183,7 +171,7 @@ class FCFPNHead(nn.Module):
                 f"{where}: expected {len(fpn_in)} feature maps (fpn_inchannels={fpn_in}), got {len(inputs)}"
             )
         inputs = [feature_input(f, c, where, self.dtype) for f, c in zip(inputs, fpn_in)]
-        kw = module_kw(self)
+        kw = dtype_kwargs(self)
         c4 = inputs[-1]
         if self._with_ppm:
             c4 = PyramidPooling(
@@ -229,7 +217,7 @@ class UperNetHead(FCFPNHead):
 # --- DANet ----------------------------------------------------------------------------------------
 
 
-class DANetHead(nn.Module):
+class DANetHead(DtypeFields):
     """Dual attention head (Fu et al., "Dual Attention Network for Scene Segmentation", CVPR 2019;
     junfu1115/DANet ``DANetHead``).
 
@@ -244,20 +232,14 @@ class DANetHead(nn.Module):
     in_channels: int
     out_channels: int
     norm_layer: NormLayer = BatchNorm
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
         where = "DANetHead"
-        check_positive_int(self.in_channels, "in_channels", where)
+        check_width(self.in_channels, "in_channels", 32, "PAM needs in_channels // 4 >= 8", where)
         check_positive_int(self.out_channels, "out_channels", where)
-        if self.in_channels < 32:
-            raise ValueError(
-                f"{where}: in_channels must be >= 32 (PAM needs in_channels // 4 >= 8), got {self.in_channels}"
-            )
         x = feature_input(x, self.in_channels, where, self.dtype)
-        kw = module_kw(self)
+        kw = dtype_kwargs(self)
         inter = self.in_channels // 4
 
         def block(name):

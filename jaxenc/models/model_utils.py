@@ -4,7 +4,7 @@ pooled classifier."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxenc.nn.fields import dtype_kwargs
 from jaxenc.nn.torch_compat import Conv2d, torch_uniform_init
 from jaxenc.validation import check_int
 
@@ -22,6 +23,7 @@ __all__ = [
     "check_image_batch",
     "check_norm_layer",
     "check_remat",
+    "dataset_nclass",
     "dtype_kwargs",
     "field_values",
     "he_conv",
@@ -84,10 +86,13 @@ def he_fan_out_normal(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.flo
 he_conv = functools.partial(Conv2d, bias=False, kernel_init=he_fan_out_normal)
 
 
-def dtype_kwargs(module: nn.Module) -> dict[str, Any]:
-    """``dict(dtype=module.dtype, param_dtype=module.param_dtype)``, the arguments a module hands on
-    to the layers it creates."""
-    return dict(dtype=module.dtype, param_dtype=module.param_dtype)
+def dataset_nclass(dataset: Any, classes: Mapping[str, int], where: str) -> int:
+    """The class count of ``dataset`` (case-insensitive) in ``classes``; a ValueError names the known ones."""
+    if not isinstance(dataset, str) or dataset.lower() not in classes:
+        raise ValueError(
+            f"{where}: unknown dataset {dataset!r}; give nclass, or one of {sorted(classes)}"
+        )
+    return classes[dataset.lower()]
 
 
 def field_values(module: nn.Module, names: Sequence[str]) -> dict[str, Any]:

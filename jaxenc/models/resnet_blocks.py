@@ -19,6 +19,7 @@ from flax.traverse_util import flatten_dict
 
 from jaxenc.models.model_utils import dtype_kwargs, he_conv, he_fan_out_normal
 from jaxenc.nn import BatchNorm, DropBlock2D, RFConv2d, SplAtConv2d
+from jaxenc.nn.fields import DtypeFields
 from jaxenc.nn.resample import avg_pool2d
 
 Dtype = Any
@@ -73,7 +74,7 @@ def he_reinit_convs(module: nn.Module, child: str) -> None:
         scope.put_variable("params", "kernel", he_fan_out_normal(key, old.shape, old.dtype))
 
 
-class Downsample(nn.Module):
+class Downsample(DtypeFields):
     """Upstream's shortcut ``nn.Sequential``: [AvgPool (avg_down)] + conv1x1 + norm.
 
     Children "0" (conv) and "1" (norm), or with ``avg_down`` "1" (conv) and "2" (norm) behind the
@@ -84,8 +85,6 @@ class Downsample(nn.Module):
     stride: int
     avg_down: bool
     norm_layer: Callable[..., nn.Module]
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -143,7 +142,7 @@ def add_shortcut(module: nn.Module, x: jax.Array, out: jax.Array, train: bool) -
     return jax.nn.relu(out + residual.astype(out.dtype))
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(DtypeFields):
     """PyTorch-Encoding's ResNet/ResNeXt/ResNeSt Bottleneck (expansion 4).
 
     He et al., CVPR 2016; Xie et al., CVPR 2017; Zhang et al., arXiv:2004.08955.
@@ -174,8 +173,6 @@ class Bottleneck(nn.Module):
     norm_layer: Callable[..., nn.Module] = BatchNorm
     dropblock_prob: float = 0.0
     last_gamma: bool = False
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     expansion = 4
 
@@ -223,7 +220,7 @@ class Bottleneck(nn.Module):
         return add_shortcut(self, x, dropblock(self, out, "dropblock3", train), train)
 
 
-class BasicBlock(nn.Module):
+class BasicBlock(DtypeFields):
     """torchvision's ResNet-18/34 basic block (expansion 1) in PyTorch-Encoding's backbone.
 
     He et al., CVPR 2016.
@@ -245,8 +242,6 @@ class BasicBlock(nn.Module):
     norm_layer: Callable[..., nn.Module] = BatchNorm
     dropblock_prob: float = 0.0
     last_gamma: bool = False
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     expansion = 1
 
@@ -270,7 +265,7 @@ class BasicBlock(nn.Module):
         return add_shortcut(self, x, dropblock(self, out, "dropblock2", train), train)
 
 
-class DeepStem(nn.Module):
+class DeepStem(DtypeFields):
     """Upstream's deep stem ``nn.Sequential``: conv 3->w /2, norm, ReLU, conv w->w, norm, ReLU, conv w->2w.
 
     Children "0", "1", "3", "4", "6" (the ReLUs are "2" and "5"). Shapes: (N, H, W, 3) ->
@@ -281,8 +276,6 @@ class DeepStem(nn.Module):
     rectified_conv: bool = False
     rectify_avg: bool = False
     norm_layer: Callable[..., nn.Module] = BatchNorm
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:

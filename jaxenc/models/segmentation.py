@@ -41,9 +41,10 @@ from jaxenc.models.heads import (
     PSPHead,
     UperNetHead,
 )
-from jaxenc.models.model_utils import check_image_batch, check_remat, remat_call
+from jaxenc.models.model_utils import check_image_batch, check_remat, dataset_nclass, remat_call
 from jaxenc.models.registry import register_model
 from jaxenc.nn.customize import check_up_kwargs
+from jaxenc.nn.fields import dtype_kwargs
 from jaxenc.nn.norm import BatchNorm
 from jaxenc.nn.resample import interpolate_bilinear
 from jaxenc.validation import check_positive_int
@@ -175,9 +176,6 @@ class BaseNet(nn.Module):
     # Number of leading head outputs that are spatial logits (upsampled to the input size).
     _n_spatial = 1
 
-    def _kw(self) -> dict:
-        return dict(dtype=self.dtype, param_dtype=self.param_dtype)
-
     def _validate(self) -> None:
         where = type(self).__name__
         check_positive_int(self.nclass, "nclass", where)
@@ -211,14 +209,16 @@ class BaseNet(nn.Module):
                 dilated=self.dilated,
                 norm_layer=self.norm_layer,
                 remat=self.remat,
-                **self._kw(),
+                **dtype_kwargs(self),
                 **options,
             )
         except ValueError as err:
             raise ValueError(f"{type(self).__name__}: {err}") from None
         self.head = self.make_head()
         if self.aux:
-            self.auxlayer = FCNHead(self.widths[2], self.nclass, self.norm_layer, **self._kw())
+            self.auxlayer = FCNHead(
+                self.widths[2], self.nclass, self.norm_layer, **dtype_kwargs(self)
+            )
 
     @property
     def widths(self) -> tuple[int, int, int, int]:
@@ -263,7 +263,7 @@ class FCN(BaseNet):
             self.norm_layer,
             self.up_kwargs,
             self.with_global,
-            **self._kw(),
+            **dtype_kwargs(self),
         )
 
 
@@ -272,7 +272,9 @@ class PSP(BaseNet):
     """PSPNet (Zhao et al., "Pyramid Scene Parsing Network", CVPR 2017): :class:`PSPHead` on c4."""
 
     def make_head(self) -> nn.Module:
-        return PSPHead(self.widths[3], self.nclass, self.norm_layer, self.up_kwargs, **self._kw())
+        return PSPHead(
+            self.widths[3], self.nclass, self.norm_layer, self.up_kwargs, **dtype_kwargs(self)
+        )
 
 
 @_segmentation_model("encnet", generic_backbone="resnet50s")
@@ -292,7 +294,7 @@ class EncNet(BaseNet):
             lateral=self.lateral,
             norm_layer=self.norm_layer,
             up_kwargs=self.up_kwargs,
-            **self._kw(),
+            **dtype_kwargs(self),
         )
 
     def head_forward(self, features, train):
@@ -313,7 +315,7 @@ class DeepLabV3(BaseNet):
             self.norm_layer,
             self.up_kwargs,
             tuple(self.atrous_rates),
-            **self._kw(),
+            **dtype_kwargs(self),
         )
 
 
@@ -340,7 +342,7 @@ class UperNet(_FPNNet):
 
     def make_head(self) -> nn.Module:
         return UperNetHead(
-            self.nclass, self.norm_layer, self.widths, 256, self.up_kwargs, **self._kw()
+            self.nclass, self.norm_layer, self.widths, 256, self.up_kwargs, **dtype_kwargs(self)
         )
 
 
@@ -351,7 +353,7 @@ class FCFPN(_FPNNet):
 
     def make_head(self) -> nn.Module:
         return FCFPNHead(
-            self.nclass, self.norm_layer, self.widths, 256, self.up_kwargs, **self._kw()
+            self.nclass, self.norm_layer, self.widths, 256, self.up_kwargs, **dtype_kwargs(self)
         )
 
 
@@ -379,7 +381,7 @@ class ATTEN(BaseNet):
             with_enc=self.with_enc,
             se_loss=self.se_loss,
             lateral=self.with_lateral,
-            **self._kw(),
+            **dtype_kwargs(self),
         )
 
     def head_forward(self, features, train):
@@ -396,7 +398,7 @@ class DANet(BaseNet):
     _n_spatial = 3
 
     def make_head(self) -> nn.Module:
-        return DANetHead(self.widths[3], self.nclass, self.norm_layer, **self._kw())
+        return DANetHead(self.widths[3], self.nclass, self.norm_layer, **dtype_kwargs(self))
 
     def head_forward(self, features, train):
         return self.call_head(features[-1], train=train)
@@ -445,11 +447,7 @@ def get_segmentation_model(
             "#395); build the model, then load its variables with jaxenc.models.load_pretrained(<model name>, ...)"
         )
     if nclass is None:
-        if not isinstance(dataset, str) or dataset.lower() not in SEGMENTATION_DATASETS:
-            raise ValueError(
-                f"{where}: unknown dataset {dataset!r}; give nclass, or one of {sorted(SEGMENTATION_DATASETS)}"
-            )
-        nclass = SEGMENTATION_DATASETS[dataset.lower()]
+        nclass = dataset_nclass(dataset, SEGMENTATION_DATASETS, where)
     if cls is EncNet and kwargs.get("lateral") is None:
         kwargs["lateral"] = isinstance(dataset, str) and dataset.lower().startswith("p")
     fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name", "nclass", "backbone"}

@@ -39,6 +39,7 @@ from jaxenc.models.model_utils import (
 )
 from jaxenc.models.registry import build_named, register_model
 from jaxenc.nn import Conv2d, SyncBatchNorm, max_pool2d
+from jaxenc.nn.fields import DtypeFields
 from jaxenc.validation import check_int, check_probability
 
 Dtype = Any
@@ -49,7 +50,7 @@ ABN = functools.partial(SyncBatchNorm, activation="leaky_relu", slope=0.01)
 """PyTorch-Encoding's activated BN: batch norm then leaky ReLU (slope 0.01), in training and inference."""
 
 
-class _Projection(nn.Module):
+class _Projection(DtypeFields):
     """Upstream's shortcut ``nn.Sequential``: one 1x1 conv (child "0"), no norm.
 
     Shapes: (N, H, W, C_in) -> (N, H/stride, W/stride, out_channels).
@@ -57,8 +58,6 @@ class _Projection(nn.Module):
 
     out_channels: int
     stride: int
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -82,7 +81,7 @@ def _preactivate(module: nn.Module, x: jax.Array, out_channels: int, train: bool
     return pre, x
 
 
-class WideBasicBlock(nn.Module):
+class WideBasicBlock(DtypeFields):
     """WideResNet's pre-activation basic block (upstream ``BasicBlock``).
 
     bn1 (ABN) -> conv1 3x3 (stride, padding = dilation = ``dilation``, -> planes) -> bn2 (ABN) ->
@@ -101,8 +100,6 @@ class WideBasicBlock(nn.Module):
     expansion: int = 1
     downsample: bool = False
     norm_layer: Callable[..., nn.Module] = ABN
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -125,7 +122,7 @@ class WideBasicBlock(nn.Module):
         return out + residual.astype(out.dtype)
 
 
-class WideBottleneck(nn.Module):
+class WideBottleneck(DtypeFields):
     """WideResNet's pre-activation bottleneck (upstream ``Bottleneck``, "BottleneckV1b").
 
     bn1 (ABN) -> conv1 1x1 (-> planes) -> bn2 (ABN) -> conv2 3x3 (stride, padding = dilation,
@@ -143,8 +140,6 @@ class WideBottleneck(nn.Module):
     dropout: float = 0.0
     downsample: bool = False
     norm_layer: Callable[..., nn.Module] = ABN
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:

@@ -43,6 +43,7 @@ from jaxenc.models.model_utils import (
 )
 from jaxenc.models.registry import build_named, register_model
 from jaxenc.nn import BatchNorm
+from jaxenc.nn.fields import DtypeFields
 from jaxenc.validation import check_channels, check_positive_int
 
 Dtype = Any
@@ -118,7 +119,7 @@ def _fixed_padding(x: jax.Array, kernel_size: int, dilation: int) -> jax.Array:
     return jnp.pad(x, ((0, 0), (begin, total - begin), (begin, total - begin), (0, 0)))
 
 
-class SeparableConv2d(nn.Module):
+class SeparableConv2d(DtypeFields):
     """Upstream's SeparableConv2d: fixed padding, depthwise conv, norm, pointwise 1x1 conv.
 
     Children ``conv1`` (depthwise, groups = inplanes), ``bn`` (``norm_layer(inplanes)``) and
@@ -135,8 +136,6 @@ class SeparableConv2d(nn.Module):
     dilation: int = 1
     bias: bool = False
     norm_layer: Callable[..., nn.Module] = BatchNorm
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     def __post_init__(self):
         where = "SeparableConv2d"
@@ -159,13 +158,11 @@ class SeparableConv2d(nn.Module):
         return conv(self.planes, 1, name="pointwise")(x)
 
 
-class _Rep(nn.Module):
+class _Rep(DtypeFields):
     """A block's ``rep`` ``nn.Sequential``, children named by their index in :func:`rep_layout`."""
 
     layout: tuple
     norm_layer: Callable[..., nn.Module]
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -183,7 +180,7 @@ class _Rep(nn.Module):
         return x
 
 
-class XceptionBlock(nn.Module):
+class XceptionBlock(DtypeFields):
     """Upstream's Xception ``Block``: ``rep`` + shortcut, no activation after the add.
 
     ``rep``: the units of :func:`rep_layout` (ReLU, :class:`SeparableConv2d`, norm) as children named
@@ -206,8 +203,6 @@ class XceptionBlock(nn.Module):
     grow_first: bool = True
     is_last: bool = False
     inplace_relu: bool = False
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     def __post_init__(self):
         where = "XceptionBlock"
