@@ -57,6 +57,7 @@ def test_every_recipe_file_is_listed():
         "common",
         "default",
         "tiny",
+        "tiny_cls",
     }
     assert files == set(SEGMENTATION) | set(RECOGNITION)
 

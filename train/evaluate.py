@@ -600,8 +600,9 @@ def main(argv):
         overrides=overrides,
         log=lambda msg: print(msg, flush=True),
     )
-    if not math.isfinite(result["mIoU"]):
-        raise SystemExit("non-finite mIoU")
+    headline = "mIoU" if "mIoU" in result else "top1"  # segmentation or recognition
+    if not math.isfinite(result[headline]):
+        raise SystemExit(f"non-finite {headline}")
 
 
 if __name__ == "__main__":
