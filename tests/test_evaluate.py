@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 from tiny_config import tiny_config
 
+from configs import tiny_cls
 from train import evaluate
 from train.trainer import train_and_evaluate
 
@@ -155,19 +156,22 @@ def test_resolve_checkpoint(trained, tmp_path):
         evaluate.resolve_checkpoint("deeplab_resnest50_adee")
 
 
-@pytest.mark.slow
-def test_cli_smoke(trained, tmp_path):
-    _, workdir, _ = trained
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    """``python -m train.evaluate ARGS`` in the repository, on CPU, without progress bars."""
     env = dict(
         os.environ,
         JAX_PLATFORMS="cpu",
         JAXENC_NO_PROGRESS="1",
         PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
     )
-    cmd = [
-        sys.executable,
-        "-m",
-        "train.evaluate",
+    cmd = [sys.executable, "-m", "train.evaluate", *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+
+
+@pytest.mark.slow
+def test_cli_smoke(trained, tmp_path):
+    _, workdir, _ = trained
+    proc = _run_cli(
         "--config",
         "configs/tiny.py",
         "--checkpoint",
@@ -182,8 +186,7 @@ def test_cli_smoke(trained, tmp_path):
         "2",
         "--save_predictions",
         "1",
-    ]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "mIoU" in proc.stdout and "background" in proc.stdout
     out = json.loads((tmp_path / "eval_metrics.json").read_text())
@@ -221,3 +224,28 @@ def test_published_weights_file_gives_the_checkpoints_numbers(trained, tmp_path)
     )
     assert from_file["mIoU"] == from_ckpt["mIoU"] and from_file["IoU"] == from_ckpt["IoU"]
     assert from_file["step"] is None and from_file["checkpoint"].endswith("exported.msgpack")
+
+
+@pytest.mark.slow
+def test_cli_recognition_exits_zero(tmp_path):
+    """A recognition run: top-1/top-5 printed and written, exit code 0 (it used to end in a
+    KeyError on the segmentation metric)."""
+    config = tiny_cls.get_config()
+    config.train.num_steps = 2
+    config.optim.warmup_steps = 1
+    config.train.eval_every = 2
+    config.train.sample_predictions = 0
+    workdir = tmp_path / "run"
+    train_and_evaluate(config, workdir)
+    proc = _run_cli(
+        "--config",
+        "configs/tiny_cls.py",
+        "--checkpoint",
+        str(workdir),
+        "--outdir",
+        str(tmp_path / "eval"),
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "top-1" in proc.stdout and "Traceback" not in proc.stderr
+    out = json.loads((tmp_path / "eval" / "eval_metrics.json").read_text())
+    assert 0.0 <= out["top1"] <= out["top5"] <= 1.0
