@@ -67,11 +67,20 @@ import ml_collections
 import numpy as np
 
 from jaxenc import metrics as jmetrics
-from jaxenc import models
 from jaxenc.models import multi_eval
 from jaxenc.validation import is_int
-from train import compile_cache
 from train.data import arrays, augment
+from train.inference import (
+    class_names,
+    config_get,
+    enable_compile_cache,
+    input_stats,
+    label_image,
+    label_palette,
+    load_model,
+    resolve_checkpoint,
+    segmentation_evaluator,
+)
 
 __all__ = ["EvalSettings", "eval_settings", "evaluate_checkpoint", "resolve_checkpoint"]
 
@@ -113,15 +122,6 @@ class EvalSettings:
     batch_size: int
 
 
-def _get(node: Any, key: str, default: Any = None) -> Any:
-    if node is None:
-        return default
-    try:
-        return node[key] if key in node else default
-    except TypeError:
-        return default
-
-
 def _int_setting(value, key: str, minimum: int) -> int:
     if not is_int(value) or value < minimum:
         raise ValueError(f"config.eval.{key} must be an integer >= {minimum}, got {value!r}")
@@ -133,8 +133,8 @@ def eval_settings(
 ) -> EvalSettings:
     """``config.eval`` with its defaults filled in; ``overrides`` (keys as in ``config.eval``, None =
     not given) take precedence. Raises ValueError naming the key for a bad value."""
-    section = _get(config, "eval")
-    given = {k: _get(section, k) for k in _SETTING_KEYS}
+    section = config_get(config, "eval")
+    given = {k: config_get(section, k) for k in _SETTING_KEYS}
     unknown = sorted(set(overrides or {}) - set(_SETTING_KEYS))
     if unknown:
         raise KeyError(
@@ -168,7 +168,7 @@ def eval_settings(
             raise ValueError(f"config.eval.flip must be a bool, got {flip!r}")
     base = given["base_size"]
     if base is None:
-        base = _get(_get(config, "input"), "base_size", _DEFAULT_BASE_SIZE)
+        base = config_get(config_get(config, "input"), "base_size", _DEFAULT_BASE_SIZE)
     crop = given["crop_size"] if given["crop_size"] is not None else config.dataset.image_size
     split = given["split"] if given["split"] is not None else "validation"
     if not isinstance(split, str) or not split:
@@ -197,54 +197,6 @@ def eval_settings(
 
 
 # ---------------------------------------------------------------------------------------------------
-# checkpoints
-
-
-def resolve_checkpoint(
-    path: str | os.PathLike, *, use_best: bool = False
-) -> tuple[Path, int | None, Path]:
-    """``(step directory, step, workdir)``: :func:`jaxenc.models.resolve_checkpoint` (a workdir gives
-    its latest periodic checkpoint, or its best one with ``use_best``), with ``--checkpoint`` messages;
-    a path that does not exist is reported with the model-store names."""
-    if not Path(path).exists():
-        raise FileNotFoundError(
-            f"--checkpoint: {Path(path).resolve()} does not exist (and {str(path)!r} is not a model-store name; "
-            f"those are {models.pretrained_model_list()})"
-        )
-    try:
-        return models.resolve_checkpoint(path, use_best=use_best)
-    except FileNotFoundError as err:
-        raise FileNotFoundError(
-            str(err).replace("resolve_checkpoint:", "--checkpoint:", 1)
-        ) from None
-
-
-def _is_weights(checkpoint: str | os.PathLike) -> bool:
-    spec = str(checkpoint)
-    if spec in models.pretrained_model_list():
-        return True
-    p = Path(spec)
-    return p.is_file() and p.name != "state"
-
-
-def _load_variables(config, model, source: str | os.PathLike, *, weights: bool) -> dict:
-    """``params``/``batch_stats`` of ``model`` from a trainer step directory (``ema_params`` when
-    ``config.optim.ema_decay`` is set, as the trainer evaluates) or, with ``weights``, a model-store
-    name or a weights file (an upstream ``.pth``/``.zip`` converted through jaxenc.port, or a ``.msgpack``)."""
-    size = config.dataset.image_size
-    example = np.zeros((1, size, size, 3), np.float32)
-    key = jax.random.key(0)
-    abstract = jax.eval_shape(
-        lambda: model.init({"params": key, "dropout": key}, example, train=False)
-    )
-    target = {"params": abstract["params"], "batch_stats": abstract.get("batch_stats", {})}
-    if weights:
-        return models.load_weights(source, target, model=model, example_input=example)
-    use_ema = _get(_get(config, "optim"), "ema_decay") is not None
-    return models.load_weights(source, target, use_ema=use_ema)
-
-
-# ---------------------------------------------------------------------------------------------------
 # per-image work
 
 
@@ -267,13 +219,6 @@ def _pred_and_counts_fn(num_classes: int) -> Callable:
     return fn
 
 
-def _class_names(source, num_classes: int) -> list[str]:
-    names = getattr(source, "class_names", None)
-    if names is not None and len(names) == num_classes:
-        return [str(n) for n in names]
-    return [str(i) for i in range(num_classes)]
-
-
 def _save_pngs(
     outdir: Path,
     index: int,
@@ -284,14 +229,11 @@ def _save_pngs(
     mean,
     std,
 ) -> None:
-    from PIL import Image
-
     from train import observe
 
     folder = outdir / PREDICTIONS_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    if len(palette) <= int(pred.max()):  # a palette shorter than the classes: the VOC colour map
-        palette = observe.voc_palette(int(pred.max()) + 1)
+    palette = label_palette(palette, int(pred.max()))
     if mask is not None:
         shown = np.where((mask >= 0) & (mask < len(palette)), mask, -1)
         observe.save_segmentation_samples(
@@ -305,11 +247,7 @@ def _save_pngs(
             max_rows=1,
         )
     if len(palette) <= 256:
-        png = Image.fromarray(pred.astype(np.uint8), mode="P")
-        flat = np.zeros((256, 3), np.uint8)
-        flat[: len(palette)] = palette
-        png.putpalette(flat.reshape(-1).tolist())
-        png.save(folder / f"{index:05d}_pred.png")
+        label_image(pred, palette).save(folder / f"{index:05d}_pred.png")
 
 
 def _allgather_sum(values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -381,63 +319,44 @@ def evaluate_checkpoint(
     from train import trainer
     from train.data import pipeline
 
-    if _get(config, "distributed") is not None:
+    if config_get(config, "distributed") is not None:
         trainer.initialize_distributed(config.distributed)
     if config.task not in ("segmentation", "recognition"):
         raise ValueError(
             f"train.evaluate: config.task must be 'segmentation' or 'recognition', got {config.task!r}"
         )
-    cache = _get(_get(config, "train"), "compile_cache", "user")
-    if cache == "workdir":  # the trainer's workdir; published weights have none
-        cache = (
-            "user"
-            if _is_weights(checkpoint)
-            else str(resolve_checkpoint(checkpoint, use_best=use_best)[2] / "xla_cache")
-        )
-    compile_cache.enable_compile_cache(cache)
+    enable_compile_cache(config, checkpoint, use_best=use_best)
     is_main = jax.process_index() == 0
     say = log if log is not None else (lambda msg: print(msg, file=sys.stderr, flush=True))
     say = say if is_main else (lambda msg: None)
 
     settings = eval_settings(config, overrides)
-    model = trainer.build_model(config)
-    if _is_weights(
-        checkpoint
-    ):  # published weights: a model-store name or a .pth/.zip/.msgpack file
-        variables = _load_variables(config, model, str(checkpoint), weights=True)
-        step_dir, step = str(checkpoint), None
-        outdir = Path(outdir) if outdir is not None else Path("eval") / Path(str(checkpoint)).stem
+    loaded = load_model(config, checkpoint, use_best=use_best)
+    step_dir, step = loaded.checkpoint, loaded.step
+    if outdir is not None:
+        outdir = Path(outdir)
+    elif loaded.workdir is None:  # published weights: a model-store name or a .pth/.zip/.msgpack
+        outdir = Path("eval") / Path(str(checkpoint)).stem
     else:
-        step_dir, step, workdir = resolve_checkpoint(checkpoint, use_best=use_best)
-        variables = _load_variables(config, model, step_dir, weights=False)
-        outdir = Path(outdir) if outdir is not None else workdir / "eval"
+        outdir = loaded.workdir / "eval"
     num_classes = int(config.dataset.num_classes)
-    mean = tuple(float(v) for v in _get(config.input, "mean", multi_eval.IMAGENET_MEAN))
-    std = tuple(float(v) for v in _get(config.input, "std", multi_eval.IMAGENET_STD))
+    mean, std = input_stats(config)
 
-    predict = multi_eval.make_sharded_predict(model, variables)
+    predict = multi_eval.make_sharded_predict(loaded.model, loaded.variables)
     if config.task == "recognition":
         return _evaluate_recognition(
             config, predict, settings, outdir, step_dir, step, say, is_main
         )
     n_dev = predict.num_devices
-    batch = -(-settings.batch_size // n_dev) * n_dev
-    evaluator = multi_eval.MultiScaleEvaluator(
-        predict,
-        num_classes=num_classes,
-        base_size=settings.base_size,
-        crop_size=settings.crop_size,
-        scales=settings.scales,
-        flip=settings.flip,
-        mean=mean,
-        std=std,
-        batch_size=batch,
+    evaluator = segmentation_evaluator(
+        predict, settings, num_classes=num_classes, mean=mean, std=std
     )
+    batch = evaluator.batch_size
     pred_and_counts = _pred_and_counts_fn(num_classes)
 
     source = pipeline.get_source(config.dataset, settings.split)
     total = len(source) if settings.num_images == 0 else min(settings.num_images, len(source))
-    names = _class_names(source, num_classes)
+    names = class_names(source, num_classes)
     palette = pipeline.palette(config.dataset)
     p_idx, n_proc = jax.process_index(), jax.process_count()
     mine = range(p_idx, total, n_proc)
