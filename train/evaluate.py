@@ -71,9 +71,11 @@ from jaxenc.models import multi_eval
 from jaxenc.validation import is_int
 from train.data import arrays, augment
 from train.inference import (
+    MODES,
     class_names,
     config_get,
     enable_compile_cache,
+    flag_overrides,
     input_stats,
     label_image,
     label_palette,
@@ -84,7 +86,6 @@ from train.inference import (
 
 __all__ = ["EvalSettings", "eval_settings", "evaluate_checkpoint", "resolve_checkpoint"]
 
-MODES = ("multi_scale", "single_scale")
 METRICS_FILE = "eval_metrics.json"
 PREDICTIONS_DIR = "predictions"
 _DEFAULT_BASE_SIZE = 520
@@ -469,27 +470,16 @@ def _evaluate_recognition(
 
 def _define_flags():
     from absl import flags
-    from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file(
-        "config", None, "Path to an ml_collections config file (configs/*.py).", lock_config=True
+    from train import inference
+
+    inference.define_common_flags(
+        ("base_size", "crop_size", "num_images", "save_predictions", "batch_size")
     )
-    flags.DEFINE_string(
-        "checkpoint",
-        None,
-        "Trainer workdir, checkpoints/ or best/ directory, or a step directory; "
-        "or published weights: a model-store name (e.g. deeplab_resnest50_ade, from the local "
-        "cache) or a .pth/.zip/.msgpack file.",
-    )
+    flags.adopt_module_key_flags(inference)
     flags.DEFINE_string(
         "outdir", None, "Where eval_metrics.json and the PNGs go (default <workdir>/eval)."
     )
-    flags.DEFINE_bool("use_best", False, "Evaluate workdir/best instead of the latest checkpoint.")
-    flags.DEFINE_enum("mode", None, list(MODES), "Overrides config.eval.mode.")
-    flags.DEFINE_list("scales", None, "Overrides config.eval.scales (comma-separated).")
-    flags.DEFINE_bool("flip", None, "Overrides config.eval.flip.")
-    for key in ("base_size", "crop_size", "num_images", "save_predictions", "batch_size"):
-        flags.DEFINE_integer(key, None, f"Overrides config.eval.{key}.")
     flags.DEFINE_string("split", None, "Overrides config.eval.split.")
     flags.mark_flags_as_required(["config", "checkpoint"])
     return flags.FLAGS
@@ -503,14 +493,7 @@ def main(argv):
         raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
     absl_logging.set_verbosity(absl_logging.WARNING)
     f = FLAGS
-    overrides = {k: f[k].value for k in _SETTING_KEYS if k != "scales"}
-    if f.scales is not None:
-        try:
-            overrides["scales"] = tuple(float(s) for s in f.scales)
-        except ValueError:
-            raise app.UsageError(
-                f"--scales must be comma-separated numbers, got {f.scales!r}"
-            ) from None
+    overrides = flag_overrides(f, _SETTING_KEYS)
     result = evaluate_checkpoint(
         f.config,
         f.checkpoint,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,13 @@ from train import compile_cache
 from train.data.palette import voc_palette
 
 __all__ = [
+    "MODES",
     "LoadedModel",
     "class_names",
     "config_get",
+    "define_common_flags",
     "enable_compile_cache",
+    "flag_overrides",
     "input_stats",
     "is_weights",
     "label_image",
@@ -37,6 +41,8 @@ __all__ = [
     "resolve_checkpoint",
     "segmentation_evaluator",
 ]
+
+MODES = ("multi_scale", "single_scale")
 
 
 def config_get(node: Any, key: str, default: Any = None) -> Any:
@@ -201,3 +207,50 @@ def label_image(pred: np.ndarray, palette: np.ndarray):
     flat[: len(palette)] = palette
     png.putpalette(flat.reshape(-1).tolist())
     return png
+
+
+# ---------------------------------------------------------------------------------------------------
+# command-line flags
+
+
+def define_common_flags(int_overrides: Sequence[str]):
+    """Defines the flags of both commands: ``--config --checkpoint --use_best --mode --scales --flip`` and an integer ``--KEY`` overriding
+    ``config.eval.KEY`` for each of ``int_overrides``. Returns ``absl.flags.FLAGS``. The caller
+    should ``flags.adopt_module_key_flags(train.inference)`` so that its ``--help`` lists them."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file(
+        "config", None, "Path to an ml_collections config file (configs/*.py).", lock_config=True
+    )
+    flags.DEFINE_string(
+        "checkpoint",
+        None,
+        "Trainer workdir, checkpoints/ or best/ directory, or a step directory; "
+        "or published weights: a model-store name (e.g. deeplab_resnest50_ade, from the local "
+        "cache) or a .pth/.zip/.msgpack file.",
+    )
+    flags.DEFINE_bool("use_best", False, "Read workdir/best instead of the latest checkpoint.")
+    flags.DEFINE_enum("mode", None, list(MODES), "Overrides config.eval.mode.")
+    flags.DEFINE_list("scales", None, "Overrides config.eval.scales (comma-separated).")
+    flags.DEFINE_bool("flip", None, "Overrides config.eval.flip.")
+    for key in int_overrides:
+        flags.DEFINE_integer(key, None, f"Overrides config.eval.{key}.")
+    return flags.FLAGS
+
+
+def flag_overrides(flag_values, keys: Sequence[str]) -> dict:
+    """``{key: --key value}`` for the ``config.eval`` override flags ``keys`` (None = not given);
+    ``--scales`` parsed to floats (``absl.app.UsageError`` for a non-number)."""
+    from absl import app
+
+    overrides = {k: flag_values[k].value for k in keys if k != "scales"}
+    scales = flag_values["scales"].value
+    if "scales" in keys and scales is not None:
+        try:
+            overrides["scales"] = tuple(float(s) for s in scales)
+        except ValueError:
+            raise app.UsageError(
+                f"--scales must be comma-separated numbers, got {scales!r}"
+            ) from None
+    return overrides
