@@ -186,6 +186,38 @@ def test_single_scale_mode_override(seg, tmp_path):
         np.testing.assert_array_equal(np.asarray(im), expected)
 
 
+def test_max_size_predicts_smaller_and_writes_the_input_size(seg, tmp_path):
+    config, apply, root = seg
+    src = root / "images" / "rgb.png"  # 70 x 45
+    predict.predict_images(
+        config,
+        root / "weights.msgpack",
+        [src],
+        tmp_path,
+        overrides={"mode": "single_scale", "base_size": 40},
+        max_size=40,
+        progress=False,
+        log=lambda msg: None,
+    )
+    small = arrays.resize_image(predict.read_image(src), 40, 26, "bilinear")
+    image = arrays.normalise_uint8(small, config.input.mean, config.input.std)
+    expected = multi_eval.multi_scale_predict(
+        apply,
+        image,
+        num_classes=config.dataset.num_classes,
+        base_size=40,
+        crop_size=SIZE,
+        scales=(1.0,),
+        flip=False,
+        batch_size=8,
+    )
+    with Image.open(tmp_path / "rgb.png") as im:
+        assert im.size == (70, 45)
+        np.testing.assert_array_equal(np.asarray(im), arrays.resize_mask(expected, 70, 45))
+    with pytest.raises(ValueError, match="--max_size must be an integer >= 0"):
+        predict.predict_images(config, root / "weights.msgpack", [src], tmp_path, max_size=-1)
+
+
 def test_recognition_top_k_is_the_softmax_of_the_validation_crop(tmp_path):
     config = tiny_cls.get_config()
     variables = _save_random_weights(config, tmp_path / "cls.msgpack")

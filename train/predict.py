@@ -21,7 +21,8 @@ a palette/grey image with a transparent colour) is composited on black, the colo
 pads with; 16-bit images (``I;16``) are scaled to 8 bits (x / 257), 32-bit integer (``I``) and float
 (``F``) images likewise by their range (values up to 255 kept; up to 65535 divided by 257; otherwise
 scaled by their maximum; float images in [0, 1] multiplied by 255). Multi-frame files give their
-first frame.
+first frame. "The input's size" below is the size as displayed, after the EXIF rotation (width and
+height swapped for a quarter turn), so the PNGs line up with the photograph in any viewer.
 
 Segmentation configs: the config's evaluation protocol (``config.eval``, as ``train.evaluate``:
 multi-scale + flip + sliding window, the long side resized to ``base_size`` times each scale, the
@@ -30,7 +31,12 @@ flip), on the full image normalised as ``(x * (1/255) - mean) / std``. Per input
 labels as a palette PNG (mode "P", the input's size, the dataset's palette; with more than 256
 classes a 16-bit grey PNG of the class indices instead), and ``<stem>_overlay.png``: the input
 blended with the label colours, ``(1 - alpha) * image + alpha * colour`` (``--alpha``, default 0.5),
-the input's size. Two inputs with the same stem (``a/x.jpg`` and ``b/x.png``; compared
+the input's size. ``--max_size N`` (default 0 = off) bounds the cost on large photographs: an
+image whose long side exceeds N is first resized to long side N (PIL bilinear, antialiased), the
+protocol runs on that, and the labels are resized back to the input size (nearest). The score maps
+are float32 ``(H, W, num_classes)`` at the size the protocol runs at, e.g. 7 GB for a 12-megapixel
+photograph and 150 classes, so a many-class model on phone photographs wants ``--max_size 1024``
+or so, above all on a CPU. Two inputs with the same stem (``a/x.jpg`` and ``b/x.png``; compared
 case-insensitively) get ``x`` and ``x-2`` in input order, so nothing is overwritten;
 ``predictions.jsonl`` maps each input to its files (``{"path", "label", "overlay", "size": [W,
 H]}``).
@@ -246,7 +252,7 @@ def _dataset_class_names(config, split: str, say: Callable[[str], None]) -> list
 class _Segmenter:
     """Writes the label and overlay PNGs of one image."""
 
-    def __init__(self, config, predict, settings, output: Path, alpha: float):
+    def __init__(self, config, predict, settings, output: Path, alpha: float, max_size: int):
         from train.data import pipeline
 
         self.num_classes = int(config.dataset.num_classes)
@@ -257,7 +263,7 @@ class _Segmenter:
         self.palette = inference.label_palette(
             pipeline.palette(config.dataset), self.num_classes - 1
         )
-        self.output, self.alpha = output, alpha
+        self.output, self.alpha, self.max_size = output, alpha, max_size
         self.rows: list[dict] = []
 
     def describe(self, settings) -> str:
@@ -270,7 +276,16 @@ class _Segmenter:
     def __call__(self, path: Path, stem: str, image: np.ndarray) -> None:
         from PIL import Image
 
-        pred = self.evaluator.predict(arrays.normalise_uint8(image, self.mean, self.std))
+        h, w = image.shape[:2]
+        work = image
+        if self.max_size and max(h, w) > self.max_size:
+            f = self.max_size / max(h, w)
+            work = arrays.resize_image(
+                image, max(1, round(w * f)), max(1, round(h * f)), "bilinear"
+            )
+        pred = self.evaluator.predict(arrays.normalise_uint8(work, self.mean, self.std))
+        if work is not image:
+            pred = arrays.resize_mask(pred, w, h)
         label = f"{stem}.png"
         overlay = f"{stem}{OVERLAY_SUFFIX}.png"
         if self.num_classes <= 256:
@@ -363,6 +378,7 @@ def predict_images(
     top_k: int = DEFAULT_TOP_K,
     recursive: bool = False,
     alpha: float = DEFAULT_ALPHA,
+    max_size: int = 0,
     progress: bool | None = None,
     log: Callable[[str], None] | None = None,
 ) -> PredictReport:
@@ -380,6 +396,8 @@ def predict_images(
     unknown = sorted(set(overrides or {}) - set(OVERRIDE_KEYS))
     if unknown:
         raise KeyError(f"predict_images: unknown override(s) {unknown}; known: {OVERRIDE_KEYS}")
+    if not (isinstance(max_size, int) and max_size >= 0):
+        raise ValueError(f"--max_size must be an integer >= 0 (0 = no limit), got {max_size!r}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"--alpha must be in [0, 1], got {alpha!r}")
     if int(top_k) < 1:
@@ -393,7 +411,7 @@ def predict_images(
     predict = multi_eval.make_sharded_predict(loaded.model, loaded.variables)
     output.mkdir(parents=True, exist_ok=True)
     if config.task == "segmentation":
-        worker = _Segmenter(config, predict, settings, output, alpha)
+        worker = _Segmenter(config, predict, settings, output, alpha, max_size)
     else:
         names = _dataset_class_names(config, settings.split, say)
         worker = _Classifier(config, predict, settings, names, top_k)
@@ -415,7 +433,7 @@ def predict_images(
             bar.update(1)
         rows = worker.finish()
     with open(output / PREDICTIONS_FILE, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row, allow_nan=False) + "\n" for row in rows)
+        f.writelines(json.dumps(row) + "\n" for row in rows)
     say(f"train.predict: {len(written)} written, {len(failed)} failed, output in {output}")
     return PredictReport(tuple(written), tuple(failed), output)
 
@@ -436,6 +454,9 @@ def _define_flags():
     flags.DEFINE_bool("recursive", False, "Also read the files in subfolders of --input folders.")
     flags.DEFINE_integer("top_k", DEFAULT_TOP_K, "Recognition: how many classes per image.")
     flags.DEFINE_float("alpha", DEFAULT_ALPHA, "Segmentation: label colour weight in overlays.")
+    flags.DEFINE_integer(
+        "max_size", 0, "Segmentation: predict at most at this long side (0 = the full image)."
+    )
     flags.mark_flags_as_required(["config", "checkpoint", "output"])
     return flags.FLAGS
 
@@ -457,6 +478,7 @@ def main(argv):
             top_k=f.top_k,
             recursive=f.recursive,
             alpha=f.alpha,
+            max_size=f.max_size,
         )
     except InputError as err:
         print(f"train.predict: {err}", file=sys.stderr, flush=True)
