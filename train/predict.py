@@ -12,7 +12,8 @@ a file or a folder. A folder gives every file directly in it (not its subfolders
 for those), sorted by name, hidden files (``.name``) left out. Every input is tried: a file that is
 not an image PIL can read, or a corrupt or truncated one, is reported on one line (path and reason)
 and skipped, the others are still written, and the exit code is 1. A path that does not exist, or no
-file at all, is an error before the model is loaded (exit code 2). Each file is read once, as given.
+file at all, is an error before the model is loaded (exit code 2). A file named twice (or also
+found in a named folder) is predicted once.
 
 Images of any size and PIL mode are converted to RGB uint8 (:func:`read_image`): the EXIF
 orientation is applied first (phone photographs are often stored rotated); grey, palette, CMYK, YCbCr
@@ -77,6 +78,7 @@ from train import inference
 from train.data import arrays
 
 __all__ = [
+    "ImageReadError",
     "InputError",
     "PredictReport",
     "find_inputs",
