@@ -9,10 +9,11 @@ into its ``nnx.BatchStat`` variables and draws the ``dropout`` key from the modu
 ``model(x)`` is inference. :func:`to_linen_variables` gives the ``{"params", "batch_stats"}`` tree
 that ``model.apply``, :func:`jaxenc.models.save_checkpoint` and ``load_checkpoint`` use.
 
-This is written natively rather than through ``flax.nnx.bridge.ToNNX``: ToNNX merges the
-collections into one attribute tree per submodule (so a top-level submodule name may collide with
-an ``nnx.Module`` attribute), and outside a linen context it applies the model with nothing mutable,
-so training mode could not update BatchNorm statistics.
+Written natively rather than on ``flax.nnx.bridge.ToNNX``, which merges the collections into one
+attribute per top-level submodule of the wrapper (a submodule called ``eval`` or ``train`` would
+shadow the ``nnx.Module`` method) and applies the model with nothing mutable unless every call
+passes ``mutable=``; here the mode alone decides, and the NNX state paths are the linen ones
+(``params/layer1/0/conv1/kernel``).
 
 Example: a few SGD steps in NNX, then a native checkpoint::
 
@@ -95,6 +96,9 @@ class LinenModel(nnx.Module):
     ``rngs`` (the ``nnx.Rngs`` training calls draw from, or None) and ``rng_streams`` (the linen rng
     names drawn per training call, default ``("dropout",)``; a name missing from ``rngs`` falls back
     to its ``default`` stream, as ``nnx.Rngs`` does).
+
+    The ``train`` argument of ``__call__`` chooses the mode, as for the linen model;
+    ``nnx.Module.train()`` / ``.eval()`` do not change it.
     """
 
     def __init__(
@@ -109,6 +113,14 @@ class LinenModel(nnx.Module):
             raise TypeError(f"LinenModel: module must be a flax.linen.Module, got {module!r}")
         if rngs is not None and not isinstance(rngs, nnx.Rngs):
             raise TypeError(f"LinenModel: rngs must be an nnx.Rngs or None, got {rngs!r}")
+        if isinstance(rng_streams, str) or not all(isinstance(n, str) for n in rng_streams):
+            raise TypeError(
+                f"LinenModel: rng_streams must be a sequence of stream names, got {rng_streams!r}"
+            )
+        if not isinstance(variables, Mapping):
+            raise TypeError(
+                f"LinenModel: variables must be a mapping, got {type(variables).__name__}"
+            )
         _check_collections(variables, "LinenModel")
         self.module = module
         self.rngs = rngs

@@ -331,10 +331,18 @@ def test_errors():
         LinenModel(module, {"batch_stats": variables["batch_stats"]})
     with pytest.raises(TypeError, match=r"expected a jaxenc.nnx.LinenModel"):
         to_linen_variables(variables)
+    with pytest.raises(TypeError, match=r"rng_streams must be a sequence of stream names"):
+        LinenModel(module, variables, rng_streams="dropout")
+    with pytest.raises(TypeError, match=r"LinenModel: variables must be a mapping"):
+        LinenModel(module, [variables])
+    bn = jnn.BatchNorm()
+    x = jnp.arange(8.0).reshape(2, 4)
+    no_stats = LinenModel(bn, {"params": bn.init(jax.random.key(0), x)["params"]})
+    with pytest.raises(ValueError, match=r"training created batch_stats/mean, which the variables"):
+        no_stats(x, train=True)
 
     # A model with dropout trained without an rng stream; a 'default' stream serves 'dropout'.
     small = _DenseDrop()
-    x = jnp.ones((2, 4))
     small_vars = small.init(jax.random.key(0), x)
     no_rngs = to_nnx(small, example_input=x, variables=small_vars)
     np.testing.assert_array_equal(np.asarray(no_rngs(x)), np.asarray(small.apply(small_vars, x)))
