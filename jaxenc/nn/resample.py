@@ -11,6 +11,13 @@ shapes (torch's index and weight formulas, float32 where torch computes in float
 two small matrix products, so there are no gathers and the backward pass is another pair of matrix
 products. Fixed-window average pooling is a windowed sum (``lax.reduce_window``) times a static
 divisor map: its windows are local, so a dense (H_out x H) matrix would waste work.
+
+Symbolic sizes (``jax.export`` shape polymorphism, e.g. ``jax.export.symbolic_shape("b, 32*h, 32*w")``):
+the same formulas are evaluated with ``jnp`` from ``lax.iota`` inside the traced program, in float32
+(without align_corners the source coordinate then takes two roundings where the numpy path takes
+one, a difference of at most one float32 ulp in the coordinate). Output sizes that depend on the
+input (pooling windows, ``scale_factor``) must be decidable from the symbolic shape, e.g. sizes that
+are multiples of the strides; otherwise a ValueError says so.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from jaxenc.kernels.involution_op import strided_taps
 from jaxenc.validation import check_rank, split_pair, to_pair
@@ -86,6 +94,67 @@ def adaptive_pool_weights(in_size: int, out_size: int) -> np.ndarray:
     return w.astype(np.float32)
 
 
+def _is_static(*dims) -> bool:
+    """True when no dimension is a ``jax.export`` symbolic expression."""
+    return not any(jax.export.is_symbolic_dim(d) for d in dims)
+
+
+def _dim_value(d) -> jax.Array:
+    """A (possibly symbolic) dimension as an int32 scalar of the traced program."""
+    return jnp.asarray(d, jnp.int32)
+
+
+def _rows_cols(out_size, in_size) -> tuple[jax.Array, jax.Array]:
+    """int32 (out, 1) row and (1, in) column indices; the sizes may be symbolic."""
+    rows = lax.broadcasted_iota(jnp.int32, (out_size, 1), 0)
+    cols = lax.broadcasted_iota(jnp.int32, (1, in_size), 1)
+    return rows, cols
+
+
+def _bilinear_weights_traced(in_size, out_size, align_corners: bool, scale_factor) -> jax.Array:
+    """:func:`bilinear_weights` built in the traced program, for symbolic sizes (float32 throughout)."""
+    f32 = jnp.float32
+    rows, cols = _rows_cols(out_size, in_size)
+    n_in = _dim_value(in_size)
+    dst = rows.astype(f32)
+    if align_corners:
+        n_out = _dim_value(out_size)
+        ratio = (n_in - 1).astype(f32) / jnp.maximum(n_out - 1, 1).astype(f32)
+        src = jnp.where(n_out > 1, ratio, f32(0)) * dst
+    else:
+        scale = (
+            f32(1.0 / scale_factor)
+            if scale_factor
+            else n_in.astype(f32) / _dim_value(out_size).astype(f32)
+        )
+        src = jnp.maximum(scale * (dst + f32(0.5)) - f32(0.5), f32(0))
+    i0 = jnp.minimum(jnp.floor(src).astype(jnp.int32), n_in - 1)
+    lam1 = jnp.clip(src - i0.astype(f32), f32(0), f32(1))
+    i1 = jnp.minimum(i0 + 1, n_in - 1)
+    zero = jnp.zeros((), f32)
+    return jnp.where(cols == i0, f32(1) - lam1, zero) + jnp.where(cols == i1, lam1, zero)
+
+
+def _adaptive_pool_weights_traced(in_size, out_size) -> jax.Array:
+    """:func:`adaptive_pool_weights` built in the traced program, for symbolic sizes."""
+    rows, cols = _rows_cols(out_size, in_size)
+    n_in, n_out = _dim_value(in_size), _dim_value(out_size)
+    start = (rows * n_in) // n_out
+    end = -((-(rows + 1) * n_in) // n_out)
+    inside = (cols >= start) & (cols < end)
+    return jnp.where(inside, 1.0 / (end - start).astype(jnp.float32), jnp.zeros((), jnp.float32))
+
+
+def _axis_weights(in_size, out_size, static_fn, traced_fn, *args):
+    """The per-axis matrix, None for the identity: numpy from static sizes, jnp from symbolic ones
+    (where only provably equal sizes are skipped as the identity)."""
+    if _is_static(in_size, out_size):
+        return _identity_or(static_fn(in_size, out_size, *args))
+    if in_size == out_size:
+        return None
+    return traced_fn(in_size, out_size, *args)
+
+
 def _apply_separable(x: jax.Array, wh: np.ndarray | None, ww: np.ndarray | None) -> jax.Array:
     """y[n, i, j, c] = sum_{h, w} wh[i, h] ww[j, w] x[n, h, w, c]; ``None`` skips an axis (identity).
 
@@ -111,8 +180,9 @@ def _apply_separable(x: jax.Array, wh: np.ndarray | None, ww: np.ndarray | None)
     _, h, w, _ = x.shape
     ho = h if wh is None else wh.shape[0]
     wo = w if ww is None else ww.shape[0]
-    # Multiply-adds per (n, c): H first costs ho*h*w + ho*w*wo, W first h*w*wo + ho*h*wo.
-    if ho * h * w + ho * w * wo <= h * w * wo + ho * h * wo:
+    # Multiply-adds per (n, c): H first costs ho*h*w + ho*w*wo, W first h*w*wo + ho*h*wo. With
+    # symbolic sizes the costs cannot be compared: H first (equal costs for square inputs).
+    if not _is_static(h, w, ho, wo) or ho * h * w + ho * w * wo <= h * w * wo + ho * h * wo:
         y = along_w(along_h(y))
     else:
         y = along_h(along_w(y))
@@ -129,8 +199,8 @@ def _identity_or(w: np.ndarray) -> np.ndarray | None:
 def _check_size_pair(value, name: str, where: str, allow_none: bool = False) -> tuple:
     pair = split_pair(value, name, where, "a pair (H, W)")
     for v in pair:
-        if v is None and allow_none:
-            continue
+        if (v is None and allow_none) or jax.export.is_symbolic_dim(v):
+            continue  # a symbolic dimension is >= 1 by construction
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             what = (
                 "positive ints (or None to keep that input size)" if allow_none else "positive ints"
@@ -140,6 +210,18 @@ def _check_size_pair(value, name: str, where: str, allow_none: bool = False) -> 
 
 
 # --- public functions -----------------------------------------------------------------------------
+
+
+def _scaled_size(size, scale: float, where: str):
+    """torch's output size ``floor(size * scale)``; a symbolic ``size`` needs an integer ``scale``."""
+    if _is_static(size):
+        return math.floor(size * float(scale))
+    if float(scale).is_integer():
+        return size * int(scale)
+    raise ValueError(
+        f"{where}: scale_factor={scale!r} with a symbolic input size {size} has no symbolic output "
+        "size (floor of a fraction); give size= or an integer scale_factor"
+    )
 
 
 def interpolate_bilinear(
@@ -190,15 +272,16 @@ def interpolate_bilinear(
             raise ValueError(
                 f"{where}: scale_factor must be a positive number or a pair of them, got {scale_factor!r}"
             )
-        ho, wo = math.floor(h * float(scales[0])), math.floor(w * float(scales[1]))
-        if ho < 1 or wo < 1:
+        ho, wo = _scaled_size(h, scales[0], where), _scaled_size(w, scales[1], where)
+        if _is_static(ho, wo) and (ho < 1 or wo < 1):
             raise ValueError(
                 f"{where}: scale_factor={scale_factor!r} gives an empty output ({ho}, {wo}) for input size ({h}, {w})"
             )
-    if h < 1 or w < 1:
+    if _is_static(h, w) and (h < 1 or w < 1):
         raise ValueError(f"{where}: the input has an empty spatial size, shape {tuple(x.shape)}")
-    wh = _identity_or(bilinear_weights(h, ho, bool(align_corners), scales[0]))
-    ww = _identity_or(bilinear_weights(w, wo, bool(align_corners), scales[1]))
+    align = bool(align_corners)
+    wh = _axis_weights(h, ho, bilinear_weights, _bilinear_weights_traced, align, scales[0])
+    ww = _axis_weights(w, wo, bilinear_weights, _bilinear_weights_traced, align, scales[1])
     return _apply_separable(x, wh, ww)
 
 
@@ -219,18 +302,21 @@ def adaptive_avg_pool2d(x: jax.Array, output_size: int | Sequence[int | None]) -
     x = jnp.asarray(x)
     check_rank(x, 4, _NHWC, where)
     _, h, w, _ = x.shape
-    if h < 1 or w < 1:
+    if _is_static(h, w) and (h < 1 or w < 1):
         raise ValueError(f"{where}: the input has an empty spatial size, shape {tuple(x.shape)}")
     ho, wo = _check_size_pair(output_size, "output_size", where, allow_none=True)
     ho = h if ho is None else ho
     wo = w if wo is None else wo
+    traced = _adaptive_pool_weights_traced
     return _apply_separable(
-        x, _identity_or(adaptive_pool_weights(h, ho)), _identity_or(adaptive_pool_weights(w, wo))
+        x,
+        _axis_weights(h, ho, adaptive_pool_weights, traced),
+        _axis_weights(w, wo, adaptive_pool_weights, traced),
     )
 
 
 def _pool_axis(
-    size: int,
+    size,
     k: int,
     s: int,
     p: int,
@@ -239,24 +325,42 @@ def _pool_axis(
     where: str,
     axis: str,
 ):
-    """Output length, high-side padding and per-output divisor of torch's avg_pool along one axis."""
-    out = (size + 2 * p - k + (s - 1 if ceil_mode else 0)) // s + 1
-    # torch: the last window must start inside the input or its left padding.
-    if ceil_mode and (out - 1) * s >= size + p:
-        out -= 1
-    if out < 1:
+    """Output length, high-side padding and per-output divisor of torch's avg_pool along one axis.
+
+    ``size`` may be symbolic: the output length is then symbolic too, the padding must still come out
+    as an int (it does when the stride divides the size) and the divisor is built in the program.
+    """
+    try:
+        out = (size + 2 * p - k + (s - 1 if ceil_mode else 0)) // s + 1
+        # torch: the last window must start inside the input or its left padding.
+        if ceil_mode and (out - 1) * s >= size + p:
+            out -= 1
+        too_small = out < 1
+        pad_hi = max(0, (out - 1) * s + k - size - p)
+    except jax.errors.InconclusiveDimensionOperation:
+        too_small, pad_hi = False, None
+    if pad_hi is None or not _is_static(pad_hi):
+        raise ValueError(
+            f"{where}: the output {axis} for the symbolic input {axis} {size} (kernel_size={k}, "
+            f"stride={s}, padding={p}, ceil_mode={ceil_mode}) is not decidable; export with a symbolic "
+            f"{axis} that is a multiple of the stride (e.g. 32*h)"
+        )
+    if too_small:
         raise ValueError(
             f"{where}: output {axis} would be {out} (input {axis}={size}, kernel_size={k}, stride={s}, padding={p}); "
             "the input is too small"
         )
-    starts = np.arange(out) * s - p
-    ends_padded = np.minimum(starts + k, size + p)
-    if count_include_pad:
-        divisor = ends_padded - starts
-    else:
-        divisor = np.minimum(ends_padded, size) - np.maximum(starts, 0)
-    pad_hi = max(0, (out - 1) * s + k - size - p)
-    return out, pad_hi, divisor.astype(np.float64)
+    if _is_static(size, out):
+        starts = np.arange(out) * s - p
+        ends_padded = np.minimum(starts + k, size + p)
+        lo, hi = np.maximum(starts, 0), np.minimum(ends_padded, size)
+        divisor = ends_padded - starts if count_include_pad else hi - lo
+        return out, pad_hi, divisor.astype(np.float64)
+    starts = lax.iota(jnp.int32, out) * s - p
+    ends_padded = jnp.minimum(starts + k, _dim_value(size) + p)
+    lo, hi = jnp.maximum(starts, 0), jnp.minimum(ends_padded, _dim_value(size))
+    divisor = ends_padded - starts if count_include_pad else hi - lo
+    return out, pad_hi, divisor.astype(jnp.float32)
 
 
 def avg_pool2d(
@@ -321,12 +425,12 @@ def avg_pool2d(
         (1, sh, sw, 1),
         ((0, 0), (ph, hi_h), (pw, hi_w), (0, 0)),
     )[:, :ho, :wo, :]
-    divisor = (
-        np.full((ho, wo), float(divisor_override))
-        if divisor_override is not None
-        else np.outer(div_h, div_w)
-    )
-    return (sums / jnp.asarray(divisor[None, :, :, None], acc)).astype(dtype)
+    if divisor_override is not None:
+        divisor = jnp.asarray(float(divisor_override), acc)
+    else:
+        outer = np.outer if _is_static(ho, wo) else jnp.outer
+        divisor = jnp.asarray(outer(div_h, div_w)[None, :, :, None], acc)
+    return (sums / divisor).astype(dtype)
 
 
 def _max_pool_taps(x, kernel, stride, padding):
