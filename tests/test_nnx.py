@@ -247,15 +247,12 @@ def _assert_forward_parity(module, model, x, dropout_seed):
 
 
 def test_forward_parity_classification():
-    """A registry model by name (ResNet-18 with dropout before fc), initialised by to_nnx."""
+    """A registry model by name (ResNet-18 with dropout before fc) from given variables."""
+    kwargs = dict(num_classes=5, final_drop=0.5, **TINY)
     x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 16, 16, 3)), jnp.float32)
+    variables = _filled(get_model("resnet18", **kwargs), x)
     model = to_nnx(
-        "resnet18",
-        input_shape=(1, 16, 16, 3),
-        rngs=nnx.Rngs(params=_key(0), dropout=_key(5)),
-        num_classes=5,
-        final_drop=0.5,
-        **TINY,
+        "resnet18", example_input=x, variables=variables, rngs=nnx.Rngs(dropout=_key(5)), **kwargs
     )
     assert isinstance(model, nnx.Module)
     n_params = len(jax.tree.leaves(nnx.state(model, nnx.Param)))
