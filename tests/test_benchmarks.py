@@ -11,6 +11,7 @@ kernels swapped for the interpreter.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -289,3 +290,40 @@ def test_memory_command_line(memory_bench):
         {"xla_disable_hlo_passes": ""} if on_cpu else {}
     )
     assert "xla_disable_hlo_passes" not in memory_bench.step_compiler_options("none", "keep")
+
+
+@pytest.fixture
+def deploy_bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT))
+    return importlib.import_module("benchmarks.deploy_latency")
+
+
+@pytest.mark.slow
+def test_deploy_latency_measures_every_runtime(deploy_bench, tmp_path, capsys):
+    out = tmp_path / "d.json"
+    assert (
+        deploy_bench.main(
+            ["--cases", "resnet18:32:10", "--repeats", "1", "--warmup", "0", "--out", str(out)]
+        )
+        == 0
+    )
+    rows = json.loads(out.read_text())["results"]
+    assert [r["runtime"] for r in rows] == list(deploy_bench.RUNTIMES)
+    have_onnx = importlib.util.find_spec("jax2onnx") is not None
+    for r in rows:
+        if r["runtime"] == "onnxruntime" and not have_onnx:
+            assert "jax2onnx" in r["error"]
+            continue
+        assert r["time_ms"] > 0 and r["repeats"] == 1
+        if r["runtime"] != "jit":
+            assert r["max_abs_diff"] < 1e-4 and r["artifact_mib"] > 0
+    table = capsys.readouterr().out
+    assert "stablehlo" in table and "ratio" in table
+
+
+def test_deploy_latency_case_errors(deploy_bench):
+    assert deploy_bench.Case.parse("fcn_resnest50:512:150") == deploy_bench.Case(
+        "fcn_resnest50", 512, 150
+    )
+    with pytest.raises(ValueError, match="name:size"):
+        deploy_bench.Case.parse("resnest50")
