@@ -36,6 +36,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.input.global_batch_size = 16
     c.input.eval_batch_size = 64
     c.input.worker_count = 0
+    # A file the input cannot read (truncated or not an image, mask labels outside the classes):
+    # "error" stops with one line naming it, "skip" replaces it with the next readable example
+    # and counts it (summary.json, metrics.jsonl). May change on resume.
+    c.input.bad_examples = "error"
     c.input.flip = True
     # Random rescale by a factor in (lo, hi), then pad/crop back; (1.0, 1.0) = none. The procedural set
     # needs no augmentation (32768 distinct images); real-data recipes use upstream's (0.5, 2.0).

@@ -110,6 +110,21 @@ def _fmt(value: float | None) -> str:
     return f"{value:.4g}"
 
 
+def _check_counts(counts: Any, metrics: Mapping[str, Any]) -> dict[str, int]:
+    """``counts`` (None or a dict of name -> non-negative int, names apart from ``metrics``')."""
+    if counts is None:
+        return {}
+    _check_metrics(counts, "counts")
+    out = {}
+    for k, v in counts.items():
+        if k in metrics:
+            raise ValueError(f"counts: {k!r} is also a metric name")
+        if not is_int(v) or v < 0:
+            raise ValueError(f"counts[{k!r}]: expected a non-negative int, got {v!r}")
+        out[k] = int(v)
+    return out
+
+
 def _json_dumps(row: Mapping[str, Any]) -> str:
     return json.dumps(row, allow_nan=False, separators=(",", ":"))
 
@@ -348,17 +363,25 @@ class Observer:
             self._paused_seconds += _now() - t0
 
     def log_train(
-        self, step: int, metrics: Mapping[str, Any], *, examples: int
+        self,
+        step: int,
+        metrics: Mapping[str, Any],
+        *,
+        examples: int,
+        counts: Mapping[str, int] | None = None,
     ) -> dict[str, float]:
         """Logs averaged training scalars for ``step`` (e.g. ``{"loss": .., "lr": ..}``).
 
         ``examples``: number of examples (global batch x steps) processed since the previous call.
         Adds ``examples_per_sec`` and ``steps_per_sec`` (wall time since the previous call minus
         ``paused()`` time) and returns them. Values must be scalars; steps must increase.
+        ``counts`` (e.g. ``{"skipped_examples": 2}``): non-negative ints written as ints to the JSONL
+        row and TensorBoard, printed only when non-zero.
         """
         self._check_open("log_train")
         step = check_step(step, "step", "Observer")
         _check_metrics(metrics, "metrics")
+        counts = _check_counts(counts, metrics)
         for k, v in metrics.items():
             if not _is_scalar(v):
                 raise ValueError(
@@ -392,8 +415,8 @@ class Observer:
         if not self.is_main:
             return rates
 
-        self._write_row(step, "train", values)
-        for k, v in values.items():
+        self._write_row(step, "train", {**values, **counts})
+        for k, v in {**values, **counts}.items():
             self._tb.add_scalar(f"train/{k}", v, step)
         if self._bar is not None:
             self._bar.update(max(step - self._bar.n, 0))
@@ -404,6 +427,7 @@ class Observer:
         else:
             parts = [f"step {step}/{self.total_steps}"]
             parts += [f"{k} {_fmt(_finite_or_none(v))}" for k, v in metrics.items()]
+            parts += [f"{k} {v}" for k, v in counts.items() if v]
             parts += [
                 f"{rates['examples_per_sec']:.1f} ex/s",
                 f"{rates['steps_per_sec']:.2f} steps/s",
@@ -411,26 +435,30 @@ class Observer:
             self._print(" | ".join(parts))
         return rates
 
-    def log_eval(self, step: int, metrics: Mapping[str, Any]) -> None:
+    def log_eval(
+        self, step: int, metrics: Mapping[str, Any], *, counts: Mapping[str, int] | None = None
+    ) -> None:
         """Logs evaluation metrics for ``step``: scalars (pixAcc, mIoU, top1, ...) go to TensorBoard,
         the JSONL and the printed line; non-scalars (per-class IoU list/array) only to the JSONL.
-        Flushes both files so a killed run keeps its metrics."""
+        ``counts`` as in ``log_train``. Flushes both files so a killed run keeps its metrics."""
         self._check_open("log_eval")
         step = check_step(step, "step", "Observer")
         _check_metrics(metrics, "metrics")
+        counts = _check_counts(counts, metrics)
         scalars = {k: float(v) for k, v in metrics.items() if _is_scalar(v)}
         payload = {k: _jsonable(v, k) for k, v in metrics.items()}  # validates before writing
         self._update_best(step, scalars)
         self.last_step = max(self.last_step, step)
         if not self.is_main:
             return
-        self._write_row(step, "eval", payload)
-        for k, v in scalars.items():
+        self._write_row(step, "eval", {**payload, **counts})
+        for k, v in {**scalars, **counts}.items():
             self._tb.add_scalar(f"eval/{k}", v, step)
         self._tb.flush()
         parts = [f"eval step {step}"] + [
             f"{k} {_fmt(_finite_or_none(v))}" for k, v in scalars.items()
         ]
+        parts += [f"{k} {v}" for k, v in counts.items() if v]
         if self.best_value is not None:
             parts.append(f"best {self.best_metric} {_fmt(self.best_value)} @ {self.best_step}")
         self._print(" | ".join(parts))
@@ -449,12 +477,19 @@ class Observer:
         return save_segmentation_samples(path, images, masks, preds, **kwargs)
 
     # ------------------------------------------------------------------ summary
-    def summary(self, final: Mapping[str, Any], *, config_name: str | None = None) -> str:
+    def summary(
+        self,
+        final: Mapping[str, Any],
+        *,
+        config_name: str | None = None,
+        skipped_examples: Mapping[str, int] | None = None,
+    ) -> str:
         """Writes ``workdir/summary.json`` and prints/returns an aligned table.
 
         summary.json: ``{"config", "steps", "start_step", "total_steps", "wall_time_s",
         "examples_per_sec", "examples_per_sec_steady", "best": {"metric", "value", "step"} | None,
-        "final": {...}}``. ``examples_per_sec`` averages over all logged training intervals (paused
+        "final": {...}}``, plus ``"skipped_examples": {"train": n, "eval": m}`` when given (bad
+        input examples skipped; the table shows them when non-zero). ``examples_per_sec`` averages over all logged training intervals (paused
         time excluded); ``..._steady`` leaves out the first interval, which holds jit compilation
         (``None`` with fewer than two intervals). ``best`` needs ``best_metric`` (constructor).
         ``final`` may hold any JSON-able values (numbers, str, bool, None, lists such as per-class
@@ -463,6 +498,7 @@ class Observer:
         if not isinstance(final, Mapping) or not all(isinstance(k, str) for k in final):
             raise TypeError(f"final: expected a dict with str keys, got {type(final).__name__}")
         payload = {k: _jsonable(v, k) for k, v in final.items()}
+        skipped = None if skipped_examples is None else _check_counts(skipped_examples, {})
         wall = _now() - self._t_start
         info = {
             "config": config_name,
@@ -481,6 +517,8 @@ class Observer:
             else {"metric": self.best_metric, "value": self.best_value, "step": self.best_step},
             "final": payload,
         }
+        if skipped is not None:
+            info["skipped_examples"] = skipped
         rows = []
         if config_name is not None:
             rows.append(("config", str(config_name)))
@@ -496,6 +534,8 @@ class Observer:
             rows.append(
                 (f"best {self.best_metric}", f"{_fmt(self.best_value)} (step {self.best_step})")
             )
+        if skipped and any(skipped.values()):
+            rows.append(("skipped examples", ", ".join(f"{k} {v}" for k, v in skipped.items())))
         rows += [
             (f"final {k}", "n/a" if v is None else v if isinstance(v, str) else _fmt(v))
             for k, v in payload.items()

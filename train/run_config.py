@@ -35,6 +35,8 @@ RESUMABLE_CONFIG_KEYS = frozenset(
         "train.allow_config_change",
         "train.compile_cache",
         "input.worker_count",
+        # What to do with unreadable input files; a run stopped by "error" resumes with "skip".
+        "input.bad_examples",
         # Memory for compute; the same results (tests/test_models_remat.py).
         "model.remat",
     }
@@ -42,7 +44,7 @@ RESUMABLE_CONFIG_KEYS = frozenset(
 
 #: Keys declared in the recipes after runs had been started without them, with the value their
 #: readers used when they were absent: a config that lacks one compares as holding it.
-ADDED_CONFIG_KEYS = {"dataset.seed": 0}
+ADDED_CONFIG_KEYS = {"dataset.seed": 0, "input.bad_examples": "error"}
 
 _ABSENT = "<absent>"
 

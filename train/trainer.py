@@ -14,11 +14,15 @@ everything, the workdir holds everything the run produces:
 A run resumes from its latest checkpoint (model, optimizer, step, rng and the input iterator), so a
 killed run continued with the same command ends with the same parameters as an uninterrupted one.
 SIGTERM / SIGINT save a checkpoint and stop cleanly. A non-finite loss stops the run without saving
-and names the step and the last good checkpoint.
+and names the step and the last good checkpoint. A file the input cannot read follows
+``config.input.bad_examples`` (``train.data.bad_examples``): "error" stops with one line naming it,
+"skip" replaces it and counts it: ``skipped_examples`` in the metrics rows (train: running total
+over the run, resumes included, through the checkpoints; eval: that pass) and in summary.json.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -34,7 +38,7 @@ from jaxenc import metrics as jmetrics
 from jaxenc import models
 from jaxenc.models import segmentation as seg_models
 from train import checkpoint, compile_cache, observe, optim, run_config, shutdown
-from train.data import pipeline
+from train.data import bad_examples, pipeline
 from train.step import (
     StepConfig,
     TrainState,
@@ -103,6 +107,27 @@ def _validate(config: ml_collections.ConfigDict, n_devices: int, n_processes: in
         value = config.train[key]
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"config.train.{key} must be a positive int, got {value!r}")
+    bad_examples.check_policy(_bad_examples(config))
+
+
+def _bad_examples(config) -> str:
+    # .get: a config.json of a run started before the key existed lacks it.
+    return config.input.get("bad_examples", "error")
+
+
+def _global_sum(value: int) -> int:
+    """``value`` summed over processes (a collective: every process calls it at the same point)."""
+    if jax.process_count() == 1:
+        return int(value)
+    from jax.experimental import multihost_utils
+
+    return int(np.sum(multihost_utils.process_allgather(np.asarray(value, np.int32))))
+
+
+def _pop_skipped(local: dict) -> int:
+    """Drops the input pipeline's ``skipped`` column (present under "skip") and returns its sum."""
+    column = local.pop(bad_examples.SKIPPED_KEY, None)
+    return 0 if column is None else int(np.sum(column))
 
 
 def build_model(config: ml_collections.ConfigDict):
@@ -187,15 +212,19 @@ def _eval_variables(state: TrainState) -> dict:
 
 def evaluate(
     eval_step, state: TrainState, batches, mesh, config, *, samples: int = 0
-) -> tuple[dict, list]:
-    """One pass over the held-out split: dataset-accumulated metrics (sums over the split, as upstream) and, for
-    segmentation, up to ``samples`` (image, mask, prediction) triples from this process's rows."""
+) -> tuple[dict, list, int]:
+    """One pass over the held-out split: dataset-accumulated metrics (sums over the split, as upstream),
+    for segmentation up to ``samples`` (image, mask, prediction) triples from this process's rows,
+    and the number of bad examples the pass skipped (all processes; 0 unless
+    ``config.input.bad_examples="skip"``)."""
     variables = _eval_variables(state)
     seg = config.task == "segmentation"
     metric = jmetrics.SegmentationMetric(config.dataset.num_classes) if seg else None
     top = {}
     kept = []
+    skipped = 0
     for local in batches:
+        skipped += _pop_skipped(local)
         counts, preds = eval_step(variables, shard_batch(mesh, local))
         counts = jax.tree.map(np.asarray, counts)
         if seg:
@@ -207,15 +236,20 @@ def evaluate(
         else:
             for k, v in counts.items():
                 top[k] = top.get(k, 0) + int(v)
+    skipped = _global_sum(skipped)
     if seg:
         result = metric.result()
-        return {
-            "pixAcc": float(result["pixAcc"]),
-            "mIoU": float(result["mIoU"]),
-            "IoU": [float(v) for v in result["IoU"]],
-        }, kept
+        return (
+            {
+                "pixAcc": float(result["pixAcc"]),
+                "mIoU": float(result["mIoU"]),
+                "IoU": [float(v) for v in result["IoU"]],
+            },
+            kept,
+            skipped,
+        )
     n = max(top.pop("examples"), 1)
-    return {k: v / n for k, v in top.items()}, kept
+    return {k: v / n for k, v in top.items()}, kept, skipped
 
 
 def load_backbone(
@@ -314,6 +348,7 @@ def train_and_evaluate(
         process_count=n_proc,
         transform=_transform(config, True),
         worker_count=config.input.worker_count,
+        bad_examples=_bad_examples(config),
     )
     size = config.dataset.image_size
     example = np.zeros((1, size, size, 3), np.float32)
@@ -346,12 +381,14 @@ def train_and_evaluate(
             process_index=p_idx,
             process_count=n_proc,
             transform=_transform(config, False),
+            bad_examples=_bad_examples(config),
         )
 
     last_eval: dict = {}
     samples: list = []
     t0 = time.time()
     with (
+        contextlib.closing(train_iter),  # grain workers and their shared memory, on errors too
         ckpt,
         shutdown.GracefulShutdown() as stop,
         observe.Observer(
@@ -379,6 +416,18 @@ def train_and_evaluate(
         step = start
         pending: list[dict] = []
         prev_out = None
+        # Bad training examples skipped: all processes' before this start (checkpoint meta) plus
+        # this process's since; ``batch_skipped`` is the count in the batch in hand.
+        skipped_before, skipped_here = int(meta.get("skipped_examples", 0)), 0
+        eval_skipped = 0
+
+        def read_batch():
+            local = next(train_iter)
+            n_skipped = _pop_skipped(local)
+            return shard_batch(mesh, local), n_skipped
+
+        def train_skipped() -> int:
+            return skipped_before + _global_sum(skipped_here)
 
         def flush():
             nonlocal pending, n_logged
@@ -404,15 +453,15 @@ def train_and_evaluate(
                     sums[k] = sums.get(k, 0.0) + v
                 n_logged += 1
 
-        batch = shard_batch(mesh, next(train_iter)) if step < num_steps else None
+        batch, batch_skipped = read_batch() if step < num_steps else (None, 0)
         while step < num_steps:
             state, out = train_step(state, batch)  # dispatched asynchronously
             step += 1
+            skipped_here += batch_skipped
             pending.append(out)
             data_state = train_iter.get_state()
-            batch = (
-                shard_batch(mesh, next(train_iter)) if step < num_steps else None
-            )  # overlaps this step
+            # overlaps this step
+            batch, batch_skipped = read_batch() if step < num_steps else (None, 0)
             # Bound how far the host runs ahead (device memory for queued batches): wait for the previous
             # step only; this one is queued, so the device stays busy.
             if prev_out is not None:
@@ -424,17 +473,21 @@ def train_and_evaluate(
                     step,
                     {k: v / n_logged for k, v in sums.items()},
                     examples=n_logged * config.input.global_batch_size,
+                    counts={"skipped_examples": train_skipped()},
                 )
                 sums, n_logged = {}, 0
             if step % config.train.eval_every == 0 or step == num_steps:
                 flush()
                 with obs.paused():
                     want = config.train.sample_predictions if step == num_steps else 0
-                    last_eval, kept = evaluate(
-                        eval_step, state, eval_batches(), mesh, config, samples=want
-                    )
+                    try:
+                        last_eval, kept, eval_skipped = evaluate(
+                            eval_step, state, eval_batches(), mesh, config, samples=want
+                        )
+                    except bad_examples.BadExampleError as err:
+                        raise err.during(f"in the evaluation at step {step}") from None
                     samples = kept or samples
-                    obs.log_eval(step, last_eval)
+                    obs.log_eval(step, last_eval, counts={"skipped_examples": eval_skipped})
                     value = last_eval.get(config.train.best_metric)
                     if value is not None and (best["value"] is None or value > best["value"]):
                         best = {"value": value, "step": step}
@@ -442,22 +495,22 @@ def train_and_evaluate(
                             step,
                             state=state,
                             data_state=None,
-                            meta={"best": best},
+                            meta={"best": best, "skipped_examples": train_skipped()},
                             metrics={config.train.best_metric: value},
                         )
             # A collective: every process sees the same answer, so all of them save (or none does).
             stopping = stop.should_stop()
             if step % config.train.checkpoint_every == 0 or step == num_steps or stopping:
                 flush()
+                meta_now = {"best": best, "skipped_examples": train_skipped()}
                 with obs.paused():
-                    ckpt.save(
-                        step, state=state, data_state=data_state, meta={"best": best}, force=True
-                    )
+                    ckpt.save(step, state=state, data_state=data_state, meta=meta_now, force=True)
             if stopping:
                 ckpt.wait()
                 obs.log_text(f"{stop.signal_name}: saved a checkpoint at step {step} and stopped")
                 break
         ckpt.wait()
+        skipped = {"train": train_skipped(), "eval": eval_skipped}
         result = {
             "step": step,
             **{k: v for k, v in last_eval.items() if not isinstance(v, list)},
@@ -479,5 +532,5 @@ def train_and_evaluate(
                 std=tuple(config.input.std),
             )
         if step == num_steps:
-            obs.summary(result, config_name=config.name)
-    return result
+            obs.summary(result, config_name=config.name, skipped_examples=skipped)
+    return {**result, "skipped_examples": skipped}

@@ -8,6 +8,8 @@ global batch (``b = global_batch / P``; ``MapDataset.batch(b)[p::P]``), which
 -> repeat() -> random_map(transform)`` reshuffles per epoch and derives each augmentation rng from
 the seed and the element's global position, so batches do not depend on worker, thread or process
 counts and ``it.get_state()`` / ``it.set_state(state)`` restore a position exactly.
+A record the source cannot read (``bad_examples.BadExample``) stops the stream or is replaced, as
+``bad_examples`` ("error" | "skip", ``config.input.bad_examples``) says (``train.data.bad_examples``).
 Transforms are picklable ``(example, rng | None) -> example``; PIL resizes images bilinear
 (antialiased when downscaling) and masks nearest on int32 (mode "I", so -1 survives); non-square
 inputs become square in train and eval alike; normalisation is ``(x / 255 - mean) / std``, float32.
@@ -23,6 +25,7 @@ import grain
 import numpy as np
 
 from jaxenc.validation import check_int
+from train.data import bad_examples as bad
 from train.data import synthetic
 
 # The transforms' factory and jaxenc's basic transforms live beside the other transforms
@@ -244,6 +247,7 @@ def train_iterator(
     worker_count: int = 0,
     read_threads: int = DEFAULT_READ_THREADS,
     prefetch_batches: int = DEFAULT_PREFETCH_BATCHES,
+    bad_examples: str = "error",
 ) -> grain.DatasetIterator:
     """Endless per-process training batches: a grain ``DatasetIterator`` of dicts of stacked arrays
     with leading dim ``global_batch_size // process_count``.
@@ -255,47 +259,46 @@ def train_iterator(
     rows ``[p*b, (p+1)*b)`` of each global batch (module docstring). ``worker_count > 0`` prefetches
     in that many grain worker processes; the batches are the same for any worker count.
     Checkpoint with ``it.get_state()`` / ``it.set_state(state)`` (same arguments on restore).
+    A record the source cannot read raises ``BadExampleError`` naming the training step
+    (``bad_examples="error"``) or is replaced by the next readable record and counted in the
+    int32 ``(rows,)`` column ``"skipped"`` ("skip"; ``train.data.bad_examples``).
     """
-    _check_source(source)
+    n = _check_source(source)
+    policy = bad.check_policy(bad_examples)
     process_index, process_count = _processes(process_index, process_count)
     local = _local_batch_size("global_batch_size", global_batch_size, process_count)
     seed = check_int(seed, "seed", "input pipeline", minimum=0)
     # Separate 32-bit seeds (grain's limit) for the permutation and the augmentation streams.
     shuffle_seed, augment_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
-    ds = grain.MapDataset.source(source).shuffle(seed=shuffle_seed).repeat()
-    if transform is not None:
+    # The permutation of record indices is that of the source itself (shuffle permutes positions);
+    # reading by (position, record) lets the policy name the step and pick a replacement.
+    ds = grain.MapDataset.range(n).shuffle(seed=shuffle_seed).repeat()
+    ds = ds.map_with_index(bad.TrainReader(source, policy, global_batch_size))
+    if policy == "skip":  # (example, skipped) elements: the flag goes around the transform
+        ds = ds.random_map(bad.WithSkipped(transform), seed=augment_seed)
+    elif transform is not None:
         ds = ds.random_map(transform, seed=augment_seed)
     ds = ds.batch(local, drop_remainder=True)[process_index::process_count]
     return _iterate(ds, worker_count, read_threads, prefetch_batches)
 
 
-class _PaddedSource:
-    """``source`` extended to ``length`` elements; element i is ``(source[i mod n], i < n)``."""
-
-    def __init__(self, source, length: int):
-        self._source = source
-        self._n = len(source)
-        self._length = length
-
-    def __len__(self) -> int:
-        return self._length
-
-    def __getitem__(self, index: int):
-        return self._source[index % self._n], index < self._n
-
-
 @dataclasses.dataclass(frozen=True)
 class _EvalMap:
-    """Applies the eval transform (rng None) and records the padding flag as ``valid``."""
+    """Applies the eval transform (rng None) to ``EvalReader``'s ``(example, valid, skipped)`` and
+    records ``valid`` (padding and skipped examples are False) and, under "skip", ``skipped``."""
 
     transform: Callable | None
+    count_skipped: bool
 
     def __call__(self, element) -> dict:
-        example, valid = element
+        example, valid, skipped = element
         out = example if self.transform is None else self.transform(example, None)
         if not isinstance(out, Mapping):
             raise TypeError(f"transform must return a dict, got {type(out).__name__}")
-        return {**out, "valid": np.asarray(valid, np.bool_)}
+        out = {**out, "valid": np.asarray(valid, np.bool_)}
+        if self.count_skipped:
+            out[bad.SKIPPED_KEY] = np.asarray(int(skipped), np.int32)
+        return out
 
 
 def num_eval_batches(num_examples: int, batch_size: int) -> int:
@@ -313,6 +316,7 @@ def eval_batches(
     worker_count: int = 0,
     read_threads: int = DEFAULT_READ_THREADS,
     prefetch_batches: int = DEFAULT_PREFETCH_BATCHES,
+    bad_examples: str = "error",
 ) -> grain.DatasetIterator:
     """One ordered pass over ``source`` in global batches of ``batch_size`` (per process:
     ``batch_size // process_count`` rows, same sharding rule as ``train_iterator``).
@@ -322,11 +326,17 @@ def eval_batches(
     repeat of real examples) marked ``valid=False``: each batch carries ``"valid"``, bool
     ``(batch_size // process_count,)``, so metrics weighted by it count each example exactly once.
     ``transform(example, None)`` is applied to every element (eval transforms ignore the rng).
+    A record the source cannot read raises ``BadExampleError`` naming the example
+    (``bad_examples="error"``), or ("skip") takes the next readable record's data with
+    ``valid=False`` and ``"skipped"`` = 1: batches then carry an int32 ``"skipped"`` column whose
+    sum over the pass is the number of bad examples in the split.
     """
     n = _check_source(source)
+    policy = bad.check_policy(bad_examples)
     process_index, process_count = _processes(process_index, process_count)
     local = _local_batch_size("batch_size", batch_size, process_count)
     total = num_eval_batches(n, batch_size) * batch_size
-    ds = grain.MapDataset.source(_PaddedSource(source, total)).map(_EvalMap(transform))
+    ds = grain.MapDataset.range(total).map_with_index(bad.EvalReader(source, policy))
+    ds = ds.map(_EvalMap(transform, count_skipped=policy == "skip"))
     ds = ds.batch(local, drop_remainder=True)[process_index::process_count]
     return _iterate(ds, worker_count, read_threads, prefetch_batches)

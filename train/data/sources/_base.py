@@ -8,16 +8,19 @@ inside ``open_tfds`` (about a second), so the folder adapters never import it.
 
 from __future__ import annotations
 
+import io
 import logging
 import operator
 import os
+import struct
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from train.data.augment import as_rgb_image
+from train.data.bad_examples import BadExample
 
 log = logging.getLogger(__name__)
 
@@ -101,26 +104,84 @@ def to_rgb(image: Any) -> np.ndarray:
     return as_rgb_image(image)  # one definition of "an RGB image" for the whole input pipeline
 
 
+class _WatchedFile(io.BytesIO):
+    """A file's bytes that notes an empty read: PIL decoding past the end of a truncated file,
+    which it pads silently when ``ImageFile.LOAD_TRUNCATED_IMAGES`` is set."""
+
+    read_past_end = False
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = super().read(size)
+        if size != 0 and not data:
+            self.read_past_end = True
+        return data
+
+
+# What PIL raises for a file it cannot decode (UnidentifiedImageError is an OSError).
+_DECODE_ERRORS = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    struct.error,
+    Image.DecompressionBombError,
+)
+
+
+def _decoded(path: str, check: Callable[[Image.Image], None] | None = None) -> Image.Image:
+    """The fully decoded image in ``path``; BadExample (train.data.bad_examples) when the file
+    cannot be read, is not an image, is truncated or fails ``check``."""
+    try:
+        with open(path, "rb") as f:
+            data = _WatchedFile(f.read())
+    except OSError as err:
+        raise BadExample(path, f"cannot be read ({err.strerror or err})") from None
+    try:
+        img = Image.open(data)
+    except UnidentifiedImageError:  # its message names our in-memory file, not the path
+        raise BadExample(path, "is not an image (PIL cannot identify its format)") from None
+    except _DECODE_ERRORS as err:
+        raise BadExample(path, f"is not an image PIL can read ({err})") from None
+    if check is not None:
+        check(img)
+    data.read_past_end = False
+    try:
+        img.load()
+    except _DECODE_ERRORS as err:
+        raise BadExample(path, f"cannot be decoded ({err})") from None
+    if data.read_past_end:
+        raise BadExample(path, "is truncated (the image data ends before the image does)")
+    return img
+
+
 def read_rgb(path: str) -> np.ndarray:
-    """An image file as uint8 (H, W, 3): every PIL mode is converted to RGB (alpha dropped)."""
-    with Image.open(path) as img:
-        if img.mode != "RGB":
-            img = img.convert("RGB")
-        return np.asarray(img, np.uint8)
+    """An image file as uint8 (H, W, 3): every PIL mode is converted to RGB (alpha dropped).
+    A file that cannot be read or decoded (truncated, not an image) raises BadExample."""
+    img = _decoded(path)
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return np.asarray(img, np.uint8)
 
 
 _LABEL_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L", "1")
 
 
+def _label_mode(img: Image.Image) -> None:
+    if img.mode not in _LABEL_MODES:
+        raise BadExample(
+            None,
+            f"a label image must be single-channel (PIL mode L, P or I, whose pixel values are "
+            f"the labels), got mode {img.mode!r}; colour-coded masks are not read",
+        )
+
+
 def read_label_png(path: str) -> np.ndarray:
-    """A label image as int (H, W): its pixel values (palette indices for mode P), unconverted."""
-    with Image.open(path) as img:
-        if img.mode not in _LABEL_MODES:
-            raise ValueError(
-                f"{path}: a label image must be single-channel (PIL mode L, P or I, whose pixel "
-                f"values are the labels), got mode {img.mode!r}; colour-coded masks are not read"
-            )
-        return np.asarray(img)
+    """A label image as int (H, W): its pixel values (palette indices for mode P), unconverted.
+    Unreadable files and colour images raise BadExample."""
+    try:
+        return np.asarray(_decoded(path, _label_mode))
+    except BadExample as err:
+        raise (err if err.path else err.with_path(path)) from None
 
 
 # -- labels --------------------------------------------------------------------------------------
@@ -229,11 +290,17 @@ class FileSegmentation(_Source):
     def __getitem__(self, index: Any) -> dict:
         i = _index(index, len(self), self)
         image = read_rgb(self.image_paths[i])
-        mask = np.asarray(self.label_map(read_label_png(self.mask_paths[i])), np.int32)
+        raw = read_label_png(self.mask_paths[i])
+        try:
+            mask = np.asarray(self.label_map(raw), np.int32)
+        except (
+            BadExample
+        ) as err:  # labels outside the classes: the label map does not know the file
+            raise err.with_path(self.mask_paths[i]) from None
         if mask.shape != image.shape[:2]:
-            raise ValueError(
-                f"{self.name}: image {self.image_paths[i]} is {image.shape[:2]} but its mask "
-                f"{self.mask_paths[i]} is {mask.shape}"
+            raise BadExample(
+                self.image_paths[i],
+                f"is {image.shape[:2]} but its mask {self.mask_paths[i]} is {mask.shape}",
             )
         return {"image": image, "mask": mask}
 

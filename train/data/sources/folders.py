@@ -18,6 +18,7 @@ import os
 import numpy as np
 
 from train.data.arrays import integer_mask
+from train.data.bad_examples import BadExample
 from train.data.sources import _base
 
 _SPLIT_DIRS = {"train": ("train",), "validation": ("validation", "val"), "test": ("test",)}
@@ -75,7 +76,8 @@ def build_image_folder(config, split: str) -> _base.FileRecognition:
 
 
 class FolderLabels:
-    """0..K-1 kept, 255 -> -1; any other value raises ValueError (user data is checked, not guessed)."""
+    """0..K-1 kept, 255 -> -1; any other value raises BadExample, a ValueError (user data is
+    checked, not guessed; ``config.input.bad_examples`` says what the pipeline does with it)."""
 
     def __init__(self, num_classes: int):
         self.num_classes = int(num_classes)
@@ -86,9 +88,10 @@ class FolderLabels:
         ignore = mask == 255
         bad = ~ignore & ((mask < 0) | (mask >= self.num_classes))
         if bad.any():
-            raise ValueError(
+            raise BadExample(
+                None,
                 f"seg_folder: mask values {sorted(np.unique(mask[bad]).tolist())[:10]} are outside "
-                f"0..{self.num_classes - 1} (and are not 255 = ignore)"
+                f"0..{self.num_classes - 1} (and are not 255 = ignore)",
             )
         mask[ignore] = _base.IGNORE
         return mask
