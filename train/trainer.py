@@ -124,6 +124,16 @@ def _global_sum(value: int) -> int:
     return int(np.sum(multihost_utils.process_allgather(np.asarray(value, np.int32))))
 
 
+@contextlib.contextmanager
+def _closed_at_exit(iterator):
+    try:
+        yield iterator
+    finally:
+        close = getattr(iterator, "close", None)  # grain's iterators have it; stand-ins may not
+        if close is not None:
+            close()
+
+
 def _pop_skipped(local: dict) -> int:
     """Drops the input pipeline's ``skipped`` column (present under "skip") and returns its sum."""
     column = local.pop(bad_examples.SKIPPED_KEY, None)
@@ -388,7 +398,7 @@ def train_and_evaluate(
     samples: list = []
     t0 = time.time()
     with (
-        contextlib.closing(train_iter),  # grain workers and their shared memory, on errors too
+        _closed_at_exit(train_iter),  # grain workers and their shared memory, on errors too
         ckpt,
         shutdown.GracefulShutdown() as stop,
         observe.Observer(
