@@ -264,6 +264,50 @@ def test_eval_batches_policies_and_read_example(tmp_path, caplog):
     assert len(logged) == 1 and "skipping a bad example in the 'validation' split" in logged[0]
 
 
+class RaisingSource:
+    """Every record raises ``error``."""
+
+    def __init__(self, error):
+        self.error = error
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        raise self.error
+
+
+def test_all_bad_is_an_error_and_other_exceptions_are_not_touched():
+    kw = dict(global_batch_size=2, seed=0, transform=None, bad_examples="skip")
+    everything_bad = RaisingSource(BadExample("/d/x.png", "is truncated"))
+    with pytest.raises(BadExampleError, match="every other of the 2 examples is bad too"):
+        next(pipeline.train_iterator(everything_bad, **kw))
+    with pytest.raises(KeyError, match="a bug"):  # not a data problem: no policy applies
+        next(pipeline.train_iterator(RaisingSource(KeyError("a bug")), **kw))
+
+
+def test_observer_writes_counts_as_ints_and_prints_them_when_non_zero(tmp_path):
+    stream = io.StringIO()
+    with observe.Observer(tmp_path, total_steps=2, stream=stream, progress=False) as obs:
+        obs.log_train(1, {"loss": 1.0}, examples=2, counts={"skipped_examples": 0})
+        obs.log_train(2, {"loss": 1.0}, examples=2, counts={"skipped_examples": 3})
+        obs.log_eval(2, {"top1": 0.5}, counts={"skipped_examples": 1})
+        with pytest.raises(ValueError, match="non-negative int"):
+            obs.log_eval(2, {"top1": 0.5}, counts={"skipped_examples": -1})
+        obs.summary({"top1": 0.5}, skipped_examples={"train": 3, "eval": 1})
+    rows = observe.read_metrics(tmp_path)
+    assert [r["skipped_examples"] for r in rows] == [0, 3, 1]
+    assert all(type(r["skipped_examples"]) is int for r in rows)
+    lines = stream.getvalue().splitlines()
+    assert "skipped" not in lines[0] and "skipped_examples 3" in lines[1]
+    assert "skipped_examples 1" in lines[2]
+    assert any(
+        line.split() == ["skipped", "examples", "train", "3,", "eval", "1"] for line in lines
+    )
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["skipped_examples"] == {"train": 3, "eval": 1}
+
+
 # -- the trainer -----------------------------------------------------------------------------------
 
 

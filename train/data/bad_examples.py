@@ -13,6 +13,7 @@ rest:
   ``SKIPPED_KEY`` = 1 (0 for the others); batches then hold an int32 ``(batch,)`` column that the
   consumer sums and drops. In evaluation a skipped element is also ``valid=False``, so metrics leave
   it out. Each bad path is logged once per process (a warning naming the file and the reason).
+  A split with no readable record at all is a BadExampleError under "skip" too.
 
 The count is the number of stream elements that were replaced: over one epoch, the number of bad
 files. Under "error" batches carry no ``SKIPPED_KEY`` (they are exactly the policy-free batches).

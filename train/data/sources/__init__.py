@@ -5,9 +5,11 @@ examples are ``{"image": uint8 (H, W, 3), "mask": int32 (H, W)}`` (labels 0..num
 ignore) or ``{"image": uint8 (H, W, 3), "label": int32 ()}``, with attributes ``num_classes`` and
 ``class_names``. ``config.dataset.data_dir`` is where the data lives (None: TFDS's default). An
 unknown split raises ValueError naming the available ones; missing data raises FileNotFoundError
-naming the path (or TFDS dataset) and how to prepare it. Two-backend adapters (ade20k, cityscapes)
-read ``config.dataset.backend``: "auto" (the local folder when it exists, else TFDS), "folder" or
-"tfds". TFDS is imported only when a TFDS backend is opened.
+naming the path (or TFDS dataset) and how to prepare it. A record that cannot be read (a
+truncated or non-image file, mask labels outside the classes) raises
+``train.data.bad_examples.BadExample`` (a ValueError with the path) when it is read. Two-backend
+adapters (ade20k, cityscapes) read ``config.dataset.backend``: "auto" (the local folder when it
+exists, else TFDS), "folder" or "tfds". TFDS is imported only when a TFDS backend is opened.
 """
 
 from __future__ import annotations

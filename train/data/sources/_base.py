@@ -2,7 +2,10 @@
 image and label-PNG decoding, ``LabelTable``, the file and TFDS source classes and ``open_tfds``.
 
 Images decode to RGB uint8 whatever their mode; label PNGs must be index images (L / P / I / I;16:
-the pixel values are the labels), colour PNGs are refused. ``tensorflow_datasets`` is imported only
+the pixel values are the labels), colour PNGs are refused. A file that cannot be read, is not an
+image, is truncated (also when a program set PIL's ``ImageFile.LOAD_TRUNCATED_IMAGES``) or is a
+colour mask raises ``train.data.bad_examples.BadExample`` naming it; ``config.input.bad_examples``
+decides what the pipeline does then. ``tensorflow_datasets`` is imported only
 inside ``open_tfds`` (about a second), so the folder adapters never import it.
 """
 
