@@ -305,11 +305,29 @@ def test_onnx_matches_model_apply(name, cases, tmp_path):
     assert max_abs_error(got, case.ref) <= 1e-4 * scale
 
 
-def test_onnx_rejects_symbolic_size_and_wrong_input(cases):
+def test_onnx_symbolic_height_and_width(cases):
+    """Free symbolic H, W (any size) where the network's shape logic traces with them (ResNet-S
+    backbones); ResNeSt's average pools do not, and say so."""
     pytest.importorskip("jax2onnx", reason="ONNX converter not installed (see .ci/setup)")
     case = cases("psp_resnet50s")
-    with pytest.raises(ValueError, match="ONNX export supports dynamic='batch' only"):
-        export.export_onnx(case.model, case.variables, image_size=SIZE, dynamic="batch,size")
+    blob = export.export_onnx(
+        case.model, case.variables, image_size=SIZE, dynamic="batch,size", outputs="main"
+    )
+    f = export.load_onnx(blob)
+    assert f.input_shape == ("B", "H", "W", 3)
+    assert max_abs_error(f(case.x), case.ref[0]) <= 1e-4 * max(
+        1.0, float(jnp.max(jnp.abs(case.ref[0])))
+    )
+    x = images(1, 40, 56, seed=9)
+    ref = jax.jit(lambda x: case.model.apply(case.variables, x, method=type(case.model).evaluate))(
+        x
+    )
+    assert max_abs_error(f(x), ref) <= 1e-4 * max(1.0, float(jnp.max(jnp.abs(ref))))
+    resnest = cases("fcn_resnest50")
+    with pytest.raises(
+        ValueError, match="FCN does not convert to ONNX with free symbolic height and width"
+    ):
+        export.export_onnx(resnest.model, resnest.variables, image_size=SIZE, dynamic="size")
 
 
 # --- the CLI ----------------------------------------------------------------------------------------
@@ -403,5 +421,8 @@ def test_bad_arguments():
         export.input_spec((32, 48), dynamic="size")
     with pytest.raises(FileNotFoundError, match="config file .*nope.py does not exist"):
         export.build_target("configs/nope.py")
+    bf16 = export.build_target("resnet18", dtype="bfloat16", model_kwargs=SMALL)
+    with pytest.raises(ValueError, match="ONNX export is float32 only"):
+        export.export_onnx(bf16.model, {}, image_size=32)
     with pytest.raises(ValueError, match="is not a jaxenc.export.stablehlo artifact"):
         export.load_stablehlo(b"not an artifact")

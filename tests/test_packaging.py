@@ -56,3 +56,15 @@ def test_ci_runs_the_readme_test_command():
     first_block = readme.split("```")[1]
     assert "bash .ci/run" in first_block
     assert "bash .ci/run" in readme.split("\n## ")[0]
+
+
+def test_export_package_and_its_dependencies_are_declared():
+    meta = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert "jaxenc.export" in meta["tool"]["setuptools"]["packages"]
+    deps = meta["project"]["dependencies"]
+    assert any(d.startswith("flatbuffers>=") for d in deps), "jax.export serialisation needs it"
+    onnx = meta["project"]["optional-dependencies"]["onnx"]
+    assert {d.split(">")[0] for d in onnx} >= {"onnx", "onnxruntime"}
+    # jax2onnx pins an orbax-checkpoint that excludes ours: installed with --no-deps by .ci/setup.
+    assert not any(d.startswith("jax2onnx") for d in onnx)
+    assert 'install -q --no-deps "jax2onnx==' in (REPO / ".ci/setup").read_text()

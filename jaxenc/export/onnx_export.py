@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from jaxenc.export.forward import inference_function
@@ -82,33 +83,45 @@ def export_onnx(
     """A serialized ONNX ``ModelProto`` of ``model``'s eval-mode forward with ``variables``.
 
     Input ``image`` (B, H, W, 3) float32 normalised images, B symbolic (``B``) with
-    ``dynamic="batch"``; the graph's outputs in the order of
+    ``dynamic="batch"``, H and W symbolic (``H``, ``W``, free: any size the network's shape logic
+    holds for) with ``dynamic`` naming ``size``; the graph's outputs in the order of
     :func:`jaxenc.export.forward.inference_function` (metadata ``jaxenc.outputs``: "array" for one
-    output, "tuple" for a segmentation model's tuple). Symbolic height and width are not offered:
-    raises ValueError for ``dynamic`` naming ``size`` (jax2onnx 0.17.1 has no lowering for the
-    floor divisions of symbolic sizes that strided layers produce).
+    output, "tuple" for a segmentation model's tuple). Raises ValueError for a model whose compute
+    dtype is not float32, or whose shape logic does not trace with free symbolic sizes.
     """
     axes = parse_dynamic(dynamic)
-    if "size" in axes:
+    if getattr(model, "dtype", None) is not None and np.dtype(model.dtype) != np.float32:
         raise ValueError(
-            "jaxenc.export: ONNX export supports dynamic='batch' only (symbolic height/width are "
-            "available with format 'stablehlo')"
+            f"jaxenc.export: ONNX export is float32 only (the model computes in "
+            f"{np.dtype(model.dtype).name}; onnxruntime's CPU provider has no bfloat16 Conv); use "
+            "format 'stablehlo' for bfloat16"
         )
     to_onnx = onnx_converter()
     from jaxenc.nn.grouped_conv import grouped_conv_impl
 
-    spec = input_spec(image_size, batch_size=batch_size, dynamic=dynamic)
-    dims = tuple("B" if "batch" in axes and i == 0 else int(d) for i, d in enumerate(spec.shape))
+    spec = input_spec(image_size, batch_size=batch_size, dynamic=dynamic, size_multiple=1)
+    # jax2onnx takes named free dimensions (not expressions such as 32*h).
+    names = ("B" if "batch" in axes else None, *(("H", "W") if "size" in axes else (None, None)))
+    dims = tuple(n or int(d) for n, d in zip(names, spec.shape[:3])) + (3,)
     fn = inference_function(model, variables, outputs)
-    with grouped_conv_impl("xla"), _quiet():
-        proto = to_onnx(
-            fn,
-            [dims],
-            model_name=type(model).__name__,
-            opset=opset,
-            return_mode="proto",
-            input_names=["image"],
-        )
+    try:
+        with grouped_conv_impl("xla"), _quiet():
+            proto = to_onnx(
+                fn,
+                [dims],
+                model_name=type(model).__name__,
+                opset=opset,
+                return_mode="proto",
+                input_names=["image"],
+            )
+    except (ValueError, jax.errors.InconclusiveDimensionOperation) as err:
+        if "size" not in axes:
+            raise
+        raise ValueError(
+            f"jaxenc.export: {type(model).__name__} does not convert to ONNX with free symbolic "
+            f"height and width ({err}); use dynamic='batch', or format 'stablehlo' (sizes that "
+            "are multiples of 32)"
+        ) from None
     meta = proto.metadata_props.add()
     meta.key, meta.value = _OUTPUT_KIND, "tuple" if _returns_tuple(model, outputs) else "array"
     return proto.SerializeToString()
