@@ -409,3 +409,69 @@ def test_error_in_the_trainers_evaluation_names_the_step(tmp_path):
     assert str(info.value).startswith(
         "bad example in the 'validation' split at example 2, in the evaluation at step 1: "
     )
+
+
+# -- python -m train.evaluate ------------------------------------------------------------------------
+
+
+def _seg_folder_with_a_bad_mask(root: Path) -> None:
+    """validation: images/{bad,ok}.png, masks with labels in 0..2 except bad.png's 7."""
+    for stem, top in (("ok", 2), ("bad", 7)):
+        _image(root / "validation" / "images" / f"{stem}.png", seed=2)
+        labels = np.zeros((SIZE, SIZE), np.uint8)
+        labels[0, :2] = (1, top)
+        (root / "validation" / "masks").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(labels).save(root / "validation" / "masks" / f"{stem}.png")
+
+
+@pytest.mark.slow
+def test_train_evaluate_follows_the_policy(tmp_path):
+    from random_weights import save_random_weights
+
+    from configs import tiny
+    from train.evaluate import evaluate_checkpoint
+
+    seg = tiny.get_config()
+    seg.dataset = _dataset("seg_folder", tmp_path / "seg", num_classes=3, image_size=SIZE)
+    _seg_folder_with_a_bad_mask(tmp_path / "seg")
+    cls = _cls_config(tmp_path / "cls")
+    make_image_folder(tmp_path / "cls")
+    single = {"mode": "single_scale", "base_size": SIZE, "crop_size": SIZE, "save_predictions": 0}
+    for config, name, extra in ((seg, "seg", single), (cls, "cls", {})):
+        weights = tmp_path / f"{name}.msgpack"
+        save_random_weights(config, weights, size=SIZE)
+        with pytest.raises(
+            BadExampleError, match=r"'validation' split at example [02]: .*(bad|1)\."
+        ):
+            evaluate_checkpoint(config, weights, tmp_path / f"e_{name}", overrides=extra)
+        config.input.bad_examples = "skip"
+        out = evaluate_checkpoint(config, weights, tmp_path / f"s_{name}", overrides=extra)
+        assert (out["skipped_examples"], out["num_images"]) == (1, 1 if name == "seg" else 2)
+        saved = json.loads((tmp_path / f"s_{name}" / "eval_metrics.json").read_text())
+        assert saved["skipped_examples"] == 1
+
+    # The command line: one line on stderr and exit 1 under "error", no traceback.
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    flags = [f"--config.{k}={v}" for k, v in _cls_overrides(tmp_path / "cls").items()]
+    proc = subprocess.run(
+        [sys.executable, "-m", "train.evaluate", "--config", "configs/tiny_cls.py"]
+        + [
+            "--checkpoint",
+            str(tmp_path / "cls.msgpack"),
+            "--outdir",
+            str(tmp_path / "cli"),
+            *flags,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("train.evaluate: bad example in the 'validation' split at example 2: ")
+    assert str(tmp_path / "cls" / "validation" / "b" / "1.jpg") in last
+    assert last.endswith("run again with --config.input.bad_examples=skip"), last

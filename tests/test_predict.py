@@ -19,9 +19,10 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
+from random_weights import save_random_weights
 
 from configs import tiny, tiny_cls
-from jaxenc.models import multi_eval, native
+from jaxenc.models import multi_eval
 from train import predict
 from train.data import arrays, pipeline
 from train.trainer import build_model
@@ -56,40 +57,12 @@ def _random_image(mode: str, size: tuple[int, int], seed: int) -> Image.Image:
     return rgb.convert(mode)
 
 
-def _save_random_weights(config, path: Path, seed: int = 3) -> dict:
-    """He-style random weights for the config's model (no init run: it is slow on CPU), BN statistics
-    at mean 0 / variance 1, saved as a native ``.msgpack``; returns the variables."""
-    model = build_model(config)
-    example = np.zeros((1, SIZE, SIZE, 3), np.float32)
-    shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), example)
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name = path[-1].key
-        if name == "var":
-            return np.ones(leaf.shape, leaf.dtype)
-        if name == "mean":
-            return np.zeros(leaf.shape, leaf.dtype)
-        fan_in = int(np.prod(leaf.shape[:-1])) if len(leaf.shape) > 1 else 0
-        if fan_in:
-            return (rng.standard_normal(leaf.shape) * np.sqrt(2.0 / fan_in)).astype(leaf.dtype)
-        centre = 1.0 if name == "scale" else 0.0
-        return (centre + 0.1 * rng.standard_normal(leaf.shape)).astype(leaf.dtype)
-
-    variables = {
-        "params": jax.tree_util.tree_map_with_path(fill, shapes["params"]),
-        "batch_stats": jax.tree_util.tree_map_with_path(fill, shapes.get("batch_stats", {})),
-    }
-    native.save_checkpoint(path, variables)
-    return variables
-
-
 @pytest.fixture(scope="module")
 def seg(tmp_path_factory):
     """The tiny segmentation recipe, random weights as a .msgpack, a folder of images."""
     root = tmp_path_factory.mktemp("predict_seg")
     config = tiny.get_config()
-    variables = _save_random_weights(config, root / "weights.msgpack")
+    variables = save_random_weights(config, root / "weights.msgpack")
     folder = root / "images"
     folder.mkdir()
     for i, (name, mode, size) in enumerate(SEG_IMAGES):
@@ -220,7 +193,7 @@ def test_max_size_predicts_smaller_and_writes_the_input_size(seg, tmp_path):
 
 def test_recognition_top_k_is_the_softmax_of_the_validation_crop(tmp_path):
     config = tiny_cls.get_config()
-    variables = _save_random_weights(config, tmp_path / "cls.msgpack")
+    variables = save_random_weights(config, tmp_path / "cls.msgpack")
     folder = tmp_path / "images"
     folder.mkdir()
     sizes = {"a.png": (50, 31), "b.jpg": (32, 32), "c.png": (17, 64)}
@@ -411,7 +384,7 @@ def test_cli_segmentation_skips_bad_files_and_exits_one(seg, tmp_path):
 @pytest.mark.slow
 def test_cli_recognition(tmp_path):
     config = tiny_cls.get_config()
-    _save_random_weights(config, tmp_path / "cls.msgpack")
+    save_random_weights(config, tmp_path / "cls.msgpack")
     for i, size in enumerate([(40, 30), (25, 60)]):
         _random_image("RGB", size, 40 + i).save(tmp_path / f"p{i}.jpg")
     proc = _run_cli(

@@ -69,7 +69,7 @@ import numpy as np
 from jaxenc import metrics as jmetrics
 from jaxenc.models import multi_eval
 from jaxenc.validation import is_int
-from train.data import arrays, augment
+from train.data import arrays, augment, bad_examples
 from train.inference import (
     MODES,
     class_names,
@@ -367,12 +367,16 @@ def evaluate_checkpoint(
         f"{total} {settings.split} images of {config.dataset.name}, checkpoint {step_dir}"
     )
 
+    policy = config.input.get("bad_examples", "error")
     metric = jmetrics.SegmentationMetric(num_classes)
-    done = 0
+    done = skipped = 0
     t0 = time.time()
     every = max(1, total // 10)
     for i in mine:
-        example = source[i]
+        example = bad_examples.read_example(source, i, policy=policy, split=settings.split)
+        if example is None:  # "skip": logged once by read_example, left out of the metrics
+            skipped += 1
+            continue
         image = arrays.normalise_uint8(augment.as_rgb_image(example["image"]), mean, std)
         h, w = image.shape[:2]
         mask = _mask(example, (h, w), i)
@@ -394,8 +398,15 @@ def evaluate_checkpoint(
                 f"({(time.time() - t0) / done:.2f} s/image)"
             )
 
-    sums = _allgather_sum({**metric.state(), "images": np.asarray(done, np.int64)})
+    sums = _allgather_sum(
+        {
+            **metric.state(),
+            "images": np.asarray(done, np.int64),
+            "skipped": np.asarray(skipped, np.int64),
+        }
+    )
     n_images = int(sums.pop("images"))
+    n_skipped = int(sums.pop("skipped"))
     result = jmetrics.SegmentationMetric.from_state(sums).result()
     out = {
         "pixAcc": float(result["pixAcc"]),
@@ -409,6 +420,7 @@ def evaluate_checkpoint(
         "crop_size": settings.crop_size,
         "split": settings.split,
         "num_images": n_images,
+        "skipped_examples": n_skipped,
         **_provenance(config, step_dir, step, n_proc, t0),
     }
     if is_main:
@@ -440,20 +452,32 @@ def _evaluate_recognition(
     num_classes = int(config.dataset.num_classes)
     ks = tuple(k for k in (1, 5) if k <= num_classes)
     counts = {**{f"top{k}": 0 for k in ks}, "examples": 0}
+    skipped = 0
     t0 = time.time()
     for local in pipeline.eval_batches(
-        source, batch_size=batch, process_index=p_idx, process_count=n_proc, transform=transform
+        source,
+        batch_size=batch,
+        process_index=p_idx,
+        process_count=n_proc,
+        transform=transform,
+        bad_examples=config.input.get("bad_examples", "error"),
     ):
+        # "skip": replaced examples are valid=False (left out of the counts); the column counts them
+        skipped += int(np.asarray(local.pop(bad_examples.SKIPPED_KEY, 0)).sum())
         logits = np.asarray(jax.device_get(predict(local["image"])), np.float32)
         got = jmetrics.topk_correct(logits, local["label"], ks, valid=local["valid"])
         for k in ks:
             counts[f"top{k}"] += int(got[k])
         counts["examples"] += int(local["valid"].sum())
-    sums = _allgather_sum({k: np.asarray(v, np.int64) for k, v in counts.items()})
+    sums = _allgather_sum(
+        {**{k: np.asarray(v, np.int64) for k, v in counts.items()}, "skipped": np.int64(skipped)}
+    )
     n = int(sums.pop("examples"))
+    n_skipped = int(sums.pop("skipped"))
     out = {
         **{k: float(v) / max(n, 1) for k, v in sums.items()},
         "num_images": n,
+        "skipped_examples": n_skipped,
         "split": settings.split,
         "crop_size": int(config.dataset.image_size),
         **_provenance(config, step_dir, step, n_proc, t0),
@@ -494,14 +518,19 @@ def main(argv):
     absl_logging.set_verbosity(absl_logging.WARNING)
     f = FLAGS
     overrides = flag_overrides(f, _SETTING_KEYS)
-    result = evaluate_checkpoint(
-        f.config,
-        f.checkpoint,
-        f.outdir,
-        use_best=f.use_best,
-        overrides=overrides,
-        log=lambda msg: print(msg, flush=True),
-    )
+    try:
+        result = evaluate_checkpoint(
+            f.config,
+            f.checkpoint,
+            f.outdir,
+            use_best=f.use_best,
+            overrides=overrides,
+            log=lambda msg: print(msg, flush=True),
+        )
+    except bad_examples.BadExampleError as err:  # one line, as train.main prints it
+        hint = "Fix or remove the file, or run again with --config.input.bad_examples=skip"
+        print(f"train.evaluate: {err.with_hint(hint)}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     headline = "mIoU" if "mIoU" in result else "top1"  # segmentation or recognition
     if not math.isfinite(result[headline]):
         raise SystemExit(f"non-finite {headline}")

@@ -73,18 +73,27 @@ class BadExampleError(RuntimeError):
     """The "error" policy's stop: one line with the file, the split, ``where`` it was met and how to
     go on (``RESUME_HINT``). Picklable, so it comes back from a grain worker unchanged."""
 
-    def __init__(self, path: str | None, reason: str, split: str, where: str):
+    def __init__(
+        self, path: str | None, reason: str, split: str, where: str, hint: str = RESUME_HINT
+    ):
         self.path, self.reason, self.split, self.where = path, reason, split, where
+        self.hint = hint
         what = reason if path is None else f"{path}: {reason}"
-        super().__init__(f"bad example in the {split!r} split {where}: {what}. {RESUME_HINT}")
+        super().__init__(f"bad example in the {split!r} split {where}: {what}. {hint}")
 
     def during(self, context: str) -> BadExampleError:
         """The same error with ``context`` added to where it was met (e.g. "in the evaluation at
         step 6")."""
-        return BadExampleError(self.path, self.reason, self.split, f"{self.where}, {context}")
+        return BadExampleError(
+            self.path, self.reason, self.split, f"{self.where}, {context}", self.hint
+        )
+
+    def with_hint(self, hint: str) -> BadExampleError:
+        """The same error with another way to go on (``train.evaluate`` has nothing to resume)."""
+        return BadExampleError(self.path, self.reason, self.split, self.where, hint)
 
     def __reduce__(self):
-        return (type(self), (self.path, self.reason, self.split, self.where))
+        return (type(self), (self.path, self.reason, self.split, self.where, self.hint))
 
 
 def check_policy(policy: Any) -> str:
