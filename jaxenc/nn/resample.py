@@ -139,8 +139,10 @@ def _adaptive_pool_weights_traced(in_size, out_size) -> jax.Array:
     """:func:`adaptive_pool_weights` built in the traced program, for symbolic sizes."""
     rows, cols = _rows_cols(out_size, in_size)
     n_in, n_out = _dim_value(in_size), _dim_value(out_size)
-    start = (rows * n_in) // n_out
-    end = -((-(rows + 1) * n_in) // n_out)
+    # Non-negative operands: lax.div (truncating) is floor division here, and stays one primitive
+    # (jnp's // is a nested jit, which jax2onnx 0.17.1 cannot lower on jax 0.12).
+    start = lax.div(rows * n_in, n_out)
+    end = lax.div((rows + 1) * n_in + n_out - 1, n_out)
     inside = (cols >= start) & (cols < end)
     return jnp.where(inside, 1.0 / (end - start).astype(jnp.float32), jnp.zeros((), jnp.float32))
 
