@@ -5,9 +5,9 @@ Run from the repository root (the ONNX column needs the converter ``bash .ci/set
     .venv/bin/python -m benchmarks.deploy_latency [--cases resnest50:224,fcn_resnest50:512:150]
         [--repeats 10] [--warmup 2] [--budget-s 60] [--out benchmarks/results/deploy_latency_cpu.json]
 
-Per case ``name:size[:nclass]`` (a registry name, a square image, the class count: 1000 for a
-recognition model, 150 (ADE20K) for a segmentation model unless given), batch 1, float32, random
-weights, the main output only (``outputs="main"``: the segmentation logits at the input size):
+Per case ``name:size[:nclass]`` (a registry name, a square image, the class count: the model's
+default unless given, 1000 for a recognition model, 21 for ``fcn_resnest50``), batch 1, float32,
+random weights, the main output only (``outputs="main"``: the segmentation logits at the input size):
 
 * ``jit``: ``jax.jit(model.apply)`` with jaxenc's compiler options, the variables an argument;
 * ``stablehlo``: the :func:`jaxenc.export.export_stablehlo` bytes loaded back by
@@ -85,7 +85,8 @@ def measure_case(case: Case, repeats: int, warmup: int, budget_s: float) -> list
         target, random_weights=True, image_size=(case.size, case.size)
     )
     x = np.random.default_rng(0).standard_normal((1, case.size, case.size, 3), np.float32)
-    common = dict(model=case.name, task=target.task, size=case.size, batch=1)
+    nclass = getattr(model, "nclass", getattr(model, "num_classes", None))
+    common = dict(model=case.name, task=target.task, size=case.size, batch=1, nclass=nclass)
     rows = []
 
     fn = jax.jit(export.apply_function(model, "main"), compiler_options=compiler_options())
