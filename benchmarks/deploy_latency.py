@@ -96,49 +96,31 @@ def measure_case(case: Case, repeats: int, warmup: int, budget_s: float) -> list
     stats, reference = _measure(lambda: fn(variables, x), repeats, warmup, budget_s)
     rows.append(dict(common, runtime="jit", first_call_s=compile_s, **stats))
 
-    start = time.perf_counter()
-    blob = export.export_stablehlo(model, variables, image_size=case.size, outputs="main")
-    export_s = time.perf_counter() - start
-    artifact = export.load_stablehlo(blob)
-    start = time.perf_counter()
-    jax.block_until_ready(artifact(x))
-    first_s = time.perf_counter() - start
-    stats, out = _measure(lambda: artifact(x), repeats, warmup, budget_s)
-    rows.append(
-        dict(
-            common,
-            runtime="stablehlo",
-            export_s=export_s,
-            artifact_mib=len(blob) / 2**20,
-            first_call_s=first_s,
-            max_abs_diff=float(np.abs(out - reference).max()),
-            **stats,
-        )
-    )
-
-    try:
+    def artifact_row(runtime: str, make, load) -> dict:
+        """Export with ``make``, load with ``load``, time the loaded callable against jit's output."""
         start = time.perf_counter()
-        data = export.export_onnx(model, variables, image_size=case.size, outputs="main")
+        data = make(model, variables, image_size=case.size, outputs="main")
         export_s = time.perf_counter() - start
-        session = export.load_onnx(data)
-    except ImportError as err:  # the optional converter or onnxruntime is not installed
-        rows.append(dict(common, runtime="onnxruntime", error=str(err)))
-        return rows
-    start = time.perf_counter()
-    session(x)
-    first_s = time.perf_counter() - start
-    stats, out = _measure(lambda: session(x), repeats, warmup, budget_s)
-    rows.append(
-        dict(
+        call = load(data)
+        start = time.perf_counter()
+        jax.block_until_ready(call(x))
+        first_s = time.perf_counter() - start
+        stats, out = _measure(lambda: call(x), repeats, warmup, budget_s)
+        return dict(
             common,
-            runtime="onnxruntime",
+            runtime=runtime,
             export_s=export_s,
             artifact_mib=len(data) / 2**20,
             first_call_s=first_s,
             max_abs_diff=float(np.abs(out - reference).max()),
             **stats,
         )
-    )
+
+    rows.append(artifact_row("stablehlo", export.export_stablehlo, export.load_stablehlo))
+    try:
+        rows.append(artifact_row("onnxruntime", export.export_onnx, export.load_onnx))
+    except ImportError as err:  # the optional converter or onnxruntime is not installed
+        rows.append(dict(common, runtime="onnxruntime", error=str(err)))
     return rows
 
 
