@@ -21,6 +21,7 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 import pytest
+from index_source import IndexSource
 from PIL import Image, ImageFile
 from tiny_config import tiny_config
 
@@ -72,19 +73,6 @@ def make_image_folder(root: Path) -> dict[str, list[str]]:
 
 def _dataset(name: str, root: Path, **extra) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({"name": name, "data_dir": str(root), **extra})
-
-
-class IndexSource:
-    """Element i is {"index": i}: the record order of a stream, read through the public API."""
-
-    def __init__(self, n):
-        self.n = n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return {"index": np.asarray(i, np.int64)}
 
 
 def _records(n: int, steps: int, **kw) -> np.ndarray:
@@ -348,20 +336,13 @@ def _first_bad_step(seed: int) -> int:
     return int(np.flatnonzero(np.isin(records, [1, 4]).any(axis=1))[0]) + 1
 
 
-@pytest.mark.slow
-def test_error_stops_train_main_with_one_line_then_skip_resumes(tmp_path, caplog):
-    bad = make_image_folder(tmp_path / "data")
-    # A seed whose first batch holds a bad file: the run stops before it compiles anything.
-    seed = next(s for s in range(100) if _first_bad_step(s) == 1)
-    flags = [
-        f"--config.{k}={v}" for k, v in {**_cls_overrides(tmp_path / "data"), "seed": seed}.items()
-    ]
+def _last_line_of_failed_cli(module: str, *args: str) -> str:
+    """``python -m <module> --config configs/tiny_cls.py <args>`` from the repository root: asserts
+    exit 1 and no traceback on stderr; returns stderr's last line."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAXENC_NO_PROGRESS="1")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    workdir = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "train.main", "--config", "configs/tiny_cls.py"]
-        + ["--workdir", str(workdir), *flags],
+        [sys.executable, "-m", module, "--config", "configs/tiny_cls.py", *args],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -370,7 +351,19 @@ def test_error_stops_train_main_with_one_line_then_skip_resumes(tmp_path, caplog
     )
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
+    return proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_error_stops_train_main_with_one_line_then_skip_resumes(tmp_path, caplog):
+    bad = make_image_folder(tmp_path / "data")
+    # A seed whose first batch holds a bad file: the run stops before it compiles anything.
+    seed = next(s for s in range(100) if _first_bad_step(s) == 1)
+    flags = [
+        f"--config.{k}={v}" for k, v in {**_cls_overrides(tmp_path / "data"), "seed": seed}.items()
+    ]
+    workdir = tmp_path / "run"
+    last = _last_line_of_failed_cli("train.main", "--workdir", str(workdir), *flags)
     assert last.startswith("train.main: bad example in the 'train' split at training step 1 ")
     assert any(path in last for path in bad["train"]), last
     assert last.endswith(
@@ -451,27 +444,12 @@ def test_train_evaluate_follows_the_policy(tmp_path):
         assert saved["skipped_examples"] == 1
 
     # The command line: one line on stderr and exit 1 under "error", no traceback.
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     flags = [f"--config.{k}={v}" for k, v in _cls_overrides(tmp_path / "cls").items()]
-    proc = subprocess.run(
-        [sys.executable, "-m", "train.evaluate", "--config", "configs/tiny_cls.py"]
-        + [
-            "--checkpoint",
-            str(tmp_path / "cls.msgpack"),
-            "--outdir",
-            str(tmp_path / "cli"),
-            *flags,
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    last = _last_line_of_failed_cli(
+        "train.evaluate",
+        *("--checkpoint", str(tmp_path / "cls.msgpack"), "--outdir", str(tmp_path / "cli")),
+        *flags,
     )
-    assert proc.returncode == 1, proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("train.evaluate: bad example in the 'validation' split at example 2: ")
     assert str(tmp_path / "cls" / "validation" / "b" / "1.jpg") in last
     assert last.endswith("run again with --config.input.bad_examples=skip"), last

@@ -74,22 +74,27 @@ def seg(tmp_path_factory):
     return config, apply, root
 
 
-def _expected_labels(config, apply, rgb: np.ndarray) -> np.ndarray:
-    """The evaluation protocol called directly on the normalised image (not through predict)."""
+def _expected_labels(config, apply, rgb: np.ndarray, **settings) -> np.ndarray:
+    """The evaluation protocol called directly on the normalised image (not through predict), with
+    ``settings`` (base_size, scales, flip, batch_size) in place of SEG_SETTINGS' values."""
+    settings = {**SEG_SETTINGS, **settings}
     mean, std = tuple(config.input.mean), tuple(config.input.std)
     image = arrays.normalise_uint8(rgb, mean, std)
     return multi_eval.multi_scale_predict(
         apply,
         image,
         num_classes=config.dataset.num_classes,
-        base_size=SEG_SETTINGS["base_size"],
+        base_size=settings["base_size"],
         crop_size=config.dataset.image_size,
-        scales=SEG_SETTINGS["scales"],
-        flip=SEG_SETTINGS["flip"],
+        scales=settings["scales"],
+        flip=settings["flip"],
         mean=mean,
         std=std,
-        batch_size=SEG_SETTINGS["batch_size"],
+        batch_size=settings["batch_size"],
     )
+
+
+SINGLE_SCALE = {"scales": (1.0,), "flip": False, "batch_size": 8}  # what --mode single_scale runs
 
 
 def test_segmentation_writes_the_protocols_labels_at_input_size(seg, tmp_path):
@@ -144,16 +149,8 @@ def test_single_scale_mode_override(seg, tmp_path):
         progress=False,
         log=lambda msg: None,
     )
-    image = arrays.normalise_uint8(predict.read_image(src), config.input.mean, config.input.std)
-    expected = multi_eval.multi_scale_predict(
-        apply,
-        image,
-        num_classes=config.dataset.num_classes,
-        base_size=48,
-        crop_size=SIZE,
-        scales=(1.0,),
-        flip=False,
-        batch_size=8,
+    expected = _expected_labels(
+        config, apply, predict.read_image(src), base_size=48, **SINGLE_SCALE
     )
     with Image.open(tmp_path / "rgb.png") as im:
         np.testing.assert_array_equal(np.asarray(im), expected)
@@ -173,17 +170,7 @@ def test_max_size_predicts_smaller_and_writes_the_input_size(seg, tmp_path):
         log=lambda msg: None,
     )
     small = arrays.resize_image(predict.read_image(src), 40, 26, "bilinear")
-    image = arrays.normalise_uint8(small, config.input.mean, config.input.std)
-    expected = multi_eval.multi_scale_predict(
-        apply,
-        image,
-        num_classes=config.dataset.num_classes,
-        base_size=40,
-        crop_size=SIZE,
-        scales=(1.0,),
-        flip=False,
-        batch_size=8,
-    )
+    expected = _expected_labels(config, apply, small, base_size=40, **SINGLE_SCALE)
     with Image.open(tmp_path / "rgb.png") as im:
         assert im.size == (70, 45)
         np.testing.assert_array_equal(np.asarray(im), arrays.resize_mask(expected, 70, 45))

@@ -8,22 +8,10 @@ import time
 import ml_collections
 import numpy as np
 import pytest
+from index_source import IndexSource
 
 from train.data import pipeline
 from train.data.synthetic import ShapesRecognition, ShapesSegmentation
-
-
-class IndexSource:
-    """Toy source whose element i is {"index": i}; makes order and coverage checks direct."""
-
-    def __init__(self, n):
-        self.n = n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return {"index": np.asarray(i, np.int64)}
 
 
 def take(it, k):
