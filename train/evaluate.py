@@ -463,7 +463,7 @@ def _evaluate_recognition(
         bad_examples=config.input.get("bad_examples", "error"),
     ):
         # "skip": replaced examples are valid=False (left out of the counts); the column counts them
-        skipped += int(np.asarray(local.pop(bad_examples.SKIPPED_KEY, 0)).sum())
+        skipped += bad_examples.pop_skipped(local)
         logits = np.asarray(jax.device_get(predict(local["image"])), np.float32)
         got = jmetrics.topk_correct(logits, local["label"], ks, valid=local["valid"])
         for k in ks:

@@ -134,12 +134,6 @@ def _closed_at_exit(iterator):
             close()
 
 
-def _pop_skipped(local: dict) -> int:
-    """Drops the input pipeline's ``skipped`` column (present under "skip") and returns its sum."""
-    column = local.pop(bad_examples.SKIPPED_KEY, None)
-    return 0 if column is None else int(np.sum(column))
-
-
 def build_model(config: ml_collections.ConfigDict):
     """The Flax model named by ``config.model`` for ``config.task`` (without weights)."""
     kwargs = (
@@ -234,7 +228,7 @@ def evaluate(
     kept = []
     skipped = 0
     for local in batches:
-        skipped += _pop_skipped(local)
+        skipped += bad_examples.pop_skipped(local)
         counts, preds = eval_step(variables, shard_batch(mesh, local))
         counts = jax.tree.map(np.asarray, counts)
         if seg:
@@ -433,7 +427,7 @@ def train_and_evaluate(
 
         def read_batch():
             local = next(train_iter)
-            n_skipped = _pop_skipped(local)
+            n_skipped = bad_examples.pop_skipped(local)
             return shard_batch(mesh, local), n_skipped
 
         def train_skipped() -> int:

@@ -37,6 +37,7 @@ __all__ = [
     "TrainReader",
     "WithSkipped",
     "check_policy",
+    "pop_skipped",
     "read_example",
 ]
 
@@ -212,6 +213,13 @@ class EvalReader(_Reader):
     def __call__(self, position: int, _: Any) -> tuple[Mapping, bool, bool]:
         example, skipped = self.read(position % self.n, f"at example {position % self.n}")
         return example, position < self.n and not skipped, position < self.n and skipped
+
+
+def pop_skipped(batch: dict) -> int:
+    """Drops a batch's ``SKIPPED_KEY`` column (present under "skip") and returns its sum: the
+    examples of the batch that were replaced."""
+    column = batch.pop(SKIPPED_KEY, None)
+    return 0 if column is None else int(np.sum(column))
 
 
 def read_example(source: Any, index: int, *, policy: str, split: str | None = None):
